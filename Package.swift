@@ -1,0 +1,39 @@
+// swift-tools-version:6.0
+// vfio-live: live migration and live update of VMs with VFIO-assigned devices.
+// Layers depend one way: CVFIOLive → SystemCalls → VFIO → VFIOUser → Devices → tool.
+import PackageDescription
+
+let package = Package(
+    name: "vfio-live",
+    products: [
+        .executable(name: "vfio-live", targets: ["vfio-live"]),
+        .library(name: "VFIOUser", targets: ["VFIOUser"]),
+        .library(name: "Devices", targets: ["Devices"]),
+    ],
+    dependencies: [
+        .package(url: "https://github.com/apple/swift-argument-parser", from: "1.5.0"),
+    ],
+    targets: [
+        // Kernel UAPI layouts (vfio, iommufd) with compile-time layout checks, and the few
+        // calls Swift cannot make itself: variadic ioctl, SCM_RIGHTS cmsg handling, memfd.
+        .target(name: "CVFIOLive"),
+        // Typed file descriptors, Errno, EINTR-retrying wrappers, mmap, memfd, eventfd, sockets.
+        .target(name: "SystemCalls", dependencies: ["CVFIOLive"]),
+        // Transport-neutral VFIO model: migration state machine, dirty bitmaps, device interface.
+        .target(name: "VFIO", dependencies: ["SystemCalls"]),
+        // vfio-user: codec, connection framing with fd passing, server framework, client.
+        .target(name: "VFIOUser", dependencies: ["VFIO", "SystemCalls", "CVFIOLive"]),
+        // Device models served over vfio-user.
+        .target(name: "Devices", dependencies: ["VFIOUser", "VFIO", "SystemCalls", "CVFIOLive"]),
+        .executableTarget(
+            name: "vfio-live",
+            dependencies: [
+                "Devices", "VFIOUser", "VFIO", "SystemCalls",
+                .product(name: "ArgumentParser", package: "swift-argument-parser"),
+            ]),
+        .testTarget(name: "SystemCallsTests", dependencies: ["SystemCalls", "CVFIOLive"]),
+        .testTarget(name: "VFIOTests", dependencies: ["VFIO"]),
+        .testTarget(name: "VFIOUserTests", dependencies: ["VFIOUser", "Devices", "VFIO", "SystemCalls", "CVFIOLive"]),
+    ],
+    swiftLanguageModes: [.v5]
+)

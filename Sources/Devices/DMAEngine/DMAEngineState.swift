@@ -1,0 +1,305 @@
+import Glibc
+import SystemCalls
+import VFIO
+import VFIOUser
+
+/// The dma-engine migration stream: a sequence of self-checking records.
+///
+///     record := magic u32 "DMAE" | version u16 | type u16 | length u32 | checksum u64 | payload
+///     types  := 0 header {memory size u64, chunk size u32, reserved u32}
+///               1 memory chunk {offset u64, bytes}
+///               2 registers {13 × u64, PCI config space 256 bytes}
+///               3 end
+///
+/// Pre-copy sends every chunk once (the initial bytes), then only chunks written since; stop-copy
+/// sends what is still dirty, the registers with any in-flight job, and the end record. The
+/// destination checks every record as it arrives and applies nothing until RESUMING→STOP has
+/// seen a complete, consistent image.
+public enum DMAEngineStateFormat {
+    public static let magic: UInt32 = 0x4541_4d44  // "DMAE"
+    public static let version: UInt16 = 1
+    public static let headerSize = 20
+    public static let maxPayload = DMAEngine.chunkSize + 8
+    public enum RecordType: UInt16 { case header = 0, chunk = 1, registers = 2, end = 3 }
+
+    static func record(_ type: RecordType, _ payload: UnsafeRawBufferPointer) -> [UInt8] {
+        var w = WireWriter(capacity: headerSize + payload.count)
+        w.u32(magic); w.u16(version); w.u16(type.rawValue); w.u32(UInt32(payload.count))
+        w.u64(DMAEngine.fnv1a(DMAEngine.fnvOffset, payload))
+        w.append(payload)
+        return w.bytes
+    }
+    static func record(_ type: RecordType, _ payload: [UInt8]) -> [UInt8] {
+        payload.withUnsafeBytes { record(type, $0) }
+    }
+}
+
+/// Why a resume was refused. The device is unchanged in every case.
+public enum DMAEngineStateError: Error, CustomStringConvertible {
+    case badMagic(UInt32), badVersion(UInt16), badType(UInt16), badLength(UInt32)
+    case checksumMismatch(type: UInt16, expected: UInt64, actual: UInt64)
+    case headerMissing, sizeMismatch(sent: UInt64, ours: UInt64), chunkOutOfRange(UInt64)
+    case dataAfterEnd, incomplete(String)
+
+    public var description: String {
+        switch self {
+        case let .badMagic(m): return "record magic 0x\(String(m, radix: 16)) is not dma-engine state (0x\(String(DMAEngineStateFormat.magic, radix: 16)))"
+        case let .badVersion(v): return "state format version \(v) is not supported (this build reads version \(DMAEngineStateFormat.version))"
+        case let .badType(t): return "unknown record type \(t)"
+        case let .badLength(l): return "record length \(l) exceeds the \(DMAEngineStateFormat.maxPayload)-byte limit"
+        case let .checksumMismatch(t, e, a): return "record type \(t) is corrupt: checksum 0x\(String(a, radix: 16)), expected 0x\(String(e, radix: 16))"
+        case .headerMissing: return "state does not start with a header record"
+        case let .sizeMismatch(s, o): return "state is from a device with \(s) bytes of memory; this one has \(o) (start it with --state-size \(s))"
+        case let .chunkOutOfRange(o): return "memory chunk at offset 0x\(String(o, radix: 16)) lies outside device memory"
+        case .dataAfterEnd: return "data after the end record"
+        case let .incomplete(why): return "state is incomplete: \(why)"
+        }
+    }
+}
+
+/// The saving side of one data session.
+final class SaveSession {
+    var outbox: [UInt8] = []
+    var outboxPos = 0
+    var headerSent = false
+    var nextInitialChunk = 0
+    var registersSent = false
+    var endSent = false
+    let chunkCount: Int
+    init(chunkCount: Int) { self.chunkCount = chunkCount }
+    var initialRemaining: Int { chunkCount - nextInitialChunk }
+}
+
+/// The resuming side: staged, validated, applied only at RESUMING→STOP.
+final class LoadSession {
+    var pending: [UInt8] = []
+    var sawHeader = false
+    var sawEnd = false
+    var registers: (DMAEngine.Registers, [UInt8])?
+    let staging: MappedRegion
+    var received: [Bool]
+    init(memorySize: UInt64, chunkCount: Int) throws {
+        staging = try MappedRegion(anonymous: Int(memorySize))
+        received = [Bool](repeating: false, count: chunkCount)
+    }
+}
+
+extension DMAEngine: MigratableDevice {
+    public var migrationCapabilities: MigrationCapabilities { [.stopCopy, .preCopy] }
+    var chunkCount: Int { Int(memorySize) / Self.chunkSize }
+
+    public func migrationArc(from: MigrationState, to: MigrationState) throws {
+        switch (from, to) {
+        case (.running, .stop):
+            quiesce()
+        case (.stop, .running):
+            resumeRunning()
+        case (.running, .preCopy):
+            openSave()
+        case (.preCopy, .running):
+            lock.mutex.withLock { save = nil }
+        case (.preCopy, .stopCopy):
+            quiesce()  // same session: the stream goes on
+        case (.stop, .stopCopy):
+            openSave()
+        case (.stopCopy, .stop):
+            lock.mutex.withLock { save = nil }
+        case (.stop, .resuming):
+            let l = try LoadSession(memorySize: memorySize, chunkCount: chunkCount)
+            lock.mutex.withLock { load = l }
+        case (.resuming, .stop):
+            try finishLoad()
+        default:
+            throw MigrationArcError.refused("dma-engine does not implement the arc \(from)→\(to)")
+        }
+    }
+
+    private func openSave() {
+        // Everything is "initial" now; writes from here on mark chunks dirty again.
+        _ = memoryDirty.takeWords()
+        lock.mutex.withLock { save = SaveSession(chunkCount: chunkCount) }
+    }
+
+    public func stopCopySize() -> UInt64 {
+        let regsBytes = UInt64(DMAEngineStateFormat.headerSize * 3 + 13 * 8 + PCIConfigSpace.size + 16)
+        let perChunk = UInt64(Self.chunkSize + DMAEngineStateFormat.headerSize + 8)
+        let s = lock.mutex.withLock { save }
+        let initial = UInt64(s?.initialRemaining ?? chunkCount)
+        let dirtyChunks = UInt64(dirtyChunkCount())
+        return (initial + dirtyChunks) * perChunk + regsBytes
+    }
+
+    public func preCopyInfo() -> (initialBytes: UInt64, dirtyBytes: UInt64) {
+        let perChunk = UInt64(Self.chunkSize + DMAEngineStateFormat.headerSize + 8)
+        let s = lock.mutex.withLock { save }
+        return (UInt64(s?.initialRemaining ?? 0) * perChunk, UInt64(dirtyChunkCount()) * perChunk)
+    }
+
+    private func dirtyChunkCount() -> Int {
+        let pagesPerChunk = Self.chunkSize / 4096
+        var n = 0
+        var c = 0
+        while c < chunkCount {
+            if (0..<pagesPerChunk).contains(where: { memoryDirty.isDirty(page: UInt64(c * pagesPerChunk + $0)) }) { n += 1 }
+            c += 1
+        }
+        return n
+    }
+
+    /// Take the first dirty chunk (clearing its bits before copying, so that a write racing the
+    /// copy marks it again) and return its record.
+    private func nextDirtyChunkRecord() -> [UInt8]? {
+        let pagesPerChunk = UInt64(Self.chunkSize / 4096)
+        for c in 0..<UInt64(chunkCount) {
+            let first = c * pagesPerChunk
+            if (0..<pagesPerChunk).contains(where: { memoryDirty.isDirty(page: first + $0) }) {
+                _ = memoryDirty.take(offset: c * UInt64(Self.chunkSize), length: UInt64(Self.chunkSize), reportPageSize: 4096)
+                return chunkRecord(Int(c))
+            }
+        }
+        return nil
+    }
+
+    private func chunkRecord(_ c: Int) -> [UInt8] {
+        var w = WireWriter(capacity: 8 + Self.chunkSize)
+        w.u64(UInt64(c * Self.chunkSize))
+        w.append(UnsafeRawBufferPointer(start: memory.base + c * Self.chunkSize, count: Self.chunkSize))
+        return DMAEngineStateFormat.record(.chunk, w.bytes)
+    }
+
+    private func registersRecord() -> [UInt8] {
+        let r = lock.mutex.withLock { regs }
+        var w = WireWriter()
+        for v in [UInt64(r.liveness), UInt64(r.factorial), UInt64(r.status), UInt64(r.irqStatus), r.dmaSource, r.dmaDestination,
+                  r.dmaCount, r.dmaCommand, r.jobsCompleted, r.lastJobStatus, r.lastJobChecksum, r.jobProgress, r.jobChecksum] {
+            w.u64(v)
+        }
+        w.append(config.snapshot())
+        return DMAEngineStateFormat.record(.registers, w.bytes)
+    }
+
+    /// Produce the next record for the session, or nil when nothing is available now.
+    private func nextRecord(_ s: SaveSession, stopped: Bool) -> [UInt8]? {
+        if !s.headerSent {
+            s.headerSent = true
+            var w = WireWriter(); w.u64(memorySize); w.u32(UInt32(Self.chunkSize)); w.u32(0)
+            return DMAEngineStateFormat.record(.header, w.bytes)
+        }
+        if s.nextInitialChunk < s.chunkCount {
+            defer { s.nextInitialChunk += 1 }
+            return chunkRecord(s.nextInitialChunk)
+        }
+        if let d = nextDirtyChunkRecord() { return d }
+        guard stopped else { return nil }
+        if !s.registersSent { s.registersSent = true; return registersRecord() }
+        if !s.endSent { s.endSent = true; return DMAEngineStateFormat.record(.end, []) }
+        return nil
+    }
+
+    public func readMigrationData(max: Int) throws -> [UInt8] {
+        guard let s = lock.mutex.withLock({ save }) else {
+            throw DeviceError(.EINVAL, "no data session (device is not saving)")
+        }
+        let stopped = !lock.mutex.withLock { runAllowed }
+        var out: [UInt8] = []
+        out.reserveCapacity(max)
+        while out.count < max {
+            if s.outboxPos == s.outbox.count {
+                guard let rec = nextRecord(s, stopped: stopped) else { break }
+                s.outbox = rec; s.outboxPos = 0
+            }
+            let n = min(max - out.count, s.outbox.count - s.outboxPos)
+            out.append(contentsOf: s.outbox[s.outboxPos..<s.outboxPos + n])
+            s.outboxPos += n
+        }
+        return out
+    }
+
+    public func writeMigrationData(_ data: UnsafeRawBufferPointer) throws {
+        guard let l = lock.mutex.withLock({ load }) else { throw DeviceError(.EINVAL, "no resuming session") }
+        l.pending.append(contentsOf: data)
+        var at = 0
+        defer { l.pending.removeFirst(at) }
+        while l.pending.count - at >= DMAEngineStateFormat.headerSize {
+            var r = WireReader(l.pending[at..<(at + DMAEngineStateFormat.headerSize)], context: "record header")
+            let magic = try r.u32(), version = try r.u16(), type = try r.u16(), length = try r.u32(), sum = try r.u64()
+            do {
+                guard magic == DMAEngineStateFormat.magic else { throw DMAEngineStateError.badMagic(magic) }
+                guard version == DMAEngineStateFormat.version else { throw DMAEngineStateError.badVersion(version) }
+                guard let rt = DMAEngineStateFormat.RecordType(rawValue: type) else { throw DMAEngineStateError.badType(type) }
+                guard length <= UInt32(DMAEngineStateFormat.maxPayload) else { throw DMAEngineStateError.badLength(length) }
+                let total = DMAEngineStateFormat.headerSize + Int(length)
+                guard l.pending.count - at >= total else { return }  // wait for the rest
+                let payload = l.pending[(at + DMAEngineStateFormat.headerSize)..<(at + total)]
+                let actual = payload.withUnsafeBytes { DMAEngine.fnv1a(DMAEngine.fnvOffset, $0) }
+                guard actual == sum else { throw DMAEngineStateError.checksumMismatch(type: type, expected: sum, actual: actual) }
+                try apply(rt, payload, to: l)
+                at += total
+            } catch let e as DMAEngineStateError {
+                // A corrupt stream poisons the session: nothing staged will ever be applied.
+                lock.mutex.withLock { load = nil }
+                at = 0
+                l.pending = []
+                throw DeviceError(.EINVAL, "dma-engine state rejected: \(e)")
+            }
+        }
+    }
+
+    private func apply(_ t: DMAEngineStateFormat.RecordType, _ p: ArraySlice<UInt8>, to l: LoadSession) throws {
+        var r = WireReader(p, context: "record")
+        guard !l.sawEnd else { throw DMAEngineStateError.dataAfterEnd }
+        if t != .header && !l.sawHeader { throw DMAEngineStateError.headerMissing }
+        switch t {
+        case .header:
+            let size = try r.u64()
+            guard size == memorySize else { throw DMAEngineStateError.sizeMismatch(sent: size, ours: memorySize) }
+            l.sawHeader = true
+        case .chunk:
+            let off = try r.u64()
+            let data = r.rest()
+            guard off % UInt64(Self.chunkSize) == 0, off < memorySize, data.count == Self.chunkSize else {
+                throw DMAEngineStateError.chunkOutOfRange(off)
+            }
+            data.withUnsafeBytes { memcpy(l.staging.base + Int(off), $0.baseAddress!, $0.count) }
+            l.received[Int(off) / Self.chunkSize] = true
+        case .registers:
+            var g = Registers()
+            g.liveness = UInt32(truncatingIfNeeded: try r.u64()); g.factorial = UInt32(truncatingIfNeeded: try r.u64())
+            g.status = UInt32(truncatingIfNeeded: try r.u64()); g.irqStatus = UInt32(truncatingIfNeeded: try r.u64())
+            g.dmaSource = try r.u64(); g.dmaDestination = try r.u64(); g.dmaCount = try r.u64(); g.dmaCommand = try r.u64()
+            g.jobsCompleted = try r.u64(); g.lastJobStatus = try r.u64(); g.lastJobChecksum = try r.u64()
+            g.jobProgress = try r.u64(); g.jobChecksum = try r.u64()
+            let cfg = Array(try r.bytes(PCIConfigSpace.size))
+            guard g.jobProgress <= g.dmaCount else { throw DMAEngineStateError.incomplete("job progress \(g.jobProgress) beyond its count \(g.dmaCount)") }
+            l.registers = (g, cfg)
+        case .end:
+            l.sawEnd = true
+        }
+    }
+
+    /// RESUMING→STOP: check the image is whole, then (and only then) load it.
+    private func finishLoad() throws {
+        guard let l = lock.mutex.withLock({ load }) else {
+            throw MigrationArcError.refused("no valid state was received (a corrupt record ended the session)")
+        }
+        var why: String?
+        if !l.sawHeader { why = "no header record" }
+        else if !l.sawEnd { why = "the end record never arrived (stream truncated)" }
+        else if l.registers == nil { why = "no registers record" }
+        else if let missing = l.received.firstIndex(of: false) { why = "memory chunk \(missing) was never sent" }
+        else if !l.pending.isEmpty { why = "\(l.pending.count) bytes of a partial record left over" }
+        if let why {
+            lock.mutex.withLock { load = nil }
+            throw MigrationArcError.refused("dma-engine state rejected: \(DMAEngineStateError.incomplete(why))")
+        }
+        let (g, cfg) = l.registers!
+        lock.mutex.withLock {
+            memcpy(memory.base, l.staging.base, Int(memorySize))
+            regs = g
+            config.restore(cfg)
+            load = nil
+            runAllowed = false  // STOP: the job (if any) continues at STOP→RUNNING
+        }
+        _ = memoryDirty.takeWords()
+    }
+}

@@ -1,0 +1,26 @@
+import Glibc
+
+/// One-line logging to stderr, with a level and a component. Kept dependency-free so every
+/// layer can log; the CLI sets the level from --verbose/--quiet.
+public enum Log {
+    public enum Level: Int, Comparable, Sendable {
+        case debug = 0, info, warning, error
+        public static func < (a: Level, b: Level) -> Bool { a.rawValue < b.rawValue }
+        var tag: String { ["debug", "info", "warning", "error"][rawValue] }
+    }
+    nonisolated(unsafe) public static var level: Level = .info
+    nonisolated(unsafe) public static var sink: ((String) -> Void)? = nil
+    private static let lock = Mutex()
+
+    public static func write(_ l: Level, _ component: String, _ message: @autoclosure () -> String) {
+        guard l >= level else { return }
+        let line = "\(l.tag): \(component): \(message())"
+        lock.withLock {
+            if let s = sink { s(line) } else { fputs(line + "\n", stderr) }
+        }
+    }
+    public static func debug(_ c: String, _ m: @autoclosure () -> String) { write(.debug, c, m()) }
+    public static func info(_ c: String, _ m: @autoclosure () -> String) { write(.info, c, m()) }
+    public static func warning(_ c: String, _ m: @autoclosure () -> String) { write(.warning, c, m()) }
+    public static func error(_ c: String, _ m: @autoclosure () -> String) { write(.error, c, m()) }
+}

@@ -1,0 +1,516 @@
+import Glibc
+import SystemCalls
+import VFIO
+
+/// Errors the client reports, each as a message a VMM user can act on.
+public enum VFIOUserClientError: Error, CustomStringConvertible, Equatable {
+    /// The server replied with ERROR and this errno.
+    case remote(command: VFIOUserCommand, errno: Errno)
+    /// The server broke the protocol (mismatched reply, short payload...).
+    case protocolViolation(String)
+    /// The server closed the connection.
+    case disconnected
+
+    public var description: String {
+        switch self {
+        case let .remote(c, e): return "server refused \(c): \(e)"
+        case let .protocolViolation(s): return "protocol violation: \(s)"
+        case .disconnected: return "server closed the connection"
+        }
+    }
+    public var errno: Errno? { if case let .remote(_, e) = self { return e }; return nil }
+}
+
+/// Local memory the client mapped for DMA: used to serve DMA_READ/DMA_WRITE messages, and to log
+/// the pages the client writes on the server's behalf (the server cannot see those).
+final class ClientDMAMemory: @unchecked Sendable {
+    struct Entry { let iova: UInt64; let size: UInt64; let base: UnsafeMutableRawPointer; let writable: Bool; var dirty: DirtyBitmap? }
+    private var entries: [Entry] = []
+    private let lock = Mutex()
+    var loggingPageSize: UInt64?
+
+    func add(_ e: Entry) { lock.withLock { var e = e; if let ps = loggingPageSize { e.dirty = DirtyBitmap(pageSize: ps, length: e.size) }; entries.append(e) } }
+    func remove(iova: UInt64, size: UInt64) { lock.withLock { entries.removeAll { $0.iova == iova && $0.size == size } } }
+    func removeAll() { lock.withLock { entries = [] } }
+    func startLogging(pageSize: UInt64) {
+        lock.withLock { loggingPageSize = pageSize; for i in entries.indices { entries[i].dirty = DirtyBitmap(pageSize: pageSize, length: entries[i].size) } }
+    }
+    func stopLogging() { lock.withLock { loggingPageSize = nil; for i in entries.indices { entries[i].dirty = nil } } }
+
+    func access(_ addr: UInt64, _ count: UInt64, write: Bool, _ body: (UnsafeMutableRawPointer) -> Void) throws {
+        try lock.withLock {
+            guard let e = entries.first(where: { addr >= $0.iova && addr - $0.iova < $0.size && count <= $0.size - (addr - $0.iova) }) else {
+                throw Errno.EFAULT
+            }
+            if write && !e.writable { throw Errno.EACCES }
+            body(e.base + Int(addr - e.iova))
+            if write { e.dirty?.mark(offset: addr - e.iova, length: count) }
+        }
+    }
+
+    /// Bits for pages the client itself wrote in [iova, iova+length), read-and-clear.
+    func take(iova: UInt64, length: UInt64, pageSize: UInt64) -> [UInt64] {
+        let pages = (length + pageSize - 1) / pageSize
+        var out = [UInt64](repeating: 0, count: Int((pages + 63) / 64))
+        lock.withLock {
+            for e in entries {
+                guard let d = e.dirty, e.iova < iova + length, e.iova + e.size > iova else { continue }
+                let lo = max(e.iova, iova), hi = min(e.iova + e.size, iova + length)
+                let sub = d.take(offset: lo - e.iova, length: hi - lo, reportPageSize: pageSize)
+                let base = (lo - iova) / pageSize
+                for (wi, w) in sub.enumerated() where w != 0 {
+                    for b in 0..<64 where w & (1 << UInt64(b)) != 0 {
+                        let p = base + UInt64(wi * 64 + b)
+                        if p < pages { out[Int(p / 64)] |= 1 << (p % 64) }
+                    }
+                }
+            }
+        }
+        return out
+    }
+}
+
+/// An mmap'd view of a device region (from GET_REGION_INFO's fd and sparse areas).
+public final class RegionMapping: @unchecked Sendable {
+    public let index: UInt32
+    public let areas: [(offset: UInt64, size: UInt64, memory: MappedRegion)]
+    init(index: UInt32, areas: [(UInt64, UInt64, MappedRegion)]) { self.index = index; self.areas = areas.map { ($0.0, $0.1, $0.2) } }
+
+    /// A pointer to [offset, offset+count) if it lies inside one mmap'd area.
+    public func pointer(offset: UInt64, count: Int) -> UnsafeMutableRawPointer? {
+        for a in areas where offset >= a.offset && offset - a.offset + UInt64(count) <= a.size {
+            return a.memory.base + Int(offset - a.offset)
+        }
+        return nil
+    }
+}
+
+/// The VMM side of vfio-user: connects, negotiates, and drives a device. Calls are synchronous
+/// and serialized; server→client DMA commands are served inline (main socket) or by a thread
+/// on the twin socket. Works with libvfio-user's documented deviations.
+public final class VFIOUserClient: @unchecked Sendable {
+    public struct Options: Sendable {
+        public var offerTwinSocket = true
+        public var maxMessageFDs: UInt64 = 8
+        public var maxDataXferSize: UInt64 = Capabilities.defaultMaxDataXferSize
+        /// Send libvfio-user's `migration: {pgsize: 4096}` (it accepts the absence as well).
+        public var offerMigrationCapability = false
+        public var offerWriteMultiple = true
+        public var minor: UInt16 = 2
+        public init() {}
+    }
+
+    public let connection: VFIOUserConnection
+    public let options: Options
+    public private(set) var serverCapabilities = Capabilities()
+    public private(set) var serverVersion: (major: UInt16, minor: UInt16) = (0, 0)
+    public private(set) var serverJSON: String?
+    public private(set) var twinSocketActive = false
+    private var twin: VFIOUserConnection?
+    private var twinThread: OSThread?
+    private let callLock = Mutex()
+    let dmaMemory = ClientDMAMemory()
+    private var regionMappings: [UInt32: RegionMapping] = [:]
+    /// Number of DMA_READ/WRITE messages served for the server.
+    public private(set) var dmaMessagesServed: UInt64 = 0
+
+    /// Connect to the server at `path` and negotiate.
+    public convenience init(path: String, options: Options = Options()) throws {
+        try self.init(socket: UnixSocket.connect(path: path), options: options)
+    }
+
+    public init(socket: UnixSocket, options: Options = Options()) throws {
+        self.options = options
+        connection = VFIOUserConnection(socket: socket, maxReceiveFDs: Int(options.maxMessageFDs),
+                                        maxMessageSize: Int(options.maxDataXferSize) + 64 * 1024 + 64 * 1024 * 1024)
+        try negotiate()
+    }
+
+    deinit { close() }
+
+    public func close() {
+        if let t = twin { t.close() }
+        twinThread?.join()
+        twinThread = nil
+        twin = nil
+        connection.close()
+    }
+
+    private func negotiate() throws {
+        var caps = Capabilities()
+        caps.maxMessageFDs = options.maxMessageFDs
+        caps.maxDataXferSize = options.maxDataXferSize
+        if options.offerTwinSocket { caps.twinSocket = .init(supported: true) }
+        if options.offerMigrationCapability { caps.migration = .init(pageSize: 4096) }
+        if options.offerWriteMultiple { caps.writeMultiple = true }
+        let req = VersionPayload(major: 0, minor: options.minor, capabilities: caps)
+        let reply = try call(.version, req.encode())
+        defer { reply.closeFDs() }
+        let v: VersionPayload
+        do { v = try VersionPayload(decoding: reply.payload[...]) } catch {
+            throw VFIOUserClientError.protocolViolation("VERSION reply: \(error)")
+        }
+        guard v.major == 0 else { throw VFIOUserClientError.protocolViolation("server major version \(v.major), we speak 0") }
+        serverVersion = (v.major, v.minor)
+        serverCapabilities = v.capabilities
+        serverJSON = v.rawJSON
+        if let t = v.capabilities.twinSocket, t.supported {
+            // An inconsistent twin-socket reply means the connection must be dropped (spec).
+            guard options.offerTwinSocket, let idx = t.fdIndex, Int(idx) < reply.fds.count else {
+                throw VFIOUserClientError.protocolViolation("server enabled twin_socket without a usable fd")
+            }
+            let fd = try reply.fds[Int(idx)].duplicate()
+            let c = VFIOUserConnection(socket: UnixSocket(adopting: fd), maxReceiveFDs: 0,
+                                       maxMessageSize: Int(options.maxDataXferSize) + 4096)
+            twin = c
+            twinSocketActive = true
+            twinThread = OSThread(name: "vfu-twin") { [weak self, c] in
+                while true {
+                    guard let msg = try? c.receive() else { return }
+                    guard let self else { return }
+                    self.serveServerCommand(msg, on: c)
+                }
+            }
+        }
+    }
+
+    /// Largest transfer per message: what the server accepts, and at most what we said we do.
+    public var maxTransfer: Int { Int(min(serverCapabilities.maxDataXferSize, options.maxDataXferSize)) }
+
+    // MARK: calls
+
+    /// Send one command and wait for its reply, serving any server command that arrives first.
+    public func call(_ cmd: VFIOUserCommand, _ payload: [UInt8], fds: [Int32] = []) throws -> Message {
+        try payload.withUnsafeBytes { try call(cmd, [$0], fds: fds) }
+    }
+
+    public func call(_ cmd: VFIOUserCommand, _ payload: [UnsafeRawBufferPointer], fds: [Int32] = []) throws -> Message {
+        try callLock.withLock {
+            let id = connection.allocateID()
+            do {
+                try connection.send(id: id, command: cmd.rawValue, flags: MessageHeader.typeCommand, payload: payload, fds: fds)
+            } catch let e as Errno where e == .EPIPE || e == .ECONNRESET {
+                throw VFIOUserClientError.disconnected
+            }
+            while true {
+                let m: Message
+                do { m = try connection.receive() } catch let e as Errno where e == .ECONNRESET || e == .EPROTO {
+                    throw VFIOUserClientError.disconnected
+                } catch let f as FramingError {
+                    throw VFIOUserClientError.protocolViolation("reply to \(cmd): \(f.reason)")
+                }
+                if m.header.isCommand {
+                    serveServerCommand(m, on: connection)
+                    continue
+                }
+                guard m.header.messageID == id, m.header.command == cmd.rawValue else {
+                    m.closeFDs()
+                    throw VFIOUserClientError.protocolViolation("\(cmd) (id \(id)): got a reply for command \(m.header.command) id \(m.header.messageID)")
+                }
+                if m.header.isError {
+                    m.closeFDs()
+                    // libvfio-user: an errno outside 1..4096 is treated as EINVAL.
+                    let e = m.header.errorNumber
+                    throw VFIOUserClientError.remote(command: cmd, errno: Errno(e >= 1 && e <= 4096 ? Int32(e) : EINVAL))
+                }
+                return m
+            }
+        }
+    }
+
+    /// Serve DMA_READ / DMA_WRITE from the server against the memory we mapped.
+    private func serveServerCommand(_ m: Message, on c: VFIOUserConnection) {
+        m.closeFDs()
+        let h = m.header
+        do {
+            guard let cmd = h.knownCommand, cmd == .dmaRead || cmd == .dmaWrite else { throw Errno.EINVAL }
+            let a = try DMAAccess(decoding: m.payload[...], context: "\(cmd)")
+            guard a.count <= options.maxDataXferSize else { throw Errno.E2BIG }
+            if cmd == .dmaRead {
+                var out = [UInt8](repeating: 0, count: Int(a.count))
+                try dmaMemory.access(a.address, a.count, write: false) { p in out.withUnsafeMutableBytes { $0.copyMemory(from: UnsafeRawBufferPointer(start: p, count: Int(a.count))) } }
+                try c.sendReply(to: h, payload: DMAAccess(address: a.address, count: a.count).encode() + out)
+            } else {
+                guard a.data.count == Int(a.count) else { throw Errno.EINVAL }
+                try dmaMemory.access(a.address, a.count, write: true) { p in a.data.withUnsafeBytes { p.copyMemory(from: $0.baseAddress!, byteCount: $0.count) } }
+                try c.sendReply(to: h, payload: DMAAccess(address: a.address, count: a.count).encode())
+            }
+            dmaMessagesServed &+= 1
+        } catch {
+            let e = (error as? Errno) ?? .EINVAL
+            if h.wantsReply { try? c.sendError(to: h, errno: e) }
+        }
+    }
+
+    // MARK: device info
+
+    public func deviceInfo() throws -> DeviceInfo {
+        let r = try call(.deviceGetInfo, DeviceInfo(flags: 0, regionCount: 0, irqCount: 0).encode())
+        do { return try DeviceInfo(decoding: r.payload[...]) } catch { throw VFIOUserClientError.protocolViolation("\(error)") }
+    }
+
+    /// GET_REGION_INFO, growing argsz when the server says the reply needs more (caps + fd).
+    public func regionInfo(_ index: UInt32) throws -> (info: RegionInfo, fd: FileDescriptor?) {
+        var argsz: UInt32 = 32
+        for _ in 0..<3 {
+            let r = try call(.deviceGetRegionInfo, RegionInfo(argsz: argsz, flags: [], index: index, size: 0).encodeRequest())
+            let info: RegionInfo
+            do { info = try RegionInfo(decoding: r.payload[...]) } catch {
+                r.closeFDs(); throw VFIOUserClientError.protocolViolation("\(error)")
+            }
+            if info.argsz > argsz && info.argsz <= 64 * 1024 {
+                r.closeFDs(); argsz = info.argsz; continue
+            }
+            var fds = r.fds
+            let fd = fds.isEmpty ? nil : fds.removeFirst()
+            for f in fds { f.close() }
+            return (info, fd)
+        }
+        throw VFIOUserClientError.protocolViolation("GET_REGION_INFO argsz did not converge")
+    }
+
+    public func irqInfo(_ index: UInt32) throws -> IRQInfo {
+        let r = try call(.deviceGetIRQInfo, IRQInfo(flags: [], index: index, count: 0).encode())
+        do { return try IRQInfo(decoding: r.payload[...]) } catch { throw VFIOUserClientError.protocolViolation("\(error)") }
+    }
+
+    public func regionIOFDs(_ index: UInt32) throws -> (RegionIOFDsReply, [FileDescriptor]) {
+        let r = try call(.deviceGetRegionIOFDs, RegionIOFDsRequest(argsz: 16 + 48 * 64, index: index).encode())
+        do { return (try RegionIOFDsReply(decoding: r.payload[...]), r.fds) } catch {
+            r.closeFDs(); throw VFIOUserClientError.protocolViolation("\(error)")
+        }
+    }
+
+    // MARK: region access
+
+    /// mmap the region's areas if the server offers an fd; nil when it does not.
+    @discardableResult
+    public func mapRegion(_ index: UInt32) throws -> RegionMapping? {
+        if let m = regionMappings[index] { return m }
+        let (info, fd) = try regionInfo(index)
+        guard let fd, info.flags.contains(.mmap) else { fd?.close(); return nil }
+        defer { fd.close() }
+        var areas: [(UInt64, UInt64, MappedRegion)] = []
+        for a in info.sparseAreas ?? [SparseMMapArea(offset: 0, size: info.size)] where a.size > 0 {
+            areas.append((a.offset, a.size, try MappedRegion(fd: fd, offset: info.offset + a.offset, length: Int(a.size),
+                                                             writable: info.flags.contains(.write))))
+        }
+        let m = RegionMapping(index: index, areas: areas)
+        regionMappings[index] = m
+        return m
+    }
+
+    public func regionRead(_ index: UInt32, offset: UInt64, count: Int) throws -> [UInt8] {
+        var out = [UInt8](repeating: 0, count: count)
+        try out.withUnsafeMutableBytes { try regionRead(index, offset: offset, into: $0) }
+        return out
+    }
+
+    public func regionRead(_ index: UInt32, offset: UInt64, into buffer: UnsafeMutableRawBufferPointer) throws {
+        if let m = regionMappings[index], let p = m.pointer(offset: offset, count: buffer.count) {
+            buffer.copyMemory(from: UnsafeRawBufferPointer(start: p, count: buffer.count))
+            return
+        }
+        var done = 0
+        while done < buffer.count || buffer.count == 0 {
+            let n = min(maxTransfer, buffer.count - done)
+            let req = RegionAccess(offset: offset + UInt64(done), region: index, count: UInt32(n)).encode()
+            let r = try call(.regionRead, req)
+            let a = try RegionAccess(decoding: r.payload[...], context: "REGION_READ reply")
+            guard a.data.count >= n else { throw VFIOUserClientError.protocolViolation("REGION_READ returned \(a.data.count) of \(n) bytes") }
+            a.data.prefix(n).withUnsafeBytes { UnsafeMutableRawBufferPointer(rebasing: buffer[done..<done + n]).copyMemory(from: $0) }
+            done += n
+            if buffer.count == 0 { break }
+        }
+    }
+
+    public func regionWrite(_ index: UInt32, offset: UInt64, _ data: [UInt8]) throws {
+        try data.withUnsafeBytes { try regionWrite(index, offset: offset, from: $0) }
+    }
+
+    public func regionWrite(_ index: UInt32, offset: UInt64, from data: UnsafeRawBufferPointer) throws {
+        if let m = regionMappings[index], let p = m.pointer(offset: offset, count: data.count) {
+            p.copyMemory(from: data.baseAddress!, byteCount: data.count)
+            return
+        }
+        var done = 0
+        repeat {
+            let n = min(maxTransfer, data.count - done)
+            var w = WireWriter(capacity: 16); w.u64(offset + UInt64(done)); w.u32(index); w.u32(UInt32(n))
+            let head = w.bytes
+            _ = try head.withUnsafeBytes { h in try call(.regionWrite, [h, UnsafeRawBufferPointer(rebasing: data[done..<done + n])]) }
+            done += n
+        } while done < data.count
+    }
+
+    public func read32(_ index: UInt32, _ offset: UInt64) throws -> UInt32 {
+        let b = try regionRead(index, offset: offset, count: 4)
+        return UInt32(b[0]) | UInt32(b[1]) << 8 | UInt32(b[2]) << 16 | UInt32(b[3]) << 24
+    }
+    public func write32(_ index: UInt32, _ offset: UInt64, _ v: UInt32) throws {
+        try regionWrite(index, offset: offset, [UInt8(v & 0xff), UInt8(v >> 8 & 0xff), UInt8(v >> 16 & 0xff), UInt8(v >> 24)])
+    }
+    public func read64(_ index: UInt32, _ offset: UInt64) throws -> UInt64 {
+        UInt64(try read32(index, offset)) | UInt64(try read32(index, offset + 4)) << 32
+    }
+    public func write64(_ index: UInt32, _ offset: UInt64, _ v: UInt64) throws {
+        var w = WireWriter(); w.u64(v)
+        try regionWrite(index, offset: offset, w.bytes)
+    }
+
+    // MARK: DMA
+
+    /// Map `size` bytes of client memory at `iova`. With `fd` the server mmaps it directly
+    /// (the fast path); without, the server uses DMA_READ/DMA_WRITE messages that we serve from
+    /// `local`.
+    public func mapDMA(iova: UInt64, size: UInt64, local: UnsafeMutableRawPointer, fd: FileDescriptor?, offset: UInt64 = 0,
+                       writable: Bool = true) throws {
+        let flags: DMAMapFlags = writable ? [.read, .write] : [.read]
+        dmaMemory.add(.init(iova: iova, size: size, base: local, writable: writable, dirty: nil))
+        do {
+            _ = try call(.dmaMap, DMAMapRequest(flags: flags, offset: fd == nil ? 0 : offset, address: iova, size: size).encode(),
+                         fds: fd.map { [$0.rawValue] } ?? [])
+        } catch {
+            dmaMemory.remove(iova: iova, size: size)
+            throw error
+        }
+    }
+
+    /// DMA_UNMAP; with `dirtyPageSize`, returns the dirty bitmap of the range (server's bits OR
+    /// the pages we wrote for it through DMA_WRITE messages).
+    @discardableResult
+    public func unmapDMA(iova: UInt64, size: UInt64, dirtyPageSize: UInt64? = nil) throws -> [UInt64]? {
+        guard let ps = dirtyPageSize else {
+            _ = try call(.dmaUnmap, DMAUnmapRequest(address: iova, size: size).encode())
+            dmaMemory.remove(iova: iova, size: size)
+            return nil
+        }
+        let need = DirtyBitmap.byteCount(pages: (size + ps - 1) / ps)
+        let req = DMAUnmapRequest(argsz: UInt32(40 + need), flags: .getDirtyBitmap, address: iova, size: size,
+                                  bitmap: .init(pageSize: ps, size: UInt64(need)))
+        let r = try call(.dmaUnmap, req.encode())
+        guard r.payload.count >= 40 + need else {
+            throw VFIOUserClientError.protocolViolation("DMA_UNMAP reply has \(r.payload.count) bytes, bitmap needs \(40 + need)")
+        }
+        var words = [UInt64](littleEndianBitmap: r.payload[40..<(40 + need)])
+        let own = dmaMemory.take(iova: iova, length: size, pageSize: ps)
+        for i in words.indices where i < own.count { words[i] |= own[i] }
+        dmaMemory.remove(iova: iova, size: size)
+        return words
+    }
+
+    public func unmapAllDMA() throws {
+        _ = try call(.dmaUnmap, DMAUnmapRequest(flags: .unmapAll, address: 0, size: 0).encode())
+        dmaMemory.removeAll()
+    }
+
+    // MARK: IRQs
+
+    /// Attach eventfds to vectors [start, start+count) of IRQ `index` (TRIGGER).
+    public func setIRQs(index: UInt32, start: UInt32 = 0, eventfds: [EventFD]) throws {
+        let req = SetIRQsRequest(flags: [.dataEventFD, .actionTrigger], index: index, start: start, count: UInt32(eventfds.count))
+        _ = try call(.deviceSetIRQs, req.encode(), fds: eventfds.map { $0.fd.rawValue })
+    }
+
+    /// Disable every vector of IRQ `index`.
+    public func disableIRQs(index: UInt32) throws {
+        _ = try call(.deviceSetIRQs, SetIRQsRequest(flags: [.dataNone, .actionTrigger], index: index, start: 0, count: 0).encode())
+    }
+
+    public func reset() throws { _ = try call(.deviceReset, [UInt8]()) }
+
+    // MARK: DEVICE_FEATURE and migration v2
+
+    /// DEVICE_FEATURE; returns the reply's data (after the 8-byte feature header).
+    public func feature(_ index: UInt32, flags: UInt32, data: [UInt8] = [], replyData: Int = 0) throws -> ArraySlice<UInt8> {
+        let f = DeviceFeature(argsz: UInt32(8 + max(data.count, replyData)), flags: index | flags, data: data[...])
+        let r = try call(.deviceFeature, f.encode())
+        guard r.payload.count >= 8 else { throw VFIOUserClientError.protocolViolation("DEVICE_FEATURE reply shorter than 8 bytes") }
+        return r.payload[8...]
+    }
+
+    public func probeFeature(_ index: UInt32, get: Bool) -> Bool {
+        (try? feature(index, flags: DeviceFeature.probe | (get ? DeviceFeature.get : DeviceFeature.set))) != nil
+    }
+
+    /// The device's migration flags, or nil if it does not support migration.
+    public func migrationCapabilities() throws -> MigrationCapabilities? {
+        do {
+            var r = WireReader(try feature(DeviceFeature.migration, flags: DeviceFeature.get, replyData: 8), context: "MIGRATION")
+            return MigrationCapabilities(rawValue: try r.u64())
+        } catch let e as VFIOUserClientError where e.errno == .ENOTTY || e.errno == .EINVAL || e.errno == .ENOSYS {
+            return nil
+        }
+    }
+
+    public func migrationState() throws -> MigrationState {
+        var r = WireReader(try feature(DeviceFeature.migDeviceState, flags: DeviceFeature.get, replyData: 8), context: "MIG_DEVICE_STATE")
+        let raw = try r.u32()
+        guard let s = MigrationState(rawValue: raw) else { throw VFIOUserClientError.protocolViolation("unknown device state \(raw)") }
+        return s
+    }
+
+    public func setMigrationState(_ s: MigrationState) throws {
+        var w = WireWriter(); w.u32(s.rawValue); w.i32(-1)
+        _ = try feature(DeviceFeature.migDeviceState, flags: DeviceFeature.set, data: w.bytes)
+    }
+
+    public func migrationDataSize() throws -> UInt64 {
+        var r = WireReader(try feature(DeviceFeature.migDataSize, flags: DeviceFeature.get, replyData: 8), context: "MIG_DATA_SIZE")
+        return try r.u64()
+    }
+
+    /// MIG_DATA_READ of at most `max` bytes; a short (or empty) result ends the current data.
+    /// Parsed by `size`, never by message size (libvfio-user pads).
+    public func readMigrationData(max: Int) throws -> [UInt8] {
+        let n = min(max, maxTransfer)
+        var w = WireWriter(); w.u32(UInt32(8 + n)); w.u32(UInt32(n))
+        let r = try call(.migDataRead, w.bytes)
+        let m: MigDataPayload
+        do { m = try MigDataPayload(decoding: r.payload[...], context: "MIG_DATA_READ reply", dataBySize: true) } catch {
+            throw VFIOUserClientError.protocolViolation("\(error)")
+        }
+        guard Int(m.size) <= n else { throw VFIOUserClientError.protocolViolation("MIG_DATA_READ returned \(m.size) bytes for a \(n)-byte read") }
+        return Array(m.data)
+    }
+
+    public func writeMigrationData(_ data: UnsafeRawBufferPointer) throws {
+        var done = 0
+        while done < data.count {
+            let n = min(maxTransfer, data.count - done)
+            var w = WireWriter(); w.u32(UInt32(8 + n)); w.u32(UInt32(n))
+            let head = w.bytes
+            _ = try head.withUnsafeBytes { h in try call(.migDataWrite, [h, UnsafeRawBufferPointer(rebasing: data[done..<done + n])]) }
+            done += n
+        }
+    }
+
+    /// DMA_LOGGING_START over `ranges`; the client also starts logging its own message writes.
+    public func startDMALogging(pageSize: UInt64, ranges: [(iova: UInt64, length: UInt64)]) throws {
+        var w = WireWriter(); w.u64(pageSize); w.u32(UInt32(ranges.count)); w.u32(0)
+        for r in ranges { w.u64(r.iova); w.u64(r.length) }
+        _ = try feature(DeviceFeature.dmaLoggingStart, flags: DeviceFeature.set, data: w.bytes)
+        dmaMemory.startLogging(pageSize: pageSize)
+    }
+
+    public func stopDMALogging() throws {
+        dmaMemory.stopLogging()
+        _ = try feature(DeviceFeature.dmaLoggingStop, flags: DeviceFeature.set)
+    }
+
+    /// DMA_LOGGING_REPORT for one range: the server's bits OR the ones we logged ourselves.
+    /// Checks the reply length (libvfio-user answers a range spanning two mappings with an
+    /// empty success).
+    public func dmaLoggingReport(iova: UInt64, length: UInt64, pageSize: UInt64) throws -> [UInt64] {
+        let need = DirtyBitmap.byteCount(pages: (length + pageSize - 1) / pageSize)
+        var w = WireWriter(); w.u64(iova); w.u64(length); w.u64(pageSize)
+        let data = try feature(DeviceFeature.dmaLoggingReport, flags: DeviceFeature.get, data: w.bytes, replyData: 24 + need)
+        guard data.count >= 24 + need else {
+            throw VFIOUserClientError.protocolViolation("DMA_LOGGING_REPORT reply carries \(data.count) bytes, \(24 + need) expected")
+        }
+        var words = [UInt64](littleEndianBitmap: data[(data.startIndex + 24)..<(data.startIndex + 24 + need)])
+        let own = dmaMemory.take(iova: iova, length: length, pageSize: pageSize)
+        for i in words.indices where i < own.count { words[i] |= own[i] }
+        return words
+    }
+}

@@ -1,0 +1,268 @@
+import Glibc
+import SystemCalls
+import VFIO
+
+/// Carries device DMA to a mapping that has no fd: DMA_READ / DMA_WRITE messages to the client.
+public protocol DMAMessageChannel: AnyObject {
+    func dmaRead(address: UInt64, into buffer: UnsafeMutableRawBufferPointer) throws
+    func dmaWrite(address: UInt64, from buffer: UnsafeRawBufferPointer) throws
+}
+
+/// The server's table of client DMA mappings: guest memory mapped from the fds passed with
+/// DMA_MAP, looked up by IOVA. Every device access goes through `read`/`write`, which refuse any
+/// byte outside a mapping (EFAULT) or against its protection (EACCES), and log writes in the
+/// mapping's dirty bitmap while DMA logging is on.
+public final class DMAMapTable: DMAAccessor, @unchecked Sendable {
+    public final class Mapping {
+        public let iova: UInt64
+        public let size: UInt64
+        public let offset: UInt64
+        public let flags: DMAMapFlags
+        let fd: FileDescriptor?
+        let memory: MappedRegion?
+        var dirty: DirtyBitmap?
+        init(iova: UInt64, size: UInt64, offset: UInt64, flags: DMAMapFlags, fd: FileDescriptor?, memory: MappedRegion?) {
+            self.iova = iova; self.size = size; self.offset = offset; self.flags = flags; self.fd = fd; self.memory = memory
+        }
+        var end: UInt64 { iova &+ size }
+        func close() { memory?.unmap(); fd?.close() }
+    }
+
+    /// How the dirty log of device writes is kept.
+    public enum DirtyTrackingMode: String, Sendable {
+        /// Log exactly the pages the device wrote (what DMA logging promises).
+        case precise
+        /// The seed behaviour for devices that cannot track: every mapped page reports dirty.
+        case pinnedPages = "pinned"
+    }
+
+    public let maxMappings: Int
+    public let maxMappingSize: UInt64 = 1 << 43  // 8 TiB, as libvfio-user
+    public var trackingMode: DirtyTrackingMode = .precise
+    private var mappings: [Mapping] = []  // sorted by iova, non-overlapping
+    private let lock = RWLock()
+    private(set) public var loggingPageSize: UInt64? = nil
+    /// Message channel for fd-less mappings (the twin socket); nil when none is available.
+    public var messageChannel: DMAMessageChannel?
+    /// Bytes the device moved, for metrics.
+    public private(set) var bytesRead: UInt64 = 0
+    public private(set) var bytesWritten: UInt64 = 0
+
+    public init(maxMappings: Int = 65535) { self.maxMappings = maxMappings }
+
+    public var count: Int { lock.withReadLock { mappings.count } }
+    public var ranges: [(iova: UInt64, size: UInt64)] { lock.withReadLock { mappings.map { ($0.iova, $0.size) } } }
+
+    /// DMA_MAP. Takes ownership of `fd` (closed on every error path).
+    public func map(_ req: DMAMapRequest, fd: FileDescriptor?) throws {
+        do {
+            guard req.size <= maxMappingSize else { throw DeviceError(.ENOSPC, "DMA_MAP of \(req.size) bytes exceeds the 8 TiB limit") }
+            guard req.address % 4096 == 0, req.size % 4096 == 0 else {
+                throw DeviceError(.EINVAL, "DMA_MAP iova 0x\(String(req.address, radix: 16)) size 0x\(String(req.size, radix: 16)) not aligned to the 4 KiB page size")
+            }
+            guard req.flags.contains(.read) || req.flags.contains(.write) else {
+                throw DeviceError(.EINVAL, "DMA_MAP with neither READ nor WRITE")
+            }
+            var memory: MappedRegion? = nil
+            if let fd {
+                let fileSize = try fd.fileSize()
+                // A mapping must lie inside the file: mmap past EOF would SIGBUS on access.
+                guard req.offset <= fileSize, req.size <= fileSize - req.offset else {
+                    throw DeviceError(.EINVAL, "DMA_MAP offset 0x\(String(req.offset, radix: 16)) + size 0x\(String(req.size, radix: 16)) lies beyond the end of the \(fileSize)-byte file")
+                }
+                do {
+                    memory = try MappedRegion(fd: fd, offset: req.offset, length: Int(req.size), writable: req.flags.contains(.write))
+                } catch let e as Errno {
+                    throw DeviceError(e, "DMA_MAP: mmap of the passed fd failed: \(e)")
+                }
+            }
+            let m = Mapping(iova: req.address, size: req.size, offset: req.offset, flags: req.flags, fd: fd, memory: memory)
+            try lock.withWriteLock {
+                guard mappings.count < maxMappings else {
+                    throw DeviceError(.ENOSPC, "DMA_MAP: the table already holds the maximum of \(maxMappings) mappings")
+                }
+                let i = insertionIndex(m.iova)
+                if i > 0, mappings[i - 1].end > m.iova {
+                    let o = mappings[i - 1]
+                    throw DeviceError(.EEXIST, "DMA_MAP [0x\(String(m.iova, radix: 16)), 0x\(String(m.end, radix: 16))) overlaps the mapping [0x\(String(o.iova, radix: 16)), 0x\(String(o.end, radix: 16)))")
+                }
+                if i < mappings.count, mappings[i].iova < m.end {
+                    let o = mappings[i]
+                    throw DeviceError(.EEXIST, "DMA_MAP [0x\(String(m.iova, radix: 16)), 0x\(String(m.end, radix: 16))) overlaps the mapping [0x\(String(o.iova, radix: 16)), 0x\(String(o.end, radix: 16)))")
+                }
+                if let ps = loggingPageSize { m.dirty = DirtyBitmap(pageSize: ps, length: m.size) }
+                mappings.insert(m, at: i)
+            }
+        } catch {
+            fd?.close()
+            throw error
+        }
+    }
+
+    /// DMA_UNMAP of exactly one earlier mapping; returns its dirty bitmap when asked.
+    /// Holding the write lock means no device access is in flight on the mapping when we return.
+    public func unmap(address: UInt64, size: UInt64, dirtyPageSize: UInt64? = nil) throws -> [UInt64]? {
+        let m: Mapping = try lock.withWriteLock {
+            guard let i = mappings.firstIndex(where: { $0.iova == address && $0.size == size }) else {
+                throw DeviceError(.ENOENT, "DMA_UNMAP [0x\(String(address, radix: 16)), +0x\(String(size, radix: 16))) matches no mapping")
+            }
+            return mappings.remove(at: i)
+        }
+        defer { m.close() }
+        guard let ps = dirtyPageSize else { return nil }
+        return bitmapFor(m, offset: 0, length: m.size, pageSize: ps)
+    }
+
+    /// Unmap everything (UNMAP_ALL, and client disconnect).
+    public func unmapAll() {
+        let all = lock.withWriteLock { () -> [Mapping] in let a = mappings; mappings = []; return a }
+        for m in all { m.close() }
+    }
+
+    // MARK: dirty logging
+
+    public func startLogging(pageSize: UInt64) throws {
+        guard pageSize >= 4096, pageSize & (pageSize - 1) == 0 else {
+            throw DeviceError(.EINVAL, "DMA logging page size \(pageSize) is not a power of two ≥ 4096")
+        }
+        try lock.withWriteLock {
+            if let cur = loggingPageSize {
+                guard cur == pageSize else { throw DeviceError(.EINVAL, "DMA logging already started with page size \(cur)") }
+                return
+            }
+            loggingPageSize = pageSize
+            for m in mappings { m.dirty = DirtyBitmap(pageSize: pageSize, length: m.size) }
+        }
+    }
+
+    public func stopLogging() {
+        lock.withWriteLock {
+            loggingPageSize = nil
+            for m in mappings { m.dirty = nil }
+        }
+    }
+
+    public var isLogging: Bool { lock.withReadLock { loggingPageSize != nil } }
+
+    /// DMA_LOGGING_REPORT: read-and-clear the bits for [iova, iova+length) at `pageSize`. The
+    /// range may span several mappings; every byte of it must be mapped.
+    public func report(iova: UInt64, length: UInt64, pageSize: UInt64) throws -> [UInt64] {
+        guard loggingPageSize != nil else { throw DeviceError(.EINVAL, "DMA_LOGGING_REPORT before DMA_LOGGING_START") }
+        guard pageSize >= 4096, pageSize & (pageSize - 1) == 0 else {
+            throw DeviceError(.EINVAL, "report page size \(pageSize) is not a power of two ≥ 4096")
+        }
+        guard length > 0, iova &+ length > iova else { throw DeviceError(.EINVAL, "report range is empty or wraps") }
+        let pages = (length + pageSize - 1) / pageSize
+        var out = [UInt64](repeating: 0, count: Int((pages + 63) / 64))
+        try lock.withReadLock {
+            var at = iova
+            while at < iova + length {
+                guard let m = find(at) else {
+                    throw DeviceError(.EINVAL, "report range [0x\(String(iova, radix: 16)), +0x\(String(length, radix: 16))) is not fully mapped (0x\(String(at, radix: 16)) is not)")
+                }
+                let end = min(m.end, iova + length)
+                let sub = bitmapFor(m, offset: at - m.iova, length: end - at, pageSize: pageSize)
+                // Place `sub` (relative to `at`) into `out` (relative to iova).
+                let base = (at - iova) / pageSize
+                for (wi, w) in sub.enumerated() where w != 0 {
+                    for b in 0..<64 where w & (1 << UInt64(b)) != 0 {
+                        let p = base + UInt64(wi * 64 + b)
+                        if p < pages { out[Int(p / 64)] |= 1 << (p % 64) }
+                    }
+                }
+                at = end
+            }
+        }
+        return out
+    }
+
+    private func bitmapFor(_ m: Mapping, offset: UInt64, length: UInt64, pageSize: UInt64) -> [UInt64] {
+        let pages = (length + pageSize - 1) / pageSize
+        if trackingMode == .pinnedPages {
+            var all = [UInt64](repeating: ~0, count: Int((pages + 63) / 64))
+            let tail = pages % 64
+            if tail != 0 { all[all.count - 1] = (1 << tail) - 1 }
+            return all
+        }
+        guard let d = m.dirty else { return [UInt64](repeating: 0, count: Int((pages + 63) / 64)) }
+        return d.take(offset: offset, length: length, reportPageSize: pageSize)
+    }
+
+    // MARK: device access
+
+    private func insertionIndex(_ iova: UInt64) -> Int {
+        var lo = 0, hi = mappings.count
+        while lo < hi { let mid = (lo + hi) / 2; if mappings[mid].iova < iova { lo = mid + 1 } else { hi = mid } }
+        return lo
+    }
+
+    private func find(_ addr: UInt64) -> Mapping? {
+        let i = insertionIndex(addr &+ 1)
+        guard i > 0 else { return nil }
+        let m = mappings[i - 1]
+        return addr >= m.iova && addr < m.end ? m : nil
+    }
+
+    private func fault(_ addr: UInt64, _ count: Int, _ why: String) -> DeviceError {
+        DeviceError(.EFAULT, "DMA to [0x\(String(addr, radix: 16)), +0x\(String(count, radix: 16))) refused: \(why)")
+    }
+
+    /// Copy guest memory at `address` into `buffer`.
+    public func read(address: UInt64, into buffer: UnsafeMutableRawBufferPointer) throws {
+        try access(address: address, count: buffer.count, write: false) { m, off, range in
+            let dst = UnsafeMutableRawBufferPointer(rebasing: buffer[range])
+            if let mem = m.memory {
+                memcpy(dst.baseAddress!, mem.base + Int(off), dst.count)
+            } else {
+                guard let ch = messageChannel else { throw fault(address, buffer.count, "mapping has no fd and no message channel") }
+                try ch.dmaRead(address: m.iova + off, into: dst)
+            }
+        }
+        bytesRead &+= UInt64(buffer.count)
+    }
+
+    /// Copy `buffer` into guest memory at `address`, logging the pages written.
+    public func write(address: UInt64, from buffer: UnsafeRawBufferPointer) throws {
+        try access(address: address, count: buffer.count, write: true) { m, off, range in
+            let src = UnsafeRawBufferPointer(rebasing: buffer[range])
+            if let mem = m.memory {
+                memcpy(mem.base + Int(off), src.baseAddress!, src.count)
+                m.dirty?.mark(offset: off, length: UInt64(src.count))
+            } else {
+                // The client performs (and logs) message-based writes itself.
+                guard let ch = messageChannel else { throw fault(address, buffer.count, "mapping has no fd and no message channel") }
+                try ch.dmaWrite(address: m.iova + off, from: src)
+            }
+        }
+        bytesWritten &+= UInt64(buffer.count)
+    }
+
+    /// Walk the mappings covering [address, address+count), all of which must exist and allow
+    /// the access, before touching any byte.
+    private func access(address: UInt64, count: Int, write: Bool,
+                        _ body: (Mapping, UInt64, Range<Int>) throws -> Void) throws {
+        guard count > 0 else { return }
+        guard address &+ UInt64(count) > address else { throw fault(address, count, "range wraps around") }
+        try lock.withReadLock {
+            var pieces: [(Mapping, UInt64, Range<Int>)] = []
+            var done = 0
+            while done < count {
+                let at = address + UInt64(done)
+                guard let m = find(at) else { throw fault(address, count, "0x\(String(at, radix: 16)) is not mapped") }
+                guard m.flags.contains(write ? .write : .read) else {
+                    throw DeviceError(.EACCES, "DMA \(write ? "write" : "read") to [0x\(String(m.iova, radix: 16)), +0x\(String(m.size, radix: 16))) not permitted by its mapping")
+                }
+                let n = Int(min(UInt64(count - done), m.end - at))
+                pieces.append((m, at - m.iova, done..<done + n))
+                done += n
+            }
+            for (m, off, r) in pieces { try body(m, off, r) }
+        }
+    }
+}
+
+/// What devices see of the DMA table.
+public protocol DMAAccessor: AnyObject {
+    func read(address: UInt64, into buffer: UnsafeMutableRawBufferPointer) throws
+    func write(address: UInt64, from buffer: UnsafeRawBufferPointer) throws
+}

@@ -1,0 +1,59 @@
+import SystemCalls
+import VFIO
+
+/// The device side of migration v2 for one device: the current state, the walk along the
+/// kernel's state machine one arc at a time, and the data session rules.
+public final class MigrationEndpoint: @unchecked Sendable {
+    public let device: MigratableDevice
+    public private(set) var state: MigrationState = .running
+    private let lock = Mutex()
+    /// Every arc taken, for diagnostics and tests.
+    public private(set) var arcsTaken: [(MigrationState, MigrationState)] = []
+
+    public init(device: MigratableDevice) { self.device = device }
+    public var capabilities: MigrationCapabilities { device.migrationCapabilities }
+
+    /// SET MIG_DEVICE_STATE: walk to `target`. On failure the state is where the walk stopped
+    /// (or ERROR if the device reported itself broken), as the kernel documents.
+    public func set(_ target: MigrationState) throws {
+        try lock.withLock {
+            guard MigrationFSM.isSupported(target, by: capabilities) else {
+                throw DeviceError(.EINVAL, "migration state \(target) is not supported (device flags \(capabilities))")
+            }
+            while state != target {
+                let next: MigrationState
+                do { next = try MigrationFSM.nextState(from: state, to: target, capabilities: capabilities) }
+                catch { throw DeviceError(.EINVAL, "\(error)") }
+                do {
+                    try device.migrationArc(from: state, to: next)
+                } catch let e as MigrationArcError {
+                    if case .deviceBroken = e { state = .error }
+                    throw DeviceError(.EINVAL, "\(state)→\(next) failed: \(e)")
+                } catch let e as DeviceError {
+                    throw DeviceError(e.errno, "\(state)→\(next) failed: \(e.reason)")
+                } catch {
+                    throw DeviceError(.EIO, "\(state)→\(next) failed: \(error)")
+                }
+                arcsTaken.append((state, next))
+                state = next
+            }
+        }
+    }
+
+    /// DEVICE_RESET: the only way out of ERROR; back to RUNNING.
+    public func reset() { lock.withLock { state = .running } }
+
+    public func read(max: Int) throws -> [UInt8] {
+        try lock.withLock {
+            guard state.isSaving else { throw DeviceError(.EINVAL, "MIG_DATA_READ in state \(state) (only PRE_COPY or STOP_COPY)") }
+            return try device.readMigrationData(max: max)
+        }
+    }
+
+    public func write(_ data: UnsafeRawBufferPointer) throws {
+        try lock.withLock {
+            guard state == .resuming else { throw DeviceError(.EINVAL, "MIG_DATA_WRITE in state \(state) (only RESUMING)") }
+            try device.writeMigrationData(data)
+        }
+    }
+}

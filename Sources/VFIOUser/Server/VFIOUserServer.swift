@@ -1,0 +1,521 @@
+import Glibc
+import SystemCalls
+import VFIO
+
+/// A vfio-user server for one device model. It plays the part the kernel and a vendor driver
+/// play for an assigned device: it owns the socket, validates every message, keeps the DMA map
+/// table and the dirty log, delivers interrupts, and runs the device's migration state machine.
+///
+/// One client at a time (the spec: one connection per device). When a client goes away its DMA
+/// mappings and IRQ eventfds are dropped but the device state is kept, so a client can reconnect.
+public final class VFIOUserServer: @unchecked Sendable {
+    public struct Options: Sendable {
+        public var maxMessageFDs: UInt64 = 8
+        public var maxDataXferSize: UInt64 = Capabilities.defaultMaxDataXferSize
+        public var maxDMAMaps: UInt64 = 65535
+        public var offerTwinSocket = true
+        public var supportWriteMultiple = true
+        public var dirtyTracking: DMAMapTable.DirtyTrackingMode = .precise
+        public init() {}
+    }
+
+    public let device: VFIOUserDeviceModel
+    public let options: Options
+    public let dma: DMAMapTable
+    public let irqs = IRQTable()
+    public let migration: MigrationEndpoint?
+    private let cancel: EventFD
+    private let description: DeviceDescription
+    private let name: String
+
+    /// Counters, for `device serve` status lines and tests.
+    public private(set) var messagesHandled: UInt64 = 0
+    public private(set) var errorsReplied: UInt64 = 0
+    public private(set) var connectionsServed: UInt64 = 0
+
+    public init(device: VFIOUserDeviceModel, name: String = "device", options: Options = Options()) throws {
+        self.device = device
+        self.options = options
+        self.name = name
+        dma = DMAMapTable(maxMappings: Int(options.maxDMAMaps))
+        dma.trackingMode = options.dirtyTracking
+        migration = device.migration.map { MigrationEndpoint(device: $0) }
+        description = device.deviceDescription
+        cancel = try EventFD()
+        device.attach(host: Host(dma: dma, irqs: irqs))
+    }
+
+    private final class Host: DeviceHost {
+        let dmaTable: DMAMapTable
+        let irqs: IRQTable
+        init(dma: DMAMapTable, irqs: IRQTable) { dmaTable = dma; self.irqs = irqs }
+        var dma: DMAAccessor { dmaTable }
+        func raiseIRQ(index: UInt32, vector: UInt32) { irqs.raise(index: index, vector: vector) }
+    }
+
+    /// Ask `serve` to return (async-signal-safe through the eventfd: see `cancelFD`).
+    public func stop() { try? cancel.signal() }
+    /// The raw eventfd a signal handler may write to.
+    public var cancelFD: Int32 { cancel.fd.rawValue }
+
+    /// Accept and serve clients one after another until `stop()`.
+    public func serve(listener: UnixListener) {
+        while true {
+            let sock: UnixSocket?
+            do { sock = try listener.accept(cancel: cancel.fd) } catch {
+                Log.error(name, "accept failed: \(error)")
+                return
+            }
+            guard let s = sock else { return }  // cancelled
+            serve(connection: s)
+            if (try? Poll.waitReadable(cancel.fd, timeoutMilliseconds: 0)) == true { return }
+        }
+    }
+
+    // MARK: one connection
+
+    private final class Session {
+        let conn: VFIOUserConnection
+        var client = Capabilities()
+        var negotiated = false
+        var twin: VFIOUserConnection?
+        var outbound: OutboundDMA?
+        init(conn: VFIOUserConnection) { self.conn = conn }
+    }
+
+    /// Serve one client until it disconnects (or `stop()`), then apply the reconnect rule.
+    public func serve(connection socket: UnixSocket) {
+        connectionsServed += 1
+        let conn = VFIOUserConnection(socket: socket, maxReceiveFDs: Int(options.maxMessageFDs),
+                                      maxMessageSize: Int(options.maxDataXferSize) + 64 * 1024)
+        let session = Session(conn: conn)
+        Log.info(name, "client connected")
+        defer {
+            session.outbound?.close()
+            session.twin?.close()
+            conn.close()
+            dma.messageChannel = nil
+            dma.unmapAll()
+            dma.stopLogging()
+            irqs.clear()
+            device.connectionLost()
+            Log.info(name, "client disconnected: DMA mappings and IRQ eventfds dropped, device state kept")
+        }
+        while true {
+            do {
+                guard let which = try Poll.waitAnyReadable([socket.fd.rawValue, cancel.fd.rawValue], timeoutMilliseconds: -1),
+                      which == 0 else { return }
+            } catch { return }
+            let msg: Message
+            do {
+                msg = try conn.receive()
+            } catch let f as FramingError {
+                refuse(session, f.header, f.errno, f.reason)
+                continue
+            } catch {
+                if let e = error as? Errno, e != .ECONNRESET { Log.warning(name, "connection lost: \(e)") }
+                return
+            }
+            if msg.header.isReply {
+                // A reply to one of our DMA_READ/WRITE commands on the main socket.
+                if let out = session.outbound, !out.isTwin { out.deliver(msg) } else {
+                    msg.closeFDs()
+                    Log.warning(name, "unexpected reply (id \(msg.header.messageID)) ignored")
+                }
+                continue
+            }
+            messagesHandled &+= 1
+            handle(msg, session)
+        }
+    }
+
+    private func refuse(_ s: Session, _ h: MessageHeader, _ errno: Errno, _ reason: String) {
+        errorsReplied &+= 1
+        let cmd = h.knownCommand?.description ?? "command \(h.command)"
+        Log.warning(name, "\(cmd) (id \(h.messageID)) refused: \(reason) [\(errno.name)]")
+        guard h.wantsReply else { return }
+        try? s.conn.sendError(to: h, errno: errno)
+    }
+
+    private func handle(_ msg: Message, _ s: Session) {
+        let h = msg.header
+        var fds = msg.fds
+        defer { for f in fds { f.close() } }  // whatever a handler did not take is closed
+        do {
+            let limits = VFIOUserRequest.Limits(maxDataXferSize: options.maxDataXferSize, maxFDs: Int(options.maxMessageFDs))
+            let req = try VFIOUserRequest.decode(header: h, payload: msg.payload[...], fdCount: fds.count, limits: limits)
+            if case .version = req {} else if !s.negotiated {
+                throw DeviceError(.EINVAL, "VERSION must be the first message")
+            }
+            let (payload, replyFDs): ([UInt8], [Int32]) = try dispatch(req, s, &fds)
+            if h.wantsReply { try s.conn.sendReply(to: h, payload: payload, fds: replyFDs) }
+        } catch let e as DeviceError {
+            refuse(s, h, e.errno, e.reason)
+        } catch let e as VFIOUserRequest.DecodeError {
+            refuse(s, h, e.errno, e.reason)
+        } catch let e as Errno {
+            refuse(s, h, e, "\(e)")
+        } catch {
+            refuse(s, h, .EIO, "\(error)")
+        }
+    }
+
+    private func regionDescription(_ index: UInt32) throws -> RegionDescription {
+        guard let r = description.region(index) else {
+            throw DeviceError(.EINVAL, "region index \(index) does not exist (device has \(description.regionCount))")
+        }
+        return r
+    }
+
+    private func checkAccess(_ r: RegionDescription, offset: UInt64, count: UInt32, write: Bool) throws {
+        guard r.flags.contains(write ? .write : .read) else {
+            throw DeviceError(.EINVAL, "region \(r.index) is not \(write ? "writable" : "readable")")
+        }
+        guard offset <= r.size, UInt64(count) <= r.size - offset else {
+            throw DeviceError(.EINVAL, "access [0x\(String(offset, radix: 16)), +\(count)) lies outside region \(r.index) of size 0x\(String(r.size, radix: 16))")
+        }
+    }
+
+    /// Returns the reply payload and the fds to send with it.
+    private func dispatch(_ req: VFIOUserRequest, _ s: Session, _ fds: inout [FileDescriptor]) throws -> ([UInt8], [Int32]) {
+        switch req {
+        case let .version(v):
+            guard !s.negotiated else { throw DeviceError(.EINVAL, "VERSION sent twice") }
+            guard v.major == 0 else { throw DeviceError(.ENOTSUP, "unsupported major version \(v.major) (this server speaks 0)") }
+            if let m = v.capabilities.migration, m.pageSize != 4096 {
+                throw DeviceError(.EINVAL, "migration.pgsize \(m.pageSize) unsupported (only 4096)")
+            }
+            s.client = v.capabilities
+            var mine = Capabilities()
+            mine.maxMessageFDs = options.maxMessageFDs
+            mine.maxDataXferSize = options.maxDataXferSize
+            mine.maxDMAMaps = options.maxDMAMaps
+            mine.pageSizes = 4096
+            var replyFDs: [Int32] = []
+            // Reply capabilities are a subset of what the client offered.
+            if v.capabilities.twinSocket?.supported == true, options.offerTwinSocket, v.capabilities.maxMessageFDs > 0 {
+                let (ours, theirs) = try UnixSocket.pair()
+                let twin = VFIOUserConnection(socket: ours, maxReceiveFDs: 0,
+                                              maxMessageSize: Int(min(s.client.maxDataXferSize, 64 << 20)) + 4096)
+                s.twin = twin
+                s.outbound = OutboundDMA(conn: twin, isTwin: true, maxChunk: Int(min(s.client.maxDataXferSize, options.maxDataXferSize)))
+                fds.append(theirs.fd)  // closed after the reply is sent (the kernel holds its copy)
+                replyFDs.append(theirs.fd.rawValue)
+                mine.twinSocket = .init(supported: true, fdIndex: 0)
+            } else {
+                if v.capabilities.twinSocket != nil { mine.twinSocket = .init(supported: false) }
+                s.outbound = OutboundDMA(conn: s.conn, isTwin: false, maxChunk: Int(min(s.client.maxDataXferSize, options.maxDataXferSize)))
+            }
+            if v.capabilities.writeMultiple != nil { mine.writeMultiple = options.supportWriteMultiple }
+            if v.capabilities.migration != nil { mine.migration = .init(pageSize: 4096) }
+            dma.messageChannel = s.outbound
+            s.negotiated = true
+            let reply = VersionPayload(major: 0, minor: min(v.minor, 2), capabilities: mine)
+            Log.debug(name, "negotiated: client \(v.rawJSON ?? "{}")")
+            return (reply.encode(), replyFDs)
+
+        case let .dmaMap(m):
+            let fd = fds.isEmpty ? nil : fds.removeFirst()
+            try dma.map(m, fd: fd)
+            return ([], [])
+
+        case let .dmaUnmap(u):
+            if u.flags.contains(.unmapAll) {
+                dma.unmapAll()
+                return (u.encode(), [])
+            }
+            guard let b = u.bitmap else {
+                _ = try dma.unmap(address: u.address, size: u.size)
+                return (u.encode(), [])
+            }
+            guard b.pageSize >= 4096, b.pageSize & (b.pageSize - 1) == 0 else {
+                throw DeviceError(.EINVAL, "DMA_UNMAP bitmap page size \(b.pageSize) is not a power of two ≥ 4096")
+            }
+            let need = DirtyBitmap.byteCount(pages: (u.size + b.pageSize - 1) / b.pageSize)
+            guard b.size >= UInt64(need) else { throw DeviceError(.EINVAL, "DMA_UNMAP bitmap size \(b.size) < \(need) bytes needed") }
+            guard UInt64(u.argsz) >= UInt64(40 + need) else {
+                throw DeviceError(.EINVAL, "DMA_UNMAP argsz \(u.argsz) too small for a \(need)-byte bitmap (need \(40 + need))")
+            }
+            guard dma.isLogging || dma.trackingMode == .pinnedPages else {
+                throw DeviceError(.EINVAL, "DMA_UNMAP with GET_DIRTY_BITMAP while dirty logging is off")
+            }
+            let words = try dma.unmap(address: u.address, size: u.size, dirtyPageSize: b.pageSize) ?? []
+            var echo = u
+            echo.argsz = UInt32(40 + need)
+            echo.bitmap = .init(pageSize: b.pageSize, size: UInt64(need))
+            return (echo.encode() + words.littleEndianBytes, [])
+
+        case .deviceGetInfo:
+            var info = DeviceInfo(flags: description.flags, regionCount: description.regionCount, irqCount: description.irqCount)
+            info.argsz = 16
+            return (info.encode(), [])
+
+        case let .deviceGetRegionInfo(argsz, index):
+            let r = try regionDescription(index)
+            var flags = r.flags
+            if r.mmapFD == nil { flags.remove(.mmap) }
+            let areas = r.mmapFD != nil ? (r.sparseAreas ?? [SparseMMapArea(offset: 0, size: r.size)]) : nil
+            let info = RegionInfo(flags: flags, index: index, size: r.size, offset: 0, sparseAreas: areas, type: r.type)
+            let (bytes, withCaps) = info.encodeReply(requestArgsz: argsz)
+            if withCaps, let fd = r.mmapFD, s.client.maxMessageFDs > 0 { return (bytes, [fd.rawValue]) }
+            return (bytes, [])
+
+        case let .deviceGetRegionIOFDs(q):
+            _ = try regionDescription(q.index)
+            // No ioeventfds are registered by our devices: an empty list.
+            var w = WireWriter(); w.u32(16); w.u32(0); w.u32(q.index); w.u32(0)
+            return (w.bytes, [])
+
+        case let .deviceGetIRQInfo(q):
+            guard let d = description.irq(q.index) else {
+                throw DeviceError(.EINVAL, "IRQ index \(q.index) does not exist (device has \(description.irqCount))")
+            }
+            return (IRQInfo(flags: d.flags, index: d.index, count: d.count).encode(), [])
+
+        case let .deviceSetIRQs(q):
+            guard let d = description.irq(q.index) else {
+                throw DeviceError(.EINVAL, "IRQ index \(q.index) does not exist (device has \(description.irqCount))")
+            }
+            let taken = fds; fds = []
+            try irqs.apply(q, description: d, fds: taken)
+            return ([], [])
+
+        case let .regionRead(a):
+            let r = try regionDescription(a.region)
+            try checkAccess(r, offset: a.offset, count: a.count, write: false)
+            var out = WireWriter(capacity: 16 + Int(a.count))
+            out.u64(a.offset); out.u32(a.region); out.u32(a.count)
+            var data = [UInt8](repeating: 0, count: Int(a.count))
+            if a.count > 0 {
+                try data.withUnsafeMutableBytes { try device.regionRead(index: a.region, offset: a.offset, into: $0) }
+            }
+            out.append(data)
+            return (out.bytes, [])
+
+        case let .regionWrite(a):
+            let r = try regionDescription(a.region)
+            try checkAccess(r, offset: a.offset, count: a.count, write: true)
+            try gateBARWrite(region: a.region)
+            if a.count > 0 {
+                try a.data.withUnsafeBytes { try device.regionWrite(index: a.region, offset: a.offset, from: $0) }
+            }
+            return (RegionAccess(offset: a.offset, region: a.region, count: a.count).encode(), [])
+
+        case let .regionWriteMulti(m):
+            guard options.supportWriteMultiple else { throw DeviceError(.ENOSYS, "REGION_WRITE_MULTI not negotiated") }
+            for e in m.entries {
+                let r = try regionDescription(e.region)
+                try checkAccess(r, offset: e.offset, count: e.count, write: true)
+                try gateBARWrite(region: e.region)
+            }
+            for e in m.entries where e.count > 0 {
+                try e.data.withUnsafeBytes { try device.regionWrite(index: e.region, offset: e.offset, from: $0) }
+            }
+            var w = WireWriter(); w.u64(UInt64(m.entries.count))
+            return (w.bytes, [])
+
+        case .deviceReset:
+            try device.reset()
+            migration?.reset()
+            return ([], [])
+
+        case let .dirtyPages(d):
+            // The migration-v1-era command, kept for seed-series clients: it drives the same
+            // log as DMA_LOGGING.
+            switch d.flags {
+            case DirtyPagesRequest.start: try dma.startLogging(pageSize: 4096); return (d.encode(), [])
+            case DirtyPagesRequest.stop: dma.stopLogging(); return (d.encode(), [])
+            case DirtyPagesRequest.getBitmap:
+                guard let r = d.range else { throw DeviceError(.EINVAL, "DIRTY_PAGES GET_BITMAP without a range") }
+                let need = DirtyBitmap.byteCount(pages: (r.size + r.pageSize - 1) / max(r.pageSize, 1))
+                guard r.bitmapSize >= UInt64(need), UInt64(d.argsz) >= UInt64(48 + need) else {
+                    throw DeviceError(.EINVAL, "DIRTY_PAGES bitmap of \(r.bitmapSize) bytes (argsz \(d.argsz)) too small: \(need) needed")
+                }
+                let words = try dma.report(iova: r.iova, length: r.size, pageSize: r.pageSize)
+                var echo = d; echo.argsz = UInt32(48 + need)
+                echo.range = (r.iova, r.size, r.pageSize, UInt64(need))
+                return (echo.encode() + words.littleEndianBytes, [])
+            default:
+                throw DeviceError(.EINVAL, "DIRTY_PAGES needs exactly one of START, STOP, GET_BITMAP (flags 0x\(String(d.flags, radix: 16)))")
+            }
+
+        case let .deviceFeature(f):
+            return (try feature(f), [])
+
+        case let .migDataRead(_, size):
+            guard let mig = migration else { throw DeviceError(.EINVAL, "device does not support migration") }
+            let data = try mig.read(max: Int(min(UInt64(size), s.client.maxDataXferSize)))
+            var w = WireWriter(capacity: 8 + data.count)
+            w.u32(UInt32(8 + data.count)); w.u32(UInt32(data.count)); w.append(data)
+            return (w.bytes, [])
+
+        case let .migDataWrite(m):
+            guard let mig = migration else { throw DeviceError(.EINVAL, "device does not support migration") }
+            try m.data.withUnsafeBytes { try mig.write($0) }
+            return ([], [])
+        }
+    }
+
+    /// A device in STOP_COPY or RESUMING must not be touched through its BARs (the kernel's rule:
+    /// it would corrupt the stream); config space stays accessible.
+    private func gateBARWrite(region: UInt32) throws {
+        guard let st = migration?.state, st == .stopCopy || st == .resuming else { return }
+        guard region != 7 else { return }
+        throw DeviceError(.EINVAL, "REGION_WRITE to region \(region) refused in migration state \(st)")
+    }
+
+    private func feature(_ f: DeviceFeature) throws -> [UInt8] {
+        func probeOrCheck(get: Bool, set: Bool) throws -> Bool {
+            if f.isGet && !get { throw DeviceError(.EINVAL, "feature \(f.feature) does not support GET") }
+            if f.isSet && !set { throw DeviceError(.EINVAL, "feature \(f.feature) does not support SET") }
+            if f.isProbe { return true }
+            guard f.isGet || f.isSet else { throw DeviceError(.EINVAL, "DEVICE_FEATURE needs GET, SET or PROBE") }
+            return false
+        }
+        var data = WireReader(f.data, context: "DEVICE_FEATURE data")
+        func reply(_ payload: [UInt8]) -> [UInt8] {
+            var w = WireWriter(); w.u32(UInt32(8 + payload.count)); w.u32(f.flags); w.append(payload); return w.bytes
+        }
+        switch f.feature {
+        case DeviceFeature.migration:
+            guard let mig = migration else { throw DeviceError(.ENOTTY, "device does not support migration") }
+            if try probeOrCheck(get: true, set: false) { return f.encode() }
+            var w = WireWriter(); w.u64(mig.capabilities.rawValue)
+            return reply(w.bytes)
+        case DeviceFeature.migDeviceState:
+            guard let mig = migration else { throw DeviceError(.ENOTTY, "device does not support migration") }
+            if try probeOrCheck(get: true, set: true) { return f.encode() }
+            if f.isSet {
+                let raw = try data.u32()
+                guard let target = MigrationState(rawValue: raw) else { throw DeviceError(.EINVAL, "unknown migration state \(raw)") }
+                try mig.set(target)
+            }
+            var w = WireWriter(); w.u32(mig.state.rawValue); w.i32(-1)
+            return reply(w.bytes)
+        case DeviceFeature.migDataSize:
+            guard let mig = migration else { throw DeviceError(.ENOTTY, "device does not support migration") }
+            if try probeOrCheck(get: true, set: false) { return f.encode() }
+            var w = WireWriter(); w.u64(mig.device.stopCopySize())
+            return reply(w.bytes)
+        case DeviceFeature.dmaLoggingStart:
+            if try probeOrCheck(get: false, set: true) { return f.encode() }
+            let pageSize = try data.u64(), n = try data.u32(); _ = try data.u32()
+            guard n > 0 else { throw DeviceError(.EINVAL, "DMA_LOGGING_START with no ranges") }
+            guard n <= 1024 else { throw DeviceError(.E2BIG, "DMA_LOGGING_START with \(n) ranges (at most 1024)") }
+            var ranges: [(UInt64, UInt64)] = []
+            for _ in 0..<n {
+                let iova = try data.u64(), len = try data.u64()
+                guard pageSize > 0, iova % pageSize == 0, len % pageSize == 0, len > 0 else {
+                    throw DeviceError(.EINVAL, "DMA_LOGGING_START range [0x\(String(iova, radix: 16)), +0x\(String(len, radix: 16))) not aligned to page size \(pageSize)")
+                }
+                guard iova &+ len > iova else { throw DeviceError(.EOVERFLOW, "DMA_LOGGING_START range wraps") }
+                ranges.append((iova, len))
+            }
+            ranges.sort { $0.0 < $1.0 }
+            for i in ranges.indices.dropFirst() where ranges[i - 1].0 + ranges[i - 1].1 > ranges[i].0 {
+                throw DeviceError(.EINVAL, "DMA_LOGGING_START ranges overlap")
+            }
+            try dma.startLogging(pageSize: pageSize)
+            return f.encode()
+        case DeviceFeature.dmaLoggingStop:
+            if try probeOrCheck(get: false, set: true) { return f.encode() }
+            dma.stopLogging()
+            return f.encode()
+        case DeviceFeature.dmaLoggingReport:
+            if try probeOrCheck(get: true, set: false) { return f.encode() }
+            let iova = try data.u64(), length = try data.u64(), pageSize = try data.u64()
+            guard pageSize >= 4096, pageSize & (pageSize - 1) == 0, length > 0 else {
+                throw DeviceError(.EINVAL, "DMA_LOGGING_REPORT page size \(pageSize) / length \(length) invalid")
+            }
+            let need = DirtyBitmap.byteCount(pages: (length + pageSize - 1) / pageSize)
+            let full = 8 + 24 + need
+            var w = WireWriter(capacity: full)
+            w.u32(UInt32(full)); w.u32(f.flags); w.u64(iova); w.u64(length); w.u64(pageSize)
+            // Too small a buffer: say how much is needed and clear nothing (the spec's argsz rule).
+            guard Int(f.argsz) >= full else { return w.bytes }
+            w.append(try dma.report(iova: iova, length: length, pageSize: pageSize).littleEndianBytes)
+            return w.bytes
+        default:
+            throw DeviceError(.ENOTTY, "feature \(f.feature) is not supported")
+        }
+    }
+}
+
+/// Server→client DMA_READ / DMA_WRITE for mappings without an fd. On the twin socket the caller
+/// reads its own reply; on the main socket the connection thread hands replies over.
+final class OutboundDMA: DMAMessageChannel, @unchecked Sendable {
+    let conn: VFIOUserConnection
+    let isTwin: Bool
+    let maxChunk: Int
+    private let callLock = Mutex()
+    private let replies = Condition()
+    private var pending: [UInt16: Message] = [:]
+    private var closed = false
+
+    init(conn: VFIOUserConnection, isTwin: Bool, maxChunk: Int) {
+        self.conn = conn; self.isTwin = isTwin; self.maxChunk = max(4096, maxChunk)
+    }
+
+    func deliver(_ m: Message) {
+        replies.mutex.withLock { pending[m.header.messageID] = m; replies.broadcast() }
+    }
+
+    func close() {
+        replies.mutex.withLock { closed = true; replies.broadcast() }
+    }
+
+    private func call(_ cmd: VFIOUserCommand, _ payload: [UnsafeRawBufferPointer]) throws -> Message {
+        try callLock.withLock {
+            let id = conn.allocateID()
+            try conn.send(id: id, command: cmd.rawValue, flags: MessageHeader.typeCommand, payload: payload)
+            let reply: Message
+            if isTwin {
+                reply = try conn.receive()
+            } else {
+                reply = try replies.mutex.withLock {
+                    while pending[id] == nil {
+                        if closed { throw Errno.ECONNRESET }
+                        replies.wait(timeoutSeconds: 1)
+                    }
+                    return pending.removeValue(forKey: id)!
+                }
+            }
+            reply.closeFDs()
+            guard reply.header.isReply, reply.header.messageID == id, reply.header.command == cmd.rawValue else {
+                throw DeviceError(.EPROTO, "\(cmd): reply does not match the request")
+            }
+            if reply.header.isError {
+                throw DeviceError(Errno(Int32(reply.header.errorNumber == 0 ? UInt32(EINVAL) : reply.header.errorNumber)), "\(cmd) failed at the client")
+            }
+            return reply
+        }
+    }
+
+    func dmaRead(address: UInt64, into buffer: UnsafeMutableRawBufferPointer) throws {
+        var done = 0
+        while done < buffer.count {
+            let n = min(maxChunk, buffer.count - done)
+            let req = DMAAccess(address: address + UInt64(done), count: UInt64(n)).encode()
+            let reply = try req.withUnsafeBytes { try call(.dmaRead, [$0]) }
+            let a = try DMAAccess(decoding: reply.payload[...], context: "DMA_READ reply")
+            guard a.address == address + UInt64(done), a.count == UInt64(n), a.data.count >= n else {
+                throw DeviceError(.EPROTO, "DMA_READ reply carries \(a.data.count) bytes for a \(n)-byte read")
+            }
+            a.data.prefix(n).withUnsafeBytes { src in
+                UnsafeMutableRawBufferPointer(rebasing: buffer[done..<done + n]).copyMemory(from: src)
+            }
+            done += n
+        }
+    }
+
+    func dmaWrite(address: UInt64, from buffer: UnsafeRawBufferPointer) throws {
+        var done = 0
+        while done < buffer.count {
+            let n = min(maxChunk, buffer.count - done)
+            var w = WireWriter(capacity: 16); w.u64(address + UInt64(done)); w.u64(UInt64(n))
+            let head = w.bytes
+            _ = try head.withUnsafeBytes { h in try call(.dmaWrite, [h, UnsafeRawBufferPointer(rebasing: buffer[done..<done + n])]) }
+            done += n
+        }
+    }
+}
