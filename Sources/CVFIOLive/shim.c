@@ -137,3 +137,10 @@ void vl_set_thread_name(const char *name) {
 int vl_seal_memfd_future_write(int fd) {
     return fcntl(fd, F_ADD_SEALS, F_SEAL_SHRINK | F_SEAL_GROW | F_SEAL_FUTURE_WRITE);
 }
+
+#include <malloc.h>
+/* Keep large heap blocks resident (see Allocator.keepLargeBuffersResident in Swift). */
+void vl_keep_large_buffers_resident(void) {
+    mallopt(M_MMAP_THRESHOLD, 256 << 20);
+    mallopt(M_TRIM_THRESHOLD, 512 << 20);
+}

@@ -21,10 +21,11 @@ public final class MappedRegion: @unchecked Sendable {
         self.length = length
     }
 
-    /// Anonymous private memory (page aligned, zeroed).
-    public init(anonymous length: Int) throws {
+    /// Anonymous private memory (page aligned, zeroed). `populate` faults it in at once, which
+    /// is far cheaper than page by page on shadow-paging hosts.
+    public init(anonymous length: Int, populate: Bool = false) throws {
         guard length > 0 else { throw Errno.EINVAL }
-        let p = mmap(nil, length, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0)
+        let p = mmap(nil, length, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS | (populate ? MAP_POPULATE : 0), -1, 0)
         guard let p, p != MAP_FAILED else { throw Errno.current }
         base = p
         self.length = length
@@ -114,4 +115,15 @@ public func monotonicNanoseconds() -> UInt64 {
     var ts = timespec()
     clock_gettime(CLOCK_MONOTONIC, &ts)
     return UInt64(ts.tv_sec) * 1_000_000_000 + UInt64(ts.tv_nsec)
+}
+
+public enum Allocator {
+    private static let once: Void = {
+        // On the project's machines (PVM, shadow paging) a first-touch page fault costs ~10 µs.
+        // glibc serves blocks over 128 KiB with mmap and returns them on free, so every 1 MiB
+        // message buffer would fault its 256 pages again. Keep large blocks in the heap instead.
+        vl_keep_large_buffers_resident()
+    }()
+    /// Idempotent; called by every connection and by the CLI.
+    public static func keepLargeBuffersResident() { _ = once }
 }

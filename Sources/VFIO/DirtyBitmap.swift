@@ -49,6 +49,62 @@ public final class DirtyBitmap: @unchecked Sendable {
 
     public var dirtyCount: Int { lock.withLock { words.reduce(0) { $0 + $1.nonzeroBitCount } } }
 
+    /// The first dirty page at or after `page`, scanning a word at a time.
+    public func firstDirtyPage(from page: UInt64 = 0) -> UInt64? {
+        lock.withLock {
+            guard page < pageCount else { return nil }
+            var w = Int(page / 64)
+            var bits = words[w] & (~0 << (page % 64))
+            while true {
+                if bits != 0 {
+                    let p = UInt64(w * 64 + bits.trailingZeroBitCount)
+                    return p < pageCount ? p : nil
+                }
+                w += 1
+                guard w < words.count else { return nil }
+                bits = words[w]
+            }
+        }
+    }
+
+    /// Clear pages [first, first+count) and say whether any was dirty.
+    @discardableResult
+    public func clear(firstPage first: UInt64, count: UInt64) -> Bool {
+        lock.withLock {
+            var any = false
+            var p = first
+            let end = min(first + count, pageCount)
+            while p < end {
+                let w = Int(p / 64), b = p % 64
+                let n = min(64 - b, end - p)
+                let mask: UInt64 = n == 64 ? ~0 : ((1 << n) - 1) << b
+                if words[w] & mask != 0 { any = true; words[w] &= ~mask }
+                p += n
+            }
+            return any
+        }
+    }
+
+    /// How many groups of `pagesPerGroup` pages hold at least one dirty page.
+    public func dirtyGroupCount(pagesPerGroup: UInt64) -> Int {
+        lock.withLock {
+            var n = 0
+            var g: UInt64 = 0
+            while g * pagesPerGroup < pageCount {
+                var p = g * pagesPerGroup
+                let end = min(p + pagesPerGroup, pageCount)
+                while p < end {
+                    let w = Int(p / 64)
+                    if p % 64 == 0 && end - p >= 64 { if words[w] != 0 { n += 1; break }; p += 64; continue }
+                    if words[w] & (1 << (p % 64)) != 0 { n += 1; break }
+                    p += 1
+                }
+                g += 1
+            }
+            return n
+        }
+    }
+
     /// Take the words and clear them (read-and-clear, as DMA_LOGGING_REPORT does).
     public func takeWords() -> [UInt64] {
         lock.withLock {

@@ -49,5 +49,6 @@ int vl_accept(int listen_fd);
 int vl_set_cloexec(int fd, int on);
 void vl_set_thread_name(const char *name);
 int vl_seal_memfd_future_write(int fd);
+void vl_keep_large_buffers_resident(void);
 
 #endif

@@ -73,7 +73,7 @@ public final class DMAEngine: VFIOUserDeviceModel, @unchecked Sendable {
         var lastJobChecksum: UInt64 = 0
         /// The job in flight: bytes already moved and the running checksum.
         var jobProgress: UInt64 = 0
-        var jobChecksum: UInt64 = DMAEngine.fnvOffset
+        var jobChecksum: UInt64 = DMAEngine.checksumSeed
     }
     var regs = Registers()
     let lock = Condition()  // guards regs and run state; the worker waits on it
@@ -98,7 +98,9 @@ public final class DMAEngine: VFIOUserDeviceModel, @unchecked Sendable {
         }
         memorySize = stateSize
         memoryFD = try MemFD.create(name: "dma-engine-memory", size: stateSize)
-        memory = try MappedRegion(fd: memoryFD, length: Int(stateSize))
+        // Populated now: a device's memory is touched anyway, and bulk population is much cheaper
+        // than first-touch faults during a DMA job or a migration.
+        memory = try MappedRegion(fd: memoryFD, length: Int(stateSize), populate: true)
         // A second fd for the read-only view, sealed against any future writable mapping, so a
         // client can read device memory directly but every write still goes through BAR2.
         readOnlyViewFD = try FileDescriptor(adopting: memoryFD.duplicate().take())
@@ -230,7 +232,7 @@ public final class DMAEngine: VFIOUserDeviceModel, @unchecked Sendable {
             regs.dmaCommand = v & 0x7
             if v & Self.dmaCommandStart != 0 {
                 regs.jobProgress = 0
-                regs.jobChecksum = Self.fnvOffset
+                regs.jobChecksum = Self.checksumSeed
                 lock.broadcast()
             }
         default: break  // writes to read-only or unknown registers are ignored, as on hardware
@@ -267,15 +269,24 @@ public final class DMAEngine: VFIOUserDeviceModel, @unchecked Sendable {
 
     // MARK: DMA worker
 
-    static let fnvOffset: UInt64 = 0xcbf29ce484222325
-    static func fnv1a(_ h: UInt64, _ p: UnsafeRawBufferPointer) -> UInt64 {
-        var h = h
-        for b in p { h = (h ^ UInt64(b)) &* 0x100000001b3 }
+    /// A job's checksum is `Checksum.update` chained over its 64 KiB steps, so the device can
+    /// carry it across an interruption (and a migration) between steps.
+    public static let checksumSeed: UInt64 = Checksum.seed
+    public static func checksum(_ h: UInt64, _ p: UnsafeRawBufferPointer) -> UInt64 { Checksum.update(h, p) }
+
+    /// What the device reports for a job that moved `data`: verifiers compute it from guest RAM.
+    public static func jobChecksum(of data: UnsafeRawBufferPointer) -> UInt64 {
+        var h = checksumSeed
+        var at = 0
+        repeat {
+            let n = min(chunkSize, data.count - at)
+            h = checksum(h, UnsafeRawBufferPointer(rebasing: data[at..<at + n]))
+            at += n
+        } while at < data.count
         return h
     }
 
     private func workerLoop() {
-        var buffer = [UInt8](repeating: 0, count: Self.chunkSize)
         while true {
             // Wait for a job that may run.
             let job: Registers? = lock.mutex.withLock {
@@ -285,7 +296,7 @@ public final class DMAEngine: VFIOUserDeviceModel, @unchecked Sendable {
                 return regs
             }
             guard let j = job else { return }
-            let outcome = step(j, &buffer)
+            let outcome = step(j)
             lock.mutex.withLock {
                 workerBusy = false
                 // The job may have been reset or restored under us: apply only if it is still ours.
@@ -307,7 +318,7 @@ public final class DMAEngine: VFIOUserDeviceModel, @unchecked Sendable {
     private enum StepOutcome { case progressed(Int, UInt64), failed(Errno) }
 
     /// Move one chunk of the job (no lock held while copying: DMA can take time).
-    private func step(_ j: Registers, _ buffer: inout [UInt8]) -> StepOutcome {
+    private func step(_ j: Registers) -> StepOutcome {
         let toRAM = j.dmaCommand & Self.dmaCommandToRAM != 0
         let devAddr = toRAM ? j.dmaSource : j.dmaDestination
         let ramAddr = (toRAM ? j.dmaDestination : j.dmaSource) &+ j.jobProgress
@@ -320,20 +331,37 @@ public final class DMAEngine: VFIOUserDeviceModel, @unchecked Sendable {
         guard n > 0 else { return .progressed(0, j.jobChecksum) }
         guard let host else { return .failed(.EIO) }
         do {
+            // Fast path: guest RAM mapped by fd, one fused copy+checksum pass.
+            var h = j.jobChecksum
+            var at = 0
+            do {
+                try host.dma.withGuestMemory(address: ramAddr, count: n, write: toRAM) { piece in
+                    // A step split across two mappings would chain the checksum differently:
+                    // take the copying path for it.
+                    guard piece.count == n else { throw DeviceError(.ENOTSUP, "step spans mappings") }
+                    let dev = memory.base + devOff + at
+                    if toRAM { h = Checksum.copy(h, from: UnsafeRawBufferPointer(start: dev, count: piece.count), to: piece.baseAddress!) }
+                    else { h = Checksum.copy(h, from: UnsafeRawBufferPointer(piece), to: dev) }
+                    at += piece.count
+                }
+                if !toRAM { memoryDirty.mark(offset: UInt64(devOff), length: UInt64(n)) }
+                bytesMoved &+= UInt64(n)
+                return .progressed(n, h)
+            } catch let e as DeviceError where e.errno == .ENOTSUP && at == 0 {
+                // Message-based mapping: fall through to the copying path.
+            }
             if toRAM {
                 let src = UnsafeRawBufferPointer(start: memory.base + devOff, count: n)
                 try host.dma.write(address: ramAddr, from: src)
                 bytesMoved &+= UInt64(n)
-                return .progressed(n, Self.fnv1a(j.jobChecksum, src))
+                return .progressed(n, Self.checksum(j.jobChecksum, src))
             } else {
-                try buffer.withUnsafeMutableBytes { b in
-                    let dst = UnsafeMutableRawBufferPointer(rebasing: b[0..<n])
-                    try host.dma.read(address: ramAddr, into: dst)
-                    memcpy(memory.base + devOff, dst.baseAddress!, n)
-                }
-                memoryDirty.mark(offset: UInt64(devOff), length: UInt64(n))
+                // Straight into device memory: one copy, as a DMA engine writes its own RAM.
+                let dst = UnsafeMutableRawBufferPointer(start: memory.base + devOff, count: n)
+                defer { memoryDirty.mark(offset: UInt64(devOff), length: UInt64(n)) }
+                try host.dma.read(address: ramAddr, into: dst)
                 bytesMoved &+= UInt64(n)
-                return .progressed(n, buffer.withUnsafeBytes { Self.fnv1a(j.jobChecksum, UnsafeRawBufferPointer(rebasing: $0[0..<n])) })
+                return .progressed(n, Self.checksum(j.jobChecksum, UnsafeRawBufferPointer(dst)))
             }
         } catch let e as DeviceError {
             Log.warning("dma-engine", "DMA job failed: \(e)")
@@ -388,11 +416,11 @@ public final class DMAEngine: VFIOUserDeviceModel, @unchecked Sendable {
     /// Digest of the device: memory and registers (tests compare source and destination).
     public func stateDigest() -> UInt64 {
         quiesceForDigest {
-            var h = Self.fnv1a(Self.fnvOffset, UnsafeRawBufferPointer(start: memory.base, count: Int(memorySize)))
+            var h = Self.checksum(Self.checksumSeed, UnsafeRawBufferPointer(start: memory.base, count: Int(memorySize)))
             let r = regs
             for v in [UInt64(r.liveness), UInt64(r.factorial), UInt64(r.status), UInt64(r.irqStatus), r.dmaSource, r.dmaDestination,
                       r.dmaCount, r.dmaCommand, r.jobsCompleted, r.lastJobStatus, r.lastJobChecksum, r.jobProgress, r.jobChecksum] {
-                h = withUnsafeBytes(of: v) { Self.fnv1a(h, $0) }
+                h = withUnsafeBytes(of: v) { Self.checksum(h, $0) }
             }
             return h
         }

@@ -17,17 +17,26 @@ import VFIOUser
 /// seen a complete, consistent image.
 public enum DMAEngineStateFormat {
     public static let magic: UInt32 = 0x4541_4d44  // "DMAE"
-    public static let version: UInt16 = 1
+    public static let version: UInt16 = 1  // record checksums: VFIO.Checksum
     public static let headerSize = 20
     public static let maxPayload = DMAEngine.chunkSize + 8
     public enum RecordType: UInt16 { case header = 0, chunk = 1, registers = 2, end = 3 }
 
     static func record(_ type: RecordType, _ payload: UnsafeRawBufferPointer) -> [UInt8] {
-        var w = WireWriter(capacity: headerSize + payload.count)
-        w.u32(magic); w.u16(version); w.u16(type.rawValue); w.u32(UInt32(payload.count))
-        w.u64(DMAEngine.fnv1a(DMAEngine.fnvOffset, payload))
-        w.append(payload)
-        return w.bytes
+        var out = [UInt8](repeating: 0, count: headerSize + payload.count)
+        out.withUnsafeMutableBytes { o in
+            if payload.count > 0 { memcpy(o.baseAddress! + headerSize, payload.baseAddress!, payload.count) }
+            writeHeader(type, payload: payload, into: o.baseAddress!)
+        }
+        return out
+    }
+
+    static func writeHeader(_ type: RecordType, payload: UnsafeRawBufferPointer, into p: UnsafeMutableRawPointer) {
+        p.storeBytes(of: magic.littleEndian, toByteOffset: 0, as: UInt32.self)
+        p.storeBytes(of: version.littleEndian, toByteOffset: 4, as: UInt16.self)
+        p.storeBytes(of: type.rawValue.littleEndian, toByteOffset: 6, as: UInt16.self)
+        p.storeBytes(of: UInt32(payload.count).littleEndian, toByteOffset: 8, as: UInt32.self)
+        p.storeBytes(of: Checksum.of(payload).littleEndian, toByteOffset: 12, as: UInt64.self)
     }
     static func record(_ type: RecordType, _ payload: [UInt8]) -> [UInt8] {
         payload.withUnsafeBytes { record(type, $0) }
@@ -79,7 +88,7 @@ final class LoadSession {
     let staging: MappedRegion
     var received: [Bool]
     init(memorySize: UInt64, chunkCount: Int) throws {
-        staging = try MappedRegion(anonymous: Int(memorySize))
+        staging = try MappedRegion(anonymous: Int(memorySize), populate: true)
         received = [Bool](repeating: false, count: chunkCount)
     }
 }
@@ -135,36 +144,30 @@ extension DMAEngine: MigratableDevice {
         return (UInt64(s?.initialRemaining ?? 0) * perChunk, UInt64(dirtyChunkCount()) * perChunk)
     }
 
-    private func dirtyChunkCount() -> Int {
-        let pagesPerChunk = Self.chunkSize / 4096
-        var n = 0
-        var c = 0
-        while c < chunkCount {
-            if (0..<pagesPerChunk).contains(where: { memoryDirty.isDirty(page: UInt64(c * pagesPerChunk + $0)) }) { n += 1 }
-            c += 1
-        }
-        return n
-    }
+    private static let pagesPerChunk = UInt64(chunkSize / 4096)
+
+    private func dirtyChunkCount() -> Int { memoryDirty.dirtyGroupCount(pagesPerGroup: Self.pagesPerChunk) }
 
     /// Take the first dirty chunk (clearing its bits before copying, so that a write racing the
     /// copy marks it again) and return its record.
     private func nextDirtyChunkRecord() -> [UInt8]? {
-        let pagesPerChunk = UInt64(Self.chunkSize / 4096)
-        for c in 0..<UInt64(chunkCount) {
-            let first = c * pagesPerChunk
-            if (0..<pagesPerChunk).contains(where: { memoryDirty.isDirty(page: first + $0) }) {
-                _ = memoryDirty.take(offset: c * UInt64(Self.chunkSize), length: UInt64(Self.chunkSize), reportPageSize: 4096)
-                return chunkRecord(Int(c))
-            }
-        }
-        return nil
+        guard let page = memoryDirty.firstDirtyPage() else { return nil }
+        let c = page / Self.pagesPerChunk
+        memoryDirty.clear(firstPage: c * Self.pagesPerChunk, count: Self.pagesPerChunk)
+        return chunkRecord(Int(c))
     }
 
     private func chunkRecord(_ c: Int) -> [UInt8] {
-        var w = WireWriter(capacity: 8 + Self.chunkSize)
-        w.u64(UInt64(c * Self.chunkSize))
-        w.append(UnsafeRawBufferPointer(start: memory.base + c * Self.chunkSize, count: Self.chunkSize))
-        return DMAEngineStateFormat.record(.chunk, w.bytes)
+        // Built in place: header, offset, then one copy of the chunk.
+        let payload = 8 + Self.chunkSize
+        var out = [UInt8](repeating: 0, count: DMAEngineStateFormat.headerSize + payload)
+        out.withUnsafeMutableBytes { o in
+            let p = o.baseAddress! + DMAEngineStateFormat.headerSize
+            p.storeBytes(of: UInt64(c * Self.chunkSize).littleEndian, as: UInt64.self)
+            memcpy(p + 8, memory.base + c * Self.chunkSize, Self.chunkSize)
+            DMAEngineStateFormat.writeHeader(.chunk, payload: UnsafeRawBufferPointer(start: p, count: payload), into: o.baseAddress!)
+        }
+        return out
     }
 
     private func registersRecord() -> [UInt8] {
@@ -201,17 +204,21 @@ extension DMAEngine: MigratableDevice {
             throw DeviceError(.EINVAL, "no data session (device is not saving)")
         }
         let stopped = !lock.mutex.withLock { runAllowed }
-        var out: [UInt8] = []
-        out.reserveCapacity(max)
-        while out.count < max {
-            if s.outboxPos == s.outbox.count {
-                guard let rec = nextRecord(s, stopped: stopped) else { break }
-                s.outbox = rec; s.outboxPos = 0
+        var out = [UInt8](repeating: 0, count: max)
+        var filled = 0
+        out.withUnsafeMutableBytes { o in
+            while filled < max {
+                if s.outboxPos == s.outbox.count {
+                    guard let rec = nextRecord(s, stopped: stopped) else { break }
+                    s.outbox = rec; s.outboxPos = 0
+                }
+                let n = min(max - filled, s.outbox.count - s.outboxPos)
+                s.outbox.withUnsafeBytes { memcpy(o.baseAddress! + filled, $0.baseAddress! + s.outboxPos, n) }
+                s.outboxPos += n
+                filled += n
             }
-            let n = min(max - out.count, s.outbox.count - s.outboxPos)
-            out.append(contentsOf: s.outbox[s.outboxPos..<s.outboxPos + n])
-            s.outboxPos += n
         }
+        out.removeLast(max - filled)
         return out
     }
 
@@ -219,7 +226,7 @@ extension DMAEngine: MigratableDevice {
         guard let l = lock.mutex.withLock({ load }) else { throw DeviceError(.EINVAL, "no resuming session") }
         l.pending.append(contentsOf: data)
         var at = 0
-        defer { l.pending.removeFirst(at) }
+        defer { if at > 0 { l.pending.removeFirst(at) } }
         while l.pending.count - at >= DMAEngineStateFormat.headerSize {
             var r = WireReader(l.pending[at..<(at + DMAEngineStateFormat.headerSize)], context: "record header")
             let magic = try r.u32(), version = try r.u16(), type = try r.u16(), length = try r.u32(), sum = try r.u64()
@@ -231,7 +238,7 @@ extension DMAEngine: MigratableDevice {
                 let total = DMAEngineStateFormat.headerSize + Int(length)
                 guard l.pending.count - at >= total else { return }  // wait for the rest
                 let payload = l.pending[(at + DMAEngineStateFormat.headerSize)..<(at + total)]
-                let actual = payload.withUnsafeBytes { DMAEngine.fnv1a(DMAEngine.fnvOffset, $0) }
+                let actual = payload.withUnsafeBytes { Checksum.of($0) }
                 guard actual == sum else { throw DMAEngineStateError.checksumMismatch(type: type, expected: sum, actual: actual) }
                 try apply(rt, payload, to: l)
                 at += total

@@ -35,6 +35,7 @@ public final class VFIOUserConnection: @unchecked Sendable {
     private let idLock = Mutex()
 
     public init(socket: UnixSocket, maxReceiveFDs: Int = 8, maxMessageSize: Int = (1 << 20) + 4096) {
+        Allocator.keepLargeBuffersResident()
         self.socket = socket
         self.maxReceiveFDs = maxReceiveFDs
         self.maxMessageSize = maxMessageSize

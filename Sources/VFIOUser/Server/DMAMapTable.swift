@@ -237,6 +237,16 @@ public final class DMAMapTable: DMAAccessor, @unchecked Sendable {
         bytesWritten &+= UInt64(buffer.count)
     }
 
+    public func withGuestMemory(address: UInt64, count: Int, write: Bool,
+                                _ body: (UnsafeMutableRawBufferPointer) throws -> Void) throws {
+        try access(address: address, count: count, write: write) { m, off, range in
+            guard let mem = m.memory else { throw DeviceError(.ENOTSUP, "mapping has no fd: zero-copy access impossible") }
+            try body(UnsafeMutableRawBufferPointer(start: mem.base + Int(off), count: range.count))
+            if write { m.dirty?.mark(offset: off, length: UInt64(range.count)) }
+        }
+        if write { bytesWritten &+= UInt64(count) } else { bytesRead &+= UInt64(count) }
+    }
+
     /// Walk the mappings covering [address, address+count), all of which must exist and allow
     /// the access, before touching any byte.
     private func access(address: UInt64, count: Int, write: Bool,
@@ -265,4 +275,9 @@ public final class DMAMapTable: DMAAccessor, @unchecked Sendable {
 public protocol DMAAccessor: AnyObject {
     func read(address: UInt64, into buffer: UnsafeMutableRawBufferPointer) throws
     func write(address: UInt64, from buffer: UnsafeRawBufferPointer) throws
+    /// Zero-copy access: `body` gets each mapped piece of [address, address+count) in order,
+    /// after the whole range was checked. Writes are logged. Throws ENOTSUP if a piece has no
+    /// fd (message-based): use read/write then.
+    func withGuestMemory(address: UInt64, count: Int, write: Bool,
+                         _ body: (UnsafeMutableRawBufferPointer) throws -> Void) throws
 }

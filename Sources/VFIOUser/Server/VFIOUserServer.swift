@@ -16,6 +16,8 @@ public final class VFIOUserServer: @unchecked Sendable {
         public var offerTwinSocket = true
         public var supportWriteMultiple = true
         public var dirtyTracking: DMAMapTable.DirtyTrackingMode = .precise
+        /// Also expose the migration v1 region (type 3/1) for a migratable device.
+        public var exposeV1MigrationRegion = true
         public init() {}
     }
 
@@ -24,6 +26,7 @@ public final class VFIOUserServer: @unchecked Sendable {
     public let dma: DMAMapTable
     public let irqs = IRQTable()
     public let migration: MigrationEndpoint?
+    public let migrationV1: MigrationRegionV1?
     private let cancel: EventFD
     private let description: DeviceDescription
     private let name: String
@@ -40,7 +43,15 @@ public final class VFIOUserServer: @unchecked Sendable {
         dma = DMAMapTable(maxMappings: Int(options.maxDMAMaps))
         dma.trackingMode = options.dirtyTracking
         migration = device.migration.map { MigrationEndpoint(device: $0) }
-        description = device.deviceDescription
+        var d = device.deviceDescription
+        if let m = migration, options.exposeV1MigrationRegion, d.region(MigrationRegionV1.regionIndex) == nil {
+            let v1 = try MigrationRegionV1(endpoint: m)
+            migrationV1 = v1
+            d.regions.append(v1.description)
+        } else {
+            migrationV1 = nil
+        }
+        description = d
         cancel = try EventFD()
         device.attach(host: Host(dma: dma, irqs: irqs))
     }
@@ -147,6 +158,10 @@ public final class VFIOUserServer: @unchecked Sendable {
             if case .version = req {} else if !s.negotiated {
                 throw DeviceError(.EINVAL, "VERSION must be the first message")
             }
+            if case let .migDataRead(_, size) = req {
+                try replyMigrationData(h, size: size, s)
+                return
+            }
             let (payload, replyFDs): ([UInt8], [Int32]) = try dispatch(req, s, &fds)
             if h.wantsReply { try s.conn.sendReply(to: h, payload: payload, fds: replyFDs) }
         } catch let e as DeviceError {
@@ -251,6 +266,11 @@ public final class VFIOUserServer: @unchecked Sendable {
             return (info.encode(), [])
 
         case let .deviceGetRegionInfo(argsz, index):
+            // An index below the count that the device does not implement (an unused BAR) is
+            // reported as the kernel does: size 0, no flags.
+            guard index >= description.regionCount || description.region(index) != nil else {
+                return (RegionInfo(flags: [], index: index, size: 0).encodeReply(requestArgsz: argsz).bytes, [])
+            }
             let r = try regionDescription(index)
             var flags = r.flags
             if r.mmapFD == nil { flags.remove(.mmap) }
@@ -287,7 +307,10 @@ public final class VFIOUserServer: @unchecked Sendable {
             out.u64(a.offset); out.u32(a.region); out.u32(a.count)
             var data = [UInt8](repeating: 0, count: Int(a.count))
             if a.count > 0 {
-                try data.withUnsafeMutableBytes { try device.regionRead(index: a.region, offset: a.offset, into: $0) }
+                try data.withUnsafeMutableBytes { buf in
+                    if a.region == MigrationRegionV1.regionIndex, let v1 = migrationV1 { try v1.read(offset: a.offset, into: buf) }
+                    else { try device.regionRead(index: a.region, offset: a.offset, into: buf) }
+                }
             }
             out.append(data)
             return (out.bytes, [])
@@ -297,7 +320,10 @@ public final class VFIOUserServer: @unchecked Sendable {
             try checkAccess(r, offset: a.offset, count: a.count, write: true)
             try gateBARWrite(region: a.region)
             if a.count > 0 {
-                try a.data.withUnsafeBytes { try device.regionWrite(index: a.region, offset: a.offset, from: $0) }
+                try a.data.withUnsafeBytes { buf in
+                    if a.region == MigrationRegionV1.regionIndex, let v1 = migrationV1 { try v1.write(offset: a.offset, from: buf) }
+                    else { try device.regionWrite(index: a.region, offset: a.offset, from: buf) }
+                }
             }
             return (RegionAccess(offset: a.offset, region: a.region, count: a.count).encode(), [])
 
@@ -342,12 +368,8 @@ public final class VFIOUserServer: @unchecked Sendable {
         case let .deviceFeature(f):
             return (try feature(f), [])
 
-        case let .migDataRead(_, size):
-            guard let mig = migration else { throw DeviceError(.EINVAL, "device does not support migration") }
-            let data = try mig.read(max: Int(min(UInt64(size), s.client.maxDataXferSize)))
-            var w = WireWriter(capacity: 8 + data.count)
-            w.u32(UInt32(8 + data.count)); w.u32(UInt32(data.count)); w.append(data)
-            return (w.bytes, [])
+        case .migDataRead:
+            preconditionFailure("MIG_DATA_READ is answered by replyMigrationData")
 
         case let .migDataWrite(m):
             guard let mig = migration else { throw DeviceError(.EINVAL, "device does not support migration") }
@@ -356,11 +378,27 @@ public final class VFIOUserServer: @unchecked Sendable {
         }
     }
 
+    /// MIG_DATA_READ: the reply's 8-byte header and the data go out in one sendmsg, without
+    /// copying the data into a reply buffer first (this is the device-state hot path).
+    private func replyMigrationData(_ h: MessageHeader, size: UInt32, _ s: Session) throws {
+        guard let mig = migration else { throw DeviceError(.EINVAL, "device does not support migration") }
+        let data = try mig.read(max: Int(min(UInt64(size), s.client.maxDataXferSize)))
+        guard h.wantsReply else { return }
+        var w = WireWriter(capacity: 8)
+        w.u32(UInt32(8 + data.count)); w.u32(UInt32(data.count))
+        let head = w.bytes
+        try head.withUnsafeBytes { hp in
+            try data.withUnsafeBytes { dp in
+                try s.conn.send(id: h.messageID, command: h.command, flags: MessageHeader.typeReply, payload: [hp, dp])
+            }
+        }
+    }
+
     /// A device in STOP_COPY or RESUMING must not be touched through its BARs (the kernel's rule:
     /// it would corrupt the stream); config space stays accessible.
     private func gateBARWrite(region: UInt32) throws {
         guard let st = migration?.state, st == .stopCopy || st == .resuming else { return }
-        guard region != 7 else { return }
+        guard region != 7, region != MigrationRegionV1.regionIndex else { return }
         throw DeviceError(.EINVAL, "REGION_WRITE to region \(region) refused in migration state \(st)")
     }
 

@@ -1,0 +1,159 @@
+import SystemCalls
+
+/// The VMM-side view of a device that migration code needs, whatever the transport
+/// (vfio-user or kernel VFIO): region access for the v1 region, and the v2 feature calls.
+public protocol MigrationDeviceHandle: AnyObject {
+    /// Index, size and whether an mmap'd data section is offered, of the region with this type cap.
+    func findRegion(type: UInt32, subtype: UInt32) throws -> (index: UInt32, size: UInt64)?
+    func regionRead(_ index: UInt32, offset: UInt64, count: Int) throws -> [UInt8]
+    func regionWrite(_ index: UInt32, offset: UInt64, _ data: [UInt8]) throws
+    func migrationCapabilities() throws -> MigrationCapabilities?
+    func migrationState() throws -> MigrationState
+    func setMigrationState(_ s: MigrationState) throws
+    func readMigrationData(max: Int) throws -> [UInt8]
+    func writeMigrationData(_ data: UnsafeRawBufferPointer) throws
+    func migrationDataSize() throws -> UInt64
+    /// DEVICE_RESET: the only way out of ERROR, and the only way to abort RESUMING.
+    func resetDevice() throws
+}
+
+public enum MigrationProtocol: String, Sendable, CustomStringConvertible {
+    case v1, v2
+    public var description: String { rawValue }
+}
+
+public enum DeviceMigrationError: Error, CustomStringConvertible {
+    case notMigratable
+    case protocolUnavailable(MigrationProtocol)
+    case refused(from: MigrationState, to: MigrationState, reason: String)
+    case v1(String)
+
+    public var description: String {
+        switch self {
+        case .notMigratable: return "device offers neither migration v2 (DEVICE_FEATURE MIGRATION) nor a v1 migration region"
+        case let .protocolUnavailable(p): return "device does not offer migration \(p)"
+        case let .refused(f, t, r): return "device refused \(f)→\(t): \(r)"
+        case let .v1(s): return "migration v1: \(s)"
+        }
+    }
+}
+
+/// Drives a device's migration through either protocol. Prefers v2 when both are offered.
+/// v1 (the seed's region protocol) is mapped onto the same states: RUNNING 001, PRE_COPY 011,
+/// STOP_COPY 010, STOP 000, RESUMING 100.
+public final class DeviceMigration {
+    public let device: MigrationDeviceHandle
+    public let proto: MigrationProtocol
+    public let capabilities: MigrationCapabilities
+    private let v1Region: UInt32?
+    /// Offsets inside `struct vfio_device_migration_info`.
+    enum V1 { static let deviceState: UInt64 = 0, pendingBytes: UInt64 = 8, dataOffset: UInt64 = 16, dataSize: UInt64 = 24 }
+    /// Every state this object moved the device through (for reports).
+    public private(set) var statesVisited: [MigrationState] = []
+
+    public init(device: MigrationDeviceHandle, prefer: MigrationProtocol? = nil) throws {
+        self.device = device
+        let v2caps = try? device.migrationCapabilities()
+        let v1 = try? device.findRegion(type: 3, subtype: 1)
+        switch prefer {
+        case .v2?:
+            guard let c = v2caps ?? nil else { throw DeviceMigrationError.protocolUnavailable(.v2) }
+            proto = .v2; capabilities = c; v1Region = nil
+        case .v1?:
+            guard let r = v1 ?? nil else { throw DeviceMigrationError.protocolUnavailable(.v1) }
+            proto = .v1; capabilities = [.stopCopy, .preCopy]; v1Region = r.index
+        case nil:
+            if let c = v2caps ?? nil { proto = .v2; capabilities = c; v1Region = nil }
+            else if let r = v1 ?? nil { proto = .v1; capabilities = [.stopCopy, .preCopy]; v1Region = r.index }
+            else { throw DeviceMigrationError.notMigratable }
+        }
+    }
+
+    public func state() throws -> MigrationState {
+        switch proto {
+        case .v2: return try device.migrationState()
+        case .v1:
+            let raw = try readU32(V1.deviceState)
+            guard let s = MigrationV1State(rawValue: raw).v2 else { throw DeviceMigrationError.v1("device_state \(raw) is invalid") }
+            return s
+        }
+    }
+
+    /// Move to `target`. The path is computed with the kernel's algorithm first, so that a
+    /// forbidden request (STOP_COPY→PRE_COPY) never reaches the device.
+    @discardableResult
+    public func transition(to target: MigrationState) throws -> [MigrationState] {
+        let from = try state()
+        let path: [MigrationState]
+        do { path = try MigrationFSM.path(from: from, to: target, capabilities: capabilities) } catch {
+            throw DeviceMigrationError.refused(from: from, to: target, reason: "\(error)")
+        }
+        guard path.count > 1 else { return path }
+        switch proto {
+        case .v2:
+            do { try device.setMigrationState(target) } catch {
+                throw DeviceMigrationError.refused(from: from, to: target, reason: "\(error)")
+            }
+        case .v1:
+            // v1 has no multi-step requests: write each arc's bits, read-modify-write to keep
+            // the reserved bits.
+            for (a, b) in zip(path, path.dropFirst()) {
+                guard let bits = MigrationV1State(v2: b) else { throw DeviceMigrationError.v1("state \(b) has no v1 encoding") }
+                let cur = try readU32(V1.deviceState)
+                do { try writeU32(V1.deviceState, (cur & ~MigrationV1State.mask) | bits.rawValue) } catch {
+                    throw DeviceMigrationError.refused(from: a, to: b, reason: "\(error)")
+                }
+            }
+        }
+        statesVisited.append(contentsOf: statesVisited.last == path.first ? Array(path.dropFirst()) : path)
+        return path
+    }
+
+    /// Next data of the saving stream; empty means "nothing more now" (PRE_COPY) or the end
+    /// (STOP_COPY). v1 returns one source chunk per call, which `write` must keep as a unit.
+    public func read(max: Int) throws -> [UInt8] {
+        switch proto {
+        case .v2: return try device.readMigrationData(max: max)
+        case .v1:
+            guard try readU64(V1.pendingBytes) > 0 else { return [] }
+            let off = try readU64(V1.dataOffset)
+            let size = try readU64(V1.dataSize)
+            guard size <= 64 << 20 else { throw DeviceMigrationError.v1("data_size \(size) is implausibly large") }
+            return try device.regionRead(v1Region!, offset: off, count: Int(size))
+        }
+    }
+
+    public func write(_ data: UnsafeRawBufferPointer) throws {
+        switch proto {
+        case .v2: try device.writeMigrationData(data)
+        case .v1:
+            let off = try readU64(V1.dataOffset)
+            try device.regionWrite(v1Region!, offset: off, Array(data))
+            var w = [UInt8](repeating: 0, count: 8)
+            var n = UInt64(data.count)
+            for i in 0..<8 { w[i] = UInt8(n & 0xff); n >>= 8 }
+            try device.regionWrite(v1Region!, offset: V1.dataSize, w)
+        }
+    }
+
+    public func reset() throws { try device.resetDevice() }
+
+    public func stopCopySize() -> UInt64? {
+        switch proto {
+        case .v2: return try? device.migrationDataSize()
+        case .v1: return try? readU64(V1.pendingBytes)
+        }
+    }
+
+    private func readU32(_ off: UInt64) throws -> UInt32 {
+        let b = try device.regionRead(v1Region!, offset: off, count: 4)
+        return (0..<4).reduce(UInt32(0)) { $0 | UInt32(b[$1]) << (8 * UInt32($1)) }
+    }
+    private func readU64(_ off: UInt64) throws -> UInt64 {
+        let b = try device.regionRead(v1Region!, offset: off, count: 8)
+        return (0..<8).reduce(UInt64(0)) { $0 | UInt64(b[$1]) << (8 * UInt64($1)) }
+    }
+    private func writeU32(_ off: UInt64, _ v: UInt32) throws {
+        try device.regionWrite(v1Region!, offset: off, (0..<4).map { UInt8(v >> (8 * UInt32($0)) & 0xff) })
+    }
+}

@@ -1,0 +1,17 @@
+import SystemCalls
+import VFIO
+
+/// The vfio-user client as a transport-neutral migration handle.
+extension VFIOUserClient: MigrationDeviceHandle {
+    public func resetDevice() throws { try reset() }
+
+    public func findRegion(type: UInt32, subtype: UInt32) throws -> (index: UInt32, size: UInt64)? {
+        let info = try deviceInfo()
+        for i in 0..<min(info.regionCount, 64) {
+            guard let (r, fd) = try? regionInfo(i) else { continue }
+            fd?.close()
+            if let t = r.type, t.type == type, t.subtype == subtype { return (i, r.size) }
+        }
+        return nil
+    }
+}

@@ -1,0 +1,167 @@
+import ArgumentParser
+import Devices
+import Glibc
+import SystemCalls
+import VFIO
+import VFIOUser
+
+struct BenchCommand: ParsableCommand {
+    static let configuration = CommandConfiguration(
+        commandName: "bench",
+        abstract: "Measure vfio-live beside the physical references measured in the same run.",
+        discussion: """
+            Every figure is printed next to its reference (raw UNIX-socket round trip, memcpy
+            bandwidth) measured in the same run, as a ratio: the machines vary ±20–50% with load,
+            so only same-run ratios mean anything.
+            """,
+        subcommands: [VFIOUserBench.self, DeviceStateBench.self])
+}
+
+/// Median and 99th percentile of a sample, in microseconds.
+func percentiles(_ ns: [UInt64]) -> (p50: Double, p99: Double) {
+    let s = ns.sorted()
+    return (Double(s[s.count / 2]) / 1000, Double(s[min(s.count - 1, s.count * 99 / 100)]) / 1000)
+}
+
+/// Raw AF_UNIX round trip of a 64-byte message to an echo thread.
+func rawSocketRoundTrip(iterations: Int) throws -> [UInt64] {
+    let (a, b) = try UnixSocket.pair()
+    let echo = OSThread(name: "bench-echo") {
+        var buf = [UInt8](repeating: 0, count: 64)
+        while true {
+            guard (try? buf.withUnsafeMutableBytes({ try b.receiveExactly(into: $0, maxFDs: 0) })) != nil else { return }
+            guard (try? b.send(buf)) != nil else { return }
+        }
+    }
+    var out: [UInt64] = []
+    out.reserveCapacity(iterations)
+    var buf = [UInt8](repeating: 1, count: 64)
+    for _ in 0..<iterations {
+        let t = monotonicNanoseconds()
+        try a.send(buf)
+        _ = try buf.withUnsafeMutableBytes { try a.receiveExactly(into: $0, maxFDs: 0) }
+        out.append(monotonicNanoseconds() - t)
+    }
+    a.close()
+    echo.join()
+    b.close()
+    return out
+}
+
+/// memcpy bandwidth in bytes/s over `size` bytes (best of `rounds`).
+func memcpyBandwidth(size: Int, rounds: Int = 5) throws -> Double {
+    let src = try MappedRegion(anonymous: size), dst = try MappedRegion(anonymous: size)
+    memset(src.base, 0x5a, size)
+    memset(dst.base, 0, size)
+    var best = Double.infinity
+    for _ in 0..<rounds {
+        let t = monotonicNanoseconds()
+        memcpy(dst.base, src.base, size)
+        best = min(best, Double(monotonicNanoseconds() - t))
+    }
+    return Double(size) / (best / 1e9)
+}
+
+func gbps(_ bytesPerSecond: Double) -> String { formatFixed(bytesPerSecond / 1e9, 2) + " GB/s" }
+func ratioText(_ r: Double) -> String { formatFixed(r, 2) + "×" }
+
+struct VFIOUserBench: ParsableCommand {
+    static let configuration = CommandConfiguration(
+        commandName: "vfio-user",
+        abstract: "Region-read round trip and device DMA throughput, beside raw socket and memcpy.")
+    @Option(help: "Round trips to time.")
+    var iterations = 20000
+    @Option(help: "Bytes per DMA job (and device memory size); a power of two.")
+    var dmaSize = "64M"
+    @OptionGroup var global: GlobalOptions
+
+    func run() throws {
+        global.apply()
+        if !global.verbose { Log.level = .warning }
+        let size = try parseSize(dmaSize)
+        let raw = percentiles(try rawSocketRoundTrip(iterations: iterations))
+
+        let srv = try InProcessServer(path: InProcessServer.temporaryPath("bench"), stateSize: size * 2)
+        defer { srv.stop() }
+        let c = try VFIOUserClient(path: srv.path)
+        defer { c.close() }
+        for _ in 0..<1000 { _ = try c.read32(0, DMAEngine.Reg.identification) }
+        var rt: [UInt64] = []
+        rt.reserveCapacity(iterations)
+        for _ in 0..<iterations {
+            let t = monotonicNanoseconds()
+            _ = try c.read32(0, DMAEngine.Reg.identification)
+            rt.append(monotonicNanoseconds() - t)
+        }
+        let region = percentiles(rt)
+
+        // DMA: guest RAM in a memfd, mapped by fd (the fast path), jobs in both directions.
+        let ram = try MemFD.create(name: "bench-guest-ram", size: size)
+        let map = try MappedRegion(fd: ram, length: Int(size), populate: true)
+        memset(map.base, 0x42, Int(size))
+        try c.mapDMA(iova: 0x1_0000_0000, size: size, local: map.base, fd: ram)
+        let irq = try EventFD()
+        try c.setIRQs(index: 1, eventfds: [irq])
+        try c.write32(7, 0x40, 0x0081_0005)
+        func job(toRAM: Bool) throws -> Double {
+            try c.write64(0, DMAEngine.Reg.dmaSource, toRAM ? DMAEngine.deviceMemoryBase : 0x1_0000_0000)
+            try c.write64(0, DMAEngine.Reg.dmaDestination, toRAM ? 0x1_0000_0000 : DMAEngine.deviceMemoryBase)
+            try c.write64(0, DMAEngine.Reg.dmaCount, size)
+            let t = monotonicNanoseconds()
+            try c.write64(0, DMAEngine.Reg.dmaCommand, DMAEngine.dmaCommandStart | DMAEngine.dmaCommandIRQ | (toRAM ? DMAEngine.dmaCommandToRAM : 0))
+            guard try irq.wait(timeoutMilliseconds: 60_000) > 0 else { throw ValidationError("DMA job timed out") }
+            let dt = Double(monotonicNanoseconds() - t)
+            try c.write32(0, DMAEngine.Reg.irqAck, DMAEngine.irqDMA)
+            return Double(size) / (dt / 1e9)
+        }
+        _ = try job(toRAM: false)  // warm up: populate device memory
+        var toDevice = 0.0, toRAM = 0.0
+        for _ in 0..<3 { toDevice = max(toDevice, try job(toRAM: false)); toRAM = max(toRAM, try job(toRAM: true)) }
+        let mc = try memcpyBandwidth(size: Int(size))
+
+        print("vfio-live bench vfio-user (same-run references; \(iterations) round trips, \(formatBytes(size)) DMA jobs)")
+        print("figure                              value             reference                        ratio   target")
+        print("region-read round trip p50          \(pad(formatFixed(region.p50, 1) + " µs", 17)) raw UNIX socket p50 \(pad(formatFixed(raw.p50, 1) + " µs", 12)) \(pad(ratioText(region.p50 / raw.p50), 7)) ≤ 2×")
+        print("region-read round trip p99          \(pad(formatFixed(region.p99, 1) + " µs", 17)) raw UNIX socket p99 \(pad(formatFixed(raw.p99, 1) + " µs", 12)) \(pad(ratioText(region.p99 / raw.p99), 7)) ≤ 2×")
+        print("device DMA guest RAM → device       \(pad(gbps(toDevice), 17)) memcpy             \(pad(gbps(mc), 12)) \(pad(formatFixed(100 * toDevice / mc, 0) + "%", 7)) ≥ 50%")
+        print("device DMA device → guest RAM       \(pad(gbps(toRAM), 17)) memcpy             \(pad(gbps(mc), 12)) \(pad(formatFixed(100 * toRAM / mc, 0) + "%", 7)) ≥ 50%")
+    }
+}
+
+func pad(_ s: String, _ n: Int) -> String { s.count >= n ? s : s + String(repeating: " ", count: n - s.count) }
+
+struct DeviceStateBench: ParsableCommand {
+    static let configuration = CommandConfiguration(
+        commandName: "device-state",
+        abstract: "Device-state transfer throughput (stop-copy of dma-engine memory) beside memcpy.")
+    @Option(help: "Device memory to move; a power of two.")
+    var stateSize = "256M"
+    @Option(help: "Protocol: v2 or v1.")
+    var `protocol` = "v2"
+    @OptionGroup var global: GlobalOptions
+
+    func run() throws {
+        global.apply()
+        if !global.verbose { Log.level = .warning }
+        let size = try parseSize(stateSize)
+        guard let proto = MigrationProtocol(rawValue: `protocol`) else { throw ValidationError("--protocol must be v1 or v2") }
+        let a = try InProcessServer(path: InProcessServer.temporaryPath("bench-a"), stateSize: size, name: "source")
+        let b = try InProcessServer(path: InProcessServer.temporaryPath("bench-b"), stateSize: size, name: "destination")
+        defer { a.stop(); b.stop() }
+        let ca = try VFIOUserClient(path: a.path), cb = try VFIOUserClient(path: b.path)
+        defer { ca.close(); cb.close() }
+        // Touch all device memory so that nothing is a lazily zero page.
+        let pattern = [UInt8](repeating: 0x6b, count: 1 << 20)
+        var off: UInt64 = 0
+        while off < size { try ca.regionWrite(2, offset: off, pattern); off += UInt64(pattern.count) }
+        var o = DeviceStateTransfer.Options()
+        o.preCopy = false
+        let t = DeviceStateTransfer(source: try DeviceMigration(device: ca, prefer: proto), destination: try DeviceMigration(device: cb, prefer: proto), options: o)
+        let r = try t.run()
+        let rate = Double(r.totalBytes) / (Double(r.stopCopyNanoseconds) / 1e9)
+        let mc = try memcpyBandwidth(size: Int(min(size, 256 << 20)))
+        print("vfio-live bench device-state (migration \(proto), \(formatBytes(r.totalBytes)) moved through a vfio-user client)")
+        print("figure                              value             reference                        ratio   target")
+        print("device-state transfer               \(pad(gbps(rate), 17)) memcpy             \(pad(gbps(mc), 12)) \(pad(formatFixed(100 * rate / mc, 0) + "%", 7)) ≥ 40%")
+    }
+}
