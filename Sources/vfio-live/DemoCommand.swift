@@ -210,8 +210,9 @@ final class DemoWorkload: @unchecked Sendable {
         let count = min(dataWindow, ramSize / 2) / 4096 * 4096
         let j = Job(toRAM: true, ramOffset: ramSize / 2, deviceOffset: 0, count: count)
         inFlight = j
+        // Throttled (1 ms per 64 KiB step), so that the job is certainly part-way at the switch.
+        try client.write64(0, DMAEngine.Reg.dmaStepDelay, 1000)
         try submit(j)
-        // Give the engine a moment to get part-way: the point is to interrupt it.
-        usleep(300)
+        usleep(3000)
     }
 }

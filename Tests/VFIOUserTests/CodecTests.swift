@@ -62,7 +62,7 @@ final class CodecTests: XCTestCase {
         XCTAssertEqual(try decode(.regionWrite, w.encode()), .regionWrite(w))
         XCTAssertEqual(try decode(.deviceReset, []), .deviceReset)
         let dp = DirtyPagesRequest(argsz: 56, flags: DirtyPagesRequest.getBitmap, range: (0x1000, 0x4000, 4096, 8))
-        XCTAssertEqual(dp.encode().count, 40)
+        XCTAssertEqual(dp.encode().count, 48)
         XCTAssertEqual(try decode(.dirtyPages, dp.encode()), .dirtyPages(dp))
         let multi = RegionWriteMulti(entries: [.init(offset: 4, region: 0, data: [9, 9, 9, 9])])
         XCTAssertEqual(multi.encode().count, 8 + 24)

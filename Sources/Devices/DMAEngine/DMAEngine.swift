@@ -33,6 +33,9 @@ public final class DMAEngine: VFIOUserDeviceModel, @unchecked Sendable {
         public static let dataWindowSize: UInt64 = 0x118
         public static let lastJobChecksum: UInt64 = 0x120
         public static let jobProgress: UInt64 = 0x128
+        /// Throttle: microseconds the engine waits after each 64 KiB step (0 = full speed,
+        /// at most 100 ms). Migrated with the other registers.
+        public static let dmaStepDelay: UInt64 = 0x130
     }
     public static let identificationValue: UInt32 = 0x010000ed
     public static let dmaCommandStart: UInt64 = 0x1
@@ -74,6 +77,7 @@ public final class DMAEngine: VFIOUserDeviceModel, @unchecked Sendable {
         /// The job in flight: bytes already moved and the running checksum.
         var jobProgress: UInt64 = 0
         var jobChecksum: UInt64 = DMAEngine.checksumSeed
+        var dmaStepDelay: UInt64 = 0
     }
     var regs = Registers()
     let lock = Condition()  // guards regs and run state; the worker waits on it
@@ -87,6 +91,9 @@ public final class DMAEngine: VFIOUserDeviceModel, @unchecked Sendable {
     /// Migration stream state (DMAEngineState.swift).
     var save: SaveSession?
     var load: LoadSession?
+
+    /// Fault injection for tests: flip one byte of the next migration data written.
+    public var corruptNextWriteForTesting = false
 
     /// Metrics (Firecracker-style counters).
     public private(set) var bytesMoved: UInt64 = 0
@@ -177,7 +184,7 @@ public final class DMAEngine: VFIOUserDeviceModel, @unchecked Sendable {
         }
     }
 
-    private func isWide(_ off: UInt64) -> Bool { off >= 0x80 && off <= 0x128 && off != Reg.lastJobStatus }
+    private func isWide(_ off: UInt64) -> Bool { off >= 0x80 && off <= Reg.dmaStepDelay && off != Reg.lastJobStatus }
 
     private func readRegister64(_ off: UInt64) -> UInt64 {
         switch off {
@@ -190,6 +197,7 @@ public final class DMAEngine: VFIOUserDeviceModel, @unchecked Sendable {
         case Reg.dataWindowSize: return dataWindowSize
         case Reg.lastJobChecksum: return regs.lastJobChecksum
         case Reg.jobProgress: return regs.jobProgress
+        case Reg.dmaStepDelay: return regs.dmaStepDelay
         default: return 0
         }
     }
@@ -225,6 +233,7 @@ public final class DMAEngine: VFIOUserDeviceModel, @unchecked Sendable {
         case Reg.dmaDestination + 4: regs.dmaDestination = (regs.dmaDestination & 0xffff_ffff) | (v << 32)
         case Reg.dmaCount: regs.dmaCount = width >= 8 ? v : (regs.dmaCount & ~0xffff_ffff) | (v & 0xffff_ffff)
         case Reg.dmaCount + 4: regs.dmaCount = (regs.dmaCount & 0xffff_ffff) | (v << 32)
+        case Reg.dmaStepDelay: regs.dmaStepDelay = min(v, 100_000)
         case Reg.dmaCommand:
             guard regs.dmaCommand & Self.dmaCommandStart == 0 else {
                 throw DeviceError(.EBUSY, "a DMA job is already running")
@@ -297,6 +306,7 @@ public final class DMAEngine: VFIOUserDeviceModel, @unchecked Sendable {
             }
             guard let j = job else { return }
             let outcome = step(j)
+            if j.dmaStepDelay > 0 { usleep(UInt32(j.dmaStepDelay)) }
             lock.mutex.withLock {
                 workerBusy = false
                 // The job may have been reset or restored under us: apply only if it is still ours.
@@ -419,7 +429,8 @@ public final class DMAEngine: VFIOUserDeviceModel, @unchecked Sendable {
             var h = Self.checksum(Self.checksumSeed, UnsafeRawBufferPointer(start: memory.base, count: Int(memorySize)))
             let r = regs
             for v in [UInt64(r.liveness), UInt64(r.factorial), UInt64(r.status), UInt64(r.irqStatus), r.dmaSource, r.dmaDestination,
-                      r.dmaCount, r.dmaCommand, r.jobsCompleted, r.lastJobStatus, r.lastJobChecksum, r.jobProgress, r.jobChecksum] {
+                      r.dmaCount, r.dmaCommand, r.jobsCompleted, r.lastJobStatus, r.lastJobChecksum, r.jobProgress, r.jobChecksum,
+                      r.dmaStepDelay] {
                 h = withUnsafeBytes(of: v) { Self.checksum(h, $0) }
             }
             return h

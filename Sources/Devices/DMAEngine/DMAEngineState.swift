@@ -8,7 +8,7 @@ import VFIOUser
 ///     record := magic u32 "DMAE" | version u16 | type u16 | length u32 | checksum u64 | payload
 ///     types  := 0 header {memory size u64, chunk size u32, reserved u32}
 ///               1 memory chunk {offset u64, bytes}
-///               2 registers {13 × u64, PCI config space 256 bytes}
+///               2 registers {14 × u64, PCI config space 256 bytes}
 ///               3 end
 ///
 /// Pre-copy sends every chunk once (the initial bytes), then only chunks written since; stop-copy
@@ -130,7 +130,7 @@ extension DMAEngine: MigratableDevice {
     }
 
     public func stopCopySize() -> UInt64 {
-        let regsBytes = UInt64(DMAEngineStateFormat.headerSize * 3 + 13 * 8 + PCIConfigSpace.size + 16)
+        let regsBytes = UInt64(DMAEngineStateFormat.headerSize * 3 + 14 * 8 + PCIConfigSpace.size + 16)
         let perChunk = UInt64(Self.chunkSize + DMAEngineStateFormat.headerSize + 8)
         let s = lock.mutex.withLock { save }
         let initial = UInt64(s?.initialRemaining ?? chunkCount)
@@ -174,7 +174,8 @@ extension DMAEngine: MigratableDevice {
         let r = lock.mutex.withLock { regs }
         var w = WireWriter()
         for v in [UInt64(r.liveness), UInt64(r.factorial), UInt64(r.status), UInt64(r.irqStatus), r.dmaSource, r.dmaDestination,
-                  r.dmaCount, r.dmaCommand, r.jobsCompleted, r.lastJobStatus, r.lastJobChecksum, r.jobProgress, r.jobChecksum] {
+                  r.dmaCount, r.dmaCommand, r.jobsCompleted, r.lastJobStatus, r.lastJobChecksum, r.jobProgress, r.jobChecksum,
+                  r.dmaStepDelay] {
             w.u64(v)
         }
         w.append(config.snapshot())
@@ -225,6 +226,10 @@ extension DMAEngine: MigratableDevice {
     public func writeMigrationData(_ data: UnsafeRawBufferPointer) throws {
         guard let l = lock.mutex.withLock({ load }) else { throw DeviceError(.EINVAL, "no resuming session") }
         l.pending.append(contentsOf: data)
+        if corruptNextWriteForTesting, !data.isEmpty {
+            corruptNextWriteForTesting = false
+            l.pending[l.pending.count - data.count / 2 - 1] ^= 0x40
+        }
         var at = 0
         defer { if at > 0 { l.pending.removeFirst(at) } }
         while l.pending.count - at >= DMAEngineStateFormat.headerSize {
@@ -275,7 +280,7 @@ extension DMAEngine: MigratableDevice {
             g.status = UInt32(truncatingIfNeeded: try r.u64()); g.irqStatus = UInt32(truncatingIfNeeded: try r.u64())
             g.dmaSource = try r.u64(); g.dmaDestination = try r.u64(); g.dmaCount = try r.u64(); g.dmaCommand = try r.u64()
             g.jobsCompleted = try r.u64(); g.lastJobStatus = try r.u64(); g.lastJobChecksum = try r.u64()
-            g.jobProgress = try r.u64(); g.jobChecksum = try r.u64()
+            g.jobProgress = try r.u64(); g.jobChecksum = try r.u64(); g.dmaStepDelay = try r.u64()
             let cfg = Array(try r.bytes(PCIConfigSpace.size))
             guard g.jobProgress <= g.dmaCount else { throw DMAEngineStateError.incomplete("job progress \(g.jobProgress) beyond its count \(g.dmaCount)") }
             l.registers = (g, cfg)

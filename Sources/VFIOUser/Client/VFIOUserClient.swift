@@ -13,7 +13,7 @@ public enum VFIOUserClientError: Error, CustomStringConvertible, Equatable {
 
     public var description: String {
         switch self {
-        case let .remote(c, e): return "server refused \(c): \(e)"
+        case let .remote(c, e): return "server refused \(c): \(e) (the server's log says why)"
         case let .protocolViolation(s): return "protocol violation: \(s)"
         case .disconnected: return "server closed the connection"
         }

@@ -610,7 +610,8 @@ public struct MigDataPayload: Equatable, Sendable {
     }
 }
 
-/// DIRTY_PAGES (14), migration-v1 era: `{argsz, flags}` + optional 40-byte range for GET_BITMAP.
+/// DIRTY_PAGES (14), migration-v1 era: `{argsz, flags}` + for GET_BITMAP a 40-byte range
+/// `{iova, size, bitmap {pgsize, size, (data slot)}}`; the reply's bitmap starts at offset 48.
 public struct DirtyPagesRequest: Equatable, Sendable {
     public static let start: UInt32 = 1, stop: UInt32 = 2, getBitmap: UInt32 = 4
     public var argsz: UInt32
@@ -625,12 +626,15 @@ public struct DirtyPagesRequest: Equatable, Sendable {
     }
     public func encode() -> [UInt8] {
         var w = WireWriter(); w.u32(argsz); w.u32(flags)
-        if let r = range { w.u64(r.iova); w.u64(r.size); w.u64(r.pageSize); w.u64(r.bitmapSize) }
+        if let r = range { w.u64(r.iova); w.u64(r.size); w.u64(r.pageSize); w.u64(r.bitmapSize); w.u64(0) }
         return w.bytes
     }
     public init(decoding p: ArraySlice<UInt8>) throws {
         var r = WireReader(p, context: "DIRTY_PAGES")
         argsz = try r.u32(); flags = try r.u32()
-        if flags & Self.getBitmap != 0 { range = (try r.u64(), try r.u64(), try r.u64(), try r.u64()) }
+        if flags & Self.getBitmap != 0 {
+            range = (try r.u64(), try r.u64(), try r.u64(), try r.u64())
+            _ = try r.u64()
+        }
     }
 }
