@@ -1,0 +1,59 @@
+import Devices
+import SystemCalls
+import VFIO
+import VFIOUser
+
+/// One input drives three decoders, chosen by its first byte:
+///   0: the server's request decoder (header + payload + claimed fd count)
+///   1: the client's reply decoders (VERSION, region info with its capability chain, IO fds)
+///   2: the dma-engine migration-state loader (records, checksums, staging), then RESUMING→STOP
+/// Every path must end in a value or a thrown error: a crash, hang or ASan report is a bug.
+private let engine: DMAEngine = {
+    Log.level = .error
+    return try! DMAEngine(stateSize: 128 * 1024)
+}()
+
+@_cdecl("LLVMFuzzerTestOneInput")
+public func fuzz(_ data: UnsafePointer<UInt8>, _ size: Int) -> Int32 {
+    guard size >= 1 else { return 0 }
+    let bytes = Array(UnsafeBufferPointer(start: data, count: size))
+    let body = bytes[1...]
+    switch bytes[0] % 3 {
+    case 0:
+        guard body.count >= MessageHeader.size else { return 0 }
+        var r = WireReader(body.prefix(MessageHeader.size), context: "header")
+        guard let h = try? MessageHeader(decoding: &r) else { return 0 }
+        let payload = body.dropFirst(MessageHeader.size)
+        let fdCount = Int(h.errorNumber % 4)  // reserved in commands: reuse it to vary the fd count
+        _ = try? VFIOUserRequest.decode(header: h, payload: payload, fdCount: fdCount,
+                                        limits: .init(maxDataXferSize: 1 << 20, maxFDs: 8))
+    case 1:
+        _ = try? VersionPayload(decoding: body)
+        _ = try? RegionInfo(decoding: body)
+        _ = try? RegionIOFDsReply(decoding: body)
+        _ = try? MigDataPayload(decoding: body, context: "fuzz", dataBySize: true)
+    default:
+        do {
+            try engine.migrationArc(from: .running, to: .stop)
+            try engine.migrationArc(from: .stop, to: .resuming)
+            _ = try? body.withUnsafeBytes { try engine.writeMigrationData($0) }
+            _ = try? engine.migrationArc(from: .resuming, to: .stop)
+            try? engine.reset()
+        } catch {}
+    }
+    return 0
+}
+
+// SwiftPM links an executable's entry point as `<target>_main`; hand control to libFuzzer.
+@_silgen_name("LLVMFuzzerRunDriver")
+private func LLVMFuzzerRunDriver(
+    _ argc: UnsafeMutablePointer<Int32>,
+    _ argv: UnsafeMutablePointer<UnsafeMutablePointer<UnsafeMutablePointer<CChar>?>?>,
+    _ callback: @convention(c) (UnsafePointer<UInt8>, Int) -> Int32) -> Int32
+
+@_cdecl("VFIOUserFuzz_main")
+public func fuzzMain(_ argc: Int32, _ argv: UnsafeMutablePointer<UnsafeMutablePointer<CChar>?>?) -> Int32 {
+    var c = argc
+    var v = argv
+    return LLVMFuzzerRunDriver(&c, &v) { data, size in fuzz(data, size) }
+}

@@ -1,0 +1,46 @@
+#!/usr/bin/env bash
+# The README's test command: installs what the tests need, builds, fuzzes briefly, prints the
+# benchmark figures (never asserted), and runs every test. Exits non-zero on any failure.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+say() { printf '\n== %s\n' "$*"; }
+
+command -v swift >/dev/null || { echo "swift is not installed: vfio-live needs the Swift 6 toolchain (swift.org)" >&2; exit 2; }
+# Tools the test run uses from Debian's packages (installed only if missing).
+need=()
+command -v git >/dev/null || need+=(git)
+if [ ${#need[@]} -gt 0 ]; then
+    say "installing ${need[*]}"
+    if [ "$(id -u)" = 0 ]; then apt-get update -qq && apt-get install -y -qq "${need[@]}"
+    else sudo apt-get update -qq && sudo apt-get install -y -qq "${need[@]}"; fi
+fi
+if [ -e /dev/kvm ]; then echo "KVM: /dev/kvm present"; else echo "KVM: /dev/kvm missing (tests that need it skip and say so)"; fi
+
+say "build (debug, with tests)"
+swift build --build-tests 2>&1 | grep -Ev '^\[[0-9]+/[0-9]+\]' || true
+swift build --build-tests >/dev/null  # fail here, with the error above, if the build failed
+
+say "fuzz: vfio-user decoders and dma-engine state loader (${FUZZ_SECONDS:-30} s, libFuzzer + ASan)"
+bash scripts/fuzz.sh "${FUZZ_SECONDS:-30}"
+
+say "benchmarks (figures beside same-run references; informative, never asserted)"
+swift build -c release --product vfio-live 2>&1 | grep -E 'error|warning: unre' || true
+swift build -c release --product vfio-live >/dev/null
+.build/release/vfio-live bench vfio-user --iterations 5000 --dma-size 32M
+.build/release/vfio-live bench device-state --state-size 64M
+
+say "tests"
+log="$(mktemp)"
+trap 'rm -f "$log"' EXIT
+set +e
+swift test --skip-build --disable-swift-testing 2>&1 | tee "$log" | grep -Ev '^(Test Case .* (started|passed)|info: )'
+status=${PIPESTATUS[0]}
+set -e
+summary=$(grep -E "^[[:space:]]*Executed [0-9]+ tests?, with [0-9]+ failures?" "$log" | tail -n 1)
+total=$(sed -E 's/.*Executed ([0-9]+) tests?.*/\1/' <<<"$summary")
+failed=$(sed -E 's/.*with ([0-9]+) failures?.*/\1/' <<<"$summary")
+skipped=$(grep -cE "^Test Case .* skipped" "$log" || true)
+echo ""
+echo "tests: $((total - failed - skipped)) passed, ${failed} failed, ${skipped} skipped"
+exit "$status"
