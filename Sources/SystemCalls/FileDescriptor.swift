@@ -156,3 +156,12 @@ public final class RWLock: @unchecked Sendable {
         return try body()
     }
 }
+
+/// How many fds this process has open (diagnostics and leak tests).
+public func openFileDescriptorCount() -> Int {
+    guard let d = opendir("/proc/self/fd") else { return -1 }
+    defer { closedir(d) }
+    var n = 0
+    while readdir(d) != nil { n += 1 }
+    return n
+}

@@ -4,13 +4,7 @@ import XCTest
 @testable import SystemCalls
 
 final class SystemCallsTests: XCTestCase {
-    func openFDs() -> Int {
-        guard let d = opendir("/proc/self/fd") else { return -1 }
-        defer { closedir(d) }
-        var n = 0
-        while readdir(d) != nil { n += 1 }
-        return n
-    }
+    func openFDs() -> Int { openFileDescriptorCount() }
 
     func testFileDescriptorClosesExactlyOnce() throws {
         let before = openFDs()

@@ -6,29 +6,12 @@ import VFIO
 @testable import VFIOUser
 
 /// A real vfio-user server on a real UNIX socket, serving a dma-engine from a background thread.
-final class RunningServer {
-    let path: String
-    let device: DMAEngine
-    let server: VFIOUserServer
-    let listener: UnixListener
-    private var thread: OSThread?
+typealias RunningServer = InProcessServer
 
-    init(stateSize: UInt64 = 1 << 20, options: VFIOUserServer.Options = .init(), name: String = "test") throws {
-        path = temporarySocketPath(name)
-        device = try DMAEngine(stateSize: stateSize)
-        server = try VFIOUserServer(device: device, name: name, options: options)
-        listener = try UnixListener(path: path)
-        thread = OSThread(name: "test-server") { [server, listener] in server.serve(listener: listener) }
+extension InProcessServer {
+    convenience init(stateSize: UInt64 = 1 << 20, options: VFIOUserServer.Options = .init(), name: String = "test") throws {
+        try self.init(path: temporarySocketPath(name), stateSize: stateSize, options: options, name: name)
     }
-
-    func stop() {
-        server.stop()
-        thread?.join()
-        thread = nil
-        listener.close()
-        device.shutdown()
-    }
-    deinit { stop() }
 }
 
 func temporarySocketPath(_ tag: String) -> String {
@@ -53,14 +36,7 @@ final class GuestRAM {
     }
 }
 
-/// Count this process's open fds (leak checks).
-func openFDCount() -> Int {
-    guard let d = opendir("/proc/self/fd") else { return -1 }
-    defer { closedir(d) }
-    var n = 0
-    while readdir(d) != nil { n += 1 }
-    return n
-}
+func openFDCount() -> Int { openFileDescriptorCount() }
 
 /// Program a dma-engine job through BAR0 and wait for it.
 func runJob(_ c: VFIOUserClient, source: UInt64, destination: UInt64, count: UInt64, toRAM: Bool,
