@@ -23,16 +23,20 @@ let package = Package(
         .target(name: "VFIO", dependencies: ["SystemCalls"]),
         // vfio-user: codec, connection framing with fd passing, server framework, client.
         .target(name: "VFIOUser", dependencies: ["VFIO", "SystemCalls", "CVFIOLive"]),
+        // The KVM micro-VM host: memfd guest RAM, vCPUs, MMIO routing, the guest workload and
+        // its integrity verifier, and a software-vCPU fallback.
+        .target(name: "Machine", dependencies: ["VFIOUser", "VFIO", "SystemCalls", "CVFIOLive"]),
         // Device models served over vfio-user.
         .target(name: "Devices", dependencies: ["VFIOUser", "VFIO", "SystemCalls", "CVFIOLive"]),
         .executableTarget(
             name: "vfio-live",
             dependencies: [
-                "Devices", "VFIOUser", "VFIO", "SystemCalls",
+                "Devices", "Machine", "VFIOUser", "VFIO", "SystemCalls",
                 .product(name: "ArgumentParser", package: "swift-argument-parser"),
             ]),
         .testTarget(name: "SystemCallsTests", dependencies: ["SystemCalls", "CVFIOLive"]),
         .testTarget(name: "VFIOTests", dependencies: ["VFIO"]),
+        .testTarget(name: "MachineTests", dependencies: ["Machine", "Devices", "VFIOUser", "VFIO", "SystemCalls"]),
         .testTarget(name: "VFIOUserTests", dependencies: ["VFIOUser", "Devices", "VFIO", "SystemCalls", "CVFIOLive"]),
     ],
     swiftLanguageModes: [.v5]

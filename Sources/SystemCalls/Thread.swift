@@ -21,6 +21,9 @@ public final class OSThread: @unchecked Sendable {
         precondition(rc == 0, "pthread_create failed: \(rc)")
     }
 
+    /// The pthread, for pthread_kill (a vCPU is kicked out of KVM_RUN with a signal).
+    public var pthread: pthread_t { tid }
+
     public func join() {
         if !joined { joined = true; pthread_join(tid, nil) }
     }

@@ -1,0 +1,402 @@
+import CVFIOLive
+import Glibc
+import SystemCalls
+import VFIO
+import VFIOUser
+
+/// A device attached to the VM: its vfio-user client, where its BAR0 sits in the MMIO window,
+/// and its MSI eventfd (signals are counted per vector: a CPL3 guest takes no interrupts).
+public final class AttachedDevice: @unchecked Sendable {
+    public let client: VFIOUserClient
+    public let slot: Int
+    public let msi: EventFD
+    public private(set) var interrupts: UInt64 = 0
+    public var bar0: UInt64 { GuestLayout.deviceBAR0(slot) }
+    init(client: VFIOUserClient, slot: Int) throws {
+        self.client = client; self.slot = slot
+        msi = try EventFD(nonBlocking: true)
+    }
+    func drainInterrupts() { interrupts &+= (try? msi.consume()) ?? 0 }
+}
+
+/// Saved vCPU state: the raw kernel structs (they are plain data) plus the software vCPU's own.
+public struct VCPUState: Sendable {
+    public var regs: [UInt8]
+    public var sregs: [UInt8]
+    public var fpu: [UInt8]
+}
+
+/// The micro-VM host: memfd guest RAM in a KVM memslot, vCPU threads running the guest
+/// workload, MMIO exits routed to device BARs (vfio-user REGION_READ/WRITE) and to a doorbell,
+/// pause/resume with the latency measured, vCPU state save/restore, and dirty-log harvest.
+/// Without /dev/kvm, `SoftwareVCPU` threads run the same workload (reported as such).
+public final class MicroVM: @unchecked Sendable {
+    public let memory: GuestMemory
+    public let workload: WorkloadConfig
+    public let vcpuCount: Int
+    public private(set) var devices: [AttachedDevice] = []
+    public let kvm: KVMSystem?
+    public let vm: VirtualMachine?
+    private var vcpus: [VCPU] = []
+    private var software: [SoftwareVCPU] = []
+    /// "KVM" or "software vCPU (reason)": every output says which.
+    public let executionMode: String
+    public var isSoftware: Bool { kvm == nil }
+    public static let memorySlot: UInt32 = 0
+
+    // Run control.
+    private let control = Condition()
+    private var pauseRequested = true
+    private var parked = 0
+    private var stopRequested = false
+    private var threads: [OSThread] = []
+    public private(set) var failure: String?
+    public private(set) var doorbells: UInt64 = 0
+    public private(set) var mmioExits: UInt64 = 0
+    private var rateStart: (UInt64, UInt64) = (0, 0)  // (ns, pages)
+    private var irqThread: OSThread?
+    private let irqStop: EventFD
+    public private(set) var dirtyLogging = false
+
+    /// Build the VM. `devices` are connected vfio-user clients; each gets guest RAM mapped for
+    /// DMA at IOVA = GPA (by fd) and an MSI eventfd.
+    public init(memorySize: UInt64, vcpus: Int = 1, workload: WorkloadConfig, devices: [VFIOUserClient] = [],
+                forceSoftware: Bool = false, adoptingMemory: FileDescriptor? = nil) throws {
+        guard vcpus >= 1, vcpus <= GuestLayout.maxVCPUs else { throw KVMError.unavailable("--vcpus must be 1...\(GuestLayout.maxVCPUs)") }
+        guard workload.workingSet >= 4096 * UInt64(vcpus), GuestLayout.workingSetBase + workload.workingSet <= memorySize else {
+            throw KVMError.unavailable("working set of \(workload.workingSet) bytes does not fit in \(memorySize) bytes of guest RAM (it starts at 1 MiB)")
+        }
+        self.workload = workload
+        vcpuCount = vcpus
+        irqStop = try EventFD()
+        if let fd = adoptingMemory { memory = try GuestMemory(adopting: fd, size: memorySize) }
+        else { memory = try GuestMemory(size: memorySize) }
+        if forceSoftware || KVMSystem.unavailableReason != nil {
+            kvm = nil; vm = nil
+            executionMode = "software vCPU (\(forceSoftware ? "requested" : KVMSystem.unavailableReason!))"
+        } else {
+            let k = try KVMSystem()
+            kvm = k
+            vm = try k.createVM()
+            executionMode = "KVM"
+        }
+        for (i, c) in devices.enumerated() { self.devices.append(try AttachedDevice(client: c, slot: i)) }
+        if adoptingMemory == nil { try initialiseGuest() }
+        if let vm {
+            _ = vm.enableManualDirtyProtect()
+            try vm.setMemorySlot(slot: Self.memorySlot, guestAddress: 0, size: memorySize, host: memory.base, logDirty: false)
+            let cpuid = try kvm!.supportedCPUID()
+            for i in 0..<vcpus {
+                let v = try vm.createVCPU(id: UInt32(i))
+                try v.setCPUID(cpuid)
+                vcpus_append(v)
+            }
+            if adoptingMemory == nil { try resetVCPUs() }
+        } else {
+            for i in 0..<vcpus { software.append(SoftwareVCPU(vm: self, index: i)) }
+        }
+        for d in self.devices { try connect(d) }
+        installKickHandler()
+    }
+
+    private func vcpus_append(_ v: VCPU) { vcpus.append(v) }
+
+    /// Page tables, workload code, control blocks.
+    private func initialiseGuest() throws {
+        memory.buildPageTables()
+        _ = memory.loadWorkload()
+        let perVCPU = (workload.workingSet / 4096) / UInt64(vcpuCount)
+        for i in 0..<vcpuCount {
+            let cb = GuestLayout.controlBlock(i)
+            func set(_ off: Int, _ v: UInt64) { memory.store64(cb + UInt64(off), v) }
+            set(GuestLayout.CB.magic, GuestLayout.CB.magicValue)
+            set(GuestLayout.CB.wsBase, GuestLayout.workingSetBase + UInt64(i) * perVCPU * 4096)
+            set(GuestLayout.CB.wsPages, perVCPU)
+            set(GuestLayout.CB.batch, workload.batch)
+            let dma = i == 0 && !devices.isEmpty && workload.dmaEvery > 0
+            set(GuestLayout.CB.dmaEnabled, dma ? 1 : 0)
+            set(GuestLayout.CB.dmaBAR, GuestLayout.deviceBAR0(0))
+            set(GuestLayout.CB.dmaSource, GuestLayout.dmaSource)
+            set(GuestLayout.CB.dmaDestination, GuestLayout.dmaDestination)
+            set(GuestLayout.CB.dmaLength, workload.dmaLength)
+            set(GuestLayout.CB.dmaEvery, max(workload.dmaEvery, 1))
+            set(GuestLayout.CB.doorbell, GuestLayout.doorbell)
+        }
+    }
+
+    /// Long mode at CPL3 set directly (no guest boot code): CR0 PG|PE|ET, CR4 PAE, EFER LME|LMA,
+    /// CR3 the PML4, a 64-bit DPL3 code segment and DPL3 data segments.
+    private func resetVCPUs() throws {
+        for (i, v) in vcpus.enumerated() {
+            var s = try v.getSregs()
+            var code = kvm_segment()
+            code.base = 0; code.limit = 0xffff_ffff; code.selector = 0x33; code.type = 11; code.present = 1
+            code.dpl = 3; code.db = 0; code.s = 1; code.l = 1; code.g = 1
+            var data = code
+            data.selector = 0x2b; data.type = 3; data.db = 1; data.l = 0
+            s.cs = code; s.ds = data; s.es = data; s.fs = data; s.gs = data; s.ss = data
+            s.cr0 = 0x8000_0011; s.cr4 = 0x20; s.efer = 0x500; s.cr3 = GuestLayout.pml4
+            try v.setSregs(s)
+            var r = kvm_regs()
+            r.rip = GuestLayout.code; r.rflags = 0x2
+            r.rdi = GuestLayout.controlBlock(i)
+            r.rsp = 0x7_0000 - UInt64(i) * 0x1000
+            try v.setRegs(r)
+        }
+    }
+
+    /// DMA-map all of guest RAM (IOVA = GPA, by fd), MSI eventfd, MSI on in config space.
+    private func connect(_ d: AttachedDevice) throws {
+        try d.client.mapDMA(iova: 0, size: memory.size, local: memory.base, fd: memory.fd)
+        try d.client.setIRQs(index: 1, eventfds: [d.msi])
+        try d.client.write32(7, 0x40, 0x0081_0005)
+    }
+
+    // MARK: run control
+
+    /// Start the vCPU threads (paused until `resume()`), and the interrupt counter.
+    public func start() {
+        for i in 0..<vcpuCount {
+            threads.append(OSThread(name: "vcpu\(i)") { [self] in vcpuLoop(i) })
+        }
+        let watch = devices.map { $0.msi.fd.rawValue } + [irqStop.fd.rawValue]
+        irqThread = OSThread(name: "irq") { [self] in
+            while true {
+                guard let which = try? Poll.waitAnyReadable(watch, timeoutMilliseconds: -1) else { return }
+                if which == watch.count - 1 { return }
+                devices[which].drainInterrupts()
+            }
+        }
+        _ = waitParked()
+    }
+
+    public func resume() {
+        control.mutex.withLock {
+            pauseRequested = false
+            rateStart = (monotonicNanoseconds(), totalPagesWrittenUnlocked())
+            for v in vcpus { v.requestImmediateExit(false) }
+            control.broadcast()
+        }
+    }
+
+    /// Stop every vCPU and wait until all are parked; returns the pause latency in ns.
+    @discardableResult
+    public func pause() -> UInt64 {
+        let t = monotonicNanoseconds()
+        control.mutex.withLock {
+            pauseRequested = true
+            for v in vcpus { v.requestImmediateExit(true) }
+        }
+        for th in threads { pthread_kill(th.pthread, SIGUSR1) }
+        _ = waitParked()
+        return monotonicNanoseconds() - t
+    }
+
+    public var isPaused: Bool { control.mutex.withLock { pauseRequested && parked == vcpuCount } }
+
+    private func waitParked() -> Bool {
+        control.mutex.withLock {
+            while parked < vcpuCount && failure == nil {
+                if !control.wait(timeoutSeconds: 0.05) {
+                    // A vCPU may be between KVM_RUNs: kick again.
+                    for th in threads { pthread_kill(th.pthread, SIGUSR1) }
+                }
+            }
+            return failure == nil
+        }
+    }
+
+    public func stop() {
+        if threads.isEmpty { return }
+        control.mutex.withLock {
+            stopRequested = true; pauseRequested = true
+            for v in vcpus { v.requestImmediateExit(true) }
+            control.broadcast()
+        }
+        for th in threads { pthread_kill(th.pthread, SIGUSR1) }
+        for th in threads { th.join() }
+        threads = []
+        try? irqStop.signal()
+        irqThread?.join()
+        irqThread = nil
+    }
+
+    deinit { stop() }
+
+    /// Park here when asked; returns false when the VM is stopping.
+    func checkpoint() -> Bool {
+        control.mutex.withLock {
+            guard pauseRequested else { return !stopRequested }
+            parked += 1
+            control.broadcast()
+            while pauseRequested && !stopRequested { control.wait() }
+            parked -= 1
+            return !stopRequested
+        }
+    }
+
+    func fail(_ why: String) {
+        control.mutex.withLock {
+            if failure == nil { failure = why }
+            pauseRequested = true
+            parked += 1
+            control.broadcast()
+        }
+        Log.error("vm", why)
+    }
+
+    private func vcpuLoop(_ i: Int) {
+        if isSoftware { software[i].run(); return }
+        let v = vcpus[i]
+        while checkpoint() {
+            let ran: Bool
+            do { ran = try v.runOnce() } catch { fail("vCPU \(i): \(error)"); return }
+            guard ran else { continue }
+            let run = v.run
+            switch Int32(run.pointee.exit_reason) {
+            case Int32(VL_KVM_EXIT_MMIO):
+                handleMMIO(vcpu: i, run)
+            case Int32(VL_KVM_EXIT_INTR):
+                continue
+            case Int32(VL_KVM_EXIT_HLT):
+                fail("vCPU \(i) halted"); return
+            case Int32(VL_KVM_EXIT_SHUTDOWN):
+                let rip = (try? v.getRegs().rip) ?? 0
+                fail("vCPU \(i) shut down (triple fault) at rip \(hex(rip))"); return
+            case Int32(VL_KVM_EXIT_FAIL_ENTRY):
+                fail("vCPU \(i) entry failed, reason \(hex(vl_run_fail_reason(run)))"); return
+            case Int32(VL_KVM_EXIT_INTERNAL_ERROR):
+                fail("vCPU \(i) KVM internal error, suberror \(vl_run_internal_suberror(run))"); return
+            default:
+                let rip = (try? v.getRegs().rip) ?? 0
+                fail("vCPU \(i) unexpected exit \(run.pointee.exit_reason) at rip \(hex(rip))"); return
+            }
+        }
+    }
+
+    private func handleMMIO(vcpu i: Int, _ run: UnsafeMutablePointer<kvm_run>) {
+        let addr = vl_run_mmio_addr(run), len = Int(vl_run_mmio_len(run)), write = vl_run_mmio_is_write(run) != 0
+        let data = vl_run_mmio_data(run)!
+        mmioExits &+= 1
+        if addr == GuestLayout.doorbell && write {
+            doorbell(vcpu: i)
+            return
+        }
+        for d in devices where addr >= d.bar0 && addr < d.bar0 + (1 << 20) {
+            do {
+                if write {
+                    try d.client.regionWrite(0, offset: addr - d.bar0, from: UnsafeRawBufferPointer(start: data, count: len))
+                } else {
+                    try d.client.regionRead(0, offset: addr - d.bar0, into: UnsafeMutableRawBufferPointer(start: data, count: len))
+                }
+            } catch {
+                // A device that refuses (e.g. while migrating) reads as all ones, as on a bus.
+                if !write { memset(data, 0xff, len) }
+                Log.debug("vm", "MMIO \(write ? "write" : "read") at \(hex(addr)) refused by device \(d.slot): \(error)")
+            }
+            return
+        }
+        fail("vCPU \(i): \(write ? "store to" : "load from") unmapped MMIO address \(hex(addr))")
+    }
+
+    /// Doorbell: count, and throttle to the requested dirty rate.
+    func doorbell(vcpu i: Int) {
+        doorbells &+= 1
+        guard workload.dirtyRate > 0 else { return }
+        let (t0, p0) = control.mutex.withLock { rateStart }
+        let done = totalPagesWrittenUnlocked() &- p0
+        let due = t0 + done * 1_000_000_000 / workload.dirtyRate
+        let now = monotonicNanoseconds()
+        if due > now { usleep(UInt32(min(due - now, 200_000_000) / 1000)) }
+    }
+
+    // MARK: observation
+
+    private func totalPagesWrittenUnlocked() -> UInt64 {
+        (0..<vcpuCount).reduce(0) { $0 + memory.load64(GuestLayout.controlBlock($1) + UInt64(GuestLayout.CB.pagesWritten)) }
+    }
+    public var pagesWritten: UInt64 { totalPagesWrittenUnlocked() }
+    public var dmaRoundsOK: UInt64 {
+        (0..<vcpuCount).reduce(0) { $0 + memory.load64(GuestLayout.controlBlock($1) + UInt64(GuestLayout.CB.dmaOK)) }
+    }
+    public var interruptsCounted: [UInt64] { devices.map(\.interrupts) }
+
+    /// Verify every page and the last DMA round. Pauses the VM for the check if it is running.
+    public func verify() -> VerifierReport {
+        let wasRunning = !control.mutex.withLock { pauseRequested }
+        if wasRunning { pause() }
+        defer { if wasRunning { resume() } }
+        var r = VerifierReport()
+        for i in 0..<vcpuCount { WorkloadVerifier.verify(memory: memory, controlBlock: GuestLayout.controlBlock(i), into: &r) }
+        if let f = failure { r.violations.insert("the VM failed: \(f)", at: 0) }
+        return r
+    }
+
+    // MARK: dirty tracking
+
+    /// Turn KVM dirty logging of guest RAM on or off (software vCPUs log through their accessor).
+    public func setDirtyLogging(_ on: Bool) throws {
+        dirtyLogging = on
+        if let vm { try vm.setMemorySlot(slot: Self.memorySlot, guestAddress: 0, size: memory.size, host: memory.base, logDirty: on) }
+        for s in software { s.setLogging(on, pages: memory.size / 4096) }
+    }
+
+    /// The pages the vCPUs wrote since the last harvest (one bit per 4 KiB page of guest RAM).
+    public func harvestDirtyPages() throws -> [UInt64] {
+        let pages = memory.size / 4096
+        if let vm { return try vm.dirtyLog(slot: Self.memorySlot, pages: pages) }
+        var out = [UInt64](repeating: 0, count: Int((pages + 63) / 64))
+        for s in software { for (i, w) in s.takeDirty().enumerated() where i < out.count { out[i] |= w } }
+        return out
+    }
+
+    // MARK: state
+
+    public func saveVCPUs() throws -> [VCPUState] {
+        if !vcpus.isEmpty {
+            return try vcpus.map { v in
+                var r = try v.getRegs(), s = try v.getSregs(), f = try v.getFPU()
+                return VCPUState(regs: withUnsafeBytes(of: &r) { Array($0) }, sregs: withUnsafeBytes(of: &s) { Array($0) },
+                                 fpu: withUnsafeBytes(of: &f) { Array($0) })
+            }
+        }
+        return software.map { $0.saveState() }
+    }
+
+    public func restoreVCPUs(_ states: [VCPUState]) throws {
+        guard states.count == vcpuCount else { throw KVMError.unavailable("state has \(states.count) vCPUs, this VM \(vcpuCount)") }
+        if !vcpus.isEmpty {
+            for (v, st) in zip(vcpus, states) {
+                guard st.regs.count == MemoryLayout<kvm_regs>.size, st.sregs.count == MemoryLayout<kvm_sregs>.size,
+                      st.fpu.count == MemoryLayout<kvm_fpu>.size else { throw KVMError.unavailable("vCPU state has the wrong size for this KVM") }
+                var r = kvm_regs(), s = kvm_sregs(), f = kvm_fpu()
+                withUnsafeMutableBytes(of: &r) { d in st.regs.withUnsafeBytes { d.copyMemory(from: $0) } }
+                withUnsafeMutableBytes(of: &s) { d in st.sregs.withUnsafeBytes { d.copyMemory(from: $0) } }
+                withUnsafeMutableBytes(of: &f) { d in st.fpu.withUnsafeBytes { d.copyMemory(from: $0) } }
+                try v.setSregs(s); try v.setRegs(r); try v.setFPU(f)
+            }
+        } else {
+            for (sw, st) in zip(software, states) { try sw.restoreState(st) }
+        }
+    }
+
+    /// Attach a device after construction (the destination of a migration, a live update).
+    public func attach(_ client: VFIOUserClient, mapDMA: Bool = true) throws -> AttachedDevice {
+        let d = try AttachedDevice(client: client, slot: devices.count)
+        devices.append(d)
+        if mapDMA { try connect(d) }
+        return d
+    }
+}
+
+/// SIGUSR1 kicks a vCPU thread out of KVM_RUN (EINTR); the handler itself does nothing.
+private func installKickHandler() {
+    struct Once { nonisolated(unsafe) static var done = false }
+    guard !Once.done else { return }
+    Once.done = true
+    var sa = sigaction()
+    sa.__sigaction_handler.sa_handler = { _ in }
+    sigemptyset(&sa.sa_mask)
+    sa.sa_flags = 0  // no SA_RESTART: KVM_RUN must return
+    sigaction(SIGUSR1, &sa, nil)
+}
