@@ -29,6 +29,7 @@ swift build -c release --product vfio-live 2>&1 | grep -E 'error|warning: unre' 
 swift build -c release --product vfio-live >/dev/null
 .build/release/vfio-live bench vfio-user --iterations 5000 --dma-size 32M
 .build/release/vfio-live bench device-state --state-size 64M
+.build/release/vfio-live bench vm --memory 512M
 
 say "tests"
 log="$(mktemp)"

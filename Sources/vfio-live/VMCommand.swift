@@ -53,7 +53,7 @@ extension VMCommand {
         var duration: Double?
         @Option(help: "Seconds between integrity checks.")
         var verifyEvery = 2.0
-        @Flag(help: "Use software vCPUs even if /dev/kvm exists.")
+        @Flag(name: .customLong("software-vcpus"), help: "Use software vCPUs even if /dev/kvm exists.")
         var softwareVCPUs = false
         @OptionGroup var global: GlobalOptions
 
