@@ -26,17 +26,20 @@ let package = Package(
         // The KVM micro-VM host: memfd guest RAM, vCPUs, MMIO routing, the guest workload and
         // its integrity verifier, and a software-vCPU fallback.
         .target(name: "Machine", dependencies: ["VFIOUser", "VFIO", "SystemCalls", "CVFIOLive"]),
+        // Live migration: the stream, pre-copy of RAM and device state, channels, statistics.
+        .target(name: "Migration", dependencies: ["Machine", "VFIOUser", "VFIO", "SystemCalls"]),
         // Device models served over vfio-user.
         .target(name: "Devices", dependencies: ["VFIOUser", "VFIO", "SystemCalls", "CVFIOLive"]),
         .executableTarget(
             name: "vfio-live",
             dependencies: [
-                "Devices", "Machine", "VFIOUser", "VFIO", "SystemCalls",
+                "Devices", "Machine", "Migration", "VFIOUser", "VFIO", "SystemCalls",
                 .product(name: "ArgumentParser", package: "swift-argument-parser"),
             ]),
         .testTarget(name: "SystemCallsTests", dependencies: ["SystemCalls", "CVFIOLive"]),
         .testTarget(name: "VFIOTests", dependencies: ["VFIO"]),
         .testTarget(name: "MachineTests", dependencies: ["Machine", "Devices", "VFIOUser", "VFIO", "SystemCalls"]),
+        .testTarget(name: "MigrationTests", dependencies: ["Migration", "Machine", "Devices", "VFIOUser", "VFIO", "SystemCalls"]),
         .testTarget(name: "VFIOUserTests", dependencies: ["VFIOUser", "Devices", "VFIO", "SystemCalls", "CVFIOLive"]),
     ],
     swiftLanguageModes: [.v5]

@@ -24,6 +24,7 @@ public struct VCPUState: Sendable {
     public var regs: [UInt8]
     public var sregs: [UInt8]
     public var fpu: [UInt8]
+    public init(regs: [UInt8], sregs: [UInt8], fpu: [UInt8]) { self.regs = regs; self.sregs = sregs; self.fpu = fpu }
 }
 
 /// The micro-VM host: memfd guest RAM in a KVM memslot, vCPU threads running the guest
@@ -308,6 +309,38 @@ public final class MicroVM: @unchecked Sendable {
         let due = t0 + done * 1_000_000_000 / workload.dirtyRate
         let now = monotonicNanoseconds()
         if due > now { usleep(UInt32(min(due - now, 200_000_000) / 1000)) }
+    }
+
+    // MARK: throttle (auto-converge)
+
+    private var throttlePercent: UInt64 = 0
+    private var throttleThread: OSThread?
+    private let throttleLock = Mutex()
+
+    /// Keep the vCPUs paused for `percent` of every 20 ms (0 stops throttling).
+    public func setThrottle(percent: UInt64) {
+        let p = min(percent, 99)
+        let start = throttleLock.withLock { () -> Bool in
+            let wasOff = throttlePercent == 0
+            throttlePercent = p
+            return wasOff && p > 0
+        }
+        if start {
+            throttleThread = OSThread(name: "throttle") { [self] in
+                while true {
+                    let pct = throttleLock.withLock { throttlePercent }
+                    if pct == 0 { return }
+                    usleep(UInt32(20_000 * (100 - pct) / 100))
+                    if control.mutex.withLock({ pauseRequested }) { continue }  // someone else paused
+                    pause()
+                    usleep(UInt32(20_000 * pct / 100))
+                    if throttleLock.withLock({ throttlePercent }) > 0 { resume() } else { resume(); return }
+                }
+            }
+        } else if p == 0 {
+            throttleThread?.join()
+            throttleThread = nil
+        }
     }
 
     // MARK: observation

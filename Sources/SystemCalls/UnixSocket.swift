@@ -8,28 +8,13 @@ public struct ReceivedFDs {
     public var truncated: Bool
 }
 
-/// A connected AF_UNIX SOCK_STREAM socket that can carry fds (SCM_RIGHTS).
-public final class UnixSocket: @unchecked Sendable {
-    public let fd: FileDescriptor
+/// A connected stream socket (UNIX or TCP): sends whole buffer lists with one sendmsg where
+/// it can, receives exactly, and (UNIX only) carries fds with SCM_RIGHTS.
+public protocol StreamSocket: AnyObject {
+    var fd: FileDescriptor { get }
+}
 
-    public init(adopting fd: FileDescriptor) { self.fd = fd }
-
-    /// Connect to a listening socket at `path`.
-    public static func connect(path: String) throws -> UnixSocket {
-        let raw = try syscallRetryingEINTR { socket(AF_UNIX, Int32(SOCK_STREAM.rawValue) | Int32(SOCK_CLOEXEC.rawValue), 0) }
-        let fd = FileDescriptor(adopting: raw)
-        _ = try path.withCString { p in try syscallRetryingEINTR { vl_unix_connect(raw, p) } }
-        return UnixSocket(adopting: fd)
-    }
-
-    /// A connected pair (used for vfio-user's twin socket and in tests).
-    public static func pair() throws -> (UnixSocket, UnixSocket) {
-        var sv: [Int32] = [-1, -1]
-        _ = try syscallRetryingEINTR { socketpair(AF_UNIX, Int32(SOCK_STREAM.rawValue) | Int32(SOCK_CLOEXEC.rawValue), 0, &sv) }
-        return (UnixSocket(adopting: FileDescriptor(adopting: sv[0])),
-                UnixSocket(adopting: FileDescriptor(adopting: sv[1])))
-    }
-
+extension StreamSocket {
     /// One sendmsg with all `buffers` and `fds` (fds are duplicated by the kernel; we keep ours).
     /// Loops over a short write, sending the fds only with the first part.
     public func send(_ buffers: [UnsafeRawBufferPointer], fds: [Int32] = []) throws {
@@ -91,6 +76,30 @@ public final class UnixSocket: @unchecked Sendable {
             got += n
         }
         return ReceivedFDs(fds: fds, truncated: truncated)
+    }
+
+}
+
+/// A connected AF_UNIX SOCK_STREAM socket that can carry fds (SCM_RIGHTS).
+public final class UnixSocket: StreamSocket, @unchecked Sendable {
+    public let fd: FileDescriptor
+
+    public init(adopting fd: FileDescriptor) { self.fd = fd }
+
+    /// Connect to a listening socket at `path`.
+    public static func connect(path: String) throws -> UnixSocket {
+        let raw = try syscallRetryingEINTR { socket(AF_UNIX, Int32(SOCK_STREAM.rawValue) | Int32(SOCK_CLOEXEC.rawValue), 0) }
+        let fd = FileDescriptor(adopting: raw)
+        _ = try path.withCString { p in try syscallRetryingEINTR { vl_unix_connect(raw, p) } }
+        return UnixSocket(adopting: fd)
+    }
+
+    /// A connected pair (used for vfio-user's twin socket and in tests).
+    public static func pair() throws -> (UnixSocket, UnixSocket) {
+        var sv: [Int32] = [-1, -1]
+        _ = try syscallRetryingEINTR { socketpair(AF_UNIX, Int32(SOCK_STREAM.rawValue) | Int32(SOCK_CLOEXEC.rawValue), 0, &sv) }
+        return (UnixSocket(adopting: FileDescriptor(adopting: sv[0])),
+                UnixSocket(adopting: FileDescriptor(adopting: sv[1])))
     }
 
     public func shutdown(write: Bool = true, read: Bool = true) {

@@ -1,0 +1,57 @@
+import SystemCalls
+
+/// query-migrate's view of a migration, updated by the engine, read by QMP from another thread.
+public final class MigrationStats: @unchecked Sendable {
+    public enum Status: String, Sendable { case none, setup, active, device, completed, failed, cancelled }
+    private let lock = Mutex()
+    private var _status: Status = .none
+    public var status: Status { lock.withLock { _status } }
+    public var errorDescription: String? { lock.withLock { _error } }
+    private var _error: String?
+    var startNS: UInt64 = 0
+    var setupNS: UInt64 = 0
+    public internal(set) var totalBytes: UInt64 = 0        // RAM size
+    public internal(set) var transferredBytes: UInt64 = 0  // everything sent
+    public internal(set) var ramBytes: UInt64 = 0          // RAM page data sent
+    public internal(set) var remainingBytes: UInt64 = 0
+    public internal(set) var normalPages: UInt64 = 0
+    public internal(set) var zeroPages: UInt64 = 0
+    public internal(set) var iterations: UInt64 = 0
+    public internal(set) var dirtyPagesRate: UInt64 = 0
+    public internal(set) var expectedDowntimeMS: UInt64 = 0
+    public internal(set) var downtimeMS: Double = 0
+    public internal(set) var totalTimeMS: Double = 0
+    public internal(set) var throttlePercent: UInt64 = 0
+    public internal(set) var bandwidth: Double = 0          // bytes/s
+    public internal(set) var deviceBytes: [UInt64] = []
+    public internal(set) var forcedSwitchover = false
+    /// Called on every status change (the MIGRATION event).
+    public var onStatus: ((Status) -> Void)?
+
+    public init() {}
+
+    func set(_ s: Status, error: String? = nil) {
+        lock.withLock { _status = s; if let e = error { _error = e } }
+        onStatus?(s)
+    }
+    func update(_ body: () -> Void) { lock.withLock(body) }
+    public func snapshot<T>(_ body: (MigrationStats) -> T) -> T { lock.withLock { body(self) } }
+}
+
+/// A migration's parameters and capabilities (migrate-set-parameters / -capabilities).
+public struct MigrationParameters: Sendable {
+    /// Milliseconds the guest may be paused at switch-over.
+    public var downtimeLimitMS: UInt64 = 300
+    /// Bytes per second; 0 = unlimited (QEMU's default is 128 MiB/s: vfio-live does not throttle
+    /// unless asked, because loopback and local links are the common case).
+    public var maxBandwidth: UInt64 = 0
+    public var autoConverge = false
+    public var throttleInitial: UInt64 = 20
+    public var throttleIncrement: UInt64 = 10
+    public var throttleMax: UInt64 = 99
+    /// Switch over after this many iterations even if the downtime limit cannot be met.
+    public var maxIterations: UInt64 = 64
+    /// Treat every page mapped by a device without dirty tracking as dirty (else: blocker).
+    public var allowUntrackedDevices = false
+    public init() {}
+}

@@ -1,0 +1,284 @@
+import SystemCalls
+import VFIO
+
+/// The vfio-live migration stream (all integers big-endian, as QEMU's stream):
+///
+///     stream  := header section* END
+///     header  := "VLMIGRAT" | version u32 | flags u32
+///     section := type u8 | 0 u8[3] | id u32 | length u64 | payload[length] | checksum u64
+///
+/// The checksum is `Checksum.update` chained over the payload's pieces in order: for RAM the
+/// run table, then each run's data; for every other section the whole payload. Sections:
+///
+///     CONFIG  ram size u64, vCPUs u32, devices u32, page size u32
+///     RAM     runs u32, runs × {gpa u64, pages u32, flags u32 (1 = zero pages, no data)}, data
+///     DEVICE  device index u32, then QEMU's VFIO records: SETUP, DATA (be64 length + bytes),
+///             CONFIG (+ payload), INIT_DATA_SENT, each group ended by END_OF_STATE
+///     VCPUS   count u32, count × {regs, sregs, fpu: each u32 length + bytes}
+///     END     pages sent u64
+public enum MigrationStream {
+    public static let magic: [UInt8] = Array("VLMIGRAT".utf8)
+    public static let version: UInt32 = 1
+    public static let headerSize = 16
+    public static let sectionHeaderSize = 16
+    public static let pageSize: UInt64 = 4096
+    /// Bounds the destination enforces before it reads a payload.
+    public static let maxRuns = 65536
+    public static let maxSectionLength: UInt64 = 64 << 20
+
+    public enum SectionType: UInt8, CustomStringConvertible {
+        case config = 1, ram = 2, device = 3, vcpus = 4, end = 5
+        public var description: String { ["", "CONFIG", "RAM", "DEVICE", "VCPUS", "END"][Int(rawValue)] }
+    }
+
+    /// QEMU's VFIO device-state tags (hw/vfio/vfio-migration-internal.h).
+    public enum VFIOTag: UInt64 {
+        case endOfState = 0xffff_ffff_ef10_0001
+        case configState = 0xffff_ffff_ef10_0002
+        case setupState = 0xffff_ffff_ef10_0003
+        case dataState = 0xffff_ffff_ef10_0004
+        case initDataSent = 0xffff_ffff_ef10_0005
+        case configLoadReady = 0xffff_ffff_ef10_0006
+    }
+}
+
+/// A precise reason the destination refused the stream.
+public enum StreamError: Error, CustomStringConvertible, Equatable {
+    case notAMigrationStream
+    case unsupportedVersion(UInt32)
+    case unknownSection(UInt8, offset: UInt64)
+    case sectionTooLarge(MigrationStream.SectionType, UInt64)
+    case checksumMismatch(MigrationStream.SectionType, id: UInt32, offset: UInt64)
+    case malformed(MigrationStream.SectionType, id: UInt32, String)
+    case configMismatch(String)
+    case truncated(offset: UInt64)
+    case missingEnd
+
+    public var description: String {
+        switch self {
+        case .notAMigrationStream: return "not a vfio-live migration stream (bad magic)"
+        case let .unsupportedVersion(v): return "unsupported migration stream version \(v) (this build reads \(MigrationStream.version))"
+        case let .unknownSection(t, off): return "unknown section type \(t) at stream offset \(off)"
+        case let .sectionTooLarge(t, n): return "\(t) section of \(n) bytes exceeds the \(MigrationStream.maxSectionLength)-byte limit"
+        case let .checksumMismatch(t, id, off): return "\(t) section \(id) at stream offset \(off) is corrupt (checksum mismatch)"
+        case let .malformed(t, id, why): return "\(t) section \(id): \(why)"
+        case let .configMismatch(why): return "the source VM does not match this one: \(why)"
+        case let .truncated(off): return "stream ends in the middle of a section (offset \(off))"
+        case .missingEnd: return "stream ended without an END section"
+        }
+    }
+}
+
+/// Where decoded sections go (the destination VMM; a fuzz harness's null sink).
+public protocol MigrationSink: AnyObject {
+    func config(ramSize: UInt64, vcpus: UInt32, devices: UInt32) throws
+    /// The guest pages [gpa, gpa + pages×4 KiB); `destination` receives the data directly.
+    func ramDestination(gpa: UInt64, pages: UInt32) throws -> UnsafeMutableRawBufferPointer
+    func ramZero(gpa: UInt64, pages: UInt32) throws
+    func deviceSetup(device: UInt32) throws
+    func deviceData(device: UInt32, _ data: UnsafeRawBufferPointer) throws
+    func deviceConfig(device: UInt32, _ data: ArraySlice<UInt8>) throws
+    func deviceInitialDataSent(device: UInt32) throws
+    func vcpus(_ states: [VCPUStateBytes]) throws
+    func end(pagesSent: UInt64) throws
+}
+
+/// vCPU state as it travels (Machine's VCPUState, without depending on Machine).
+public struct VCPUStateBytes: Sendable, Equatable {
+    public var regs: [UInt8], sregs: [UInt8], fpu: [UInt8]
+    public init(regs: [UInt8], sregs: [UInt8], fpu: [UInt8]) { self.regs = regs; self.sregs = sregs; self.fpu = fpu }
+}
+
+/// A byte source the decoder reads exactly from (a socket, or memory for the fuzzer).
+public protocol ByteSource: AnyObject {
+    func readExactly(_ buffer: UnsafeMutableRawBufferPointer) throws
+}
+
+/// Decodes a stream from a source into a sink, checking every length, bound and checksum
+/// before the data is used: a section's data may already be in guest RAM when its checksum
+/// fails, but the destination's guest never runs on it (the migration fails).
+public final class MigrationStreamDecoder {
+    let source: ByteSource
+    let sink: MigrationSink
+    public private(set) var offset: UInt64 = 0
+    public private(set) var sectionsRead = 0
+    private var ramSize: UInt64 = 0
+    private var devices: UInt32 = 0
+
+    public init(source: ByteSource, sink: MigrationSink) { self.source = source; self.sink = sink }
+
+    private func read(_ n: Int) throws -> [UInt8] {
+        var b = [UInt8](repeating: 0, count: n)
+        try readInto(&b)
+        return b
+    }
+    private func readInto(_ b: inout [UInt8]) throws {
+        do { try b.withUnsafeMutableBytes { try source.readExactly($0) } } catch let e as Errno where e == .ECONNRESET || e == .EPROTO {
+            throw StreamError.truncated(offset: offset)
+        }
+        offset += UInt64(b.count)
+    }
+    private func readInto(_ p: UnsafeMutableRawBufferPointer) throws {
+        do { try source.readExactly(p) } catch let e as Errno where e == .ECONNRESET || e == .EPROTO {
+            throw StreamError.truncated(offset: offset)
+        }
+        offset += UInt64(p.count)
+    }
+    private static func be64(_ b: ArraySlice<UInt8>) -> UInt64 { b.prefix(8).reduce(0) { $0 << 8 | UInt64($1) } }
+    private static func be32(_ b: ArraySlice<UInt8>) -> UInt32 { b.prefix(4).reduce(0) { $0 << 8 | UInt32($1) } }
+
+    public func readHeader() throws {
+        let h = try read(MigrationStream.headerSize)
+        guard Array(h[0..<8]) == MigrationStream.magic else { throw StreamError.notAMigrationStream }
+        let v = Self.be32(h[8...])
+        guard v == MigrationStream.version else { throw StreamError.unsupportedVersion(v) }
+    }
+
+    /// Decode sections until END. Returns when the END section was applied.
+    public func run() throws {
+        try readHeader()
+        var sawConfig = false
+        while true {
+            let start = offset
+            let h = try read(MigrationStream.sectionHeaderSize)
+            guard let type = MigrationStream.SectionType(rawValue: h[0]) else { throw StreamError.unknownSection(h[0], offset: start) }
+            let id = Self.be32(h[4...]), length = Self.be64(h[8...])
+            guard length <= MigrationStream.maxSectionLength else { throw StreamError.sectionTooLarge(type, length) }
+            if type != .config && !sawConfig { throw StreamError.malformed(type, id: id, "the stream must start with CONFIG") }
+            sectionsRead += 1
+            var sum = Checksum.seed
+            switch type {
+            case .ram:
+                sum = try decodeRAM(id: id, length: length)
+            default:
+                let payload = try read(Int(length))
+                sum = payload.withUnsafeBytes { Checksum.update(sum, $0) }
+                try verify(type, id, start, sum)
+                try apply(type, id: id, payload)
+                if type == .config { sawConfig = true }
+                if type == .end { return }
+                continue
+            }
+            try verify(type, id, start, sum)
+        }
+    }
+
+    private func verify(_ t: MigrationStream.SectionType, _ id: UInt32, _ start: UInt64, _ sum: UInt64) throws {
+        let trailer = try read(8)
+        guard Self.be64(trailer[...]) == sum else { throw StreamError.checksumMismatch(t, id: id, offset: start) }
+    }
+
+    private func decodeRAM(id: UInt32, length: UInt64) throws -> UInt64 {
+        func bad(_ why: String) -> StreamError { .malformed(.ram, id: id, why) }
+        guard length >= 4 else { throw bad("shorter than its run count") }
+        let countBytes = try read(4)
+        let runs = Int(Self.be32(countBytes[...]))
+        guard runs <= MigrationStream.maxRuns else { throw bad("\(runs) runs (at most \(MigrationStream.maxRuns))") }
+        let tableBytes = UInt64(runs) * 16
+        guard length >= 4 + tableBytes else { throw bad("\(runs) runs do not fit in \(length) bytes") }
+        let table = try read(runs * 16)
+        var sum = (countBytes + table).withUnsafeBytes { Checksum.update(Checksum.seed, $0) }
+        var dataBytes: UInt64 = 0
+        var parsed: [(UInt64, UInt32, Bool)] = []
+        for r in 0..<runs {
+            let e = table[(r * 16)...]
+            let gpa = Self.be64(e), pages = Self.be32(e.dropFirst(8)), flags = Self.be32(e.dropFirst(12))
+            guard gpa % MigrationStream.pageSize == 0, pages > 0, flags & ~1 == 0 else {
+                throw bad("run \(r): gpa \(hexString(gpa)), \(pages) pages, flags \(flags) is not a valid run")
+            }
+            let bytes = UInt64(pages) * MigrationStream.pageSize
+            guard gpa < ramSize, bytes <= ramSize - gpa else {
+                throw bad("run \(r): [\(hexString(gpa)), +\(hexString(bytes))) lies outside guest RAM of \(ramSize) bytes")
+            }
+            if flags & 1 == 0 { dataBytes += bytes }
+            parsed.append((gpa, pages, flags & 1 != 0))
+        }
+        guard length == 4 + tableBytes + dataBytes else {
+            throw bad("length \(length) does not match its runs (\(4 + tableBytes + dataBytes) bytes)")
+        }
+        for (gpa, pages, zero) in parsed {
+            if zero { try sink.ramZero(gpa: gpa, pages: pages); continue }
+            let dst = try sink.ramDestination(gpa: gpa, pages: pages)
+            try readInto(dst)
+            sum = Checksum.update(sum, UnsafeRawBufferPointer(dst))
+        }
+        return sum
+    }
+
+    private func apply(_ type: MigrationStream.SectionType, id: UInt32, _ p: [UInt8]) throws {
+        func bad(_ why: String) -> StreamError { .malformed(type, id: id, why) }
+        var r = BEReader(p[...])
+        switch type {
+        case .config:
+            guard let size = r.u64(), let vcpus = r.u32(), let devs = r.u32(), let ps = r.u32() else { throw bad("truncated") }
+            guard ps == UInt32(MigrationStream.pageSize) else { throw bad("page size \(ps) (only 4096)") }
+            guard size > 0, size % MigrationStream.pageSize == 0 else { throw bad("RAM size \(size) is not a whole number of pages") }
+            ramSize = size
+            devices = devs
+            try sink.config(ramSize: size, vcpus: vcpus, devices: devs)
+        case .device:
+            guard let dev = r.u32() else { throw bad("truncated") }
+            guard dev < devices else { throw bad("device \(dev) but the VM has \(devices)") }
+            while r.remaining > 0 {
+                guard let raw = r.u64() else { throw bad("truncated record tag") }
+                guard let tag = MigrationStream.VFIOTag(rawValue: raw) else { throw bad("unknown VFIO record tag \(hexString(raw))") }
+                switch tag {
+                case .endOfState: continue
+                case .setupState:
+                    guard r.u64() == MigrationStream.VFIOTag.endOfState.rawValue else { throw bad("SETUP STATE: EOS not found") }
+                    try sink.deviceSetup(device: dev)
+                case .dataState:
+                    guard let n = r.u64(), let data = r.bytes(Int(clamping: n)) else { throw bad("DATA record truncated") }
+                    try data.withUnsafeBytes { try sink.deviceData(device: dev, $0) }
+                case .configState:
+                    guard let n = r.u32(), let data = r.bytes(Int(n)) else { throw bad("CONFIG record truncated") }
+                    guard r.u64() == MigrationStream.VFIOTag.endOfState.rawValue else { throw bad("CONFIG STATE: EOS not found") }
+                    try sink.deviceConfig(device: dev, data)
+                case .initDataSent:
+                    try sink.deviceInitialDataSent(device: dev)
+                case .configLoadReady:
+                    throw bad("CONFIG_LOAD_READY is only used with multifd, which this stream does not use")
+                }
+            }
+        case .vcpus:
+            guard let n = r.u32(), n <= 64 else { throw bad("vCPU count missing or above 64") }
+            var states: [VCPUStateBytes] = []
+            for i in 0..<n {
+                var parts: [[UInt8]] = []
+                for _ in 0..<3 {
+                    guard let len = r.u32(), len <= 64 * 1024, let b = r.bytes(Int(len)) else { throw bad("vCPU \(i) state truncated") }
+                    parts.append(Array(b))
+                }
+                states.append(VCPUStateBytes(regs: parts[0], sregs: parts[1], fpu: parts[2]))
+            }
+            guard r.remaining == 0 else { throw bad("\(r.remaining) bytes after the last vCPU") }
+            try sink.vcpus(states)
+        case .end:
+            guard let pages = r.u64(), r.remaining == 0 else { throw bad("END carries 8 bytes") }
+            try sink.end(pagesSent: pages)
+        case .ram:
+            break
+        }
+    }
+}
+
+/// Big-endian reader that returns nil instead of reading past the end.
+struct BEReader {
+    var b: ArraySlice<UInt8>
+    init(_ b: ArraySlice<UInt8>) { self.b = b }
+    var remaining: Int { b.count }
+    mutating func u32() -> UInt32? { guard b.count >= 4 else { return nil }; defer { b = b.dropFirst(4) }; return b.prefix(4).reduce(0) { $0 << 8 | UInt32($1) } }
+    mutating func u64() -> UInt64? { guard b.count >= 8 else { return nil }; defer { b = b.dropFirst(8) }; return b.prefix(8).reduce(0) { $0 << 8 | UInt64($1) } }
+    mutating func bytes(_ n: Int) -> ArraySlice<UInt8>? { guard n >= 0, b.count >= n else { return nil }; defer { b = b.dropFirst(n) }; return b.prefix(n) }
+}
+
+func hexString(_ v: UInt64) -> String { "0x" + String(v, radix: 16) }
+
+/// Big-endian writer for section payloads.
+public struct BEWriter {
+    public private(set) var bytes: [UInt8] = []
+    public init() {}
+    public mutating func u32(_ v: UInt32) { withUnsafeBytes(of: v.bigEndian) { bytes.append(contentsOf: $0) } }
+    public mutating func u64(_ v: UInt64) { withUnsafeBytes(of: v.bigEndian) { bytes.append(contentsOf: $0) } }
+    public mutating func append<C: Collection>(_ c: C) where C.Element == UInt8 { bytes.append(contentsOf: c) }
+}
