@@ -271,6 +271,8 @@ public final class MigrationSource: @unchecked Sendable {
     public func run() throws {
         stats.update { stats.startNS = monotonicNanoseconds(); stats.totalBytes = vm.memory.size }
         stats.set(.setup)
+        // Whatever happens, the channel closes: a destination waiting for more learns it is over.
+        defer { _ = shutdown(socket.fd.rawValue, Int32(SHUT_RDWR)); socket.fd.close() }
         do {
             try migrate()
         } catch {

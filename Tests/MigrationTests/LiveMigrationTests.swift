@@ -96,3 +96,129 @@ final class LiveMigrationTests: XCTestCase {
         XCTAssertGreaterThan(dst.vm.interruptsCounted[0], 0)
     }
 }
+
+/// Every failure the issue names, at different phases: the source VM keeps running with its
+/// device back in RUNNING, dirty logging off, and the verifier passes; stats say why.
+extension LiveMigrationTests {
+    func assertSourceRunsOn(_ m: MigrationSource, status: MigrationStats.Status, reasonContains: String,
+                            file: StaticString = #filePath, line: UInt = #line) throws {
+        XCTAssertEqual(m.stats.status, status, file: file, line: line)
+        let why = m.stats.errorDescription ?? ""
+        XCTAssertTrue(why.contains(reasonContains), "reason: \(why)", file: file, line: line)
+        XCTAssertFalse(src.vm.isPaused, "the source VM runs", file: file, line: line)
+        XCTAssertFalse(src.vm.dirtyLogging, "KVM dirty logging is off again", file: file, line: line)
+        XCTAssertEqual(try src.client.migrationState(), .running, "the device is back in RUNNING", file: file, line: line)
+        XCTAssertThrowsError(try src.client.dmaLoggingReport(iova: 0, length: 4096, pageSize: 4096), "device DMA logging stopped", file: file, line: line)
+        let p = src.vm.pagesWritten, dma = src.vm.dmaRoundsOK
+        usleep(200_000)
+        XCTAssertGreaterThan(src.vm.pagesWritten, p, "the guest still writes", file: file, line: line)
+        XCTAssertGreaterThan(src.vm.dmaRoundsOK, dma, "and still DMAs", file: file, line: line)
+        let r = src.vm.verify()
+        XCTAssertTrue(r.ok, r.description, file: file, line: line)
+    }
+
+    func startSource() {
+        src.vm.start(); src.vm.resume()
+        dst.vm.start()
+        usleep(200_000)
+    }
+
+    func testCancelDuringPreCopy() throws {
+        startSource()
+        let wait = startDestination()
+        let m = try connectSource()
+        m.beforeSection = { t, _ in if t == .ram { m.cancel() } }
+        XCTAssertThrowsError(try m.run())
+        try assertSourceRunsOn(m, status: .cancelled, reasonContains: "cancelled")
+        XCTAssertNotNil(wait(), "the destination fails too")
+    }
+
+    func testCorruptStreamIsRejectedByTheDestination() throws {
+        startSource()
+        let wait = startDestination()
+        let m = try connectSource()
+        m.beforeSection = { t, id in if t == .ram && id == 6 { m.corruptNextSectionForTesting = true } }
+        XCTAssertThrowsError(try m.run())
+        try assertSourceRunsOn(m, status: .failed, reasonContains: "checksum mismatch")
+        let e = wait()
+        XCTAssertTrue("\(e.map { "\($0)" } ?? "")".contains("RAM section 6"), "destination: \(String(describing: e))")
+    }
+
+    func testDestinationDyingMidStream() throws {
+        startSource()
+        // The "destination" reads a little and dies.
+        let t = OSThread { [self] in
+            if let s = try? listener.accept(timeoutMilliseconds: 20_000) {
+                var b = [UInt8](repeating: 0, count: 64 << 10)
+                _ = try? b.withUnsafeMutableBytes { try s.receiveExactly(into: $0, maxFDs: 0) }
+                s.fd.close()
+            }
+        }
+        let m = try connectSource()
+        XCTAssertThrowsError(try m.run())
+        t.join()
+        try assertSourceRunsOn(m, status: .failed, reasonContains: "channel")
+    }
+
+    func testConnectionCutAtStopAndCopy() throws {
+        startSource()
+        let wait = startDestination()
+        let sock = try TCPSocket.connect(host: "127.0.0.1", port: listener.port)
+        let m = try MigrationSource(vm: src.vm, to: sock, parameters: MigrationParameters(), policies: [.auto])
+        // Cut the wire when the vCPU state goes out: the VM is paused, the device in STOP_COPY.
+        m.beforeSection = { t, _ in if t == .vcpus { shutdown(sock.fd.rawValue, Int32(SHUT_RDWR)) } }
+        XCTAssertThrowsError(try m.run())
+        try assertSourceRunsOn(m, status: .failed, reasonContains: "VCPUS")
+        _ = wait()
+    }
+
+    func testDeviceRefusingStopCopyFailsCleanly() throws {
+        startSource()
+        let wait = startDestination()
+        src.server.device.refuseArcForTesting = (.preCopy, .stopCopy)
+        let m = try connectSource()
+        XCTAssertThrowsError(try m.run())
+        try assertSourceRunsOn(m, status: .failed, reasonContains: "PRE_COPY→STOP_COPY")
+        XCTAssertNotNil(wait())
+    }
+
+    func testDestinationDeviceRefusingToLoadFailsCleanly() throws {
+        startSource()
+        dst.server.device.corruptNextWriteForTesting = true
+        let wait = startDestination()
+        let m = try connectSource()
+        XCTAssertThrowsError(try m.run())
+        try assertSourceRunsOn(m, status: .failed, reasonContains: "device 0")
+        XCTAssertNotNil(wait())
+        XCTAssertEqual(try dst.client.migrationState(), .running, "the destination device was reset out of RESUMING")
+    }
+
+    func testBlockersAreCheckedBeforeAnythingIsTouched() throws {
+        startSource()
+        let sock = try TCPSocket.connect(host: "127.0.0.1", port: listener.port)
+        XCTAssertThrowsError(try MigrationSource(vm: src.vm, to: sock, parameters: MigrationParameters(), policies: [.off])) {
+            XCTAssertTrue("\($0)".contains("enable-migration=off"), "\($0)")
+        }
+        XCTAssertFalse(src.vm.dirtyLogging)
+        XCTAssertEqual(try src.client.migrationState(), .running)
+    }
+
+    func testDestinationRefusesAMismatchedVM() throws {
+        // A destination with a different amount of RAM says exactly what to change.
+        var w = WorkloadConfig(); w.workingSet = 16 << 20
+        let otherServer = try InProcessServer(path: InProcessServer.temporaryPath("other"), stateSize: 1 << 20)
+        let otherClient = try VFIOUserClient(path: otherServer.path)
+        let other = try MicroVM(memorySize: 128 << 20, vcpus: 2, workload: w, devices: [otherClient])
+        defer { other.stop(); otherClient.close(); otherServer.stop() }
+        startSource()
+        var destError: Error?
+        let t = OSThread { [self] in
+            do { if let s = try listener.accept(timeoutMilliseconds: 20_000) { try MigrationDestination(vm: other, from: s).run() } } catch { destError = error }
+        }
+        let m = try connectSource()
+        XCTAssertThrowsError(try m.run())
+        t.join()
+        XCTAssertTrue("\(destError.map { "\($0)" } ?? "")".contains("--memory 67108864"), "\(String(describing: destError))")
+        try assertSourceRunsOn(m, status: .failed, reasonContains: "--memory")
+    }
+}

@@ -94,6 +94,8 @@ public final class DMAEngine: VFIOUserDeviceModel, @unchecked Sendable {
 
     /// Fault injection for tests: flip one byte of the next migration data written.
     public var corruptNextWriteForTesting = false
+    /// Fault injection for tests: refuse this arc once (the device keeps its state).
+    public var refuseArcForTesting: (MigrationState, MigrationState)?
 
     /// Metrics (Firecracker-style counters).
     public private(set) var bytesMoved: UInt64 = 0

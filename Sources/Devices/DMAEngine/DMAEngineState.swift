@@ -98,6 +98,10 @@ extension DMAEngine: MigratableDevice {
     var chunkCount: Int { Int(memorySize) / Self.chunkSize }
 
     public func migrationArc(from: MigrationState, to: MigrationState) throws {
+        if let r = refuseArcForTesting, r.0 == from, r.1 == to {
+            refuseArcForTesting = nil
+            throw MigrationArcError.refused("dma-engine refuses \(from)→\(to) (fault injected)")
+        }
         switch (from, to) {
         case (.running, .stop):
             quiesce()
