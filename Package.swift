@@ -28,12 +28,14 @@ let package = Package(
         .target(name: "Machine", dependencies: ["VFIOUser", "VFIO", "SystemCalls", "CVFIOLive"]),
         // Live migration: the stream, pre-copy of RAM and device state, channels, statistics.
         .target(name: "Migration", dependencies: ["Machine", "VFIOUser", "VFIO", "SystemCalls"]),
+        // The QMP-compatible control socket and the VMM that answers it.
+        .target(name: "Control", dependencies: ["Migration", "Machine", "VFIOUser", "VFIO", "SystemCalls"]),
         // Device models served over vfio-user.
         .target(name: "Devices", dependencies: ["VFIOUser", "VFIO", "SystemCalls", "CVFIOLive"]),
         .executableTarget(
             name: "vfio-live",
             dependencies: [
-                "Devices", "Machine", "Migration", "VFIOUser", "VFIO", "SystemCalls",
+                "Devices", "Control", "Machine", "Migration", "VFIOUser", "VFIO", "SystemCalls",
                 .product(name: "ArgumentParser", package: "swift-argument-parser"),
             ]),
         .testTarget(name: "SystemCallsTests", dependencies: ["SystemCalls", "CVFIOLive"]),

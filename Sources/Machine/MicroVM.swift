@@ -62,7 +62,7 @@ public final class MicroVM: @unchecked Sendable {
     /// Build the VM. `devices` are connected vfio-user clients; each gets guest RAM mapped for
     /// DMA at IOVA = GPA (by fd) and an MSI eventfd.
     public init(memorySize: UInt64, vcpus: Int = 1, workload: WorkloadConfig, devices: [VFIOUserClient] = [],
-                forceSoftware: Bool = false, adoptingMemory: FileDescriptor? = nil) throws {
+                forceSoftware: Bool = false, adoptingMemory: FileDescriptor? = nil, populateMemory: Bool = false) throws {
         guard vcpus >= 1, vcpus <= GuestLayout.maxVCPUs else { throw KVMError.unavailable("--vcpus must be 1...\(GuestLayout.maxVCPUs)") }
         guard workload.workingSet >= 4096 * UInt64(vcpus), GuestLayout.workingSetBase + workload.workingSet <= memorySize else {
             throw KVMError.unavailable("working set of \(workload.workingSet) bytes does not fit in \(memorySize) bytes of guest RAM (it starts at 1 MiB)")
@@ -71,7 +71,7 @@ public final class MicroVM: @unchecked Sendable {
         vcpuCount = vcpus
         irqStop = try EventFD()
         if let fd = adoptingMemory { memory = try GuestMemory(adopting: fd, size: memorySize) }
-        else { memory = try GuestMemory(size: memorySize) }
+        else { memory = try GuestMemory(size: memorySize, populate: populateMemory) }
         if forceSoftware || KVMSystem.unavailableReason != nil {
             kvm = nil; vm = nil
             executionMode = "software vCPU (\(forceSoftware ? "requested" : KVMSystem.unavailableReason!))"

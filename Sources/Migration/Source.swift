@@ -146,57 +146,76 @@ public final class MigrationSource: @unchecked Sendable {
         return true
     }
 
+    /// Runs of pages collected for one RAM section.
+    struct RAMBatch {
+        var gpa: [UInt64] = [], count: [UInt32] = [], zero: [Bool] = []
+        var dataBytes = 0
+        var isEmpty: Bool { gpa.isEmpty }
+        mutating func add(page p: UInt64, zero z: Bool) {
+            if let last = gpa.indices.last, zero[last] == z, gpa[last] + UInt64(count[last]) * 4096 == p * 4096, count[last] < 256 {
+                count[last] += 1
+            } else {
+                gpa.append(p * 4096); count.append(1); zero.append(z)
+            }
+            if !z { dataBytes += 4096 }
+        }
+        mutating func reset() { gpa.removeAll(keepingCapacity: true); count.removeAll(keepingCapacity: true); zero.removeAll(keepingCapacity: true); dataBytes = 0 }
+    }
+
+    /// One RAM section from the batch. Live pages change under us: they are copied into the
+    /// staging buffer and checksummed in the same pass; a page written after its copy is dirty
+    /// again and goes in a later iteration.
+    private func flush(_ b: inout RAMBatch) throws {
+        guard !b.isEmpty else { return }
+        let base = vm.memory.base
+        var table = BEWriter()
+        table.u32(UInt32(b.gpa.count))
+        for i in b.gpa.indices { table.u64(b.gpa[i]); table.u32(b.count[i]); table.u32(b.zero[i] ? 1 : 0) }
+        let t = table.bytes
+        var sum = t.withUnsafeBytes { Checksum.update(Checksum.seed, $0) }
+        var at = 0
+        var z: UInt64 = 0, n: UInt64 = 0
+        for i in b.gpa.indices {
+            if b.zero[i] { z += UInt64(b.count[i]); continue }
+            let bytes = Int(b.count[i]) * 4096
+            sum = Checksum.copy(sum, from: UnsafeRawBufferPointer(start: base + Int(b.gpa[i]), count: bytes), to: staging.base + at)
+            at += bytes
+            n += UInt64(b.count[i])
+        }
+        try t.withUnsafeBytes { tb in
+            try send(.ram, pieces: [tb, UnsafeRawBufferPointer(start: staging.base, count: at)], checksum: sum)
+        }
+        stats.update { stats.zeroPages += z; stats.normalPages += n; stats.ramBytes += n * 4096 }
+        b.reset()
+        try checkCancelled()
+    }
+
     /// Send the pages set in `bitmap` as RAM sections of runs; zero pages travel as run
     /// headers only. Returns the page count sent.
     @discardableResult
     private func sendPages(_ bitmap: [UInt64]) throws -> UInt64 {
         let base = vm.memory.base
         let pages = vm.memory.size / 4096
-        var runs: [(gpa: UInt64, count: UInt32, zero: Bool)] = []
-        var dataBytes = 0
+        var batch = RAMBatch()
         var sent: UInt64 = 0
-        func flush() throws {
-            guard !runs.isEmpty else { return }
-            var table = BEWriter()
-            table.u32(UInt32(runs.count))
-            for r in runs { table.u64(r.gpa); table.u32(r.count); table.u32(r.zero ? 1 : 0) }
-            let t = table.bytes
-            // Live pages change under us: copy them into the staging buffer and checksum what
-            // is copied, in one pass. A page written after its copy is dirty again and goes in
-            // a later iteration.
-            var sum = t.withUnsafeBytes { Checksum.update(Checksum.seed, $0) }
-            var at = 0
-            for r in runs where !r.zero {
-                let n = Int(r.count) * 4096
-                sum = Checksum.copy(sum, from: UnsafeRawBufferPointer(start: base + Int(r.gpa), count: n), to: staging.base + at)
-                at += n
-            }
-            try t.withUnsafeBytes { tb in
-                try send(.ram, pieces: [tb, UnsafeRawBufferPointer(start: staging.base, count: at)], checksum: sum)
-            }
-            var z: UInt64 = 0, n: UInt64 = 0
-            for r in runs { if r.zero { z += UInt64(r.count) } else { n += UInt64(r.count) } }
-            stats.update { stats.zeroPages += z; stats.normalPages += n; stats.ramBytes += n * 4096 }
-            runs = []; dataBytes = 0
-            try checkCancelled()
-        }
         var p: UInt64 = 0
+        // Holes of the memfd are zero pages we need not (and should not) read.
+        let extents = vm.memory.dataExtents()
+        var e = 0
         while p < pages {
             let w = bitmap[Int(p / 64)]
             if w == 0 && p % 64 == 0 { p += 64; continue }
             if w & (1 << (p % 64)) == 0 { p += 1; continue }
-            let zero = Self.isZero(base + Int(p * 4096))
-            if let last = runs.last, last.zero == zero, last.gpa + UInt64(last.count) * 4096 == p * 4096, last.count < 256 {
-                runs[runs.count - 1].count += 1
-            } else {
-                runs.append((p * 4096, 1, zero))
-            }
-            if !zero { dataBytes += 4096 }
+            let addr = p * 4096
+            while e < extents.count && extents[e].upperBound <= addr { e += 1 }
+            let inHole = e == extents.count || !extents[e].contains(addr)
+            batch.add(page: p, zero: inHole || Self.isZero(base + Int(addr)))
             sent += 1
-            if runs.count >= 400 || dataBytes >= 4 << 20 { try flush() }  // staging holds 4 MiB + one run
+            // The staging buffer holds 4 MiB plus one run.
+            if batch.gpa.count >= 400 || batch.dataBytes >= 4 << 20 { try flush(&batch) }
             p += 1
         }
-        try flush()
+        try flush(&batch)
         return sent
     }
 

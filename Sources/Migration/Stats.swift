@@ -8,8 +8,8 @@ public final class MigrationStats: @unchecked Sendable {
     public var status: Status { lock.withLock { _status } }
     public var errorDescription: String? { lock.withLock { _error } }
     private var _error: String?
-    var startNS: UInt64 = 0
-    var setupNS: UInt64 = 0
+    public internal(set) var startNS: UInt64 = 0
+    public internal(set) var setupNS: UInt64 = 0
     public internal(set) var totalBytes: UInt64 = 0        // RAM size
     public internal(set) var transferredBytes: UInt64 = 0  // everything sent
     public internal(set) var ramBytes: UInt64 = 0          // RAM page data sent
@@ -35,7 +35,9 @@ public final class MigrationStats: @unchecked Sendable {
         onStatus?(s)
     }
     func update(_ body: () -> Void) { lock.withLock(body) }
-    public func snapshot<T>(_ body: (MigrationStats) -> T) -> T { lock.withLock { body(self) } }
+    /// Read several fields together (they are updated under the lock; word-sized reads of a
+    /// snapshot in progress are at worst one update stale, which progress reports tolerate).
+    public func snapshot<T>(_ body: (MigrationStats) -> T) -> T { body(self) }
 }
 
 /// A migration's parameters and capabilities (migrate-set-parameters / -capabilities).

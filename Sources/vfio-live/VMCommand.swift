@@ -1,5 +1,7 @@
 import ArgumentParser
+import Control
 import Glibc
+import Migration
 import Machine
 import SystemCalls
 import VFIO
@@ -12,13 +14,18 @@ struct VMCommand: ParsableCommand {
         subcommands: [Run.self])
 }
 
-/// `--device vfio-user,socket=PATH`
+/// `--device vfio-user,socket=PATH[,enable-migration=on|off|auto]`
 struct DeviceSpec: ExpressibleByArgument {
     var socket: String
+    var policy: DeviceMigrationPolicy = .auto
     init?(argument: String) {
         let parts = argument.split(separator: ",").map(String.init)
         guard parts.first == "vfio-user", let s = parts.dropFirst().first(where: { $0.hasPrefix("socket=") }) else { return nil }
         socket = String(s.dropFirst("socket=".count))
+        if let p = parts.first(where: { $0.hasPrefix("enable-migration=") }) {
+            guard let v = DeviceMigrationPolicy(rawValue: String(p.dropFirst("enable-migration=".count))) else { return nil }
+            policy = v
+        }
     }
     static var defaultCompletionKind: CompletionKind { .default }
 }
@@ -45,7 +52,7 @@ extension VMCommand {
         var memory = "256M"
         @Option(help: "vCPUs (1–8); the working set is split between them.")
         var vcpus = 1
-        @Option(help: "A vfio-user device: vfio-user,socket=PATH (repeatable; the first is the one the guest drives).")
+        @Option(help: "A vfio-user device: vfio-user,socket=PATH[,enable-migration=on|off|auto] (repeatable; the guest drives the first).")
         var device: [DeviceSpec] = []
         @Option(help: "dirty-rate=PAGES_PER_S (0 = unlimited), working-set=SIZE, batch=N, dma-every=N, dma-length=SIZE.")
         var workload = "dirty-rate=0,working-set=64M"
@@ -55,6 +62,10 @@ extension VMCommand {
         var verifyEvery = 2.0
         @Flag(name: .customLong("software-vcpus"), help: "Use software vCPUs even if /dev/kvm exists.")
         var softwareVCPUs = false
+        @Option(help: "QMP control socket (QEMU-compatible: query-status, stop, cont, migrate, query-migrate, ...).")
+        var qmp: String?
+        @Option(help: "Wait for an incoming migration on tcp:HOST:PORT instead of booting the workload.")
+        var incoming: String?
         @OptionGroup var global: GlobalOptions
 
         func run() throws {
@@ -69,32 +80,53 @@ extension VMCommand {
                 }
             }
             let vm: MicroVM
-            do { vm = try MicroVM(memorySize: mem, vcpus: vcpus, workload: w, devices: clients, forceSoftware: softwareVCPUs) }
+            do { vm = try MicroVM(memorySize: mem, vcpus: vcpus, workload: w, devices: clients, forceSoftware: softwareVCPUs,
+                                  populateMemory: incoming != nil) }
             catch { throw ValidationError("\(error)") }
             let stop = try EventFD()
             installStopSignals(stop.fd.rawValue)
-            print("vm: \(formatBytes(mem)) memfd guest RAM, \(vcpus) vCPU(s) on \(vm.executionMode), \(clients.count) device(s); workload: \(w)")
-            vm.start()
-            vm.resume()
+            let vmm = VirtualMachineManager(vm: vm, policies: device.map(\.policy), incoming: incoming != nil)
+            var exitCode: Int32 = 0
+            vmm.onExit = { code in exitCode = code; try? stop.signal() }
+            if let q = qmp {
+                do { vmm.qmp = try QMPServer(path: q, handler: vmm) } catch { throw ValidationError("cannot create the QMP socket \(q): \(error)") }
+                vmm.qmp?.start()
+            }
+            defer { vmm.qmp?.stop() }
+            print("vm: \(formatBytes(mem)) memfd guest RAM, \(vcpus) vCPU(s) on \(vm.executionMode), \(clients.count) device(s); workload: \(w)\(qmp.map { "; QMP on \($0)" } ?? "")")
+            if let uri = incoming {
+                do { try vmm.startIncoming(uri: uri) } catch let e as QMPError { throw ValidationError(e.desc) }
+            } else {
+                vmm.boot()
+            }
             let start = monotonicNanoseconds()
             var lastVerify = start, lastPages: UInt64 = 0, lastT = start
             var failed = false
             while true {
                 if (try? Poll.waitReadable(stop.fd, timeoutMilliseconds: 1000)) == true { break }
                 let now = monotonicNanoseconds()
+                guard vmm.runState == .running else { continue }
                 let p = vm.pagesWritten
-                let rate = Double(p - lastPages) / (Double(now - lastT) / 1e9)
+                let rate = Double(p &- lastPages) / (Double(now - lastT) / 1e9)
                 lastPages = p; lastT = now
-                print("  \(formatFixed(Double(now - start) / 1e9, 0)) s: \(p) page writes (\(formatFixed(rate / 1000, 1)) K pages/s), \(vm.dmaRoundsOK) DMA round trips, MSIs \(vm.interruptsCounted)")
+                if !global.quiet {
+                    print("  \(formatFixed(Double(now - start) / 1e9, 0)) s: \(p) page writes (\(formatFixed(rate / 1000, 1)) K pages/s), \(vm.dmaRoundsOK) DMA round trips, MSIs \(vm.interruptsCounted)")
+                }
                 if let f = vm.failure { print("vm failed: \(f)"); failed = true; break }
                 if Double(now - lastVerify) / 1e9 >= verifyEvery {
                     lastVerify = now
                     let r = vm.verify()
-                    print("  verify: \(r)")
+                    if !global.quiet || !r.ok { print("  verify: \(r)") }
                     if !r.ok { failed = true; break }
                 }
                 if let d = duration, Double(now - start) / 1e9 >= d { break }
             }
+            if vmm.runState == .postmigrate {
+                print("migrated away: the source stops (device state moved, guest RAM sent)")
+                vm.stop()
+                return
+            }
+            if exitCode != 0 { vm.stop(); throw ExitCode(exitCode) }
             let latency = vm.pause()
             let r = vm.verify()
             print("paused in \(formatFixed(Double(latency) / 1000, 1)) µs; final \(r)")

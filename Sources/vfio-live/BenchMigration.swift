@@ -1,0 +1,82 @@
+import ArgumentParser
+import Glibc
+import Machine
+import Migration
+import SystemCalls
+import VFIO
+
+struct MigrationBench: ParsableCommand {
+    static let configuration = CommandConfiguration(
+        commandName: "migration",
+        abstract: "RAM transfer throughput beside raw loopback TCP, and downtime against the limit at three dirty rates.")
+    @Option(help: "Guest RAM.")
+    var memory = "512M"
+    @Option(help: "Downtime limit in ms for the downtime table.")
+    var downtimeLimit: UInt64 = 300
+    @OptionGroup var global: GlobalOptions
+
+    /// Raw TCP loopback: one thread sends `bytes` in 4 MiB writes, this one receives them.
+    static func rawTCP(bytes: Int) throws -> Double {
+        let l = try TCPListener(host: "127.0.0.1", port: 0)
+        let sender = OSThread(name: "raw-tcp") {
+            guard let s = try? TCPSocket.connect(host: "127.0.0.1", port: l.port) else { return }
+            let buf = [UInt8](repeating: 0x5a, count: 4 << 20)
+            var left = bytes
+            while left > 0 { let n = min(left, buf.count); _ = try? buf.withUnsafeBytes { try s.send([UnsafeRawBufferPointer(rebasing: $0[0..<n])]) }; left -= n }
+            s.fd.close()
+        }
+        guard let r = try l.accept() else { throw ValidationError("no connection") }
+        var buf = [UInt8](repeating: 0, count: 4 << 20)
+        let t = monotonicNanoseconds()
+        var got = 0
+        while got < bytes { let n = min(bytes - got, buf.count); _ = try buf.withUnsafeMutableBytes { try r.receiveExactly(into: UnsafeMutableRawBufferPointer(rebasing: $0[0..<n]), maxFDs: 0) }; got += n }
+        let dt = Double(monotonicNanoseconds() - t) / 1e9
+        sender.join(); l.close()
+        return Double(bytes) / dt
+    }
+
+    /// Migrate a VM to a destination in this process over loopback TCP.
+    static func migrate(memory: UInt64, workload: WorkloadConfig, run: Bool, fill: Bool, parameters: MigrationParameters) throws -> MigrationStats {
+        let src = try MicroVM(memorySize: memory, workload: workload)
+        let dst = try MicroVM(memorySize: memory, workload: workload, populateMemory: true)
+        defer { src.stop(); dst.stop() }
+        if fill {
+            // Non-zero data everywhere past the guest's own areas (as a used guest's RAM is).
+            var x: UInt64 = 0x9e3779b97f4a7c15
+            let p = src.memory.base.assumingMemoryBound(to: UInt64.self)
+            for i in Int((GuestLayout.workingSetBase + workload.workingSet) / 8)..<Int(memory / 8) { x ^= x << 13; x ^= x >> 7; x ^= x << 17; p[i] = x }
+        }
+        src.start(); dst.start()
+        if run { src.resume(); usleep(200_000) }
+        let l = try TCPListener(host: "127.0.0.1", port: 0)
+        let dthread = OSThread(name: "bench-dst") {
+            if let s = try? l.accept(), let d = try? MigrationDestination(vm: dst, from: s) { try? d.run() }
+        }
+        let m = try MigrationSource(vm: src, to: TCPSocket.connect(host: "127.0.0.1", port: l.port), parameters: parameters, policies: [])
+        try m.run()
+        dthread.join(); l.close()
+        return m.stats
+    }
+
+    func run() throws {
+        global.apply()
+        if !global.verbose { Log.level = .error }
+        let mem = try parseSize(memory)
+        var w = WorkloadConfig(); w.workingSet = 64 << 20; w.dmaEvery = 0
+        let raw = try Self.rawTCP(bytes: Int(mem))
+        let idle = try Self.migrate(memory: mem, workload: w, run: false, fill: true, parameters: MigrationParameters())
+        let ramRate = Double(idle.ramBytes) / (idle.totalTimeMS / 1000)
+        print("vfio-live bench migration (\(KVMSystem.unavailableReason == nil ? "KVM" : "software vCPUs"), \(formatBytes(mem)) guest RAM, loopback TCP)")
+        print("figure                              value             reference                        ratio   target")
+        print("RAM transfer (idle VM, full RAM)    \(pad(gbps(ramRate), 17)) raw loopback TCP   \(pad(gbps(raw), 12)) \(pad(formatFixed(100 * ramRate / raw, 0) + "%", 7)) ≥ 80%")
+        print("")
+        print("downtime against downtime-limit \(downtimeLimit) ms (64 MiB working set, 2 vCPUs' worth of writes)")
+        print("dirty rate (pages/s)   iterations   downtime (ms)   expected (ms)   within limit")
+        for rate: UInt64 in [10_000, 50_000, 200_000] {
+            var wl = w; wl.dirtyRate = rate
+            var p = MigrationParameters(); p.downtimeLimitMS = downtimeLimit
+            let s = try Self.migrate(memory: mem, workload: wl, run: true, fill: false, parameters: p)
+            print("\(pad(String(rate), 22)) \(pad(String(s.iterations), 12)) \(pad(formatFixed(s.downtimeMS, 1), 15)) \(pad(String(s.expectedDowntimeMS), 15)) \(s.downtimeMS <= Double(downtimeLimit) ? "yes" : "NO")\(s.forcedSwitchover ? " (forced switch-over)" : "")")
+        }
+    }
+}
