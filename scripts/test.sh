@@ -15,6 +15,11 @@ if [ ${#need[@]} -gt 0 ]; then
     if [ "$(id -u)" = 0 ]; then apt-get update -qq && apt-get install -y -qq "${need[@]}"
     else sudo apt-get update -qq && sudo apt-get install -y -qq "${need[@]}"; fi
 fi
+# Python's qemu.qmp drives the QMP interoperability test.
+if ! python3 -c "import qemu.qmp" 2>/dev/null; then
+    say "installing qemu.qmp (PyPI) for the QMP interoperability test"
+    python3 -m pip install -q qemu.qmp 2>&1 | grep -v "Running pip as the 'root' user" || true
+fi
 if [ -e /dev/kvm ]; then echo "KVM: /dev/kvm present"; else echo "KVM: /dev/kvm missing (tests that need it skip and say so)"; fi
 
 say "build (debug, with tests)"

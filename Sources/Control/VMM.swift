@@ -67,12 +67,12 @@ public final class VirtualMachineManager: QMPHandler, @unchecked Sendable {
             sock.fd.close()
             throw QMPError("\(error)")
         }
+        src.onCompleted = { [weak self] in if let self { self.deviceDigests = self.digestDevices() } }
         lock.withLock { outgoing = src; stats = newStats }
         migrationThread?.join()
         migrationThread = OSThread(name: "migration") { [self] in
             do {
                 try src.run()
-                deviceDigests = digestDevices()
                 set(.postmigrate)
                 qmp?.emit("STOP")
                 Log.info("vmm", "migration completed: downtime \(formatMS(src.stats.downtimeMS)), \(src.stats.iterations) iterations; the source stops")
@@ -105,7 +105,7 @@ public final class VirtualMachineManager: QMPHandler, @unchecked Sendable {
                 guard let s = try listener.accept() else { return }
                 let d = try MigrationDestination(vm: vm, from: s)
                 d.stats.onStatus = { [weak self] st in self?.migrationEvent(st) }
-                d.beforeResume = { [weak self] in if let self { self.deviceDigests = self.digestDevices() } }
+                d.afterDevicesLoaded = { [weak self] in if let self { self.deviceDigests = self.digestDevices() } }
                 lock.withLock { incoming = d; stats = d.stats }
                 try d.run()
                 set(.running)

@@ -18,8 +18,13 @@ public final class MigrationDestination: MigrationSink, @unchecked Sendable {
     private var ended = false
     public private(set) var resumedAt: UInt64 = 0
     public let stats = MigrationStats()
+    /// Check the workload's invariants before resuming (tests; it adds to the downtime).
+    public var verifyBeforeResume = false
     /// Called after everything is loaded, just before the guest resumes (checks, reports).
     public var beforeResume: (() -> Void)?
+    /// Called when every device has loaded its state (RESUMING→STOP) and before any runs again:
+    /// the one moment the destination's device state equals the source's stopped state.
+    public var afterDevicesLoaded: (() -> Void)?
 
     public init(vm: MicroVM, from socket: StreamSocket) throws {
         self.vm = vm; self.socket = socket
@@ -40,9 +45,13 @@ public final class MigrationDestination: MigrationSink, @unchecked Sendable {
             try decoder.run()
             guard ended else { throw StreamError.missingEnd }
             var summary = "{\"pages\":\(pagesReceived),\"device-bytes\":[\(deviceBytes.map(String.init).joined(separator: ","))]"
-            let report = vm.verify()
-            summary += ",\"verified\":\(report.ok)}"
-            guard report.ok else { throw StreamError.configMismatch("guest memory fails verification after the load: \(report)") }
+            if verifyBeforeResume {
+                // A test instrument: it scans all guest memory inside the downtime window.
+                let report = vm.verify()
+                guard report.ok else { throw StreamError.configMismatch("guest memory fails verification after the load: \(report)") }
+                summary += ",\"verified\":true"
+            }
+            summary += "}"
             beforeResume?()
             vm.resume()
             resumedAt = monotonicNanoseconds()
@@ -105,6 +114,9 @@ public final class MigrationDestination: MigrationSink, @unchecked Sendable {
         for (i, m) in migrations.enumerated() {
             // RESUMING→STOP is where the device validates the image.
             do { try m.transition(to: .stop) } catch { throw MigrationError.device(i, "\(error)") }
+        }
+        afterDevicesLoaded?()
+        for (i, m) in migrations.enumerated() {
             if let cfg = configs[i] { try applyConfig(i, cfg) }
             do { try m.transition(to: .running) } catch { throw MigrationError.device(i, "\(error)") }
         }

@@ -413,10 +413,13 @@ public final class MigrationSource: @unchecked Sendable {
             stats.remainingBytes = 0
             stats.totalTimeMS = Double(monotonicNanoseconds() - stats.startNS) / 1e6
         }
-        stats.set(.completed)
         lastVerdict = verdict.text
+        onCompleted?()
+        stats.set(.completed)
     }
 
+    /// Called after a successful migration, before the status says "completed".
+    public var onCompleted: (() -> Void)?
     /// What the destination said on success (a JSON object).
     public private(set) var lastVerdict: String?
 

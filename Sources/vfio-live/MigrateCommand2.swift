@@ -6,10 +6,12 @@ import VFIOUser
 /// A minimal QMP client (the CLI's; tests also use Python's qemu.qmp).
 final class QMPClient {
     let socket: UnixSocket
+    let path: String
     private var buffer: [UInt8] = []
     private var nextID = 0
 
     init(path: String) throws {
+        self.path = path
         socket = try UnixSocket.connect(path: path)
         _ = try readMessage()  // greeting
         _ = try execute("qmp_capabilities")
@@ -24,7 +26,7 @@ final class QMPClient {
             }
             var chunk = [UInt8](repeating: 0, count: 65536)
             let n = try chunk.withUnsafeMutableBytes { try socket.fd.read(into: $0) }
-            if n == 0 { throw ValidationError("the VM closed its QMP socket") }
+            if n == 0 { throw ValidationError("the VM behind \(path) closed its QMP socket") }
             buffer += chunk[0..<n]
         }
     }
@@ -34,7 +36,9 @@ final class QMPClient {
         nextID += 1
         var o: [(String, JSONValue)] = [("execute", .string(cmd)), ("id", .number(Double(nextID)))]
         if !args.isEmpty { o.append(("arguments", .object(args))) }
-        try socket.send(Array(JSONValue.object(o).description.utf8))
+        do { try socket.send(Array(JSONValue.object(o).description.utf8)) } catch {
+            throw ValidationError("\(cmd): the VM behind \(path) is gone (\(error))")
+        }
         while true {
             let m = try readMessage()
             if m["event"] != nil { onEvent?(m); continue }

@@ -91,6 +91,8 @@ extension VMCommand {
             if let q = qmp {
                 do { vmm.qmp = try QMPServer(path: q, handler: vmm) } catch { throw ValidationError("cannot create the QMP socket \(q): \(error)") }
                 vmm.qmp?.start()
+                // As QEMU: a migrated-away VM stays in postmigrate, answering QMP, until quit.
+                vmm.exitAfterMigration = false
             }
             defer { vmm.qmp?.stop() }
             print("vm: \(formatBytes(mem)) memfd guest RAM, \(vcpus) vCPU(s) on \(vm.executionMode), \(clients.count) device(s); workload: \(w)\(qmp.map { "; QMP on \($0)" } ?? "")")

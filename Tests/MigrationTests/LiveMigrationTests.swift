@@ -14,7 +14,7 @@ final class LiveMigrationTests: XCTestCase {
         let server: InProcessServer
         let client: VFIOUserClient
         let vm: MicroVM
-        init(_ tag: String, workload: WorkloadConfig, stateSize: UInt64 = 1 << 20) throws {
+        init(_ tag: String, workload: WorkloadConfig, stateSize: UInt64 = 4 << 20) throws {
             server = try InProcessServer(path: InProcessServer.temporaryPath(tag), stateSize: stateSize, name: tag)
             client = try VFIOUserClient(path: server.path)
             vm = try MicroVM(memorySize: 64 << 20, vcpus: 2, workload: workload, devices: [client])
@@ -51,6 +51,7 @@ final class LiveMigrationTests: XCTestCase {
             do {
                 guard let s = try listener.accept(timeoutMilliseconds: 20_000) else { throw MigrationError.channel("no connection") }
                 let d = try MigrationDestination(vm: dst.vm, from: s)
+                d.verifyBeforeResume = true
                 configure?(d)
                 try d.run()
             } catch { err = error }
@@ -72,7 +73,7 @@ final class LiveMigrationTests: XCTestCase {
         dst.vm.start()
         usleep(300_000)
         var destDigest: UInt64 = 0
-        let wait = startDestination { [self] d in d.beforeResume = { destDigest = self.dst.server.device.stateDigest() } }
+        let wait = startDestination { [self] d in d.afterDevicesLoaded = { destDigest = self.dst.server.device.stateDigest() } }
         let m = try connectSource()
         let beforePages = src.vm.pagesWritten, beforeDMA = src.vm.dmaRoundsOK
         XCTAssertGreaterThan(beforeDMA, 0, "the guest was DMAing before the migration")

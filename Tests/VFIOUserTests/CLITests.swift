@@ -114,10 +114,48 @@ final class CLITests: XCTestCase {
         XCTAssertTrue(out.contains("cannot connect to the destination server"), out)
     }
 
-    func testDemoRunsEndToEndAndVerifies() throws {
-        let (status, out) = try run(["demo", "--seconds", "0.5", "--state-size", "4M", "--ram-size", "16M", "--quiet"])
+    func testDeviceDemoRunsEndToEndAndVerifies() throws {
+        let (status, out) = try run(["demo", "--device-only", "--seconds", "0.5", "--state-size", "4M", "--ram-size", "16M", "--quiet"])
         XCTAssertEqual(status, 0, out)
         XCTAssertTrue(out.contains("checks:                   7 passed, 0 failed"), out)
+    }
+
+    func testVMDemoMigratesARunningVMAcrossProcesses() throws {
+        let (status, out) = try run(["demo", "--seconds", "0.5", "--state-size", "4M", "--quiet"])
+        XCTAssertEqual(status, 0, out)
+        XCTAssertTrue(out.contains("checks:            8 passed, 0 failed"), out)
+        XCTAssertTrue(out.contains("[ok] device memory arrived intact"), out)
+    }
+
+    /// An existing QMP client library (Python's qemu.qmp) drives a whole live migration.
+    func testQEMUQMPLibraryDrivesALiveMigration() throws {
+        guard (try? run2(["/usr/bin/env", "python3", "-c", "import qemu.qmp"]))?.status == 0 else {
+            throw XCTSkip("Python's qemu.qmp is not installed (scripts/test.sh installs it with pip)")
+        }
+        // The repository root, from this source file's path (Tests/VFIOUserTests/CLITests.swift).
+        let root = (((#filePath as NSString).deletingLastPathComponent as NSString).deletingLastPathComponent as NSString).deletingLastPathComponent
+        let script = (root as NSString).appendingPathComponent("scripts/qmp_migration_test.py")
+        let dir = "/tmp/vfio-live-qmp-\(getpid())"
+        mkdir(dir, 0o700)
+        let port = try TCPListener(host: "127.0.0.1", port: 0)
+        let p = port.port
+        port.close()
+        let (status, out) = try run2(["/usr/bin/env", "python3", script, Self.binary, dir, String(p)])
+        XCTAssertEqual(status, 0, out)
+        XCTAssertTrue(out.contains("qemu.qmp drove the migration: OK"), out)
+    }
+
+    func run2(_ argv: [String]) throws -> (status: Int32, output: String) {
+        let p = Process()
+        p.executableURL = URL(fileURLWithPath: argv[0])
+        p.arguments = Array(argv.dropFirst())
+        let pipe = Pipe()
+        p.standardOutput = pipe
+        p.standardError = pipe
+        try p.run()
+        let data = pipe.fileHandleForReading.readDataToEndOfFile()
+        p.waitUntilExit()
+        return (p.terminationStatus, String(decoding: data, as: UTF8.self))
     }
 
     func testBadArgumentsExplainThemselves() throws {
