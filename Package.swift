@@ -9,6 +9,7 @@ let package = Package(
         .executable(name: "vfio-live", targets: ["vfio-live"]),
         .library(name: "VFIOUser", targets: ["VFIOUser"]),
         .library(name: "Devices", targets: ["Devices"]),
+        .library(name: "Migration", targets: ["Migration"]),
     ],
     dependencies: [
         .package(url: "https://github.com/apple/swift-argument-parser", from: "1.5.0"),

@@ -9,7 +9,8 @@ let package = Package(
     targets: [
         .executableTarget(
             name: "VFIOUserFuzz",
-            dependencies: [.product(name: "VFIOUser", package: "vfio-live"), .product(name: "Devices", package: "vfio-live")],
+            dependencies: [.product(name: "VFIOUser", package: "vfio-live"), .product(name: "Devices", package: "vfio-live"),
+                           .product(name: "Migration", package: "vfio-live")],
             // The sanitizer flags come from scripts/fuzz.sh (-Xswiftc/-Xcc), so that the libraries
             // under test are instrumented for coverage too, not only this target.
             swiftSettings: [.unsafeFlags(["-parse-as-library"])]),

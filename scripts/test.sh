@@ -35,6 +35,7 @@ swift build -c release --product vfio-live >/dev/null
 .build/release/vfio-live bench vfio-user --iterations 5000 --dma-size 32M
 .build/release/vfio-live bench device-state --state-size 64M
 .build/release/vfio-live bench vm --memory 512M
+.build/release/vfio-live bench migration --memory 256M
 
 say "tests"
 log="$(mktemp)"
