@@ -28,18 +28,8 @@ final class CLITests: XCTestCase {
         return p
     }
 
-    func run(_ args: [String]) throws -> (status: Int32, output: String) {
-        let p = Process()
-        p.executableURL = URL(fileURLWithPath: Self.binary)
-        p.arguments = args
-        let pipe = Pipe()
-        p.standardOutput = pipe
-        p.standardError = pipe
-        try p.run()
-        let data = pipe.fileHandleForReading.readDataToEndOfFile()
-        p.waitUntilExit()
-        return (p.terminationStatus, String(decoding: data, as: UTF8.self))
-    }
+    /// Run vfio-live with `args`; its exit status and everything it printed.
+    func run(_ args: [String]) throws -> (status: Int32, output: String) { try run2([Self.binary] + args) }
 
     func waitForSocket(_ path: String, _ p: Process) throws -> VFIOUserClient {
         let deadline = monotonicNanoseconds() + 20_000_000_000
