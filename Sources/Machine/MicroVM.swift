@@ -45,9 +45,12 @@ public final class MicroVM: @unchecked Sendable {
     public var isSoftware: Bool { kvm == nil }
     public static let memorySlot: UInt32 = 0
 
-    // Run control.
+    // Run control. Pausing is counted: the throttle, the verifier, a migration's stop-copy and
+    // QMP stop each pause and resume on their own, and the vCPUs run only when none holds a
+    // pause (a verifier's resume must never restart a VM that a migration has stopped).
     private let control = Condition()
-    private var pauseRequested = true
+    private var pauseDepth = 1  // created paused; the first resume() runs it
+    private var pauseRequested: Bool { pauseDepth > 0 || stopRequested }
     private var parked = 0
     private var stopRequested = false
     private var threads: [OSThread] = []
@@ -171,21 +174,25 @@ public final class MicroVM: @unchecked Sendable {
         _ = waitParked()
     }
 
+    /// Release one pause; the vCPUs run when no pause is held.
     public func resume() {
         control.mutex.withLock {
-            pauseRequested = false
+            guard pauseDepth > 0 else { return }
+            pauseDepth -= 1
+            guard pauseDepth == 0 else { return }
             rateStart = (monotonicNanoseconds(), totalPagesWrittenUnlocked())
             for v in vcpus { v.requestImmediateExit(false) }
             control.broadcast()
         }
     }
 
-    /// Stop every vCPU and wait until all are parked; returns the pause latency in ns.
+    /// Hold a pause: stop every vCPU and wait until all are parked; returns the latency in ns.
+    /// Every pause() must be matched by one resume().
     @discardableResult
     public func pause() -> UInt64 {
         let t = monotonicNanoseconds()
         control.mutex.withLock {
-            pauseRequested = true
+            pauseDepth += 1
             for v in vcpus { v.requestImmediateExit(true) }
         }
         for th in threads { pthread_kill(th.pthread, SIGUSR1) }
@@ -210,7 +217,7 @@ public final class MicroVM: @unchecked Sendable {
     public func stop() {
         if threads.isEmpty { return }
         control.mutex.withLock {
-            stopRequested = true; pauseRequested = true
+            stopRequested = true
             for v in vcpus { v.requestImmediateExit(true) }
             control.broadcast()
         }
@@ -239,7 +246,7 @@ public final class MicroVM: @unchecked Sendable {
     func fail(_ why: String) {
         control.mutex.withLock {
             if failure == nil { failure = why }
-            pauseRequested = true
+            pauseDepth += 1
             parked += 1
             control.broadcast()
         }
@@ -331,10 +338,10 @@ public final class MicroVM: @unchecked Sendable {
                     let pct = throttleLock.withLock { throttlePercent }
                     if pct == 0 { return }
                     usleep(UInt32(20_000 * (100 - pct) / 100))
-                    if control.mutex.withLock({ pauseRequested }) { continue }  // someone else paused
                     pause()
                     usleep(UInt32(20_000 * pct / 100))
-                    if throttleLock.withLock({ throttlePercent }) > 0 { resume() } else { resume(); return }
+                    resume()
+                    if throttleLock.withLock({ throttlePercent }) == 0 { return }
                 }
             }
         } else if p == 0 {
@@ -354,11 +361,10 @@ public final class MicroVM: @unchecked Sendable {
     }
     public var interruptsCounted: [UInt64] { devices.map(\.interrupts) }
 
-    /// Verify every page and the last DMA round. Pauses the VM for the check if it is running.
+    /// Verify every page and the last DMA round, holding a pause for the check.
     public func verify() -> VerifierReport {
-        let wasRunning = !control.mutex.withLock { pauseRequested }
-        if wasRunning { pause() }
-        defer { if wasRunning { resume() } }
+        pause()
+        defer { resume() }
         var r = VerifierReport()
         for i in 0..<vcpuCount { WorkloadVerifier.verify(memory: memory, controlBlock: GuestLayout.controlBlock(i), into: &r) }
         if let f = failure { r.violations.insert("the VM failed: \(f)", at: 0) }

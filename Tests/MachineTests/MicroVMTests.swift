@@ -113,7 +113,8 @@ final class MicroVMTests: XCTestCase {
         let vm = try makeVM(software: software)
         defer { vm.stop() }
         vm.start()
-        runFor(vm, seconds: 0.1)
+        vm.resume()
+        usleep(100_000)
         let latency = vm.pause()
         XCTAssertTrue(vm.isPaused)
         XCTAssertLessThan(latency, 5_000_000_000)
@@ -134,6 +135,23 @@ final class MicroVMTests: XCTestCase {
 
     func testPauseSaveRestoreOnKVM() throws { try checkSaveRestore(software: false) }
     func testPauseSaveRestoreOnSoftwareVCPUs() throws { try checkSaveRestore(software: true) }
+
+    /// Pauses nest: a verifier's resume does not restart a VM someone else stopped.
+    func testPausesAreCounted() throws {
+        let vm = try makeVM(software: true)
+        defer { vm.stop() }
+        vm.start()
+        vm.resume()
+        vm.pause()                      // e.g. a migration's stop-copy
+        XCTAssertTrue(vm.verify().ok)   // pauses and resumes on its own
+        let p = vm.pagesWritten
+        usleep(50_000)
+        XCTAssertEqual(vm.pagesWritten, p, "still paused after the verifier's resume")
+        XCTAssertTrue(vm.isPaused)
+        vm.resume()
+        usleep(50_000)
+        XCTAssertGreaterThan(vm.pagesWritten, p, "runs once the last pause is released")
+    }
 
     func testBadConfigurationsAreExplained() {
         var w = WorkloadConfig(); w.workingSet = 1 << 30
