@@ -42,6 +42,7 @@ let package = Package(
         .testTarget(name: "SystemCallsTests", dependencies: ["SystemCalls", "CVFIOLive"]),
         .testTarget(name: "VFIOTests", dependencies: ["VFIO"]),
         .testTarget(name: "MachineTests", dependencies: ["Machine", "Devices", "VFIOUser", "VFIO", "SystemCalls"]),
+        .testTarget(name: "ControlTests", dependencies: ["Control", "Migration", "Machine", "Devices", "VFIOUser", "VFIO", "SystemCalls"]),
         .testTarget(name: "MigrationTests", dependencies: ["Migration", "Machine", "Devices", "VFIOUser", "VFIO", "SystemCalls"]),
         .testTarget(name: "VFIOUserTests", dependencies: ["VFIOUser", "Devices", "VFIO", "SystemCalls", "CVFIOLive"]),
     ],

@@ -148,6 +148,21 @@ final class CLITests: XCTestCase {
         return (p.terminationStatus, String(decoding: data, as: UTF8.self))
     }
 
+    func testVMRunVerifiesAndExitsZero() throws {
+        let path = temporarySocketPath("cli-vm")
+        let d = try start(["device", "serve", "--socket", path, "--state-size", "1M", "--quiet"])
+        defer { d.terminate(); d.waitUntilExit() }
+        _ = try waitForSocket(path, d).close()
+        let (status, out) = try run(["vm", "run", "--memory", "64M", "--vcpus", "2", "--device", "vfio-user,socket=\(path)",
+                                     "--workload", "working-set=8M,dma-every=4", "--duration", "1.5", "--verify-every", "0.5"])
+        XCTAssertEqual(status, 0, out)
+        XCTAssertTrue(out.contains("final integrity verified"), out)
+        XCTAssertTrue(out.contains("DMA round trips"), out)
+        let (s2, o2) = try run(["vm", "run", "--memory", "8M", "--workload", "working-set=64M"])
+        XCTAssertNotEqual(s2, 0)
+        XCTAssertTrue(o2.contains("does not fit"), o2)
+    }
+
     func testBadArgumentsExplainThemselves() throws {
         let (s1, o1) = try run(["device", "serve", "--socket", "/tmp/x.sock", "--state-size", "3M"])
         XCTAssertNotEqual(s1, 0)
