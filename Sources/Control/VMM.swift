@@ -89,20 +89,30 @@ public final class VirtualMachineManager: QMPHandler, @unchecked Sendable {
         if s == .device { set(.finishMigrate) }
     }
 
-    /// Accept one incoming migration on `uri` (in the background).
+    /// Accept one incoming migration on `uri` (tcp:HOST:PORT or unix:PATH), in the background.
     public func startIncoming(uri: String) throws {
         let address: SocketAddress
         do { address = try SocketAddress(uri: uri) } catch { throw QMPError("\(error)") }
-        guard case let .tcp(host, port) = address else { throw QMPError("incoming migration listens on tcp:HOST:PORT") }
-        let listener: TCPListener
-        do { listener = try TCPListener(host: host, port: port) } catch { throw QMPError("cannot listen on \(address): \(error)") }
+        let accept: () throws -> StreamSocket?
+        let close: () -> Void
+        let shown: String
+        switch address {
+        case let .tcp(host, port):
+            let l: TCPListener
+            do { l = try TCPListener(host: host, port: port) } catch { throw QMPError("cannot listen on \(address): \(error)") }
+            accept = { try l.accept() }; close = { l.close() }; shown = "tcp:\(host):\(l.port)"
+        case let .unix(path):
+            let l: UnixListener
+            do { l = try UnixListener(path: path) } catch { throw QMPError("cannot listen on \(address): \(error)") }
+            accept = { try l.accept() }; close = { l.close() }; shown = "unix:\(path)"
+        }
         vm.start()
         set(.inmigrate)
-        Log.info("vmm", "waiting for an incoming migration on tcp:\(host):\(listener.port)")
+        Log.info("vmm", "waiting for an incoming migration on \(shown)")
         migrationThread = OSThread(name: "incoming") { [self] in
-            defer { listener.close() }
+            defer { close() }
             do {
-                guard let s = try listener.accept() else { return }
+                guard let s = try accept() else { return }
                 let d = try MigrationDestination(vm: vm, from: s)
                 d.stats.onStatus = { [weak self] st in self?.migrationEvent(st) }
                 d.afterDevicesLoaded = { [weak self] in if let self { self.deviceDigests = self.digestDevices() } }

@@ -112,4 +112,34 @@ final class QMPTests: XCTestCase {
         try p.send(#"{"execute":"x-vfio-live-verify"}"#)
         XCTAssertEqual(try p.reply()["return"]?["ok"], .bool(true))
     }
+
+    /// Two VMMs in this process: the QMP handler migrates the running VM over a UNIX socket.
+    func testVMMsMigrateOverAUNIXSocket() throws {
+        let server2 = try InProcessServer(path: InProcessServer.temporaryPath("qmp-dev2"), stateSize: 1 << 20)
+        let client2 = try VFIOUserClient(path: server2.path)
+        var w = WorkloadConfig(); w.workingSet = 4 << 20
+        let vm2 = try MicroVM(memorySize: 32 << 20, workload: w, devices: [client2])
+        let dest = VirtualMachineManager(vm: vm2, policies: [.auto], incoming: true)
+        defer { vm2.stop(); client2.close(); server2.stop() }
+        let sock = InProcessServer.temporaryPath("mig")
+        try dest.startIncoming(uri: "unix:\(sock)")
+        XCTAssertEqual(dest.runState, .inmigrate)
+        usleep(200_000)
+        _ = try vmm.execute("migrate", arguments: .object([("uri", .string("unix:\(sock)"))]))
+        let deadline = monotonicNanoseconds() + 30_000_000_000
+        var status = ""
+        while monotonicNanoseconds() < deadline {
+            if case let .string(s)? = try vmm.execute("query-migrate", arguments: nil)["status"] { status = s }
+            if ["completed", "failed", "cancelled"].contains(status) { break }
+            usleep(20_000)
+        }
+        XCTAssertEqual(status, "completed")
+        XCTAssertEqual(vmm.runState, .postmigrate)
+        let t = monotonicNanoseconds() + 5_000_000_000
+        while dest.runState != .running && monotonicNanoseconds() < t { usleep(10_000) }
+        XCTAssertEqual(dest.runState, .running)
+        XCTAssertTrue(vm2.verify().ok)
+        XCTAssertEqual(vmm.deviceDigests, dest.deviceDigests, "device memory identical")
+        XCTAssertEqual(try client2.migrationState(), .running)
+    }
 }
