@@ -17,7 +17,6 @@ public final class VirtualMachineManager: QMPHandler, @unchecked Sendable {
     private var state: RunState
     public private(set) var parameters = MigrationParameters()
     private var outgoing: MigrationSource?
-    private var incoming: MigrationDestination?
     public private(set) var stats = MigrationStats()
     private var migrationThread: OSThread?
     /// Checksums of each device's memory (BAR4) when it stopped (source) or loaded (destination).
@@ -116,7 +115,7 @@ public final class VirtualMachineManager: QMPHandler, @unchecked Sendable {
                 let d = try MigrationDestination(vm: vm, from: s)
                 d.stats.onStatus = { [weak self] st in self?.migrationEvent(st) }
                 d.afterDevicesLoaded = { [weak self] in if let self { self.deviceDigests = self.digestDevices() } }
-                lock.withLock { incoming = d; stats = d.stats }
+                lock.withLock { stats = d.stats }
                 try d.run()
                 set(.running)
                 qmp?.emit("RESUME")

@@ -120,5 +120,3 @@ public enum WorkloadVerifier {
         return nil
     }
 }
-
-func hex(_ v: UInt64) -> String { "0x" + String(v, radix: 16) }

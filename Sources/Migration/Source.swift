@@ -240,7 +240,7 @@ public final class MigrationSource: @unchecked Sendable {
                 moved += UInt64(data.count)
                 if records.bytes.count >= 4 << 20 { try flush() }
             }
-            if data.count < 1 << 20 || (d.migration.proto == .v1 && data.isEmpty) { break }
+            if data.count < 1 << 20 { break }  // a short read ends the data available now
         }
         if !final && !d.initialDataSent {
             d.initialDataSent = true

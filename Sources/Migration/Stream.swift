@@ -184,11 +184,11 @@ public final class MigrationStreamDecoder {
             let e = table[(r * 16)...]
             let gpa = Self.be64(e), pages = Self.be32(e.dropFirst(8)), flags = Self.be32(e.dropFirst(12))
             guard gpa % MigrationStream.pageSize == 0, pages > 0, flags & ~1 == 0 else {
-                throw bad("run \(r): gpa \(hexString(gpa)), \(pages) pages, flags \(flags) is not a valid run")
+                throw bad("run \(r): gpa \(hex(gpa)), \(pages) pages, flags \(flags) is not a valid run")
             }
             let bytes = UInt64(pages) * MigrationStream.pageSize
             guard gpa < ramSize, bytes <= ramSize - gpa else {
-                throw bad("run \(r): [\(hexString(gpa)), +\(hexString(bytes))) lies outside guest RAM of \(ramSize) bytes")
+                throw bad("run \(r): [\(hex(gpa)), +\(hex(bytes))) lies outside guest RAM of \(ramSize) bytes")
             }
             if flags & 1 == 0 { dataBytes += bytes }
             parsed.append((gpa, pages, flags & 1 != 0))
@@ -221,7 +221,7 @@ public final class MigrationStreamDecoder {
             guard dev < devices else { throw bad("device \(dev) but the VM has \(devices)") }
             while r.remaining > 0 {
                 guard let raw = r.u64() else { throw bad("truncated record tag") }
-                guard let tag = MigrationStream.VFIOTag(rawValue: raw) else { throw bad("unknown VFIO record tag \(hexString(raw))") }
+                guard let tag = MigrationStream.VFIOTag(rawValue: raw) else { throw bad("unknown VFIO record tag \(hex(raw))") }
                 switch tag {
                 case .endOfState: continue
                 case .setupState:
@@ -271,8 +271,6 @@ struct BEReader {
     mutating func u64() -> UInt64? { guard b.count >= 8 else { return nil }; defer { b = b.dropFirst(8) }; return b.prefix(8).reduce(0) { $0 << 8 | UInt64($1) } }
     mutating func bytes(_ n: Int) -> ArraySlice<UInt8>? { guard n >= 0, b.count >= n else { return nil }; defer { b = b.dropFirst(n) }; return b.prefix(n) }
 }
-
-func hexString(_ v: UInt64) -> String { "0x" + String(v, radix: 16) }
 
 /// Big-endian writer for section payloads.
 public struct BEWriter {

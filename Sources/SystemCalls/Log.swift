@@ -1,5 +1,8 @@
 import Glibc
 
+/// `0x…` for addresses, sizes and checksums in messages.
+public func hex(_ v: UInt64) -> String { "0x" + String(v, radix: 16) }
+
 /// One-line logging to stderr, with a level and a component. Kept dependency-free so every
 /// layer can log; the CLI sets the level from --verbose/--quiet.
 public enum Log {

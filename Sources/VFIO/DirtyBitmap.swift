@@ -143,18 +143,24 @@ public final class DirtyBitmap: @unchecked Sendable {
 
     /// OR another bitmap's words in (merging dirty sources).
     public func merge(words other: [UInt64], atPage firstPage: UInt64 = 0) {
-        lock.withLock {
-            for (i, w) in other.enumerated() where w != 0 {
-                for b in 0..<64 where w & (1 << UInt64(b)) != 0 {
-                    let p = firstPage + UInt64(i * 64 + b)
-                    if p < pageCount { words[Int(p / 64)] |= 1 << (p % 64) }
-                }
-            }
-        }
+        lock.withLock { words.orBits(other, atBit: firstPage, limit: pageCount) }
     }
 }
 
 extension Array where Element == UInt64 {
+    /// OR the bits of `sub` into this bitmap, bit i of `sub` landing at bit `base + i`; bits at
+    /// or past `limit` are dropped. (Merging dirty sources, re-basing a sub-range's report.)
+    public mutating func orBits(_ sub: [UInt64], atBit base: UInt64, limit: UInt64) {
+        for (i, w) in sub.enumerated() where w != 0 {
+            var bits = w
+            while bits != 0 {
+                let p = base + UInt64(i * 64 + bits.trailingZeroBitCount)
+                bits &= bits - 1
+                if p < limit { self[Int(p / 64)] |= 1 << (p % 64) }
+            }
+        }
+    }
+
     /// Little-endian bytes of a bitmap (the wire layout).
     public var littleEndianBytes: [UInt8] {
         var out = [UInt8](); out.reserveCapacity(count * 8)

@@ -54,7 +54,7 @@ struct DemoCommand: ParsableCommand {
         }
 
         print("1. starting two dma-engine device servers (separate processes)")
-        let servers = try ["source", "destination"].map { try ChildServer(binary: selfBinary(), socket: "\(dir)/\($0).sock", stateSize: stateSize) }
+        let servers = try ["source", "destination"].map { try ChildServer(socket: "\(dir)/\($0).sock", stateSize: stateSize) }
         defer { for s in servers { s.stop() } }
         let a = try servers[0].connect(), b = try servers[1].connect()
         defer { a.close(); b.close() }
@@ -128,33 +128,47 @@ func selfBinary() -> String {
     return n > 0 ? String(cString: buf) : CommandLine.arguments[0]
 }
 
+/// A child process of this binary; its output goes to `log`, or is inherited.
+final class Child {
+    let process = Process()
+    var pid: Int32 { process.processIdentifier }
+    init(_ args: [String], log: String? = nil) throws {
+        process.executableURL = URL(fileURLWithPath: selfBinary())
+        process.arguments = args
+        if let log {
+            FileManager.default.createFile(atPath: log, contents: nil)
+            let h = FileHandle(forWritingAtPath: log)
+            process.standardOutput = h
+            process.standardError = h
+        }
+        try process.run()
+    }
+    func stop() { if process.isRunning { process.terminate(); process.waitUntilExit() } }
+}
+
 /// A `vfio-live device serve` child process.
 final class ChildServer {
-    let process = Process()
+    let child: Child
     let socket: String
-    var pid: Int32 { process.processIdentifier }
+    var pid: Int32 { child.pid }
 
-    init(binary: String, socket: String, stateSize: String) throws {
+    init(socket: String, stateSize: String) throws {
         self.socket = socket
-        process.executableURL = URL(fileURLWithPath: binary)
-        process.arguments = ["device", "serve", "--device", "dma-engine", "--socket", socket, "--state-size", stateSize, "--quiet"]
-        try process.run()
+        child = try Child(["device", "serve", "--device", "dma-engine", "--socket", socket, "--state-size", stateSize, "--quiet"])
     }
 
     func connect() throws -> VFIOUserClient {
         let deadline = monotonicNanoseconds() + 10_000_000_000
         while true {
             if let c = try? VFIOUserClient(path: socket) { return c }
-            guard process.isRunning, monotonicNanoseconds() < deadline else {
+            guard child.process.isRunning, monotonicNanoseconds() < deadline else {
                 throw ValidationError("device server for \(socket) did not come up")
             }
             usleep(5000)
         }
     }
 
-    func stop() {
-        if process.isRunning { process.terminate(); process.waitUntilExit() }
-    }
+    func stop() { child.stop() }
 }
 
 /// DMA jobs with known checksums against one dma-engine, on its own thread.
@@ -234,21 +248,6 @@ final class DemoWorkload: @unchecked Sendable {
 }
 
 extension DemoCommand {
-    /// A child process of this binary.
-    final class Child {
-        let process = Process()
-        init(_ args: [String], log: String) throws {
-            process.executableURL = URL(fileURLWithPath: selfBinary())
-            process.arguments = args
-            FileManager.default.createFile(atPath: log, contents: nil)
-            let h = FileHandle(forWritingAtPath: log)
-            process.standardOutput = h
-            process.standardError = h
-            try process.run()
-        }
-        func stop() { if process.isRunning { process.terminate(); process.waitUntilExit() } }
-    }
-
     static func connectQMP(_ path: String, _ child: Child) throws -> QMPClient {
         let deadline = monotonicNanoseconds() + 30_000_000_000
         while true {

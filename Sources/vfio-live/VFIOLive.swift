@@ -77,5 +77,3 @@ func formatFixed(_ d: Double, _ places: Int) -> String {
     } else if places > 0 { s += "." + String(repeating: "0", count: places) }
     return s
 }
-
-func hex(_ v: UInt64) -> String { "0x" + String(v, radix: 16) }

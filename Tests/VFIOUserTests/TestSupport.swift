@@ -58,5 +58,3 @@ func runJob(_ c: VFIOUserClient, source: UInt64, destination: UInt64, count: UIn
     }
     try c.write32(0, DMAEngine.Reg.irqAck, DMAEngine.irqDMA)
 }
-
-func hex(_ v: UInt64) -> String { "0x" + String(v, radix: 16) }

@@ -400,16 +400,6 @@ public final class DMAEngine: VFIOUserDeviceModel, @unchecked Sendable {
         if wantIRQ { raise(Self.irqDMA) }
     }
 
-    /// Wait until no job is running (tests and stop arcs).
-    public func waitIdle(timeoutSeconds: Double = 10) -> Bool {
-        let deadline = Double(monotonicNanoseconds()) / 1e9 + timeoutSeconds
-        while Double(monotonicNanoseconds()) / 1e9 < deadline {
-            if lock.mutex.withLock({ regs.dmaCommand & Self.dmaCommandStart == 0 }) { return true }
-            usleep(200)
-        }
-        return false
-    }
-
     /// Stop the worker between chunks and wait until it is not copying (a STOP arc).
     func quiesce() {
         lock.mutex.withLock { runAllowed = false; lock.broadcast() }

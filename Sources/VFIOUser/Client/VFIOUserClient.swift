@@ -57,13 +57,7 @@ final class ClientDMAMemory: @unchecked Sendable {
                 guard let d = e.dirty, e.iova < iova + length, e.iova + e.size > iova else { continue }
                 let lo = max(e.iova, iova), hi = min(e.iova + e.size, iova + length)
                 let sub = d.take(offset: lo - e.iova, length: hi - lo, reportPageSize: pageSize)
-                let base = (lo - iova) / pageSize
-                for (wi, w) in sub.enumerated() where w != 0 {
-                    for b in 0..<64 where w & (1 << UInt64(b)) != 0 {
-                        let p = base + UInt64(wi * 64 + b)
-                        if p < pages { out[Int(p / 64)] |= 1 << (p % 64) }
-                    }
-                }
+                out.orBits(sub, atBit: (lo - iova) / pageSize, limit: pages)
             }
         }
         return out

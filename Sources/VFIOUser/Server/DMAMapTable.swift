@@ -162,14 +162,8 @@ public final class DMAMapTable: DMAAccessor, @unchecked Sendable {
                 }
                 let end = min(m.end, iova + length)
                 let sub = bitmapFor(m, offset: at - m.iova, length: end - at, pageSize: pageSize)
-                // Place `sub` (relative to `at`) into `out` (relative to iova).
-                let base = (at - iova) / pageSize
-                for (wi, w) in sub.enumerated() where w != 0 {
-                    for b in 0..<64 where w & (1 << UInt64(b)) != 0 {
-                        let p = base + UInt64(wi * 64 + b)
-                        if p < pages { out[Int(p / 64)] |= 1 << (p % 64) }
-                    }
-                }
+                // `sub` is relative to `at`, `out` to iova.
+                out.orBits(sub, atBit: (at - iova) / pageSize, limit: pages)
                 at = end
             }
         }

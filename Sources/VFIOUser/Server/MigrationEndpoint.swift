@@ -7,8 +7,6 @@ public final class MigrationEndpoint: @unchecked Sendable {
     public let device: MigratableDevice
     public private(set) var state: MigrationState = .running
     private let lock = Mutex()
-    /// Every arc taken, for diagnostics and tests.
-    public private(set) var arcsTaken: [(MigrationState, MigrationState)] = []
 
     public init(device: MigratableDevice) { self.device = device }
     public var capabilities: MigrationCapabilities { device.migrationCapabilities }
@@ -34,7 +32,6 @@ public final class MigrationEndpoint: @unchecked Sendable {
                 } catch {
                     throw DeviceError(.EIO, "\(state)→\(next) failed: \(error)")
                 }
-                arcsTaken.append((state, next))
                 state = next
             }
         }
