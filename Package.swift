@@ -1,6 +1,7 @@
 // swift-tools-version:6.0
 // vfio-live: live migration and live update of VMs with VFIO-assigned devices.
-// Layers depend one way: CVFIOLive → SystemCalls → VFIO → VFIOUser → Devices → tool.
+// Layers depend one way: CVFIOLive → SystemCalls → VFIO → VFIOUser → Devices | Machine →
+// Migration → LiveUpdate → Control → tool.
 import PackageDescription
 
 let package = Package(
@@ -29,19 +30,23 @@ let package = Package(
         .target(name: "Machine", dependencies: ["VFIOUser", "VFIO", "SystemCalls", "CVFIOLive"]),
         // Live migration: the stream, pre-copy of RAM and device state, channels, statistics.
         .target(name: "Migration", dependencies: ["Machine", "VFIOUser", "VFIO", "SystemCalls"]),
+        // Live update of the VMM process (cpr-transfer, cpr-exec): the CPR state (descriptors
+        // by name, typed records), handing the VM over, adopting it, rolling back.
+        .target(name: "LiveUpdate", dependencies: ["Migration", "Machine", "VFIOUser", "VFIO", "SystemCalls"]),
         // The QMP-compatible control socket and the VMM that answers it.
-        .target(name: "Control", dependencies: ["Migration", "Machine", "VFIOUser", "VFIO", "SystemCalls"]),
+        .target(name: "Control", dependencies: ["LiveUpdate", "Migration", "Machine", "VFIOUser", "VFIO", "SystemCalls"]),
         // Device models served over vfio-user.
         .target(name: "Devices", dependencies: ["VFIOUser", "VFIO", "SystemCalls", "CVFIOLive"]),
         .executableTarget(
             name: "vfio-live",
             dependencies: [
-                "Devices", "Control", "Machine", "Migration", "VFIOUser", "VFIO", "SystemCalls",
+                "Devices", "Control", "LiveUpdate", "Machine", "Migration", "VFIOUser", "VFIO", "SystemCalls",
                 .product(name: "ArgumentParser", package: "swift-argument-parser"),
             ]),
         .testTarget(name: "SystemCallsTests", dependencies: ["SystemCalls", "CVFIOLive"]),
         .testTarget(name: "VFIOTests", dependencies: ["VFIO"]),
         .testTarget(name: "MachineTests", dependencies: ["Machine", "Devices", "VFIOUser", "VFIO", "SystemCalls"]),
+        .testTarget(name: "LiveUpdateTests", dependencies: ["LiveUpdate", "Control", "Migration", "Machine", "Devices", "VFIOUser", "VFIO", "SystemCalls"]),
         .testTarget(name: "ControlTests", dependencies: ["Control", "Migration", "Machine", "Devices", "VFIOUser", "VFIO", "SystemCalls"]),
         .testTarget(name: "MigrationTests", dependencies: ["Migration", "Machine", "Devices", "VFIOUser", "VFIO", "SystemCalls"]),
         .testTarget(name: "VFIOUserTests", dependencies: ["VFIOUser", "Devices", "VFIO", "SystemCalls", "CVFIOLive"]),

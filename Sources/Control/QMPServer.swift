@@ -30,6 +30,26 @@ public final class QMPServer: @unchecked Sendable {
         stopEvent = try EventFD()
     }
 
+    /// Serve on a listening socket a predecessor VMM handed over (live update): clients that
+    /// connected meanwhile wait in its backlog, and none sees "connection refused".
+    public init(adopting fd: FileDescriptor, path: String, handler: QMPHandler) throws {
+        listener = UnixListener(adopting: fd, path: path)
+        self.handler = handler
+        stopEvent = try EventFD()
+    }
+
+    public var path: String { listener.path }
+    public var listenerFD: FileDescriptor { listener.fd }
+
+    /// Stop accepting because a successor now owns the listening socket: the path stays, and
+    /// clients already connected are served until this process exits.
+    public func relinquishListener() {
+        try? stopEvent.signal()
+        acceptThread?.join()
+        acceptThread = nil
+        listener.relinquish()
+    }
+
     public func start() {
         acceptThread = OSThread(name: "qmp-accept") { [self] in
             while true {

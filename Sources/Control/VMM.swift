@@ -1,4 +1,5 @@
 import Glibc
+import LiveUpdate
 import Machine
 import Migration
 import SystemCalls
@@ -24,6 +25,19 @@ public final class VirtualMachineManager: QMPHandler, @unchecked Sendable {
     /// Called when the process should end (migration completed, quit).
     public var onExit: ((Int32) -> Void)?
     public var exitAfterMigration = true
+    /// The command line this VMM was started with (a live update's successor reuses it).
+    public var commandLine: [String] = CommandLine.arguments
+    /// Devices that opt out of live update (index → why).
+    public var liveUpdateOptOut: [Int: String] = [:]
+    /// Kernel VFIO containers and the like that a live update carries over.
+    public var liveUpdateParticipants: [CPRParticipant] = []
+    var cprMode: LiveUpdateMode?
+    var cprExecCommand: [String]?
+    /// The last live update's report (either side), for query-migrate.
+    public internal(set) var liveUpdateReport: LiveUpdateReport?
+    var liveUpdateInProgress = false
+    /// Fault injection for tests: called at each step of an outgoing live update.
+    public var liveUpdateFaultForTesting: ((String) throws -> Void)?
 
     public init(vm: MicroVM, policies: [DeviceMigrationPolicy], incoming: Bool) {
         self.vm = vm
@@ -33,7 +47,9 @@ public final class VirtualMachineManager: QMPHandler, @unchecked Sendable {
 
     public var runState: RunState { lock.withLock { state } }
 
-    private func set(_ s: RunState) { lock.withLock { state = s } }
+    func set(_ s: RunState) { lock.withLock { state = s } }
+    func withLock<T>(_ body: () throws -> T) rethrows -> T { try lock.withLock(body) }
+    func replaceStats(_ s: MigrationStats) { lock.withLock { stats = s } }
 
     /// Start running (a fresh VM).
     public func boot() {
@@ -153,8 +169,22 @@ public final class VirtualMachineManager: QMPHandler, @unchecked Sendable {
             qmp?.emit("RESUME")
             return .object([])
         case "migrate":
+            if let mode = lock.withLock({ cprMode }) {
+                try startLiveUpdate(mode: mode, to: try cprChannel(a), command: lock.withLock { cprExecCommand })
+                return .object([])
+            }
             guard case let .string(uri)? = a?["uri"] else { throw QMPError("Parameter 'uri' is missing") }
             try startOutgoing(uri: uri)
+            return .object([])
+        case "x-vfio-live-update":
+            guard case let .string(m)? = a?["mode"], let mode = LiveUpdateMode(rawValue: m) else {
+                throw QMPError("'mode' must be cpr-transfer or cpr-exec")
+            }
+            var to: String?
+            if case let .string(u)? = a?["to"] { to = try unixPath(u) }
+            var command: [String]?
+            if case let .string(b)? = a?["binary"] { command = [b] + commandLine.dropFirst() }
+            try startLiveUpdate(mode: mode, to: to, command: command)
             return .object([])
         case "migrate-incoming":
             guard runState == .inmigrate || runState == .paused else { throw QMPError("migrate-incoming needs a VM started for incoming migration") }
@@ -173,11 +203,22 @@ public final class VirtualMachineManager: QMPHandler, @unchecked Sendable {
                 if let v = a?["x-max-iterations"] { guard let n = v.uint64, n > 0 else { throw QMPError("x-max-iterations must be positive") }; parameters.maxIterations = n }
                 if let v = a?["cpu-throttle-initial"]?.uint64 { parameters.throttleInitial = min(max(v, 1), 99) }
                 if let v = a?["cpu-throttle-increment"]?.uint64 { parameters.throttleIncrement = min(max(v, 1), 99) }
+                if case let .string(m)? = a?["mode"] {
+                    if m == "normal" { cprMode = nil } else {
+                        guard let mode = LiveUpdateMode(rawValue: m) else { throw QMPError("mode must be normal, cpr-transfer or cpr-exec") }
+                        cprMode = mode
+                    }
+                }
+                if case let .array(list)? = a?["cpr-exec-command"] {
+                    let argv = list.compactMap { v -> String? in if case let .string(s) = v { return s }; return nil }
+                    guard !argv.isEmpty, argv.count == list.count else { throw QMPError("cpr-exec-command must be a non-empty list of strings") }
+                    cprExecCommand = argv
+                }
             }
             return .object([])
         case "query-migrate-parameters":
-            let p = lock.withLock { parameters }
-            return .object([("downtime-limit", .number(Double(p.downtimeLimitMS))), ("max-bandwidth", .number(Double(p.maxBandwidth))),
+            let (p, mode) = lock.withLock { (parameters, cprMode) }
+            return .object([("mode", .string(mode?.rawValue ?? "normal")), ("downtime-limit", .number(Double(p.downtimeLimitMS))), ("max-bandwidth", .number(Double(p.maxBandwidth))),
                             ("x-max-iterations", .number(Double(p.maxIterations))), ("cpu-throttle-initial", .number(Double(p.throttleInitial))),
                             ("cpu-throttle-increment", .number(Double(p.throttleIncrement)))])
         case "migrate-set-capabilities":
@@ -238,6 +279,7 @@ public final class VirtualMachineManager: QMPHandler, @unchecked Sendable {
                 ("throttle-percent", .number(Double(st.throttlePercent))), ("forced-switchover", .bool(st.forcedSwitchover)),
             ])))
             if let e = st.errorDescription { o.append(("error-desc", .string(e))) }
+            if let r = liveUpdateReport, let j = try? JSONValue.parse(Array(r.json.utf8)[...]) { o.append(("x-vfio-live-cpr", j)) }
             return .object(o)
         }
     }

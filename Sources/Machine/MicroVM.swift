@@ -12,11 +12,13 @@ public final class AttachedDevice: @unchecked Sendable {
     public let msi: EventFD
     public private(set) var interrupts: UInt64 = 0
     public var bar0: UInt64 { GuestLayout.deviceBAR0(slot) }
-    init(client: VFIOUserClient, slot: Int) throws {
+    init(client: VFIOUserClient, slot: Int, msi: EventFD? = nil) throws {
         self.client = client; self.slot = slot
-        msi = try EventFD(nonBlocking: true)
+        self.msi = try msi ?? EventFD(nonBlocking: true)
     }
     func drainInterrupts() { interrupts &+= (try? msi.consume()) ?? 0 }
+    /// Continue a predecessor's count (live update); signals not yet read stay in the eventfd.
+    public func continueCount(from n: UInt64) { interrupts = n }
 }
 
 /// Saved vCPU state: the raw kernel structs (they are plain data) plus the software vCPU's own.
@@ -63,17 +65,23 @@ public final class MicroVM: @unchecked Sendable {
     public private(set) var dirtyLogging = false
 
     /// Build the VM. `devices` are connected vfio-user clients; each gets guest RAM mapped for
-    /// DMA at IOVA = GPA (by fd) and an MSI eventfd.
+    /// DMA at IOVA = GPA (by fd) and an MSI eventfd. With `configuredMSI` (a live update) the
+    /// devices are already configured by a predecessor process: their DMA mappings and MSI
+    /// eventfds (given here) stay as they are and nothing is sent to them.
     public init(memorySize: UInt64, vcpus: Int = 1, workload: WorkloadConfig, devices: [VFIOUserClient] = [],
-                forceSoftware: Bool = false, adoptingMemory: FileDescriptor? = nil, populateMemory: Bool = false) throws {
+                forceSoftware: Bool = false, adoptingMemory: GuestMemory? = nil, populateMemory: Bool = false,
+                configuredMSI: [EventFD]? = nil) throws {
         guard vcpus >= 1, vcpus <= GuestLayout.maxVCPUs else { throw KVMError.unavailable("--vcpus must be 1...\(GuestLayout.maxVCPUs)") }
         guard workload.workingSet >= 4096 * UInt64(vcpus), GuestLayout.workingSetBase + workload.workingSet <= memorySize else {
             throw KVMError.unavailable("working set of \(workload.workingSet) bytes does not fit in \(memorySize) bytes of guest RAM (it starts at 1 MiB)")
         }
         self.workload = workload
         vcpuCount = vcpus
-        irqStop = try EventFD()
-        if let fd = adoptingMemory { memory = try GuestMemory(adopting: fd, size: memorySize) }
+        irqStop = try EventFD(nonBlocking: true)
+        if let m = adoptingMemory {
+            guard m.size == memorySize else { throw KVMError.unavailable("adopted guest RAM is \(m.size) bytes, not \(memorySize)") }
+            memory = m
+        }
         else { memory = try GuestMemory(size: memorySize, populate: populateMemory) }
         if forceSoftware || KVMSystem.unavailableReason != nil {
             kvm = nil; vm = nil
@@ -84,7 +92,10 @@ public final class MicroVM: @unchecked Sendable {
             vm = try k.createVM()
             executionMode = "KVM"
         }
-        for (i, c) in devices.enumerated() { self.devices.append(try AttachedDevice(client: c, slot: i)) }
+        if let m = configuredMSI, m.count != devices.count {
+            throw KVMError.unavailable("\(devices.count) configured devices but \(m.count) MSI eventfds")
+        }
+        for (i, c) in devices.enumerated() { self.devices.append(try AttachedDevice(client: c, slot: i, msi: configuredMSI?[i])) }
         if adoptingMemory == nil { try initialiseGuest() }
         if let vm {
             _ = vm.enableManualDirtyProtect()
@@ -99,7 +110,7 @@ public final class MicroVM: @unchecked Sendable {
         } else {
             for i in 0..<vcpus { software.append(SoftwareVCPU(vm: self, index: i)) }
         }
-        for d in self.devices { try connect(d) }
+        if configuredMSI == nil { for d in self.devices { try connect(d) } }
         installKickHandler()
     }
 
@@ -158,11 +169,20 @@ public final class MicroVM: @unchecked Sendable {
 
     // MARK: run control
 
-    /// Start the vCPU threads (paused until `resume()`), and the interrupt counter.
-    public func start() {
+    /// Start the vCPU threads (paused until `resume()`), and the interrupt counter (a live
+    /// update's successor starts counting only once the predecessor has stopped).
+    public func start(countingInterrupts: Bool = true) {
         for i in 0..<vcpuCount {
             threads.append(OSThread(name: "vcpu\(i)") { [self] in vcpuLoop(i) })
         }
+        if countingInterrupts { startInterruptCounting() }
+        _ = waitParked()
+    }
+
+    /// Count MSIs from the devices' eventfds (a thread polling them).
+    public func startInterruptCounting() {
+        guard irqThread == nil else { return }
+        _ = try? irqStop.consume()
         let watch = devices.map { $0.msi.fd.rawValue } + [irqStop.fd.rawValue]
         irqThread = OSThread(name: "irq") { [self] in
             while true {
@@ -171,7 +191,14 @@ public final class MicroVM: @unchecked Sendable {
                 devices[which].drainInterrupts()
             }
         }
-        _ = waitParked()
+    }
+
+    /// Stop reading the MSI eventfds: at a live update the successor reads them from here on,
+    /// and a signal arriving meanwhile waits in the eventfd's counter.
+    public func stopInterruptCounting() {
+        try? irqStop.signal()
+        irqThread?.join()
+        irqThread = nil
     }
 
     /// Release one pause; the vCPUs run when no pause is held.
@@ -203,7 +230,8 @@ public final class MicroVM: @unchecked Sendable {
     public var isPaused: Bool { control.mutex.withLock { pauseRequested && parked == vcpuCount } }
 
     private func waitParked() -> Bool {
-        control.mutex.withLock {
+        if threads.isEmpty { return failure == nil }  // stopped (or never started): nothing runs
+        return control.mutex.withLock {
             while parked < vcpuCount && failure == nil {
                 if !control.wait(timeoutSeconds: 0.05) {
                     // A vCPU may be between KVM_RUNs: kick again.
@@ -224,9 +252,7 @@ public final class MicroVM: @unchecked Sendable {
         for th in threads { pthread_kill(th.pthread, SIGUSR1) }
         for th in threads { th.join() }
         threads = []
-        try? irqStop.signal()
-        irqThread?.join()
-        irqThread = nil
+        stopInterruptCounting()
     }
 
     deinit { stop() }

@@ -1,7 +1,7 @@
 import SystemCalls
 
 /// What the guest workload does (`--workload dirty-rate=PAGES_PER_S,working-set=SIZE,...`).
-public struct WorkloadConfig: Sendable, CustomStringConvertible {
+public struct WorkloadConfig: Sendable, Equatable, CustomStringConvertible {
     /// Bytes of guest RAM the workload owns (split between vCPUs).
     public var workingSet: UInt64 = 16 << 20
     /// Page writes per second over all vCPUs; 0 = as fast as the vCPU goes.

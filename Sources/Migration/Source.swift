@@ -95,10 +95,8 @@ public final class MigrationSource: @unchecked Sendable {
         var sum = Checksum.seed
         if let c = checksum { sum = c } else { for p in pieces { sum = Checksum.update(sum, p) } }
         if corruptNextSectionForTesting { corruptNextSectionForTesting = false; sum ^= 1 }
-        var h = BEWriter()
-        h.append([type.rawValue, 0, 0, 0]); h.u32(id); h.u64(UInt64(length))
         var t = BEWriter(); t.u64(sum)
-        let head = h.bytes, tail = t.bytes
+        let head = MigrationStream.sectionHeader(type, id: id, length: length), tail = t.bytes
         do {
             try head.withUnsafeBytes { hb in try tail.withUnsafeBytes { tb in try socket.send([hb] + pieces + [tb]) } }
         } catch {
@@ -307,12 +305,8 @@ public final class MigrationSource: @unchecked Sendable {
     private func migrate() throws {
         let pages = vm.memory.size / 4096
         sendStart = monotonicNanoseconds()
-        var header = BEWriter()
-        header.append(MigrationStream.magic); header.u32(MigrationStream.version); header.u32(0)
-        do { try socket.send(header.bytes) } catch { throw MigrationError.channel("\(error)") }
-        var cfg = BEWriter()
-        cfg.u64(vm.memory.size); cfg.u32(UInt32(vm.vcpuCount)); cfg.u32(UInt32(devices.count)); cfg.u32(4096)
-        try send(.config, cfg.bytes)
+        do { try socket.send(MigrationStream.header(flags: 0)) } catch { throw MigrationError.channel("\(error)") }
+        try send(.config, MigrationStream.configPayload(ramSize: vm.memory.size, vcpus: vm.vcpuCount, devices: devices.count))
         // Setup: dirty logging on (vCPUs and devices), devices to PRE_COPY.
         try vm.setDirtyLogging(true)
         _ = try vm.harvestDirtyPages()
@@ -388,12 +382,9 @@ public final class MigrationSource: @unchecked Sendable {
         for k in dirty.indices { dirty[k] |= final[k] }
         try sendPages(dirty)
         for i in devices.indices { try sendDeviceData(i, final: true); try sendDeviceConfig(i) }
-        var v = BEWriter()
         let states: [VCPUState]
         do { states = try vm.saveVCPUs() } catch { throw MigrationError.channel("saving vCPU state: \(error)") }
-        v.u32(UInt32(states.count))
-        for s in states { for part in [s.regs, s.sregs, s.fpu] { v.u32(UInt32(part.count)); v.append(part) } }
-        try send(.vcpus, v.bytes)
+        try send(.vcpus, MigrationStream.vcpusPayload(states.map { VCPUStateBytes(regs: $0.regs, sregs: $0.sregs, fpu: $0.fpu) }))
         var end = BEWriter(); end.u64(stats.normalPages + stats.zeroPages)
         try send(.end, end.bytes)
         // The destination has resumed when it says so.

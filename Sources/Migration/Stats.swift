@@ -30,7 +30,7 @@ public final class MigrationStats: @unchecked Sendable {
 
     public init() {}
 
-    func set(_ s: Status, error: String? = nil) {
+    public func set(_ s: Status, error: String? = nil) {
         lock.withLock { _status = s; if let e = error { _error = e } }
         onStatus?(s)
     }

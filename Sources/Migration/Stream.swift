@@ -16,6 +16,9 @@ import VFIO
 ///             CONFIG (+ payload), INIT_DATA_SENT, each group ended by END_OF_STATE
 ///     VCPUS   count u32, count × {regs, sregs, fpu: each u32 length + bytes}
 ///     END     pages sent u64
+///     LIVE_UPDATE  (cpr-transfer / cpr-exec only; no RAM or DEVICE sections then: guest RAM
+///             and the devices are handed over as descriptors) vCPUs paused at u64 (CLOCK_MONOTONIC
+///             ns, the same clock in both processes), devices u32, devices × MSIs counted u64
 public enum MigrationStream {
     public static let magic: [UInt8] = Array("VLMIGRAT".utf8)
     public static let version: UInt32 = 1
@@ -27,8 +30,27 @@ public enum MigrationStream {
     public static let maxSectionLength: UInt64 = 64 << 20
 
     public enum SectionType: UInt8, CustomStringConvertible {
-        case config = 1, ram = 2, device = 3, vcpus = 4, end = 5
-        public var description: String { ["", "CONFIG", "RAM", "DEVICE", "VCPUS", "END"][Int(rawValue)] }
+        case config = 1, ram = 2, device = 3, vcpus = 4, end = 5, liveUpdate = 6
+        public var description: String { ["", "CONFIG", "RAM", "DEVICE", "VCPUS", "END", "LIVE_UPDATE"][Int(rawValue)] }
+    }
+
+    /// Header flag: a live-update stream (no RAM; a LIVE_UPDATE section).
+    public static let flagLiveUpdate: UInt32 = 1
+
+    public static func header(flags: UInt32) -> [UInt8] {
+        var h = BEWriter(); h.append(magic); h.u32(version); h.u32(flags); return h.bytes
+    }
+    public static func configPayload(ramSize: UInt64, vcpus: Int, devices: Int) -> [UInt8] {
+        var w = BEWriter(); w.u64(ramSize); w.u32(UInt32(vcpus)); w.u32(UInt32(devices)); w.u32(UInt32(pageSize)); return w.bytes
+    }
+    public static func vcpusPayload(_ states: [VCPUStateBytes]) -> [UInt8] {
+        var v = BEWriter()
+        v.u32(UInt32(states.count))
+        for s in states { for part in [s.regs, s.sregs, s.fpu] { v.u32(UInt32(part.count)); v.append(part) } }
+        return v.bytes
+    }
+    public static func sectionHeader(_ type: SectionType, id: UInt32, length: Int) -> [UInt8] {
+        var h = BEWriter(); h.append([type.rawValue, 0, 0, 0]); h.u32(id); h.u64(UInt64(length)); return h.bytes
     }
 
     /// QEMU's VFIO device-state tags (hw/vfio/vfio-migration-internal.h).
@@ -39,6 +61,20 @@ public enum MigrationStream {
         case dataState = 0xffff_ffff_ef10_0004
         case initDataSent = 0xffff_ffff_ef10_0005
         case configLoadReady = 0xffff_ffff_ef10_0006
+    }
+}
+
+/// A whole small stream in memory (a live update's: no RAM, a few hundred bytes).
+public struct MigrationStreamEncoder {
+    public private(set) var bytes: [UInt8]
+    private var id: UInt32 = 0
+    public init(flags: UInt32) { bytes = MigrationStream.header(flags: flags) }
+    public mutating func section(_ type: MigrationStream.SectionType, _ payload: [UInt8]) {
+        id &+= 1
+        bytes += MigrationStream.sectionHeader(type, id: id, length: payload.count)
+        bytes += payload
+        var t = BEWriter(); t.u64(payload.withUnsafeBytes { Checksum.update(Checksum.seed, $0) })
+        bytes += t.bytes
     }
 }
 
@@ -81,6 +117,14 @@ public protocol MigrationSink: AnyObject {
     func deviceInitialDataSent(device: UInt32) throws
     func vcpus(_ states: [VCPUStateBytes]) throws
     func end(pagesSent: UInt64) throws
+    /// A live update's VMM-side state (only in live-update streams).
+    func liveUpdate(pausedAt: UInt64, interrupts: [UInt64]) throws
+}
+
+extension MigrationSink {
+    public func liveUpdate(pausedAt: UInt64, interrupts: [UInt64]) throws {
+        throw StreamError.malformed(.liveUpdate, id: 0, "a LIVE_UPDATE section in a migration stream (start the destination with --incoming cpr:unix:PATH for a live update)")
+    }
 }
 
 /// vCPU state as it travels (Machine's VCPUState, without depending on Machine).
@@ -127,11 +171,15 @@ public final class MigrationStreamDecoder {
     private static func be64(_ b: ArraySlice<UInt8>) -> UInt64 { b.prefix(8).reduce(0) { $0 << 8 | UInt64($1) } }
     private static func be32(_ b: ArraySlice<UInt8>) -> UInt32 { b.prefix(4).reduce(0) { $0 << 8 | UInt32($1) } }
 
+    public private(set) var flags: UInt32 = 0
+
     public func readHeader() throws {
         let h = try read(MigrationStream.headerSize)
         guard Array(h[0..<8]) == MigrationStream.magic else { throw StreamError.notAMigrationStream }
         let v = Self.be32(h[8...])
         guard v == MigrationStream.version else { throw StreamError.unsupportedVersion(v) }
+        flags = Self.be32(h[12...])
+        guard flags & ~MigrationStream.flagLiveUpdate == 0 else { throw StreamError.malformed(.config, id: 0, "unknown stream flags \(hex(UInt64(flags)))") }
     }
 
     /// Decode sections until END. Returns when the END section was applied.
@@ -147,6 +195,9 @@ public final class MigrationStreamDecoder {
             if type != .config && !sawConfig { throw StreamError.malformed(type, id: id, "the stream must start with CONFIG") }
             sectionsRead += 1
             var sum = Checksum.seed
+            if flags & MigrationStream.flagLiveUpdate != 0, type == .ram || type == .device {
+                throw StreamError.malformed(type, id: id, "a live-update stream carries no \(type) sections (guest RAM and devices are handed over)")
+            }
             switch type {
             case .ram:
                 sum = try decodeRAM(id: id, length: length)
@@ -256,6 +307,12 @@ public final class MigrationStreamDecoder {
         case .end:
             guard let pages = r.u64(), r.remaining == 0 else { throw bad("END carries 8 bytes") }
             try sink.end(pagesSent: pages)
+        case .liveUpdate:
+            guard let at = r.u64(), let n = r.u32(), n == devices else { throw bad("truncated, or its device count differs from CONFIG's") }
+            var irqs: [UInt64] = []
+            for _ in 0..<n { guard let c = r.u64() else { throw bad("truncated") }; irqs.append(c) }
+            guard r.remaining == 0 else { throw bad("\(r.remaining) trailing bytes") }
+            try sink.liveUpdate(pausedAt: at, interrupts: irqs)
         case .ram:
             break
         }
@@ -263,13 +320,14 @@ public final class MigrationStreamDecoder {
 }
 
 /// Big-endian reader that returns nil instead of reading past the end.
-struct BEReader {
+public struct BEReader {
     var b: ArraySlice<UInt8>
-    init(_ b: ArraySlice<UInt8>) { self.b = b }
-    var remaining: Int { b.count }
-    mutating func u32() -> UInt32? { guard b.count >= 4 else { return nil }; defer { b = b.dropFirst(4) }; return b.prefix(4).reduce(0) { $0 << 8 | UInt32($1) } }
-    mutating func u64() -> UInt64? { guard b.count >= 8 else { return nil }; defer { b = b.dropFirst(8) }; return b.prefix(8).reduce(0) { $0 << 8 | UInt64($1) } }
-    mutating func bytes(_ n: Int) -> ArraySlice<UInt8>? { guard n >= 0, b.count >= n else { return nil }; defer { b = b.dropFirst(n) }; return b.prefix(n) }
+    public init(_ b: ArraySlice<UInt8>) { self.b = b }
+    public var remaining: Int { b.count }
+    public mutating func u16() -> UInt16? { guard b.count >= 2 else { return nil }; defer { b = b.dropFirst(2) }; return b.prefix(2).reduce(0) { $0 << 8 | UInt16($1) } }
+    public mutating func u32() -> UInt32? { guard b.count >= 4 else { return nil }; defer { b = b.dropFirst(4) }; return b.prefix(4).reduce(0) { $0 << 8 | UInt32($1) } }
+    public mutating func u64() -> UInt64? { guard b.count >= 8 else { return nil }; defer { b = b.dropFirst(8) }; return b.prefix(8).reduce(0) { $0 << 8 | UInt64($1) } }
+    public mutating func bytes(_ n: Int) -> ArraySlice<UInt8>? { guard n >= 0, b.count >= n else { return nil }; defer { b = b.dropFirst(n) }; return b.prefix(n) }
 }
 
 /// Big-endian writer for section payloads.
@@ -278,5 +336,6 @@ public struct BEWriter {
     public init() {}
     public mutating func u32(_ v: UInt32) { withUnsafeBytes(of: v.bigEndian) { bytes.append(contentsOf: $0) } }
     public mutating func u64(_ v: UInt64) { withUnsafeBytes(of: v.bigEndian) { bytes.append(contentsOf: $0) } }
+    public mutating func u16(_ v: UInt16) { withUnsafeBytes(of: v.bigEndian) { bytes.append(contentsOf: $0) } }
     public mutating func append<C: Collection>(_ c: C) where C.Element == UInt8 { bytes.append(contentsOf: c) }
 }

@@ -139,6 +139,19 @@ public final class UnixListener: @unchecked Sendable {
         _ = try syscallRetryingEINTR { listen(raw, backlog) }
     }
 
+    /// A listening socket received from another process (live update); `close()` removes
+    /// `path` as usual, `relinquish()` does not.
+    public init(adopting fd: FileDescriptor, path: String) {
+        self.fd = fd
+        self.path = path
+    }
+
+    /// Close this process's descriptor but leave the socket file: another process listens on it.
+    public func relinquish() {
+        removed = true
+        fd.close()
+    }
+
     /// Accept one connection, or nil if `timeoutMilliseconds` passes (or `cancel` becomes readable).
     public func accept(timeoutMilliseconds: Int32 = -1, cancel: FileDescriptor? = nil) throws -> UnixSocket? {
         var watch = [fd.rawValue]

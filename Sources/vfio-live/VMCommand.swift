@@ -1,6 +1,7 @@
 import ArgumentParser
 import Control
 import Glibc
+import LiveUpdate
 import Migration
 import Machine
 import SystemCalls
@@ -14,10 +15,11 @@ struct VMCommand: ParsableCommand {
         subcommands: [Run.self])
 }
 
-/// `--device vfio-user,socket=PATH[,enable-migration=on|off|auto]`
+/// `--device vfio-user,socket=PATH[,enable-migration=on|off|auto][,cpr=on|off]`
 struct DeviceSpec: ExpressibleByArgument {
     var socket: String
     var policy: DeviceMigrationPolicy = .auto
+    var liveUpdate = true
     init?(argument: String) {
         let parts = argument.split(separator: ",").map(String.init)
         guard parts.first == "vfio-user", let s = parts.dropFirst().first(where: { $0.hasPrefix("socket=") }) else { return nil }
@@ -25,6 +27,9 @@ struct DeviceSpec: ExpressibleByArgument {
         if let p = parts.first(where: { $0.hasPrefix("enable-migration=") }) {
             guard let v = DeviceMigrationPolicy(rawValue: String(p.dropFirst("enable-migration=".count))) else { return nil }
             policy = v
+        }
+        if let p = parts.first(where: { $0.hasPrefix("cpr=") }) {
+            switch p.dropFirst(4) { case "on": liveUpdate = true; case "off": liveUpdate = false; default: return nil }
         }
     }
     static var defaultCompletionKind: CompletionKind { .default }
@@ -43,6 +48,11 @@ extension VMCommand {
                 resumes; the command exits non-zero on the first violation.
                 Without /dev/kvm the workload runs on software vCPUs, and says so.
 
+                Live update: with --incoming cpr:unix:PATH this VMM waits for a running one to hand
+                its VM over (`vfio-live update`, or QMP migrate in mode cpr-transfer). The machine
+                (memory, vCPUs, workload, devices) comes from the handed-over state; the --device
+                options give only the devices' policies. It may be a different build.
+
                 Example:
                   vfio-live device serve --socket /tmp/dma.sock &
                   vfio-live vm run --memory 256M --vcpus 2 --device vfio-user,socket=/tmp/dma.sock \\
@@ -52,7 +62,7 @@ extension VMCommand {
         var memory = "256M"
         @Option(help: "vCPUs (1–8); the working set is split between them.")
         var vcpus = 1
-        @Option(help: "A vfio-user device: vfio-user,socket=PATH[,enable-migration=on|off|auto] (repeatable; the guest drives the first).")
+        @Option(help: "A vfio-user device: vfio-user,socket=PATH[,enable-migration=on|off|auto][,cpr=on|off] (repeatable; the guest drives the first; cpr=off blocks live update).")
         var device: [DeviceSpec] = []
         @Option(help: "dirty-rate=PAGES_PER_S (0 = unlimited), working-set=SIZE, batch=N, dma-every=N, dma-length=SIZE.")
         var workload = "dirty-rate=0,working-set=64M"
@@ -64,41 +74,45 @@ extension VMCommand {
         var softwareVCPUs = false
         @Option(help: "QMP control socket (QEMU-compatible: query-status, stop, cont, migrate, query-migrate, ...).")
         var qmp: String?
-        @Option(help: "Wait for an incoming migration on tcp:HOST:PORT instead of booting the workload.")
+        @Option(help: "Wait for an incoming migration on tcp:HOST:PORT or unix:PATH, or for a live update on cpr:unix:PATH, instead of booting the workload.")
         var incoming: String?
         @OptionGroup var global: GlobalOptions
 
         func run() throws {
             global.apply()
-            let mem = try parseSize(memory)
-            let w: WorkloadConfig
-            do { w = try WorkloadConfig(parsing: workload, parseSize: parseSize) } catch { throw ValidationError("\(error)") }
-            var clients: [VFIOUserClient] = []
-            for d in device {
-                do { clients.append(try VFIOUserClient(path: d.socket)) } catch {
-                    throw ValidationError("cannot connect to the vfio-user device at \(d.socket): \(error)")
-                }
-            }
-            let vm: MicroVM
-            do { vm = try MicroVM(memorySize: mem, vcpus: vcpus, workload: w, devices: clients, forceSoftware: softwareVCPUs,
-                                  populateMemory: incoming != nil) }
-            catch { throw ValidationError("\(error)") }
             let stop = try EventFD()
             installStopSignals(stop.fd.rawValue)
-            let vmm = VirtualMachineManager(vm: vm, policies: device.map(\.policy), incoming: incoming != nil)
+            let (vm, vmm, update) = try makeVM()
+            vmm.commandLine = CommandLine.arguments
+            for (i, d) in device.enumerated() where !d.liveUpdate { vmm.liveUpdateOptOut[i] = "cpr=off on its --device option" }
             var exitCode: Int32 = 0
             vmm.onExit = { code in exitCode = code; try? stop.signal() }
-            if let q = qmp {
-                do { vmm.qmp = try QMPServer(path: q, handler: vmm) } catch { throw ValidationError("cannot create the QMP socket \(q): \(error)") }
+            if let q = qmp ?? update.flatMap({ $0.state.record(CPRNames.qmpPath) }).map({ String(decoding: $0, as: UTF8.self) }) {
+                do {
+                    // A live update's successor serves on the listening socket it was handed when
+                    // the path is its own; otherwise it binds its own.
+                    if let u = update, let fd = u.state.find(CPRNames.qmpListener),
+                       u.state.record(CPRNames.qmpPath).map({ String(decoding: $0, as: UTF8.self) }) == q {
+                        vmm.qmp = try QMPServer(adopting: fd, path: q, handler: vmm)
+                    } else {
+                        update?.state.find(CPRNames.qmpListener)?.close()
+                        vmm.qmp = try QMPServer(path: q, handler: vmm)
+                    }
+                } catch { throw ValidationError("cannot create the QMP socket \(q): \(error)") }
                 vmm.qmp?.start()
                 // As QEMU: a migrated-away VM stays in postmigrate, answering QMP, until quit.
                 vmm.exitAfterMigration = false
             }
             defer { vmm.qmp?.stop() }
-            print("vm: \(formatBytes(mem)) memfd guest RAM, \(vcpus) vCPU(s) on \(vm.executionMode), \(clients.count) device(s); workload: \(w)\(qmp.map { "; QMP on \($0)" } ?? "")")
-            if let uri = incoming {
-                do { try vmm.startIncoming(uri: uri) } catch let e as QMPError { throw ValidationError(e.desc) }
+            if let u = update {
+                let r = u.report
+                print("vm: took over by live update (\(r.mode.rawValue)): \(formatBytes(vm.memory.size)) guest RAM, \(vm.vcpuCount) vCPU(s) on \(vm.executionMode), \(vm.devices.count) device(s); blackout \(formatFixed(Double(r.blackoutNS) / 1e6, 2)) ms; handed over: \(r.handedOver.joined(separator: ", "))")
             } else {
+                print("vm: \(formatBytes(vm.memory.size)) memfd guest RAM, \(vm.vcpuCount) vCPU(s) on \(vm.executionMode), \(vm.devices.count) device(s); workload: \(vm.workload)\(qmp.map { "; QMP on \($0)" } ?? "")")
+            }
+            if let uri = incoming, update == nil {
+                do { try vmm.startIncoming(uri: uri) } catch let e as QMPError { throw ValidationError(e.desc) }
+            } else if update == nil {
                 vmm.boot()
             }
             let start = monotonicNanoseconds()
@@ -124,7 +138,11 @@ extension VMCommand {
                 if let d = duration, Double(now - start) / 1e9 >= d { break }
             }
             if vmm.runState == .postmigrate {
-                print("migrated away: the source stops (device state moved, guest RAM sent)")
+                if let r = vmm.liveUpdateReport {
+                    print("live update (\(r.mode.rawValue)) completed: pid \(r.successorPID) runs the VM; blackout \(formatFixed(Double(r.blackoutNS) / 1e6, 2)) ms; this VMM exits without touching the devices")
+                } else {
+                    print("migrated away: the source stops (device state moved, guest RAM sent)")
+                }
                 vm.stop()
                 return
             }
@@ -135,5 +153,93 @@ extension VMCommand {
             vm.stop()
             if failed || !r.ok { throw ExitCode(1) }
         }
+    }
+}
+
+extension VMCommand.Run {
+    /// The VM: built from the command line, or taken over from a predecessor (cpr-exec state in
+    /// the environment, or --incoming cpr:unix:PATH).
+    func makeVM() throws -> (MicroVM, VirtualMachineManager, LiveUpdateTarget?) {
+        let policies = device.map(\.policy)
+        if let v = getenv(LiveUpdateSource.execStateVariable) {
+            let text = String(cString: v)
+            unsetenv(LiveUpdateSource.execStateVariable)
+            guard let n = Int32(text), n >= 0 else { throw ValidationError("\(LiveUpdateSource.execStateVariable)=\(text) is not a descriptor") }
+            let target: LiveUpdateTarget
+            do {
+                let memfd = FileDescriptor(adopting: n)
+                let (state, stream) = try CPRState.readAfterExec(memfd)
+                memfd.close()
+                target = try LiveUpdateTarget(state: state, mode: .exec)
+                target.beforeStep = Self.faultInjection
+                try target.complete(stream: stream)
+            } catch {
+                // No predecessor is left to take the VM back: say exactly what failed.
+                throw ValidationError("cpr-exec: the new VMM cannot take the VM over: \(error)")
+            }
+            target.report.qmpAdopted = target.state.find(CPRNames.qmpListener) != nil
+            let vmm = VirtualMachineManager(vm: target.vm, policies: policies, incoming: false)
+            vmm.adoptedByLiveUpdate(target.report)
+            return (target.vm, vmm, target)
+        }
+        if let uri = incoming, uri.hasPrefix("cpr:") {
+            guard uri.hasPrefix("cpr:unix:"), uri.count > 9 else { throw ValidationError("--incoming cpr: takes unix:PATH (cpr:unix:/tmp/cpr.sock)") }
+            let path = String(uri.dropFirst(9))
+            let listener: UnixListener
+            do { listener = try UnixListener(path: path) } catch { throw ValidationError("cannot listen on \(path): \(error)") }
+            print("vm: waiting for a live update (cpr-transfer) on \(path)")
+            fflush(stdout)
+            guard let sock = try listener.accept() else { throw ValidationError("no predecessor connected") }
+            listener.close()
+            defer { sock.close() }
+            let target: LiveUpdateTarget
+            do {
+                try Self.faultInjection("receive-state")
+                let state = try CPRState.receive(from: sock)
+                do {
+                    try Self.faultInjection("after-state")
+                    target = try LiveUpdateTarget(state: state, mode: .transfer)
+                } catch {
+                    try? CPRMessage.send(sock, .error, "\(error)")
+                    throw error
+                }
+                target.beforeStep = Self.faultInjection
+                let q = qmp ?? state.record(CPRNames.qmpPath).map { String(decoding: $0, as: UTF8.self) }
+                target.report.qmpAdopted = state.find(CPRNames.qmpListener) != nil && q == state.record(CPRNames.qmpPath).map { String(decoding: $0, as: UTF8.self) }
+                if !device.isEmpty && device.count != target.vm.devices.count {
+                    throw ValidationError("the handed-over VM has \(target.vm.devices.count) device(s), the command line \(device.count)")
+                }
+                try target.complete(over: sock)
+            } catch let e as ValidationError {
+                throw e
+            } catch {
+                throw ValidationError("live update failed; the old VMM keeps the VM: \(error)")
+            }
+            let vmm = VirtualMachineManager(vm: target.vm, policies: policies, incoming: false)
+            vmm.adoptedByLiveUpdate(target.report)
+            return (target.vm, vmm, target)
+        }
+        let mem = try parseSize(memory)
+        let w: WorkloadConfig
+        do { w = try WorkloadConfig(parsing: workload, parseSize: parseSize) } catch { throw ValidationError("\(error)") }
+        var clients: [VFIOUserClient] = []
+        for d in device {
+            do { clients.append(try VFIOUserClient(path: d.socket)) } catch {
+                throw ValidationError("cannot connect to the vfio-user device at \(d.socket): \(error)")
+            }
+        }
+        let vm: MicroVM
+        do { vm = try MicroVM(memorySize: mem, vcpus: vcpus, workload: w, devices: clients, forceSoftware: softwareVCPUs,
+                              populateMemory: incoming != nil) }
+        catch { throw ValidationError("\(error)") }
+        return (vm, VirtualMachineManager(vm: vm, policies: policies, incoming: incoming != nil), nil)
+    }
+
+    /// VFIO_LIVE_CPR_FAULT=STEP makes this process die at that step of an incoming live update
+    /// (tests of the old VMM's rollback): receive-state, after-state, ready, load, commit.
+    static func faultInjection(_ step: String) throws {
+        guard let f = getenv("VFIO_LIVE_CPR_FAULT"), String(cString: f) == step else { return }
+        fputs("vfio-live: VFIO_LIVE_CPR_FAULT=\(step): dying here on purpose\n", stderr)
+        _exit(3)
     }
 }

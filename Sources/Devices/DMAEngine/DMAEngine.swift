@@ -307,8 +307,18 @@ public final class DMAEngine: VFIOUserDeviceModel, @unchecked Sendable {
                 return regs
             }
             guard let j = job else { return }
+            if j.dmaStepDelay > 0 {
+                // Throttled: wait before the step, so a job started just now moves its data
+                // later (a job in flight across a migration or live update). A device stopped
+                // or reset meanwhile must not touch memory: check again.
+                usleep(UInt32(j.dmaStepDelay))
+                let still = lock.mutex.withLock {
+                    runAllowed && !shuttingDown && regs.dmaCommand & Self.dmaCommandStart != 0 && regs.jobProgress == j.jobProgress &&
+                        regs.dmaSource == j.dmaSource && regs.dmaDestination == j.dmaDestination
+                }
+                if !still { lock.mutex.withLock { workerBusy = false; lock.broadcast() }; continue }
+            }
             let outcome = step(j)
-            if j.dmaStepDelay > 0 { usleep(UInt32(j.dmaStepDelay)) }
             lock.mutex.withLock {
                 workerBusy = false
                 // The job may have been reset or restored under us: apply only if it is still ours.
@@ -416,6 +426,10 @@ public final class DMAEngine: VFIOUserDeviceModel, @unchecked Sendable {
     }
 
     /// Digest of the device: memory and registers (tests compare source and destination).
+    /// A DMA job has been started and has not completed.
+    public var dmaJobInFlight: Bool { lock.mutex.withLock { regs.dmaCommand & Self.dmaCommandStart != 0 } }
+    public var dmaJobsCompleted: UInt64 { lock.mutex.withLock { regs.jobsCompleted } }
+
     public func stateDigest() -> UInt64 {
         quiesceForDigest {
             var h = Self.checksum(Self.checksumSeed, UnsafeRawBufferPointer(start: memory.base, count: Int(memorySize)))

@@ -10,12 +10,15 @@ public enum VFIOUserClientError: Error, CustomStringConvertible, Equatable {
     case protocolViolation(String)
     /// The server closed the connection.
     case disconnected
+    /// The connection was handed over to another VMM process (live update).
+    case handedOver
 
     public var description: String {
         switch self {
         case let .remote(c, e): return "server refused \(c): \(e) (the server's log says why)"
         case let .protocolViolation(s): return "protocol violation: \(s)"
         case .disconnected: return "server closed the connection"
+        case .handedOver: return "the device connection was handed over to another VMM process (live update)"
         }
     }
     public var errno: Errno? { if case let .remote(_, e) = self { return e }; return nil }
@@ -24,7 +27,12 @@ public enum VFIOUserClientError: Error, CustomStringConvertible, Equatable {
 /// Local memory the client mapped for DMA: used to serve DMA_READ/DMA_WRITE messages, and to log
 /// the pages the client writes on the server's behalf (the server cannot see those).
 final class ClientDMAMemory: @unchecked Sendable {
-    struct Entry { let iova: UInt64; let size: UInt64; let base: UnsafeMutableRawPointer; let writable: Bool; var dirty: DirtyBitmap? }
+    struct Entry {
+        let iova: UInt64, size: UInt64, base: UnsafeMutableRawPointer, writable: Bool
+        /// Offset in the fd the server was given (nil: served by DMA_READ/WRITE messages).
+        let fdOffset: UInt64?
+        var dirty: DirtyBitmap?
+    }
     private var entries: [Entry] = []
     private let lock = Mutex()
     var loggingPageSize: UInt64?
@@ -32,6 +40,7 @@ final class ClientDMAMemory: @unchecked Sendable {
     func add(_ e: Entry) { lock.withLock { var e = e; if let ps = loggingPageSize { e.dirty = DirtyBitmap(pageSize: ps, length: e.size) }; entries.append(e) } }
     func remove(iova: UInt64, size: UInt64) { lock.withLock { entries.removeAll { $0.iova == iova && $0.size == size } } }
     func removeAll() { lock.withLock { entries = [] } }
+    var all: [Entry] { lock.withLock { entries } }
     func startLogging(pageSize: UInt64) {
         lock.withLock { loggingPageSize = pageSize; for i in entries.indices { entries[i].dirty = DirtyBitmap(pageSize: pageSize, length: entries[i].size) } }
     }
@@ -102,7 +111,15 @@ public final class VFIOUserClient: @unchecked Sendable {
     public private(set) var twinSocketActive = false
     private var twin: VFIOUserConnection?
     private var twinThread: OSThread?
+    /// Stops the twin-socket reader without shutting the socket down (it may be shared with a
+    /// successor process).
+    private let twinCancel: EventFD
     private let callLock = Mutex()
+    /// Set while (or after) the connection belongs to a successor process: calls are refused
+    /// and `close()` must not shut the shared socket down.
+    private var handedOver = false
+    /// The server's VERSION reply payload, kept for a successor process to adopt.
+    private var versionReply: [UInt8] = []
     let dmaMemory = ClientDMAMemory()
     private var regionMappings: [UInt32: RegionMapping] = [:]
     /// Number of DMA_READ/WRITE messages served for the server.
@@ -117,17 +134,28 @@ public final class VFIOUserClient: @unchecked Sendable {
         self.options = options
         connection = VFIOUserConnection(socket: socket, maxReceiveFDs: Int(options.maxMessageFDs),
                                         maxMessageSize: Int(options.maxDataXferSize) + 64 * 1024 + 64 * 1024 * 1024)
+        twinCancel = try EventFD(nonBlocking: true)
         try negotiate()
     }
 
     deinit { close() }
 
+    /// Close the connection. A connection handed over to a successor is only closed here (its
+    /// descriptors), never shut down: the successor's copies must keep working.
     public func close() {
-        if let t = twin { t.close() }
-        twinThread?.join()
+        let shared = callLock.withLock { handedOver }
+        if shared {
+            try? twinCancel.signal()
+            twinThread?.join()
+            twin?.socket.close()
+            connection.socket.close()
+        } else {
+            if let t = twin { t.close() }
+            twinThread?.join()
+            connection.close()
+        }
         twinThread = nil
         twin = nil
-        connection.close()
     }
 
     private func negotiate() throws {
@@ -140,6 +168,7 @@ public final class VFIOUserClient: @unchecked Sendable {
         let req = VersionPayload(major: 0, minor: options.minor, capabilities: caps)
         let reply = try call(.version, req.encode())
         defer { reply.closeFDs() }
+        versionReply = reply.payload
         let v: VersionPayload
         do { v = try VersionPayload(decoding: reply.payload[...]) } catch {
             throw VFIOUserClientError.protocolViolation("VERSION reply: \(error)")
@@ -158,12 +187,21 @@ public final class VFIOUserClient: @unchecked Sendable {
                                        maxMessageSize: Int(options.maxDataXferSize) + 4096)
             twin = c
             twinSocketActive = true
-            twinThread = OSThread(name: "vfu-twin") { [weak self, c] in
-                while true {
-                    guard let msg = try? c.receive() else { return }
-                    guard let self else { return }
-                    self.serveServerCommand(msg, on: c)
-                }
+            startTwinReader()
+        }
+    }
+
+    /// Serve server→client commands arriving on the twin socket until it closes or
+    /// `twinCancel` is signalled.
+    private func startTwinReader() {
+        guard let c = twin else { return }
+        let cancel = twinCancel
+        twinThread = OSThread(name: "vfu-twin") { [weak self, c, cancel] in
+            while true {
+                guard let which = try? Poll.waitAnyReadable([c.socket.fd.rawValue, cancel.fd.rawValue], timeoutMilliseconds: -1),
+                      which == 0, let msg = try? c.receive() else { return }
+                guard let self else { return }
+                self.serveServerCommand(msg, on: c)
             }
         }
     }
@@ -180,6 +218,7 @@ public final class VFIOUserClient: @unchecked Sendable {
 
     public func call(_ cmd: VFIOUserCommand, _ payload: [UnsafeRawBufferPointer], fds: [Int32] = []) throws -> Message {
         try callLock.withLock {
+            if handedOver { throw VFIOUserClientError.handedOver }
             let id = connection.allocateID()
             do {
                 try connection.send(id: id, command: cmd.rawValue, flags: MessageHeader.typeCommand, payload: payload, fds: fds)
@@ -360,7 +399,7 @@ public final class VFIOUserClient: @unchecked Sendable {
     public func mapDMA(iova: UInt64, size: UInt64, local: UnsafeMutableRawPointer, fd: FileDescriptor?, offset: UInt64 = 0,
                        writable: Bool = true) throws {
         let flags: DMAMapFlags = writable ? [.read, .write] : [.read]
-        dmaMemory.add(.init(iova: iova, size: size, base: local, writable: writable, dirty: nil))
+        dmaMemory.add(.init(iova: iova, size: size, base: local, writable: writable, fdOffset: fd == nil ? nil : offset, dirty: nil))
         do {
             _ = try call(.dmaMap, DMAMapRequest(flags: flags, offset: fd == nil ? 0 : offset, address: iova, size: size).encode(),
                          fds: fd.map { [$0.rawValue] } ?? [])
@@ -506,5 +545,118 @@ public final class VFIOUserClient: @unchecked Sendable {
         let own = dmaMemory.take(iova: iova, length: length, pageSize: pageSize)
         for i in words.indices where i < own.count { words[i] |= own[i] }
         return words
+    }
+
+    // MARK: live update (CPR)
+
+    /// What a successor process needs to drive this connection without renegotiating: the
+    /// VERSION reply, the DMA mappings (by offset in the fd the server holds) and the next
+    /// message id. The socket, the twin socket and the eventfds travel as descriptors.
+    public struct HandoverState: Equatable, Sendable {
+        public struct Mapping: Equatable, Sendable {
+            public var iova: UInt64, size: UInt64, writable: Bool
+            public var fdOffset: UInt64?
+        }
+        public var versionReply: [UInt8]
+        public var nextMessageID: UInt16
+        public var twinSocket: Bool
+        public var mappings: [Mapping]
+
+        static let magic: UInt32 = 0x4f48_5556  // "VUHO"
+        static let maxMappings = 1024
+
+        public func encode() -> [UInt8] {
+            var w = WireWriter()
+            w.u32(Self.magic); w.u32(1)
+            w.u32(UInt32(versionReply.count)); w.append(versionReply)
+            w.u16(nextMessageID); w.u8(twinSocket ? 1 : 0)
+            w.u32(UInt32(mappings.count))
+            for m in mappings { w.u64(m.iova); w.u64(m.size); w.u8(m.writable ? 1 : 0); w.u8(m.fdOffset == nil ? 0 : 1); w.u64(m.fdOffset ?? 0) }
+            return w.bytes
+        }
+
+        public init(decoding b: ArraySlice<UInt8>) throws {
+            var r = WireReader(b, context: "vfio-user handover record")
+            guard try r.u32() == Self.magic, try r.u32() == 1 else { throw WireError.invalid("vfio-user handover record: bad magic or version") }
+            let n = Int(try r.u32())
+            guard n <= 64 * 1024 else { throw WireError.invalid("vfio-user handover record: VERSION reply of \(n) bytes") }
+            versionReply = Array(try r.bytes(n))
+            nextMessageID = try r.u16()
+            twinSocket = try r.u8() != 0
+            let count = Int(try r.u32())
+            guard count <= Self.maxMappings else { throw WireError.invalid("vfio-user handover record: \(count) DMA mappings (at most \(Self.maxMappings))") }
+            mappings = []
+            for _ in 0..<count {
+                let iova = try r.u64(), size = try r.u64(), writable = try r.u8() != 0, hasFD = try r.u8() != 0, off = try r.u64()
+                guard size > 0, iova &+ size > iova else { throw WireError.invalid("vfio-user handover record: DMA mapping [\(hex(iova)), +\(hex(size))) is empty or wraps") }
+                mappings.append(Mapping(iova: iova, size: size, writable: writable, fdOffset: hasFD ? off : nil))
+            }
+            guard r.remaining == 0 else { throw WireError.invalid("vfio-user handover record: \(r.remaining) trailing bytes") }
+        }
+
+        public init(versionReply: [UInt8], nextMessageID: UInt16, twinSocket: Bool, mappings: [Mapping]) {
+            self.versionReply = versionReply; self.nextMessageID = nextMessageID; self.twinSocket = twinSocket; self.mappings = mappings
+        }
+    }
+
+    /// The twin socket's descriptor, for handing over (nil when not negotiated).
+    public var twinSocketFD: FileDescriptor? { twin?.socket.fd }
+
+    /// The state a successor adopts. Taken while the guest may still run: the message id only
+    /// needs to be unused by the time the successor sends, and ids are never reused before
+    /// 65536 calls.
+    public func handoverState() -> HandoverState {
+        HandoverState(versionReply: versionReply, nextMessageID: connection.peekNextID(), twinSocket: twin != nil,
+                      mappings: dmaMemory.all.map { .init(iova: $0.iova, size: $0.size, writable: $0.writable, fdOffset: $0.fdOffset) })
+    }
+
+    /// Stop using the connection because a successor takes it over: waits for a call in
+    /// progress, refuses new ones, and stops the twin-socket reader. Nothing is sent to the
+    /// server, which sees no change. Undone by `reclaimAfterHandover()`.
+    public func releaseForHandover() {
+        callLock.withLock { handedOver = true }
+        try? twinCancel.signal()
+        twinThread?.join()
+        twinThread = nil
+    }
+
+    /// Take the connection back after a failed handover (the successor never used it).
+    public func reclaimAfterHandover() {
+        _ = try? twinCancel.consume()
+        callLock.withLock { handedOver = false }
+        if twin != nil { startTwinReader() }
+    }
+
+    public var isHandedOver: Bool { callLock.withLock { handedOver } }
+
+    /// Adopt a connection a predecessor process configured: no VERSION, no DMA_MAP, nothing
+    /// sent. `local(fdOffset, size)` gives this process's address of each mapping (guest RAM
+    /// mapped again at a new address); mappings served by messages need one too.
+    public init(adopting socket: UnixSocket, twin: UnixSocket?, state: HandoverState, options: Options = Options(),
+                local: (HandoverState.Mapping) throws -> UnsafeMutableRawPointer) throws {
+        self.options = options
+        twinCancel = try EventFD(nonBlocking: true)
+        connection = VFIOUserConnection(socket: socket, maxReceiveFDs: Int(options.maxMessageFDs),
+                                        maxMessageSize: Int(options.maxDataXferSize) + 64 * 1024 + 64 * 1024 * 1024)
+        let v: VersionPayload
+        do { v = try VersionPayload(decoding: state.versionReply[...]) } catch {
+            throw VFIOUserClientError.protocolViolation("handed-over VERSION reply: \(error)")
+        }
+        guard state.twinSocket == (twin != nil) else {
+            throw VFIOUserClientError.protocolViolation("handover record says twin socket \(state.twinSocket), \(twin == nil ? "none" : "one") was passed")
+        }
+        serverVersion = (v.major, v.minor)
+        serverCapabilities = v.capabilities
+        serverJSON = v.rawJSON
+        versionReply = state.versionReply
+        connection.setNextID(state.nextMessageID)
+        for m in state.mappings {
+            dmaMemory.add(.init(iova: m.iova, size: m.size, base: try local(m), writable: m.writable, fdOffset: m.fdOffset, dirty: nil))
+        }
+        if let t = twin {
+            self.twin = VFIOUserConnection(socket: t, maxReceiveFDs: 0, maxMessageSize: Int(options.maxDataXferSize) + 4096)
+            twinSocketActive = true
+            startTwinReader()
+        }
     }
 }

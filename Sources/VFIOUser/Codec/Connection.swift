@@ -42,6 +42,10 @@ public final class VFIOUserConnection: @unchecked Sendable {
     }
 
     public func allocateID() -> UInt16 { idLock.withLock { nextID &+= 1; return nextID } }
+    /// The id the next `allocateID()` returns after this one (for a live-update successor).
+    public func peekNextID() -> UInt16 { idLock.withLock { nextID &+ 1 } }
+    /// Continue a predecessor's id sequence.
+    public func setNextID(_ id: UInt16) { idLock.withLock { nextID = id &- 1 } }
 
     /// Send header + payload parts + fds in one sendmsg.
     public func send(id: UInt16, command: UInt16, flags: UInt32, errorNumber: UInt32 = 0,

@@ -35,6 +35,11 @@ public final class VFIOUserServer: @unchecked Sendable {
     public private(set) var messagesHandled: UInt64 = 0
     public private(set) var errorsReplied: UInt64 = 0
     public private(set) var connectionsServed: UInt64 = 0
+    /// Configuring commands received (a live update must send none of these).
+    public private(set) var versionsNegotiated: UInt64 = 0
+    public private(set) var dmaMapsReceived: UInt64 = 0
+    public private(set) var resetsReceived: UInt64 = 0
+    public private(set) var setIRQsReceived: UInt64 = 0
 
     public init(device: VFIOUserDeviceModel, name: String = "device", options: Options = Options()) throws {
         self.device = device
@@ -226,10 +231,12 @@ public final class VFIOUserServer: @unchecked Sendable {
             dma.messageChannel = s.outbound
             s.negotiated = true
             let reply = VersionPayload(major: 0, minor: min(v.minor, 2), capabilities: mine)
+            versionsNegotiated &+= 1
             Log.debug(name, "negotiated: client \(v.rawJSON ?? "{}")")
             return (reply.encode(), replyFDs)
 
         case let .dmaMap(m):
+            dmaMapsReceived &+= 1
             let fd = fds.isEmpty ? nil : fds.removeFirst()
             try dma.map(m, fd: fd)
             return ([], [])
@@ -293,6 +300,7 @@ public final class VFIOUserServer: @unchecked Sendable {
             return (IRQInfo(flags: d.flags, index: d.index, count: d.count).encode(), [])
 
         case let .deviceSetIRQs(q):
+            setIRQsReceived &+= 1
             guard let d = description.irq(q.index) else {
                 throw DeviceError(.EINVAL, "IRQ index \(q.index) does not exist (device has \(description.irqCount))")
             }
@@ -341,6 +349,7 @@ public final class VFIOUserServer: @unchecked Sendable {
             return (w.bytes, [])
 
         case .deviceReset:
+            resetsReceived &+= 1
             try device.reset()
             migration?.reset()
             return ([], [])

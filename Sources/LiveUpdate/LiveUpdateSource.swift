@@ -1,0 +1,230 @@
+import Glibc
+import Machine
+import Migration
+import SystemCalls
+import VFIOUser
+
+public enum LiveUpdateMode: String, Sendable {
+    case transfer = "cpr-transfer", exec = "cpr-exec"
+}
+
+/// Something besides guest RAM and vfio-user devices that a live update carries over (kernel
+/// VFIO containers and iommufd objects). The hooks run in the old VMM.
+public protocol CPRParticipant: AnyObject {
+    /// Why the update cannot proceed, checked before anything is touched (nil: it can).
+    func cprBlocker() -> String?
+    /// Save descriptors and records (guest still running).
+    func cprSave(into state: inout CPRState) throws
+    /// vCPUs paused, just before the main stream (e.g. VFIO_DMA_UNMAP_FLAG_VADDR).
+    func cprFreeze() throws
+    /// Undo `cprFreeze` after a failed handover (e.g. VFIO_DMA_MAP_FLAG_VADDR again).
+    func cprThaw()
+}
+
+/// What a completed live update did, as both VMMs report it.
+public struct LiveUpdateReport: Sendable {
+    public var mode: LiveUpdateMode
+    /// vCPUs paused in the old VMM → running in the new one (ns).
+    public var blackoutNS: UInt64
+    /// Of which: stopping the vCPUs in the old VMM.
+    public var pauseNS: UInt64
+    public var handedOver: [String]
+    public var stateBytes: Int
+    public var streamBytes: Int
+    public var successorPID: Int32
+    /// The new VMM serves QMP on the old one's listening socket (same path).
+    public var qmpAdopted = false
+    public init(mode: LiveUpdateMode, blackoutNS: UInt64 = 0, pauseNS: UInt64 = 0, handedOver: [String] = [], stateBytes: Int = 0,
+                streamBytes: Int = 0, successorPID: Int32 = 0) {
+        self.mode = mode; self.blackoutNS = blackoutNS; self.pauseNS = pauseNS; self.handedOver = handedOver
+        self.stateBytes = stateBytes; self.streamBytes = streamBytes; self.successorPID = successorPID
+    }
+
+    public var json: String {
+        let names = handedOver.map { "\"\($0)\"" }.joined(separator: ",")
+        return "{\"mode\":\"\(mode.rawValue)\",\"blackout-ns\":\(blackoutNS),\"pause-ns\":\(pauseNS),\"state-bytes\":\(stateBytes)," +
+            "\"stream-bytes\":\(streamBytes),\"pid\":\(successorPID),\"qmp-adopted\":\(qmpAdopted),\"handed-over\":[\(names)]}"
+    }
+}
+
+/// The old VMM's side of a live update: blockers, the CPR state, the blackout, and rollback.
+/// Nothing is sent to a device at any point: the devices never notice the handover.
+public final class LiveUpdateSource {
+    public let vm: MicroVM
+    /// Devices that opt out (index → why): a blocker.
+    public var optOut: [Int: String] = [:]
+    public var participants: [CPRParticipant] = []
+    /// Extra descriptors and records (the QMP listener) handed over with the VM.
+    public var extraEntries: [CPRState.Entry] = []
+    public var extraRecords: [(String, [UInt8])] = []
+    /// How long to wait for each answer of the new VMM.
+    public var timeoutMilliseconds: Int32 = 30_000
+    /// Fault injection for tests: called at each named step; throwing fails the update there.
+    public var beforeStep: ((String) throws -> Void)?
+
+    public init(vm: MicroVM) { self.vm = vm }
+
+    /// Everything that blocks a live update, each with its reason (empty: none).
+    public func blockers() -> [String] {
+        var out: [String] = []
+        if let why = LiveUpdateSource.guestRAMBlocker(vm.memory.fd) { out.append(why) }
+        for (i, why) in optOut.sorted(by: { $0.key < $1.key }) { out.append("device \(i) opts out of live update (\(why))") }
+        for p in participants { if let why = p.cprBlocker() { out.append(why) } }
+        if vm.failure != nil { out.append("the VM has failed: \(vm.failure!)") }
+        return out
+    }
+
+    /// Guest RAM must be a memfd (or another shareable file) mapped shared: only then does the
+    /// successor map the same pages. Anonymous or private memory would have to be copied.
+    public static func guestRAMBlocker(_ fd: FileDescriptor) -> String? {
+        var st = stat()
+        guard fstat(fd.rawValue, &st) == 0 else { return "guest RAM has no file descriptor to pass (\(Errno.current))" }
+        guard (st.st_mode & S_IFMT) == S_IFREG else { return "guest RAM is not backed by a memfd or shared file" }
+        // A memfd (its /proc link reads "/memfd:NAME (deleted)") or a file with a name another
+        // process can open; GuestMemory always maps it MAP_SHARED, never private.
+        var link = [CChar](repeating: 0, count: 256)
+        let n = readlink("/proc/self/fd/\(fd.rawValue)", &link, link.count - 1)
+        let target = n > 0 ? String(decoding: link[0..<n].map { UInt8(bitPattern: $0) }, as: UTF8.self) : ""
+        if !target.hasPrefix("/memfd:") && st.st_nlink == 0 { return "guest RAM is an unlinked file that is not a memfd (\(target))" }
+        return nil
+    }
+
+    /// The CPR state: guest RAM, each device's socket, twin socket and MSI eventfd, and the
+    /// records a successor needs to adopt them without reconfiguring anything.
+    public func buildState() throws -> CPRState {
+        var s = CPRState()
+        s.save(CPRNames.guestRAM, vm.memory.fd)
+        s.saveRecord(MachineRecord.name, MachineRecord(vm: vm).encode())
+        for (i, d) in vm.devices.enumerated() {
+            s.save(CPRNames.device(i), d.client.connection.socket.fd)
+            if let t = d.client.twinSocketFD { s.save(CPRNames.twinSocket(i), t) }
+            s.save(CPRNames.interrupt(i), id: 0, d.msi.fd)
+            s.saveRecord(CPRNames.device(i), d.client.handoverState().encode())
+        }
+        for p in participants { try p.cprSave(into: &s) }
+        s.entries += extraEntries
+        for (n, b) in extraRecords { s.saveRecord(n, b) }
+        return s
+    }
+
+    public static func describe(_ s: CPRState) -> [String] {
+        s.entries.map { "\($0.name)/\($0.id)" }
+    }
+
+    // MARK: the blackout
+
+    private var frozen = false
+    private var pausedAt: UInt64 = 0
+    private var pauseNS: UInt64 = 0
+
+    /// Pause the vCPUs, stop reading the MSI eventfds, let go of the device connections and
+    /// freeze the participants; returns the main stream. Undone by `thaw()`.
+    private func freeze() throws -> [UInt8] {
+        pausedAt = monotonicNanoseconds()
+        pauseNS = vm.pause()
+        frozen = true
+        vm.stopInterruptCounting()
+        for d in vm.devices { d.client.releaseForHandover() }
+        for p in participants { try p.cprFreeze() }
+        let states = try vm.saveVCPUs()
+        var e = MigrationStreamEncoder(flags: MigrationStream.flagLiveUpdate)
+        e.section(.config, MigrationStream.configPayload(ramSize: vm.memory.size, vcpus: vm.vcpuCount, devices: vm.devices.count))
+        e.section(.vcpus, MigrationStream.vcpusPayload(states.map { VCPUStateBytes(regs: $0.regs, sregs: $0.sregs, fpu: $0.fpu) }))
+        var lu = BEWriter()
+        lu.u64(pausedAt); lu.u32(UInt32(vm.devices.count))
+        for d in vm.devices { lu.u64(d.interrupts) }
+        e.section(.liveUpdate, lu.bytes)
+        var end = BEWriter(); end.u64(0)
+        e.section(.end, end.bytes)
+        return e.bytes
+    }
+
+    /// Take the VM back: devices, interrupts, participants, vCPUs, in that order.
+    private func thaw() {
+        guard frozen else { return }
+        frozen = false
+        for p in participants.reversed() { p.cprThaw() }
+        for d in vm.devices { d.client.reclaimAfterHandover() }
+        vm.startInterruptCounting()
+        vm.resume()
+    }
+
+    // MARK: cpr-transfer
+
+    /// Hand the VM to the VMM listening on `socket` (started with --incoming cpr:unix:PATH).
+    /// Returns once the new VMM runs the guest; on any failure before its commit the VM runs
+    /// on here, unchanged, and the error says what happened.
+    public func transfer(over socket: UnixSocket) throws -> LiveUpdateReport {
+        let b = blockers()
+        guard b.isEmpty else { throw CPRError.blocked(b.joined(separator: "; ")) }
+        let state = try buildState()
+        var report = LiveUpdateReport(mode: .transfer, handedOver: Self.describe(state))
+        do {
+            try beforeStep?("send-state")
+            do { try state.send(over: socket) } catch { throw CPRError.channel("sending the CPR state: \(error)") }
+            report.stateBytes = state.encode().count
+            _ = try CPRMessage.expect(.ready, from: socket, timeoutMilliseconds: timeoutMilliseconds)
+            try beforeStep?("pause")
+            let stream = try freeze()
+            report.streamBytes = stream.count
+            try beforeStep?("send-stream")
+            do { try socket.send(stream) } catch { throw CPRError.channel("sending the main stream: \(error)") }
+            _ = try CPRMessage.expect(.loaded, from: socket, timeoutMilliseconds: timeoutMilliseconds)
+            try beforeStep?("commit")
+            do { try CPRMessage.send(socket, .go) } catch { throw CPRError.channel("the new VMM went away before the commit: \(error)") }
+        } catch {
+            // Tell the new VMM (if it is still there) and close our end: without GO it aborts.
+            try? CPRMessage.send(socket, .error, "\(error)")
+            socket.shutdown()
+            thaw()
+            throw error
+        }
+        // Committed: the new VMM owns the VM. Its DONE carries the blackout it measured.
+        report.pauseNS = pauseNS
+        if let text = try? CPRMessage.expect(.done, from: socket, timeoutMilliseconds: timeoutMilliseconds) {
+            let j = try? JSONValue.parse(Array(text.utf8)[...])
+            if let v = j?["blackout-ns"]?.uint64 { report.blackoutNS = v }
+            if let v = j?["pid"]?.uint64 { report.successorPID = Int32(v) }
+            report.qmpAdopted = j?["qmp-adopted"]?.boolValue ?? false
+        }
+        vm.stop()
+        return report
+    }
+
+    // MARK: cpr-exec
+
+    /// The environment variable naming the memfd that holds the CPR state across exec.
+    public static let execStateVariable = "VFIO_LIVE_CPR_EXEC_STATE"
+
+    /// Re-execute `binary` with `argv` in this process, keeping the VM's descriptors open across
+    /// exec (close-on-exec is cleared only now). Returns only by throwing, after a failed exec,
+    /// with the VM running on here.
+    public func exec(binary: String, argv: [String]) throws -> Never {
+        let b = blockers()
+        guard b.isEmpty else { throw CPRError.blocked(b.joined(separator: "; ")) }
+        guard access(binary, X_OK) == 0 else { throw CPRError.exec("\(binary) is not executable (\(Errno.current)); the VM runs on here") }
+        let state = try buildState()
+        var memfd: FileDescriptor?
+        do {
+            try beforeStep?("pause")
+            let stream = try freeze()
+            let fd = try state.writeForExec(trailer: stream)
+            memfd = fd
+            try beforeStep?("exec")
+            try state.setCloseOnExec(false)
+            try fd.setCloseOnExec(false)
+            setenv(Self.execStateVariable, "\(fd.rawValue)", 1)
+            let cargv = argv.map { strdup($0) } + [nil]
+            execv(binary, cargv)
+            let e = Errno.current
+            for p in cargv { free(p) }
+            throw CPRError.exec("execv \(binary): \(e); the VM runs on here")
+        } catch {
+            unsetenv(Self.execStateVariable)
+            try? state.setCloseOnExec(true)
+            memfd?.close()
+            thaw()
+            throw error
+        }
+    }
+}

@@ -1,0 +1,189 @@
+import Glibc
+import Machine
+import Migration
+import SystemCalls
+import VFIOUser
+
+/// The new VMM's side of a live update. It builds the VM around the descriptors it was given
+/// (guest RAM mapped again, lazily; device connections and MSI eventfds adopted as they are,
+/// with nothing sent to any device), applies the main stream (vCPUs, the VMM's own device
+/// state), and runs the guest only after the old VMM has committed.
+public final class LiveUpdateTarget: MigrationSink {
+    public let vm: MicroVM
+    public let machine: MachineRecord
+    public let state: CPRState
+    public let mode: LiveUpdateMode
+    public var report: LiveUpdateReport
+    private var pausedAt: UInt64 = 0
+    private var interrupts: [UInt64]?
+    private var sawVCPUs = false
+    private var ended = false
+    /// Fault injection for tests: called at each named step ("after-state", "load", "commit").
+    public var beforeStep: ((String) throws -> Void)?
+
+    /// Build the VM from `state`. On any error every descriptor received is closed (adopted
+    /// device connections are released without being shut down: they are still the old VMM's).
+    public init(state: CPRState, mode: LiveUpdateMode) throws {
+        self.state = state
+        self.mode = mode
+        var clients: [VFIOUserClient] = []
+        do {
+            guard let rec = state.record(MachineRecord.name) else { throw CPRError.malformed("no machine record") }
+            machine = try MachineRecord(decoding: rec)
+            guard let ram = state.find(CPRNames.guestRAM) else { throw CPRError.malformed("no guest RAM descriptor (\(CPRNames.guestRAM))") }
+            let size = try ram.fileSize()
+            guard size >= machine.memorySize else {
+                throw CPRError.malformed("the guest RAM memfd holds \(size) bytes, the machine \(machine.memorySize)")
+            }
+            let memory = try GuestMemory(adopting: ram, size: machine.memorySize)
+            var msis: [EventFD] = []
+            for i in 0..<machine.devices {
+                guard let sock = state.find(CPRNames.device(i)), let rec = state.record(CPRNames.device(i)),
+                      let msi = state.find(CPRNames.interrupt(i), id: 0) else {
+                    throw CPRError.malformed("device \(i): its socket, record or interrupt eventfd is missing")
+                }
+                let h: VFIOUserClient.HandoverState
+                do { h = try .init(decoding: rec[...]) } catch { throw CPRError.malformed("device \(i): \(error)") }
+                let twin = state.find(CPRNames.twinSocket(i)).map { UnixSocket(adopting: $0) }
+                let c = try VFIOUserClient(adopting: UnixSocket(adopting: sock), twin: twin, state: h) { m in
+                    guard let off = m.fdOffset, off < memory.size, m.size <= memory.size - off else {
+                        throw CPRError.malformed("device \(i): DMA mapping at IOVA \(hex(m.iova)) is not inside guest RAM")
+                    }
+                    return memory.base + Int(off)
+                }
+                clients.append(c)
+                msis.append(EventFD(adopting: msi))
+            }
+            vm = try MicroVM(memorySize: machine.memorySize, vcpus: machine.vcpus, workload: machine.workload, devices: clients,
+                             forceSoftware: machine.softwareVCPUs, adoptingMemory: memory, configuredMSI: msis)
+        } catch {
+            for c in clients { c.releaseForHandover() }
+            state.closeAll()
+            throw error
+        }
+        report = LiveUpdateReport(mode: mode, handedOver: LiveUpdateSource.describe(state), successorPID: getpid())
+        vm.start(countingInterrupts: false)
+    }
+
+    /// Give up after a failure before the commit: the VM never ran here, and the devices and
+    /// memory stay the old VMM's (nothing is shut down, nothing sent).
+    public func abandon() {
+        for d in vm.devices { d.client.releaseForHandover() }
+        vm.stop()
+    }
+
+    // MARK: cpr-transfer
+
+    /// Receive the state on `socket` and build the VM (cpr-transfer, step one).
+    public static func accept(on socket: UnixSocket) throws -> LiveUpdateTarget {
+        let state = try CPRState.receive(from: socket)
+        do { return try LiveUpdateTarget(state: state, mode: .transfer) } catch {
+            try? CPRMessage.send(socket, .error, "\(error)")
+            throw error
+        }
+    }
+
+    /// Say READY, load the main stream, wait for the commit, run the guest, report. On any
+    /// error before GO the old VMM takes the VM back; this one never ran it.
+    public func complete(over socket: UnixSocket) throws {
+        do {
+            try beforeStep?("ready")
+            try CPRMessage.send(socket, .ready)
+            try beforeStep?("load")
+            let decoder = MigrationStreamDecoder(source: SocketSource(socket), sink: self)
+            try decoder.run()
+            report.streamBytes = Int(decoder.offset)
+            try checkComplete(decoder)
+            try beforeStep?("commit")
+            try CPRMessage.send(socket, .loaded)
+            // From here the old VMM may commit at any moment: the one window in which this
+            // process dying loses the VM is between LOADED and the resume below (one message).
+            _ = try CPRMessage.expect(.go, from: socket, timeoutMilliseconds: -1)
+        } catch {
+            try? CPRMessage.send(socket, .error, "\(error)")
+            abandon()
+            throw error
+        }
+        run()
+        try? CPRMessage.send(socket, .done, report.json)
+    }
+
+    // MARK: cpr-exec
+
+    /// After exec: the main stream came in the state memfd; there is no one to roll back to.
+    public func complete(stream: [UInt8]) throws {
+        let decoder = MigrationStreamDecoder(source: MemorySource(stream), sink: self)
+        do {
+            try beforeStep?("load")
+            try decoder.run()
+            try checkComplete(decoder)
+        } catch {
+            abandon()
+            throw error
+        }
+        report.streamBytes = stream.count
+        run()
+    }
+
+    private func checkComplete(_ d: MigrationStreamDecoder) throws {
+        guard d.flags & MigrationStream.flagLiveUpdate != 0 else { throw CPRError.malformed("the main stream is not a live-update stream") }
+        guard ended, sawVCPUs, interrupts != nil else { throw CPRError.malformed("the main stream lacks VCPUS, LIVE_UPDATE or END") }
+    }
+
+    private func run() {
+        for (d, n) in zip(vm.devices, interrupts ?? []) { d.continueCount(from: n) }
+        vm.startInterruptCounting()
+        vm.resume()
+        let now = monotonicNanoseconds()
+        report.blackoutNS = now > pausedAt ? now - pausedAt : 0
+    }
+
+    // MARK: MigrationSink
+
+    public func config(ramSize: UInt64, vcpus: UInt32, devices: UInt32) throws {
+        guard ramSize == vm.memory.size, vcpus == UInt32(vm.vcpuCount), devices == UInt32(vm.devices.count) else {
+            throw StreamError.configMismatch("the main stream describes \(ramSize) bytes, \(vcpus) vCPUs, \(devices) devices; the CPR state \(vm.memory.size), \(vm.vcpuCount), \(vm.devices.count)")
+        }
+    }
+    public func ramDestination(gpa: UInt64, pages: UInt32) throws -> UnsafeMutableRawBufferPointer {
+        throw StreamError.malformed(.ram, id: 0, "no RAM in a live update")
+    }
+    public func ramZero(gpa: UInt64, pages: UInt32) throws { throw StreamError.malformed(.ram, id: 0, "no RAM in a live update") }
+    public func deviceSetup(device: UInt32) throws { throw StreamError.malformed(.device, id: 0, "no device state in a live update") }
+    public func deviceData(device: UInt32, _ data: UnsafeRawBufferPointer) throws { try deviceSetup(device: device) }
+    public func deviceConfig(device: UInt32, _ data: ArraySlice<UInt8>) throws { try deviceSetup(device: device) }
+    public func deviceInitialDataSent(device: UInt32) throws { try deviceSetup(device: device) }
+    public func vcpus(_ states: [VCPUStateBytes]) throws {
+        do { try vm.restoreVCPUs(states.map { VCPUState(regs: $0.regs, sregs: $0.sregs, fpu: $0.fpu) }) } catch {
+            throw StreamError.configMismatch("vCPU state: \(error)")
+        }
+        sawVCPUs = true
+    }
+    public func liveUpdate(pausedAt: UInt64, interrupts: [UInt64]) throws {
+        self.pausedAt = pausedAt
+        self.interrupts = interrupts
+    }
+    public func end(pagesSent: UInt64) throws {
+        guard pagesSent == 0 else { throw StreamError.malformed(.end, id: 0, "a live update sends no pages, END says \(pagesSent)") }
+        ended = true
+    }
+}
+
+/// The main stream from the CPR socket.
+final class SocketSource: ByteSource {
+    let socket: StreamSocket
+    init(_ s: StreamSocket) { socket = s }
+    func readExactly(_ buffer: UnsafeMutableRawBufferPointer) throws { _ = try socket.receiveExactly(into: buffer, maxFDs: 0) }
+}
+
+/// The main stream from the state memfd (cpr-exec).
+final class MemorySource: ByteSource {
+    let bytes: [UInt8]
+    var at = 0
+    init(_ b: [UInt8]) { bytes = b }
+    func readExactly(_ buffer: UnsafeMutableRawBufferPointer) throws {
+        guard bytes.count - at >= buffer.count else { throw Errno.EPROTO }
+        bytes.withUnsafeBytes { buffer.copyMemory(from: UnsafeRawBufferPointer(rebasing: $0[at..<(at + buffer.count)])) }
+        at += buffer.count
+    }
+}

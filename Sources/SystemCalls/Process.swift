@@ -1,0 +1,30 @@
+import Glibc
+
+/// Starting and watching child processes (a live update's successor VMM).
+public enum ChildProcess {
+    /// posix_spawn `path` with `argv` (argv[0] included); the child inherits stdin, stdout and
+    /// stderr, and no descriptor marked close-on-exec.
+    public static func spawn(_ path: String, _ argv: [String]) throws -> pid_t {
+        var pid: pid_t = 0
+        let cargs = argv.map { strdup($0) } + [nil]
+        defer { for p in cargs { free(p) } }
+        let rc = posix_spawn(&pid, path, nil, nil, cargs, environ)
+        guard rc == 0 else { throw Errno(rc) }
+        return pid
+    }
+
+    /// The child's exit status if it has ended (reaping it), nil while it runs.
+    public static func exitStatus(_ pid: pid_t) -> Int32? {
+        var st: Int32 = 0
+        guard waitpid(pid, &st, WNOHANG) == pid else { return nil }
+        if st & 0x7f == 0 { return (st >> 8) & 0xff }
+        return 128 + (st & 0x7f)
+    }
+
+    /// This process's own executable (for re-exec and for spawning a successor of the same build).
+    public static func currentExecutable() -> String {
+        var buf = [CChar](repeating: 0, count: 4096)
+        let n = readlink("/proc/self/exe", &buf, buf.count - 1)
+        return n > 0 ? String(decoding: buf[0..<n].map { UInt8(bitPattern: $0) }, as: UTF8.self) : CommandLine.arguments[0]
+    }
+}
