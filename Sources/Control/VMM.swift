@@ -248,6 +248,8 @@ public final class VirtualMachineManager: QMPHandler, @unchecked Sendable {
                 .object([("index", .number(Double(i))), ("interrupts", .number(Double(d.interrupts))),
                          ("digest", .string(i < deviceDigests.count ? String(deviceDigests[i], radix: 16) : ""))])
             })
+        case "x-vfio-live-pid":
+            return .object([("pid", .number(Double(getpid())))])
         case "quit":
             onExit?(0)
             return .object([])
