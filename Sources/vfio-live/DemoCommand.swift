@@ -336,6 +336,9 @@ extension DemoCommand {
         check("device memory arrived intact (source at stop = destination at load)", da != nil && da == db && da != .string(""),
               "\(formatBytes(try parseSize(stateSize))) checksum \(db?.description ?? "?")")
 
+        print("5. live update of the migrated VM's VMM: cpr-transfer to a new process, then cpr-exec in place")
+        let updates = try Self.liveUpdates(qmp: "\(dir)/vm-b.qmp", check: check)
+
         let ramBytes = final["ram"]?["transferred"]?.uint64 ?? 0, dev = final["vfio"]?["transferred"]?.uint64 ?? 0
         print("")
         print("report")
@@ -346,10 +349,55 @@ extension DemoCommand {
         print("  iterations:        \(final["ram"]?["dirty-sync-count"]?.uint64 ?? 0)")
         print("  transferred:       \(formatBytes(ramBytes)) (\(final["ram"]?["normal"]?.uint64 ?? 0) pages sent, \(final["ram"]?["duplicate"]?.uint64 ?? 0) zero pages elided), device state \(formatBytes(dev))")
         print("  throughput:        \(gbps(Double(ramBytes) / max(Double(final["total-time"]?.uint64 ?? 1) / 1000, 0.001)))")
+        for (mode, blackout) in updates { print("  \(mode) blackout: \(formatFixed(blackout, 2)) ms (guest RAM and device handed over, nothing copied)") }
         let failed = checks.filter { !$0.1 }.count
         print("  checks:            \(checks.count - failed) passed, \(failed) failed")
         if failed > 0 { throw ExitCode(1) }
     }
+
+    /// Live-update the VMM behind `qmp` twice (cpr-transfer, then cpr-exec), checking after
+    /// each that the guest and its device DMA go on and every page verifies; quits it at the end.
+    static func liveUpdates(qmp: String, check: (String, Bool, String) -> Void) throws -> [(String, Double)] {
+        var out: [(String, Double)] = []
+        for mode in ["cpr-transfer", "cpr-exec"] {
+            let c = try QMPClient(path: qmp)
+            let pid0 = c.pidOf()
+            let before = try c.execute("x-vfio-live-verify")
+            _ = try c.execute("x-vfio-live-update", [("mode", .string(mode))])
+            var result = JSONValue.null
+            let deadline = monotonicNanoseconds() + 60_000_000_000
+            var client: QMPClient? = c
+            while monotonicNanoseconds() < deadline {
+                usleep(20_000)
+                if client == nil { client = try? QMPClient(path: qmp) }
+                guard let q = try? client?.execute("query-migrate") else { client = nil; continue }
+                if case let .string(s)? = q["status"], s == "failed" || (s == "completed" && q["x-vfio-live-cpr"] != nil) { result = q; break }
+            }
+            let r = result["x-vfio-live-cpr"]
+            let blackout = Double(r?["blackout-ns"]?.uint64 ?? 0) / 1e6
+            check("\(mode) completed", result["status"] == .string("completed"),
+                  result["status"] == .string("completed") ? "blackout \(formatFixed(blackout, 2)) ms, \(r?["handed-over"]?.description ?? "")" : "\(result["error-desc"] ?? .null)")
+            usleep(300_000)
+            let n = try QMPClient(path: qmp)
+            let pid1 = n.pidOf()
+            check(mode == "cpr-transfer" ? "a new VMM process runs the VM" : "the VMM re-executed in place (same PID)",
+                  mode == "cpr-transfer" ? pid1 != pid0 : pid1 == pid0, "pid \(pid0) → \(pid1)")
+            let a1 = try n.execute("x-vfio-live-verify")
+            usleep(500_000)
+            let a2 = try n.execute("x-vfio-live-verify")
+            let w0 = before["page-writes"]?.uint64 ?? 0, w2 = a2["page-writes"]?.uint64 ?? 0
+            let d0 = before["dma-round-trips"]?.uint64 ?? 0, d2 = a2["dma-round-trips"]?.uint64 ?? 0
+            check("after \(mode): every page verifies, the guest and its DMA go on", a1["ok"] == .bool(true) && a2["ok"] == .bool(true) && w2 > w0 && d2 > d0,
+                  "page writes \(w0) → \(w2), DMA round trips \(d0) → \(d2)")
+            out.append((mode, blackout))
+        }
+        _ = try? QMPClient(path: qmp).execute("quit")
+        return out
+    }
+}
+
+extension QMPClient {
+    func pidOf() -> UInt64 { (try? execute("x-vfio-live-pid"))?["pid"]?.uint64 ?? 0 }
 }
 
 extension JSONValue {

@@ -70,6 +70,8 @@ extension VMCommand {
         var duration: Double?
         @Option(help: "Seconds between integrity checks.")
         var verifyEvery = 2.0
+        @Flag(help: "Populate all of guest RAM at start (as QEMU's prealloc=on), instead of on first touch.")
+        var prealloc = false
         @Flag(name: .customLong("software-vcpus"), help: "Use software vCPUs even if /dev/kvm exists.")
         var softwareVCPUs = false
         @Option(help: "QMP control socket (QEMU-compatible: query-status, stop, cont, migrate, query-migrate, ...).")
@@ -230,7 +232,7 @@ extension VMCommand.Run {
         }
         let vm: MicroVM
         do { vm = try MicroVM(memorySize: mem, vcpus: vcpus, workload: w, devices: clients, forceSoftware: softwareVCPUs,
-                              populateMemory: incoming != nil) }
+                              populateMemory: incoming != nil || prealloc) }
         catch { throw ValidationError("\(error)") }
         return (vm, VirtualMachineManager(vm: vm, policies: policies, incoming: incoming != nil), nil)
     }
