@@ -14,7 +14,7 @@ struct BenchCommand: ParsableCommand {
             bandwidth) measured in the same run, as a ratio: the machines vary ±20–50% with load,
             so only same-run ratios mean anything.
             """,
-        subcommands: [VFIOUserBench.self, DeviceStateBench.self, VMBench.self, MigrationBench.self])
+        subcommands: [VFIOUserBench.self, DeviceStateBench.self, VMBench.self, MigrationBench.self, UpdateBench.self])
 }
 
 /// Median and 99th percentile of a sample, in microseconds.

@@ -143,7 +143,16 @@ final class Child {
         }
         try process.run()
     }
-    func stop() { if process.isRunning { process.terminate(); process.waitUntilExit() } }
+    /// Terminate and reap. Plain kill/waitpid: a child that already exited on its own (a VMM
+    /// that handed its VM over) must not leave us waiting on Foundation's bookkeeping.
+    func stop() {
+        let pid = process.processIdentifier
+        guard pid > 0 else { return }
+        kill(pid, SIGTERM)
+        let deadline = monotonicNanoseconds() + 10_000_000_000
+        var st: Int32 = 0
+        while waitpid(pid, &st, WNOHANG) == 0 && monotonicNanoseconds() < deadline { usleep(5_000) }
+    }
 }
 
 /// A `vfio-live device serve` child process.
