@@ -36,6 +36,7 @@ swift build -c release --product vfio-live >/dev/null
 .build/release/vfio-live bench device-state --state-size 64M
 .build/release/vfio-live bench vm --memory 512M
 .build/release/vfio-live bench migration --memory 256M
+.build/release/vfio-live bench update --sizes 256M,1G,4G --repeat 3
 
 say "tests"
 log="$(mktemp)"
