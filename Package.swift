@@ -32,20 +32,24 @@ let package = Package(
         .target(name: "Migration", dependencies: ["Machine", "VFIOUser", "VFIO", "SystemCalls"]),
         // Live update of the VMM process (cpr-transfer, cpr-exec): the CPR state (descriptors
         // by name, typed records), handing the VM over, adopting it, rolling back.
-        .target(name: "LiveUpdate", dependencies: ["Migration", "Machine", "VFIOUser", "VFIO", "SystemCalls"]),
+        .target(name: "LiveUpdate", dependencies: ["KernelVFIO", "Migration", "Machine", "VFIOUser", "VFIO", "SystemCalls"]),
         // The QMP-compatible control socket and the VMM that answers it.
         .target(name: "Control", dependencies: ["LiveUpdate", "Migration", "Machine", "VFIOUser", "VFIO", "SystemCalls"]),
+        // Kernel VFIO: legacy container/group/device and iommufd with the device cdev, PCI
+        // discovery through sysfs; the VMM side of a passthrough device.
+        .target(name: "KernelVFIO", dependencies: ["VFIO", "SystemCalls", "CVFIOLive"]),
         // Device models served over vfio-user.
         .target(name: "Devices", dependencies: ["VFIOUser", "VFIO", "SystemCalls", "CVFIOLive"]),
         .executableTarget(
             name: "vfio-live",
             dependencies: [
-                "Devices", "Control", "LiveUpdate", "Machine", "Migration", "VFIOUser", "VFIO", "SystemCalls",
+                "Devices", "Control", "LiveUpdate", "KernelVFIO", "Machine", "Migration", "VFIOUser", "VFIO", "SystemCalls",
                 .product(name: "ArgumentParser", package: "swift-argument-parser"),
             ]),
         .testTarget(name: "SystemCallsTests", dependencies: ["SystemCalls", "CVFIOLive"]),
         .testTarget(name: "VFIOTests", dependencies: ["VFIO"]),
         .testTarget(name: "MachineTests", dependencies: ["Machine", "Devices", "VFIOUser", "VFIO", "SystemCalls"]),
+        .testTarget(name: "KernelVFIOTests", dependencies: ["KernelVFIO", "LiveUpdate", "Machine", "SystemCalls", "VFIO", "CVFIOLive"]),
         .testTarget(name: "LiveUpdateTests", dependencies: ["LiveUpdate", "Control", "Migration", "Machine", "Devices", "VFIOUser", "VFIO", "SystemCalls"]),
         .testTarget(name: "ControlTests", dependencies: ["Control", "Migration", "Machine", "Devices", "VFIOUser", "VFIO", "SystemCalls"]),
         .testTarget(name: "MigrationTests", dependencies: ["Migration", "Machine", "Devices", "VFIOUser", "VFIO", "SystemCalls"]),

@@ -4,11 +4,16 @@ import Glibc
 public enum ChildProcess {
     /// posix_spawn `path` with `argv` (argv[0] included); the child inherits stdin, stdout and
     /// stderr, and no descriptor marked close-on-exec.
-    public static func spawn(_ path: String, _ argv: [String]) throws -> pid_t {
+    /// `extraEnvironment` ("NAME=value") is added to this process's environment.
+    public static func spawn(_ path: String, _ argv: [String], extraEnvironment: [String] = []) throws -> pid_t {
         var pid: pid_t = 0
         let cargs = argv.map { strdup($0) } + [nil]
-        defer { for p in cargs { free(p) } }
-        let rc = posix_spawn(&pid, path, nil, nil, cargs, environ)
+        var env: [UnsafeMutablePointer<CChar>?] = extraEnvironment.map { strdup($0) }
+        var i = 0
+        while let e = environ[i] { env.append(strdup(e)); i += 1 }
+        env.append(nil)
+        defer { for p in cargs { free(p) }; for e in env { free(e) } }
+        let rc = posix_spawn(&pid, path, nil, nil, cargs, env)
         guard rc == 0 else { throw Errno(rc) }
         return pid
     }
@@ -19,6 +24,14 @@ public enum ChildProcess {
         guard waitpid(pid, &st, WNOHANG) == pid else { return nil }
         if st & 0x7f == 0 { return (st >> 8) & 0xff }
         return 128 + (st & 0x7f)
+    }
+
+    /// Wait for the child to end; its exit status.
+    @discardableResult
+    public static func wait(_ pid: pid_t) -> Int32 {
+        var st: Int32 = 0
+        while waitpid(pid, &st, 0) < 0 && errno == EINTR {}
+        return st & 0x7f == 0 ? (st >> 8) & 0xff : 128 + (st & 0x7f)
     }
 
     /// This process's own executable (for re-exec and for spawning a successor of the same build).

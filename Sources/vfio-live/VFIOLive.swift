@@ -18,7 +18,7 @@ struct VFIOLive: ParsableCommand {
                                                      move a device's state between two servers
               vfio-live bench vfio-user              measure against raw socket and memcpy
             """,
-        subcommands: [DeviceCommand.self, VMCommand.self, MigrateCommand.self, UpdateCommand.self, BenchCommand.self, DemoCommand.self])
+        subcommands: [DeviceCommand.self, VMCommand.self, MigrateCommand.self, UpdateCommand.self, BenchCommand.self, DemoCommand.self, LabCommand.self])
 }
 
 struct GlobalOptions: ParsableArguments {

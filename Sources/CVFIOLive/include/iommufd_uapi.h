@@ -164,4 +164,14 @@ struct iommu_ioas_change_process {
     uint32_t __reserved;
 };
 
+
+static const unsigned long VL_IOMMU_DESTROY = IOMMU_DESTROY;
+static const unsigned long VL_IOMMU_IOAS_ALLOC = IOMMU_IOAS_ALLOC;
+static const unsigned long VL_IOMMU_IOAS_MAP = IOMMU_IOAS_MAP;
+static const unsigned long VL_IOMMU_IOAS_UNMAP = IOMMU_IOAS_UNMAP;
+static const unsigned long VL_IOMMU_IOAS_MAP_FILE = IOMMU_IOAS_MAP_FILE;
+static const unsigned long VL_IOMMU_IOAS_CHANGE_PROCESS = IOMMU_IOAS_CHANGE_PROCESS;
+static const unsigned long VL_IOMMU_GET_HW_INFO = IOMMU_GET_HW_INFO;
+static const unsigned long VL_IOMMU_HWPT_ALLOC = IOMMU_HWPT_ALLOC;
+
 #endif

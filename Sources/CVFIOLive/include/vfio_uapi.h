@@ -344,4 +344,27 @@ struct vfio_device_detach_iommufd_pt {
     uint32_t pasid;
 };
 
+
+/* The ioctl numbers above are function-like macros, which Swift does not import: the same
+ * values as constants (checked against the kernel's numbers in layout_checks.c). */
+static const unsigned long VL_VFIO_GET_API_VERSION = VFIO_GET_API_VERSION;
+static const unsigned long VL_VFIO_CHECK_EXTENSION = VFIO_CHECK_EXTENSION;
+static const unsigned long VL_VFIO_SET_IOMMU = VFIO_SET_IOMMU;
+static const unsigned long VL_VFIO_GROUP_GET_STATUS = VFIO_GROUP_GET_STATUS;
+static const unsigned long VL_VFIO_GROUP_SET_CONTAINER = VFIO_GROUP_SET_CONTAINER;
+static const unsigned long VL_VFIO_GROUP_GET_DEVICE_FD = VFIO_GROUP_GET_DEVICE_FD;
+static const unsigned long VL_VFIO_DEVICE_GET_INFO = VFIO_DEVICE_GET_INFO;
+static const unsigned long VL_VFIO_DEVICE_GET_REGION_INFO = VFIO_DEVICE_GET_REGION_INFO;
+static const unsigned long VL_VFIO_DEVICE_GET_IRQ_INFO = VFIO_DEVICE_GET_IRQ_INFO;
+static const unsigned long VL_VFIO_DEVICE_SET_IRQS = VFIO_DEVICE_SET_IRQS;
+static const unsigned long VL_VFIO_DEVICE_RESET = VFIO_DEVICE_RESET;
+static const unsigned long VL_VFIO_DEVICE_FEATURE = VFIO_DEVICE_FEATURE;
+static const unsigned long VL_VFIO_DEVICE_BIND_IOMMUFD = VFIO_DEVICE_BIND_IOMMUFD;
+static const unsigned long VL_VFIO_DEVICE_ATTACH_IOMMUFD_PT = VFIO_DEVICE_ATTACH_IOMMUFD_PT;
+static const unsigned long VL_VFIO_DEVICE_DETACH_IOMMUFD_PT = VFIO_DEVICE_DETACH_IOMMUFD_PT;
+static const unsigned long VL_VFIO_IOMMU_GET_INFO = VFIO_IOMMU_GET_INFO;
+static const unsigned long VL_VFIO_IOMMU_MAP_DMA = VFIO_IOMMU_MAP_DMA;
+static const unsigned long VL_VFIO_IOMMU_UNMAP_DMA = VFIO_IOMMU_UNMAP_DMA;
+static const unsigned long VL_VFIO_IOMMU_DIRTY_PAGES = VFIO_IOMMU_DIRTY_PAGES;
+
 #endif

@@ -1,0 +1,80 @@
+import Glibc
+import SystemCalls
+
+/// A PCI device found through sysfs: its IOMMU group, its driver, its VFIO cdev. Binding to
+/// vfio-pci goes through driver_override, as the kernel documents.
+public struct PCIDevice: Sendable, CustomStringConvertible {
+    public let address: String  // 0000:00:03.0
+    public var path: String { "/sys/bus/pci/devices/\(address)" }
+    public var description: String { address }
+
+    public init(address: String) { self.address = address }
+
+    static func read(_ path: String) -> String? {
+        guard let f = fopen(path, "r") else { return nil }
+        defer { fclose(f) }
+        var buf = [CChar](repeating: 0, count: 256)
+        guard fgets(&buf, Int32(buf.count), f) != nil else { return nil }
+        return String(cString: buf).trimmingTrailingNewline
+    }
+
+    static func write(_ path: String, _ value: String) throws {
+        let fd = open(path, O_WRONLY | O_CLOEXEC)
+        guard fd >= 0 else { throw KernelVFIOError.unavailable("cannot open \(path): \(Errno.current)") }
+        defer { close(fd) }
+        let n = value.withCString { Glibc.write(fd, $0, strlen($0)) }
+        guard n >= 0 else { throw KernelVFIOError.unavailable("writing '\(value)' to \(path): \(Errno.current)") }
+    }
+
+    /// Every PCI device with this vendor and device id.
+    public static func find(vendor: UInt16, device: UInt16) -> [PCIDevice] {
+        guard let dir = opendir("/sys/bus/pci/devices") else { return [] }
+        defer { closedir(dir) }
+        var out: [PCIDevice] = []
+        while let e = readdir(dir) {
+            let name = withUnsafeBytes(of: e.pointee.d_name) { String(cString: $0.bindMemory(to: CChar.self).baseAddress!) }
+            guard !name.hasPrefix(".") else { continue }
+            let d = PCIDevice(address: name)
+            if read("\(d.path)/vendor") == "0x" + hex4(vendor) && read("\(d.path)/device") == "0x" + hex4(device) { out.append(d) }
+        }
+        return out.sorted { $0.address < $1.address }
+    }
+
+    static func hex4(_ v: UInt16) -> String { let s = String(v, radix: 16); return String(repeating: "0", count: 4 - s.count) + s }
+
+    static func linkName(_ path: String) -> String? {
+        var buf = [CChar](repeating: 0, count: 4096)
+        let n = readlink(path, &buf, buf.count - 1)
+        guard n > 0 else { return nil }
+        let s = String(decoding: buf[0..<n].map { UInt8(bitPattern: $0) }, as: UTF8.self)
+        return s.split(separator: "/").last.map(String.init)
+    }
+
+    /// The IOMMU group number (nil without an IOMMU).
+    public var iommuGroup: Int? { Self.linkName("\(path)/iommu_group").flatMap { Int($0) } }
+    /// The bound driver's name.
+    public var driver: String? { Self.linkName("\(path)/driver") }
+    /// The VFIO device cdev (/dev/vfio/devices/vfioN) when bound to vfio-pci with cdev support.
+    public var cdev: String? {
+        guard let dir = opendir("\(path)/vfio-dev") else { return nil }
+        defer { closedir(dir) }
+        while let e = readdir(dir) {
+            let name = withUnsafeBytes(of: e.pointee.d_name) { String(cString: $0.bindMemory(to: CChar.self).baseAddress!) }
+            if name.hasPrefix("vfio") { return "/dev/vfio/devices/\(name)" }
+        }
+        return nil
+    }
+
+    /// Bind to vfio-pci (unbinding the current driver first); a no-op if already bound.
+    public func bindToVFIOPCI() throws {
+        if driver == "vfio-pci" { return }
+        try Self.write("\(path)/driver_override", "vfio-pci")
+        if driver != nil { try Self.write("\(path)/driver/unbind", address) }
+        try Self.write("/sys/bus/pci/drivers_probe", address)
+        guard driver == "vfio-pci" else { throw KernelVFIOError.unavailable("\(address) did not bind to vfio-pci (driver: \(driver ?? "none"))") }
+    }
+}
+
+extension String {
+    var trimmingTrailingNewline: String { var s = self; while s.hasSuffix("\n") { s.removeLast() }; return s }
+}

@@ -1,0 +1,217 @@
+import CVFIOLive
+import Foundation
+import Glibc
+@testable import KernelVFIO
+@testable import LiveUpdate
+import Machine
+import SystemCalls
+import VFIO
+import XCTest
+
+/// Kernel VFIO against a real kernel and a real IOMMU: run inside the lab guest by
+/// scripts/lab.sh (QEMU's edu device behind intel-iommu). Elsewhere every test skips and says why.
+final class KernelVFIOTests: XCTestCase {
+    var edu: PCIDevice!
+    let ramSize: UInt64 = 16 << 20
+
+    override func setUpWithError() throws {
+        guard access("/dev/vfio/vfio", F_OK) == 0 else {
+            throw XCTSkip("no /dev/vfio/vfio on this kernel: these tests run in the lab guest (bash scripts/lab.sh)")
+        }
+        guard let d = PCIDevice.find(vendor: Edu.vendor, device: Edu.device).first else {
+            throw XCTSkip("no edu device (1234:11e8): start QEMU with -device edu (bash scripts/lab.sh does)")
+        }
+        try d.bindToVFIOPCI()
+        edu = d
+    }
+
+    static var binary: String {
+        var buf = [CChar](repeating: 0, count: 4096)
+        _ = readlink("/proc/self/exe", &buf, buf.count - 1)
+        var dir = String(cString: buf)
+        while !dir.hasSuffix(".xctest") && dir.count > 1 { dir = (dir as NSString).deletingLastPathComponent }
+        return ((dir as NSString).deletingLastPathComponent as NSString).appendingPathComponent("vfio-live")
+    }
+
+    /// A legacy container with the edu device's group, guest RAM (a memfd) mapped at IOVA 0.
+    func legacySetup() throws -> (Container, Group, Edu, GuestMemory) {
+        guard let g = edu.iommuGroup else { throw XCTSkip("\(edu!) has no IOMMU group") }
+        let container = try Container()
+        XCTAssertFalse(container.checkExtension(VFIO_UPDATE_VADDR), "UPDATE_VADDR is reported only once an IOMMU is set")
+        let group = try Group(id: g)
+        XCTAssertTrue(group.isViable)
+        try group.setContainer(container)
+        try container.setIOMMU()
+        XCTAssertTrue(container.checkExtension(VFIO_UPDATE_VADDR))
+        XCTAssertTrue(container.checkExtension(VFIO_UNMAP_ALL))
+        XCTAssertNil(container.liveUpdateBlocker)
+        let ram = try GuestMemory(size: ramSize)
+        try container.mapDMA(iova: 0, size: ramSize, vaddr: ram.base)
+        let device = try group.device(edu.address)
+        XCTAssertGreaterThanOrEqual(try device.info().regions, 1)
+        let e = try Edu(device)
+        XCTAssertTrue(try e.isAlive())
+        return (container, group, e, ram)
+    }
+
+    /// Bytes per edu DMA (below its buffer's last byte: see Edu.dma).
+    let n = 2048
+
+    func fill(_ ram: GuestMemory, at off: Int, seed: UInt8) {
+        for i in 0..<n { ram.base.storeBytes(of: UInt8(truncatingIfNeeded: i &* 7 &+ Int(seed)), toByteOffset: off + i, as: UInt8.self) }
+    }
+    func bytes(_ ram: GuestMemory, at off: Int) -> [UInt8] { Array(UnsafeRawBufferPointer(start: ram.base + off, count: n)) }
+
+    /// Guest RAM → edu → guest RAM through the IOMMU; the bytes land in the memfd.
+    func testLegacyContainerDMALandsInMemfdGuestRAM() throws {
+        let (_, _, e, ram) = try legacySetup()
+        fill(ram, at: 0x1000, seed: 3)
+        try e.dma(iova: 0x1000, count: UInt64(n), toRAM: false)
+        try e.dma(iova: 0x8000, count: UInt64(n), toRAM: true)
+        XCTAssertEqual(bytes(ram, at: 0x8000), bytes(ram, at: 0x1000))
+        XCTAssertNotEqual(bytes(ram, at: 0x8000), [UInt8](repeating: 0, count: n))
+        // The same bytes through a second mapping of the memfd: it is the memfd that holds them.
+        let view = try MappedRegion(fd: ram.fd, length: Int(ramSize))
+        XCTAssertEqual(Array(UnsafeRawBufferPointer(start: view.base + 0x8000, count: n)), bytes(ram, at: 0x1000))
+    }
+
+    /// type1 dirty tracking: with a device that cannot report its own writes, every mapped
+    /// page is dirty; unmap can return the bitmap too.
+    func testDirtyPagesReportEveryMappedPage() throws {
+        let (container, _, e, _) = try legacySetup()
+        XCTAssertTrue(container.supportsDirtyPageTracking())
+        try container.startDirtyTracking()
+        try e.dma(iova: 0x8000, count: UInt64(n), toRAM: true)
+        let bits = try container.dirtyBitmap(iova: 0, size: ramSize)
+        let pages = Int(ramSize / 4096)
+        XCTAssertEqual(bits.reduce(0) { $0 + $1.nonzeroBitCount }, pages, "all \(pages) pinned pages are reported dirty")
+        let onUnmap = try container.unmapDMA(iova: 0, size: ramSize, dirtyPageSize: 4096)
+        XCTAssertEqual(onUnmap.count, bits.count)
+        try container.stopDirtyTracking()
+        XCTAssertTrue(container.mappings.isEmpty)
+    }
+
+    /// Live-update semantics of the legacy container in one process: with the addresses
+    /// invalidated the device still DMAs; a second mapping of the memfd (a new process's view)
+    /// takes over the addresses; an UNMAP_ALL of addresses already invalid is refused.
+    func testVADDRInvalidateKeepsDMAAndRestoreTakesANewAddress() throws {
+        let (container, _, e, ram) = try legacySetup()
+        fill(ram, at: 0x1000, seed: 9)
+        try e.dma(iova: 0x1000, count: UInt64(n), toRAM: false)
+        try container.invalidateVirtualAddresses()
+        try e.dma(iova: 0x3000, count: UInt64(n), toRAM: true)
+        XCTAssertEqual(bytes(ram, at: 0x3000), bytes(ram, at: 0x1000), "DMA goes on while the addresses are invalid")
+        XCTAssertThrowsError(try container.invalidateVirtualAddresses(), "already invalid")
+        let view = try MappedRegion(fd: ram.fd, length: Int(ramSize))
+        XCTAssertTrue(container.restoreVirtualAddresses { _ in view.base }.isEmpty)
+        XCTAssertEqual(container.mappings.first?.vaddr, UInt64(UInt(bitPattern: view.base)))
+        XCTAssertNoThrow(try container.invalidateVirtualAddresses(), "valid again, so it can be invalidated again")
+        XCTAssertTrue(container.restoreVirtualAddresses { _ in ram.base }.isEmpty)
+        try e.dma(iova: 0x5000, count: UInt64(n), toRAM: true)
+        XCTAssertEqual(bytes(ram, at: 0x5000), bytes(ram, at: 0x1000))
+    }
+
+    /// Start `vfio-live lab take-over` (the new VMM) on a fresh cpr socket.
+    /// (posix_spawn, not Foundation's Process: the lab guest is a bare initramfs.)
+    func startSuccessor(backend: String, iova: UInt64, fault: String? = nil) throws -> (pid_t, String) {
+        guard access(Self.binary, X_OK) == 0 else { throw XCTSkip("vfio-live is not built at \(Self.binary)") }
+        let path = "/tmp/vfio-live-lab-\(getpid())-\(UInt32.random(in: 0...UInt32.max)).cpr"
+        let pid = try ChildProcess.spawn(Self.binary, [Self.binary, "lab", "take-over", "--cpr", path, "--backend", backend, "--iova", "\(iova)", "--count", "\(n)"],
+                                         extraEnvironment: fault.map { ["VFIO_LIVE_CPR_FAULT=\($0)"] } ?? [])
+        let deadline = monotonicNanoseconds() + 120_000_000_000
+        while access(path, F_OK) != 0 && monotonicNanoseconds() < deadline && ChildProcess.exitStatus(pid) == nil { usleep(10_000) }
+        return (pid, path)
+    }
+
+    /// cpr-transfer of a process holding the edu device through a legacy container: the state
+    /// goes to a second process, which restores the addresses (VFIO_DMA_MAP_FLAG_VADDR) and has
+    /// the device DMA into guest RAM; the bytes land in the memfd both processes share. A first
+    /// attempt whose successor dies after receiving the state is rolled back: addresses
+    /// restored, DMA working, and the second attempt (which UNMAP_ALL would refuse if any
+    /// address had stayed invalid) succeeds.
+    func testLiveUpdateOfAProcessHoldingEduThroughALegacyContainer() throws {
+        let (container, group, e, ram) = try legacySetup()
+        fill(ram, at: 0x1000, seed: 42)
+        try e.dma(iova: 0x1000, count: UInt64(n), toRAM: false)
+        let cpr = LegacyContainerCPR(container: container, group: group, device: e.device, memoryBase: ram.base, memorySize: ram.size)
+        XCTAssertNil(cpr.cprBlocker())
+
+        func handover(fault: String?) throws -> Result<String, Error> {
+            let (p, path) = try startSuccessor(backend: "legacy", iova: 0x9000, fault: fault)
+            defer { ChildProcess.wait(p) }
+            var state = CPRState()
+            state.save(CPRNames.guestRAM, ram.fd)
+            try cpr.cprSave(into: &state)
+            let s = try UnixSocket.connect(path: path)
+            defer { s.close() }
+            try cpr.cprFreeze()
+            // The device keeps DMAing while no process holds valid addresses.
+            try e.dma(iova: 0x2000, count: UInt64(n), toRAM: true)
+            XCTAssertEqual(bytes(ram, at: 0x2000), bytes(ram, at: 0x1000))
+            try state.send(over: s)
+            do { return .success(try CPRMessage.expect(.done, from: s, timeoutMilliseconds: 120_000)) } catch {
+                cpr.cprThaw()
+                return .failure(error)
+            }
+        }
+
+        if case .success = try handover(fault: "after-state") { XCTFail("the successor was told to die") }
+        try e.dma(iova: 0x4000, count: UInt64(n), toRAM: true)
+        XCTAssertEqual(bytes(ram, at: 0x4000), bytes(ram, at: 0x1000), "rolled back: the old process drives the device")
+
+        switch try handover(fault: nil) {
+        case let .success(text):
+            let expected = Checksum.of(UnsafeRawBufferPointer(start: ram.base + 0x1000, count: n))
+            XCTAssertTrue(text.contains("\"checksum\":\(expected)"), text)
+            XCTAssertEqual(bytes(ram, at: 0x9000), bytes(ram, at: 0x1000), "the new process's DMA landed in guest RAM")
+        case let .failure(error):
+            XCTFail("handover failed: \(error)")
+        }
+    }
+
+    /// A freeze that fails after invalidating (as a partial UNMAP_ALL would) is recovered.
+    func testRecoveryAfterAFailedFreeze() throws {
+        let (container, group, e, ram) = try legacySetup()
+        let cpr = LegacyContainerCPR(container: container, group: group, device: e.device, memoryBase: ram.base, memorySize: ram.size)
+        cpr.failFreezeForTesting = true
+        XCTAssertThrowsError(try cpr.cprFreeze())
+        cpr.cprThaw()
+        XCTAssertNoThrow(try container.invalidateVirtualAddresses(), "every address was restored")
+        XCTAssertTrue(container.restoreVirtualAddresses { _ in ram.base }.isEmpty)
+    }
+
+    /// iommufd with the device cdev: IOAS, bind, attach, MAP_FILE of the memfd, DMA; then the
+    /// iommufd and the device go to a second process, which calls CHANGE_PROCESS and DMAs.
+    func testIOMMUFDMapFileAndChangeProcess() throws {
+        guard access("/dev/iommu", F_OK) == 0 else { throw XCTSkip("no /dev/iommu (IOMMUFD is not in this kernel)") }
+        guard let cdevPath = edu.cdev else { throw XCTSkip("\(edu!) has no VFIO device cdev (VFIO_DEVICE_CDEV is not in this kernel)") }
+        let iommufd = try IOMMUFD()
+        let ioas = try iommufd.allocateIOAS()
+        let raw = open(cdevPath, O_RDWR | O_CLOEXEC)
+        XCTAssertGreaterThanOrEqual(raw, 0, "open \(cdevPath): \(Errno.current)")
+        let device = KernelDevice(name: edu.address, fd: FileDescriptor(adopting: raw))
+        let devid = try device.bind(iommufd)
+        let hwpt = try device.attach(pageTable: ioas)
+        let ram = try GuestMemory(size: ramSize)
+        try iommufd.mapFile(ioas: ioas, iova: 0, length: ramSize, file: ram.fd)
+        let e = try Edu(device)
+        fill(ram, at: 0x1000, seed: 77)
+        try e.dma(iova: 0x1000, count: UInt64(n), toRAM: false)
+        try e.dma(iova: 0x6000, count: UInt64(n), toRAM: true)
+        XCTAssertEqual(bytes(ram, at: 0x6000), bytes(ram, at: 0x1000))
+        let cpr = IOMMUFDCPR(iommufd: iommufd, device: device, deviceID: devid, ioasID: ioas, hwptID: hwpt)
+        XCTAssertNil(cpr.cprBlocker(), "CHANGE_PROCESS is supported")
+
+        let (p, path) = try startSuccessor(backend: "iommufd", iova: 0xa000)
+        defer { ChildProcess.wait(p) }
+        var state = CPRState()
+        state.save(CPRNames.guestRAM, ram.fd)
+        try cpr.cprSave(into: &state)
+        let s = try UnixSocket.connect(path: path)
+        defer { s.close() }
+        try state.send(over: s)
+        let text = try CPRMessage.expect(.done, from: s, timeoutMilliseconds: 120_000)
+        XCTAssertTrue(text.contains("checksum"), text)
+        XCTAssertEqual(bytes(ram, at: 0xa000), bytes(ram, at: 0x1000), "DMA by the new process, through file mappings it took over")
+    }
+}
