@@ -58,8 +58,10 @@ timeout "${LAB_TIMEOUT:-900}" qemu-system-x86_64 -machine q35,accel=tcg,kernel-i
     -device intel-iommu,intremap=on,caching-mode=on -device edu -nodefaults -display none \
     -serial stdio -monitor none -no-reboot -kernel "$kernel" -initrd "$work/initrd.gz" \
     -virtfs local,path=/,mount_tag=hostfs,security_model=none,readonly=on,multidevs=remap \
-    -append "console=ttyS0 rdinit=/init intel_iommu=on iommu=nopt panic=-1 quiet" 2>&1 | tee "$log" | grep -Ev '^\[ *[0-9]+\.[0-9]+\]|Test Case .* (started|passed)'
+    -append "console=ttyS0 rdinit=/init intel_iommu=on iommu=nopt panic=-1 quiet" 2>&1 | tee "$log" | grep --line-buffered -Ev '^\[ *[0-9]+\.[0-9]+\]|Test Case .* (started|passed)'
 set -e
+cp "$log" /tmp/vfio-live-lab-console.log
+echo "lab: the guest's whole console is in /tmp/vfio-live-lab-console.log"
 grep -q "LAB-BOOTED" "$log" || { echo "lab: the guest did not boot"; exit 1; }
 code=$(sed -nE 's/.*LAB-EXIT ([0-9]+).*/\1/p' "$log" | tail -n 1)
 summary=$(grep -E "Executed [0-9]+ tests?, with [0-9]+ failures?" "$log" | tail -n 1 || true)

@@ -49,6 +49,17 @@ summary=$(grep -E "^[[:space:]]*Executed [0-9]+ tests?, with [0-9]+ failures?" "
 total=$(sed -E 's/.*Executed ([0-9]+) tests?.*/\1/' <<<"$summary")
 failed=$(sed -E 's/.*with ([0-9]+) failures?.*/\1/' <<<"$summary")
 skipped=$(grep -cE "^Test Case .* skipped" "$log" || true)
+
+say "kernel VFIO lab: the KernelVFIOTests inside a Linux guest with VFIO, IOMMUFD and the edu device"
+set +e
+bash scripts/lab.sh | tee "$log.lab"
+lab_status=${PIPESTATUS[0]}
+set -e
+lab_line=$(grep -E "^lab: [0-9]+ passed" "$log.lab" | tail -n 1 || true)
+lab_passed=$(sed -nE 's/^lab: ([0-9]+) passed.*/\1/p' <<<"$lab_line"); lab_failed=$(sed -nE 's/.* ([0-9]+) failed.*/\1/p' <<<"$lab_line")
+rm -f "$log.lab"
 echo ""
-echo "tests: $((total - failed - skipped)) passed, ${failed} failed, ${skipped} skipped"
-exit "$status"
+echo "unit and process tests: $((total - failed - skipped)) passed, ${failed} failed, ${skipped} skipped"
+echo "kernel lab tests:       ${lab_passed:-0} passed, ${lab_failed:-0} failed"
+echo "tests: $((total - failed - skipped + ${lab_passed:-0})) passed, $((failed + ${lab_failed:-0})) failed, ${skipped} skipped"
+[ "$status" = 0 ] && [ "$lab_status" = 0 ]
