@@ -58,6 +58,18 @@ public final class IOMMUFD: @unchecked Sendable {
         _ = try check("IOMMU_IOAS_CHANGE_PROCESS") { try fd.ioctl(VL_IOMMU_IOAS_CHANGE_PROCESS, &c) }
     }
 
+    /// Whether the IOMMU can track dirty pages for this device: allocate (and destroy) a HWPT
+    /// with IOMMU_HWPT_ALLOC_DIRTY_TRACKING. QEMU 7.2's intel-iommu answers EOPNOTSUPP.
+    public func supportsDirtyTracking(deviceID: UInt32, ioas: UInt32) -> Bool {
+        var a = iommu_hwpt_alloc()
+        a.size = UInt32(MemoryLayout<iommu_hwpt_alloc>.size)
+        a.flags = IOMMU_HWPT_ALLOC_DIRTY_TRACKING
+        a.dev_id = deviceID; a.pt_id = ioas
+        guard (try? fd.ioctl(VL_IOMMU_HWPT_ALLOC, &a)) != nil else { return false }
+        try? destroy(a.out_hwpt_id)
+        return true
+    }
+
     /// Nil when a live update can keep this iommufd; else the reason.
     public var liveUpdateBlocker: String? {
         do { try changeProcess(); return nil } catch { return "vfio iommufd backend does not support IOMMU_IOAS_CHANGE_PROCESS (\(error))" }

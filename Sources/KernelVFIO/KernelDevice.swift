@@ -194,6 +194,12 @@ public final class KernelDevice: MigrationDeviceHandle, @unchecked Sendable {
 
     public func resetDevice() throws { try reset() }
 
+    /// Whether the device logs its own DMA (DMA_LOGGING_START answers a PROBE).
+    public var supportsDMALogging: Bool {
+        var d: [UInt8] = []
+        return (try? feature(UInt32(VFIO_DEVICE_FEATURE_DMA_LOGGING_START), flags: VFIO_DEVICE_FEATURE_PROBE | VFIO_DEVICE_FEATURE_SET, data: &d)) != nil
+    }
+
     /// The v1 migration region, by its type capability (3/1), if the device has one.
     public func findRegion(type: UInt32, subtype: UInt32) throws -> (index: UInt32, size: UInt64)? {
         let n = try info().regions

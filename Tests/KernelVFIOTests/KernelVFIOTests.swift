@@ -80,6 +80,10 @@ final class KernelVFIOTests: XCTestCase {
     func testDirtyPagesReportEveryMappedPage() throws {
         let (container, _, e, _) = try legacySetup()
         XCTAssertTrue(container.supportsDirtyPageTracking())
+        XCTAssertFalse(e.device.supportsDMALogging, "edu has no DMA logging")
+        XCTAssertEqual(try DirtyTrackingMethod.choose(deviceLogging: [e.device.supportsDMALogging], iommuDirtyTracking: container.supportsDirtyPageTracking(),
+                                                      allowUntracked: false), .iommu, "type1 tracks for the device")
+        XCTAssertNil(try e.device.migrationCapabilities(), "edu has no migration driver")
         try container.startDirtyTracking()
         try e.dma(iova: 0x8000, count: UInt64(n), toRAM: true)
         let bits = try container.dirtyBitmap(iova: 0, size: ramSize)
@@ -199,6 +203,12 @@ final class KernelVFIOTests: XCTestCase {
         try e.dma(iova: 0x1000, count: UInt64(n), toRAM: false)
         try e.dma(iova: 0x6000, count: UInt64(n), toRAM: true)
         XCTAssertEqual(bytes(ram, at: 0x6000), bytes(ram, at: 0x1000))
+        let hwDirty = iommufd.supportsDirtyTracking(deviceID: devid, ioas: ioas)
+        XCTAssertFalse(hwDirty, "QEMU 7.2's intel-iommu has no dirty bit")
+        XCTAssertThrowsError(try DirtyTrackingMethod.choose(deviceLogging: [device.supportsDMALogging], iommuDirtyTracking: hwDirty, allowUntracked: false)) { e in
+            XCTAssertTrue("\(e)".contains("migration blocked"), "\(e)")
+        }
+        XCTAssertEqual(try DirtyTrackingMethod.choose(deviceLogging: [false], iommuDirtyTracking: hwDirty, allowUntracked: true), .allDirty)
         let cpr = IOMMUFDCPR(iommufd: iommufd, device: device, deviceID: devid, ioasID: ioas, hwptID: hwpt)
         XCTAssertNil(cpr.cprBlocker(), "CHANGE_PROCESS is supported")
 

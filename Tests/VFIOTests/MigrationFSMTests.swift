@@ -215,3 +215,14 @@ final class DirtyBitmapTests: XCTestCase {
         }
     }
 }
+
+final class DirtyTrackingChoiceTests: XCTestCase {
+    func testDeviceLoggingThenIOMMUThenAllDirtyOnlyWhenAllowed() throws {
+        XCTAssertEqual(try DirtyTrackingMethod.choose(deviceLogging: [true, true], iommuDirtyTracking: true, allowUntracked: false), .deviceLogging)
+        XCTAssertEqual(try DirtyTrackingMethod.choose(deviceLogging: [true, false], iommuDirtyTracking: true, allowUntracked: false), .iommu)
+        XCTAssertThrowsError(try DirtyTrackingMethod.choose(deviceLogging: [true, false], iommuDirtyTracking: false, allowUntracked: false)) { e in
+            XCTAssertEqual(e as? DirtyTrackingBlocker, DirtyTrackingBlocker(devices: "1"))
+        }
+        XCTAssertEqual(try DirtyTrackingMethod.choose(deviceLogging: [false], iommuDirtyTracking: false, allowUntracked: true), .allDirty)
+    }
+}
