@@ -40,4 +40,15 @@ public enum ChildProcess {
         let n = readlink("/proc/self/exe", &buf, buf.count - 1)
         return n > 0 ? String(decoding: buf[0..<n].map { UInt8(bitPattern: $0) }, as: UTF8.self) : CommandLine.arguments[0]
     }
+
+    /// `name` in the folder that holds this process's executable, or the .xctest bundle it
+    /// runs from (tests start the `vfio-live` built beside them).
+    public static func besideCurrentExecutable(_ name: String) -> String {
+        var path = currentExecutable()
+        // Inside a bundle (…/X.xctest/Contents/…): start from the bundle itself.
+        var parts = path.split(separator: "/", omittingEmptySubsequences: false)
+        if let b = parts.firstIndex(where: { $0.hasSuffix(".xctest") }) { parts = Array(parts[...b]); path = parts.joined(separator: "/") }
+        guard let slash = path.lastIndex(of: "/") else { return name }
+        return String(path[..<slash]) + "/" + name
+    }
 }

@@ -72,17 +72,9 @@ struct UpdateBench: ParsableCommand {
         for _ in 0..<count {
             let c = try QMPClient(path: qmp)
             _ = try c.execute("x-vfio-live-update", [("mode", .string(mode))])
-            var client: QMPClient? = c
-            var blackout: Double?
-            let deadline = monotonicNanoseconds() + 120_000_000_000
-            while blackout == nil && monotonicNanoseconds() < deadline {
-                usleep(20_000)
-                if client == nil { client = try? QMPClient(path: qmp) }
-                guard let q = try? client?.execute("query-migrate") else { client = nil; continue }
-                if case .string("failed")? = q["status"] { throw ValidationError("\(mode) failed: \(q["error-desc"] ?? .null)") }
-                if case .string("completed")? = q["status"], let r = q["x-vfio-live-cpr"] { blackout = Double(r["blackout-ns"]?.uint64 ?? 0) / 1e6 }
-            }
-            guard let b = blackout else { throw ValidationError("\(mode) did not complete") }
+            let q = UpdateCommand.awaitLiveUpdate(qmp: qmp, client: c)
+            guard case .string("completed")? = q["status"], let r = q["x-vfio-live-cpr"] else { throw ValidationError("\(mode) failed: \(q["error-desc"] ?? .null)") }
+            let b = Double(r["blackout-ns"]?.uint64 ?? 0) / 1e6
             out.append(b)
             if mode == "cpr-transfer" { usleep(1_600_000) }  // the old VMM exits 1.5 s after handing over
             let v = try QMPClient(path: qmp).execute("x-vfio-live-verify")

@@ -373,15 +373,7 @@ extension DemoCommand {
             let pid0 = c.pidOf()
             let before = try c.execute("x-vfio-live-verify")
             _ = try c.execute("x-vfio-live-update", [("mode", .string(mode))])
-            var result = JSONValue.null
-            let deadline = monotonicNanoseconds() + 60_000_000_000
-            var client: QMPClient? = c
-            while monotonicNanoseconds() < deadline {
-                usleep(20_000)
-                if client == nil { client = try? QMPClient(path: qmp) }
-                guard let q = try? client?.execute("query-migrate") else { client = nil; continue }
-                if case let .string(s)? = q["status"], s == "failed" || (s == "completed" && q["x-vfio-live-cpr"] != nil) { result = q; break }
-            }
+            let result = UpdateCommand.awaitLiveUpdate(qmp: qmp, client: c, timeoutSeconds: 60)
             let r = result["x-vfio-live-cpr"]
             let blackout = Double(r?["blackout-ns"]?.uint64 ?? 0) / 1e6
             check("\(mode) completed", result["status"] == .string("completed"),

@@ -54,16 +54,7 @@ struct UpdateCommand: ParsableCommand {
         if let t = to { args.append(("to", .string(t))) }
         _ = try c.execute("x-vfio-live-update", args)
         print("live update (\(mode.rawValue)) started")
-        var client: QMPClient? = c
-        var last = JSONValue.null
-        let deadline = monotonicNanoseconds() + 120_000_000_000
-        while monotonicNanoseconds() < deadline {
-            usleep(20_000)
-            if client == nil { client = try? QMPClient(path: qmp) }  // exec replaced the VMM; reconnect
-            guard let q = try? client?.execute("query-migrate") else { client = nil; continue }
-            last = q
-            if case let .string(s)? = q["status"], s == "completed" || s == "failed", q["x-vfio-live-cpr"] != nil || s == "failed" { break }
-        }
+        let last = Self.awaitLiveUpdate(qmp: qmp, client: c)
         guard case .string("completed")? = last["status"], let r = last["x-vfio-live-cpr"] else {
             let why: String = { if case let .string(s)? = last["error-desc"] { return s }; return "no answer from the VMM" }()
             print("live update failed: \(why)")
@@ -81,5 +72,21 @@ struct UpdateCommand: ParsableCommand {
             print("  handed over:   \(list.count) descriptors: \(list.joined(separator: ", "))")
         }
         print("  stream:        \(r["stream-bytes"]?.uint64 ?? 0) bytes (vCPUs and VMM device state; no RAM)")
+    }
+
+    /// Poll query-migrate until the live update started through `client` completed (with its
+    /// report) or failed; reconnects when exec replaced the VMM behind the socket. The last answer.
+    static func awaitLiveUpdate(qmp: String, client c: QMPClient, timeoutSeconds: UInt64 = 120) -> JSONValue {
+        var client: QMPClient? = c
+        var last = JSONValue.null
+        let deadline = monotonicNanoseconds() + timeoutSeconds * 1_000_000_000
+        while monotonicNanoseconds() < deadline {
+            usleep(20_000)
+            if client == nil { client = try? QMPClient(path: qmp) }
+            guard let q = try? client?.execute("query-migrate") else { client = nil; continue }
+            last = q
+            if case let .string(s)? = q["status"], s == "failed" || (s == "completed" && q["x-vfio-live-cpr"] != nil) { break }
+        }
+        return last
     }
 }

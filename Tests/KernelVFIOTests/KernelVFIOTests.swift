@@ -25,13 +25,7 @@ final class KernelVFIOTests: XCTestCase {
         edu = d
     }
 
-    static var binary: String {
-        var buf = [CChar](repeating: 0, count: 4096)
-        _ = readlink("/proc/self/exe", &buf, buf.count - 1)
-        var dir = String(cString: buf)
-        while !dir.hasSuffix(".xctest") && dir.count > 1 { dir = (dir as NSString).deletingLastPathComponent }
-        return ((dir as NSString).deletingLastPathComponent as NSString).appendingPathComponent("vfio-live")
-    }
+    static var binary: String { ChildProcess.besideCurrentExecutable("vfio-live") }
 
     /// A legacy container with the edu device's group, guest RAM (a memfd) mapped at IOVA 0.
     func legacySetup() throws -> (Container, Group, Edu, GuestMemory) {

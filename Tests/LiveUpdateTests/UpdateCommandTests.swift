@@ -7,13 +7,7 @@ import XCTest
 /// `vfio-live update` against real VMM processes: the old VMM starts its successor (transfer)
 /// or re-executes itself (exec); the new one dies at each step; exec fails; a device opts out.
 final class UpdateCommandTests: XCTestCase {
-    static var binary: String {
-        var buf = [CChar](repeating: 0, count: 4096)
-        _ = readlink("/proc/self/exe", &buf, buf.count - 1)
-        var dir = String(cString: buf)
-        while !dir.hasSuffix(".xctest") && dir.count > 1 { dir = (dir as NSString).deletingLastPathComponent }
-        return ((dir as NSString).deletingLastPathComponent as NSString).appendingPathComponent("vfio-live")
-    }
+    static var binary: String { ChildProcess.besideCurrentExecutable("vfio-live") }
 
     var processes: [Process] = []
     var tag = ""

@@ -9,13 +9,7 @@ import VFIO
 /// The real `vfio-live` binary, in separate processes, over real sockets.
 final class CLITests: XCTestCase {
     /// The vfio-live executable built beside this test bundle.
-    static var binary: String {
-        var buf = [CChar](repeating: 0, count: 4096)
-        _ = readlink("/proc/self/exe", &buf, buf.count - 1)
-        var dir = String(cString: buf)
-        while !dir.hasSuffix(".xctest") && dir.count > 1 { dir = (dir as NSString).deletingLastPathComponent }
-        return ((dir as NSString).deletingLastPathComponent as NSString).appendingPathComponent("vfio-live")
-    }
+    static var binary: String { ChildProcess.besideCurrentExecutable("vfio-live") }
 
     func start(_ args: [String]) throws -> Process {
         guard FileManager.default.isExecutableFile(atPath: Self.binary) else {
