@@ -11,6 +11,7 @@ let package = Package(
         .library(name: "VFIOUser", targets: ["VFIOUser"]),
         .library(name: "Devices", targets: ["Devices"]),
         .library(name: "Migration", targets: ["Migration"]),
+        .library(name: "LiveUpdate", targets: ["LiveUpdate"]),
     ],
     dependencies: [
         .package(url: "https://github.com/apple/swift-argument-parser", from: "1.5.0"),

@@ -10,7 +10,7 @@ let package = Package(
         .executableTarget(
             name: "VFIOUserFuzz",
             dependencies: [.product(name: "VFIOUser", package: "vfio-live"), .product(name: "Devices", package: "vfio-live"),
-                           .product(name: "Migration", package: "vfio-live")],
+                           .product(name: "Migration", package: "vfio-live"), .product(name: "LiveUpdate", package: "vfio-live")],
             // The sanitizer flags come from scripts/fuzz.sh (-Xswiftc/-Xcc), so that the libraries
             // under test are instrumented for coverage too, not only this target.
             swiftSettings: [.unsafeFlags(["-parse-as-library"])]),

@@ -1,4 +1,5 @@
 import Devices
+import LiveUpdate
 import Migration
 import SystemCalls
 import VFIO
@@ -9,6 +10,8 @@ import VFIOUser
 ///   1: the client's reply decoders (VERSION, region info with its capability chain, IO fds)
 ///   2: the dma-engine migration-state loader (records, checksums, staging), then RESUMING→STOP
 ///   3: the VM migration stream decoder (sections, RAM runs, VFIO records, vCPU state)
+///   4: the live-update CPR state (over a real socket pair, as a new VMM receives it) and its
+///      records: the machine, a vfio-user connection's handover state
 /// Every path must end in a value or a thrown error: a crash, hang or ASan report is a bug.
 private let engine: DMAEngine = {
     Log.level = .error
@@ -20,7 +23,7 @@ public func fuzz(_ data: UnsafePointer<UInt8>, _ size: Int) -> Int32 {
     guard size >= 1 else { return 0 }
     let bytes = Array(UnsafeBufferPointer(start: data, count: size))
     let body = bytes[1...]
-    switch bytes[0] % 4 {
+    switch bytes[0] % 5 {
     case 0:
         guard body.count >= MessageHeader.size else { return 0 }
         var r = WireReader(body.prefix(MessageHeader.size), context: "header")
@@ -34,6 +37,14 @@ public func fuzz(_ data: UnsafePointer<UInt8>, _ size: Int) -> Int32 {
         _ = try? RegionInfo(decoding: body)
         _ = try? RegionIOFDsReply(decoding: body)
         _ = try? MigDataPayload(decoding: body, context: "fuzz", dataBySize: true)
+    case 4:
+        _ = try? MachineRecord(decoding: Array(body))
+        _ = try? VFIOUserClient.HandoverState(decoding: body)
+        guard body.count <= 64 * 1024, let (a, b) = try? UnixSocket.pair() else { return 0 }
+        _ = try? a.send(Array(body))
+        a.close()
+        (try? CPRState.receive(from: b))?.closeAll()
+        b.close()
     case 3:
         let source = MemorySource(body)
         _ = try? MigrationStreamDecoder(source: source, sink: nullSink).run()
