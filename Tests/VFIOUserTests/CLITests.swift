@@ -107,8 +107,10 @@ final class CLITests: XCTestCase {
     func testVMDemoMigratesARunningVMAcrossProcesses() throws {
         let (status, out) = try run(["demo", "--seconds", "0.5", "--state-size", "4M", "--quiet"])
         XCTAssertEqual(status, 0, out)
-        XCTAssertTrue(out.contains("checks:            8 passed, 0 failed"), out)
+        XCTAssertTrue(out.contains("checks:            14 passed, 0 failed"), out)
         XCTAssertTrue(out.contains("[ok] device memory arrived intact"), out)
+        XCTAssertTrue(out.contains("[ok] after cpr-transfer: every page verifies"), out)
+        XCTAssertTrue(out.contains("[ok] the VMM re-executed in place (same PID)"), out)
     }
 
     /// An existing QMP client library (Python's qemu.qmp) drives a whole live migration.

@@ -144,14 +144,15 @@ public final class VFIOUserClient: @unchecked Sendable {
     /// descriptors), never shut down: the successor's copies must keep working.
     public func close() {
         let shared = callLock.withLock { handedOver }
+        // Stop the twin reader before its socket goes: a poll on a closed descriptor never
+        // reports it readable, so the reader would wait forever.
+        try? twinCancel.signal()
+        twinThread?.join()
         if shared {
-            try? twinCancel.signal()
-            twinThread?.join()
             twin?.socket.close()
             connection.socket.close()
         } else {
-            if let t = twin { t.close() }
-            twinThread?.join()
+            twin?.close()
             connection.close()
         }
         twinThread = nil
