@@ -8,7 +8,7 @@ public final class Edu: @unchecked Sendable {
     public static let vendor: UInt16 = 0x1234, device: UInt16 = 0x11e8
     public static let buffer: UInt64 = 0x40000, bufferSize = 4096
     public static let dmaLimit: UInt64 = 1 << 28
-    enum Reg { static let id: UInt64 = 0x00, liveness: UInt64 = 0x04, src: UInt64 = 0x80, dst: UInt64 = 0x88, count: UInt64 = 0x90, cmd: UInt64 = 0x98 }
+    enum Reg { static let irqRaise: UInt64 = 0x60, irqAck: UInt64 = 0x64; static let id: UInt64 = 0x00, liveness: UInt64 = 0x04, src: UInt64 = 0x80, dst: UInt64 = 0x88, count: UInt64 = 0x90, cmd: UInt64 = 0x98 }
 
     public let device: KernelDevice
     public let bar0: KernelDevice.RegionInfo
@@ -26,6 +26,10 @@ public final class Edu: @unchecked Sendable {
         try device.write32(bar0, Reg.liveness, 0x1234_5678)
         return try device.read32(bar0, Reg.liveness) == ~UInt32(0x1234_5678)
     }
+
+    /// Raise an interrupt with these status bits (MSI when enabled, else INTx); `acknowledge` clears them.
+    public func raiseInterrupt(_ bits: UInt32 = 1) throws { try device.write32(bar0, Reg.irqRaise, bits) }
+    public func acknowledgeInterrupt(_ bits: UInt32 = 1) throws { try device.write32(bar0, Reg.irqAck, bits) }
 
     /// Copy `count` bytes between guest RAM at `iova` and the edu buffer (at `offset` in it),
     /// and wait for the engine to finish.
