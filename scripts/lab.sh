@@ -12,7 +12,13 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 repo="$(pwd)"
 
-kernel="${VFIO_LIVE_LAB_KERNEL:-$repo/../shared/lab/bzImage-7.3-vfio-iommufd}"
+kernel="${VFIO_LIVE_LAB_KERNEL:-}"
+if [ -z "$kernel" ]; then
+    for k in "$repo/../shared/lab/bzImage-7.3-vfio-iommufd" /work/shared/lab/bzImage-7.3-vfio-iommufd; do
+        [ -f "$k" ] && { kernel="$k"; break; }
+    done
+fi
+kernel="${kernel:-$repo/../shared/lab/bzImage-7.3-vfio-iommufd}"
 if [ ! -f "$kernel" ]; then
     echo "lab: skipped: no lab kernel at $kernel (set VFIO_LIVE_LAB_KERNEL to a bzImage with VFIO, IOMMUFD, VFIO_DEVICE_CDEV, INTEL_IOMMU and 9p built in)"
     exit 0

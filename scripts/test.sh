@@ -45,9 +45,10 @@ set +e
 swift test --skip-build --disable-swift-testing 2>&1 | tee "$log" | grep -Ev '^(Test Case .* (started|passed)|info: )'
 status=${PIPESTATUS[0]}
 set -e
-summary=$(grep -E "^[[:space:]]*Executed [0-9]+ tests?, with [0-9]+ failures?" "$log" | tail -n 1)
+# The last "Executed N tests, with [K tests skipped and] M failures" line is the whole run's.
+summary=$(grep -E "^[[:space:]]*Executed [0-9]+ tests?, with .*[0-9]+ failures?" "$log" | tail -n 1)
 total=$(sed -E 's/.*Executed ([0-9]+) tests?.*/\1/' <<<"$summary")
-failed=$(sed -E 's/.*with ([0-9]+) failures?.*/\1/' <<<"$summary")
+failed=$(sed -E 's/.* ([0-9]+) failures?.*/\1/' <<<"$summary")
 skipped=$(grep -cE "^Test Case .* skipped" "$log" || true)
 
 say "kernel VFIO lab: the KernelVFIOTests inside a Linux guest with VFIO, IOMMUFD and the edu device"
