@@ -49,7 +49,7 @@ mount -t 9p -o trans=virtio,version=9p2000.L,msize=1048576 hostfs /mnt || { echo
 # A writable /tmp for the tests; a checkout that lives under /tmp stays visible through a bind.
 mkdir -p /hosttmp; mount --bind /mnt/tmp /hosttmp
 mount -t tmpfs tmp /mnt/tmp
-case "$repo" in /tmp/*) mkdir -p "/mnt$repo"; mount --bind "/hosttmp\${repo#/tmp}" "/mnt$repo" ;; esac
+case "$repo" in /tmp/*) mkdir -p "/mnt$repo"; mount --bind "/hosttmp${repo#/tmp}" "/mnt$repo" ;; esac
 mount --bind /dev /mnt/dev; mount --bind /proc /mnt/proc; mount --bind /sys /mnt/sys
 echo "LAB-BOOTED \$(uname -r)"
 chroot /mnt /usr/bin/env -i PATH=/usr/local/bin:/usr/bin:/bin:/opt/swift/usr/bin HOME=/tmp VFIO_LIVE_LAB=1 \
