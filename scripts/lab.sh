@@ -66,7 +66,7 @@ set +e
 # Single-threaded TCG: with one host thread per vCPU, this 7.3 kernel now and then panicked
 # while patching its own code at boot (seen here about one run in four); single-threaded TCG
 # costs a second or two and never did.
-timeout "${LAB_TIMEOUT:-900}" qemu-system-x86_64 -machine q35,kernel-irqchip=split -accel tcg,thread=single -cpu max -smp 2 -m 2048 \
+timeout "${LAB_TIMEOUT:-300}" qemu-system-x86_64 -machine q35,kernel-irqchip=split -accel tcg,thread=single -cpu max -smp 2 -m 2048 \
     -device intel-iommu,intremap=on,caching-mode=on -device edu -nodefaults -display none \
     -serial stdio -monitor none -no-reboot -kernel "$kernel" -initrd "$work/initrd.gz" \
     -virtfs local,path=/,mount_tag=hostfs,security_model=none,readonly=on,multidevs=remap \

@@ -157,7 +157,7 @@ final class KernelVFIOTests: XCTestCase {
 
         func handover(fault: String?) throws -> Result<String, Error> {
             let (p, path) = try startSuccessor(backend: "legacy", iova: 0x9000, fault: fault)
-            defer { ChildProcess.wait(p) }
+            defer { reap(p) }
             var state = CPRState()
             state.save(CPRNames.guestRAM, ram.fd)
             try cpr.cprSave(into: &state)
@@ -185,6 +185,27 @@ final class KernelVFIOTests: XCTestCase {
             XCTAssertEqual(bytes(ram, at: 0x9000), bytes(ram, at: 0x1000), "the new process's DMA landed in guest RAM")
         case let .failure(error):
             XCTFail("handover failed: \(error)")
+        }
+    }
+
+    /// Wait for a successor to end; if it does not within 20 s, say where it is stuck and kill it.
+    func reap(_ pid: pid_t) {
+        let deadline = monotonicNanoseconds() + 20_000_000_000
+        while ChildProcess.exitStatus(pid) == nil {
+            guard monotonicNanoseconds() < deadline else {
+                let info = ["status", "wchan", "stack"].map { f -> String in
+                    guard let h = fopen("/proc/\(pid)/\(f)", "r") else { return "" }
+                    defer { fclose(h) }
+                    var buf = [CChar](repeating: 0, count: 8192)
+                    let n = fread(&buf, 1, buf.count - 1, h)
+                    return String(decoding: buf[0..<n].map { UInt8(bitPattern: $0) }, as: UTF8.self)
+                }.joined(separator: "\n")
+                XCTFail("successor \(pid) did not exit: \(info)")
+                kill(pid, SIGKILL)
+                ChildProcess.wait(pid)
+                return
+            }
+            usleep(10_000)
         }
     }
 
