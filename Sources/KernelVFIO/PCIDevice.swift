@@ -42,13 +42,7 @@ public struct PCIDevice: Sendable, CustomStringConvertible {
 
     static func hex4(_ v: UInt16) -> String { let s = String(v, radix: 16); return String(repeating: "0", count: 4 - s.count) + s }
 
-    static func linkName(_ path: String) -> String? {
-        var buf = [CChar](repeating: 0, count: 4096)
-        let n = readlink(path, &buf, buf.count - 1)
-        guard n > 0 else { return nil }
-        let s = String(decoding: buf[0..<n].map { UInt8(bitPattern: $0) }, as: UTF8.self)
-        return s.split(separator: "/").last.map(String.init)
-    }
+    static func linkName(_ path: String) -> String? { readLink(path)?.split(separator: "/").last.map(String.init) }
 
     /// The IOMMU group number (nil without an IOMMU).
     public var iommuGroup: Int? { Self.linkName("\(path)/iommu_group").flatMap { Int($0) } }

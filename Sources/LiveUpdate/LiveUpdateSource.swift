@@ -82,9 +82,7 @@ public final class LiveUpdateSource {
         guard (st.st_mode & S_IFMT) == S_IFREG else { return "guest RAM is not backed by a memfd or shared file" }
         // A memfd (its /proc link reads "/memfd:NAME (deleted)") or a file with a name another
         // process can open; GuestMemory always maps it MAP_SHARED, never private.
-        var link = [CChar](repeating: 0, count: 256)
-        let n = readlink("/proc/self/fd/\(fd.rawValue)", &link, link.count - 1)
-        let target = n > 0 ? String(decoding: link[0..<n].map { UInt8(bitPattern: $0) }, as: UTF8.self) : ""
+        let target = readLink("/proc/self/fd/\(fd.rawValue)") ?? ""
         if !target.hasPrefix("/memfd:") && st.st_nlink == 0 { return "guest RAM is an unlinked file that is not a memfd (\(target))" }
         return nil
     }

@@ -35,11 +35,7 @@ public enum ChildProcess {
     }
 
     /// This process's own executable (for re-exec and for spawning a successor of the same build).
-    public static func currentExecutable() -> String {
-        var buf = [CChar](repeating: 0, count: 4096)
-        let n = readlink("/proc/self/exe", &buf, buf.count - 1)
-        return n > 0 ? String(decoding: buf[0..<n].map { UInt8(bitPattern: $0) }, as: UTF8.self) : CommandLine.arguments[0]
-    }
+    public static func currentExecutable() -> String { readLink("/proc/self/exe") ?? CommandLine.arguments[0] }
 
     /// `name` in the folder that holds this process's executable, or the .xctest bundle it
     /// runs from (tests start the `vfio-live` built beside them).
@@ -51,4 +47,11 @@ public enum ChildProcess {
         guard let slash = path.lastIndex(of: "/") else { return name }
         return String(path[..<slash]) + "/" + name
     }
+}
+
+/// The target of a symbolic link (a /proc or sysfs link), nil if `path` is not one.
+public func readLink(_ path: String) -> String? {
+    var buf = [CChar](repeating: 0, count: 4096)
+    let n = readlink(path, &buf, buf.count - 1)
+    return n > 0 ? String(decoding: buf[0..<n].map { UInt8(bitPattern: $0) }, as: UTF8.self) : nil
 }

@@ -89,7 +89,7 @@ struct UpdateBench: ParsableCommand {
     /// reports the time from just before exec to its own start of run().
     static func execReference(size: UInt64) throws -> Double {
         let p = Process()
-        p.executableURL = URL(fileURLWithPath: selfBinary())
+        p.executableURL = URL(fileURLWithPath: ChildProcess.currentExecutable())
         p.arguments = ["bench", "update", "--exec-baseline", "\(size >> 20)M"]
         let pipe = Pipe()
         p.standardOutput = pipe
@@ -107,7 +107,7 @@ struct UpdateBench: ParsableCommand {
         _ = m
         // As in cpr-exec, the memfd stays open across exec: exec unmaps it but frees nothing.
         try fd.setCloseOnExec(false)
-        let argv = [selfBinary(), "bench", "update", "--since", "\(monotonicNanoseconds())"]
+        let argv = [ChildProcess.currentExecutable(), "bench", "update", "--since", "\(monotonicNanoseconds())"]
         let c = argv.map { strdup($0) } + [nil]
         execv(argv[0], c)
         throw ValidationError("execv: \(Errno.current)")

@@ -122,18 +122,12 @@ struct DemoCommand: ParsableCommand {
     }
 }
 
-func selfBinary() -> String {
-    var buf = [CChar](repeating: 0, count: 4096)
-    let n = readlink("/proc/self/exe", &buf, buf.count - 1)
-    return n > 0 ? String(cString: buf) : CommandLine.arguments[0]
-}
-
 /// A child process of this binary; its output goes to `log`, or is inherited.
 final class Child {
     let process = Process()
     var pid: Int32 { process.processIdentifier }
     init(_ args: [String], log: String? = nil) throws {
-        process.executableURL = URL(fileURLWithPath: selfBinary())
+        process.executableURL = URL(fileURLWithPath: ChildProcess.currentExecutable())
         process.arguments = args
         if let log {
             FileManager.default.createFile(atPath: log, contents: nil)
