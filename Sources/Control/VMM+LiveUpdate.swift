@@ -128,16 +128,3 @@ extension VirtualMachineManager {
         set(.running)
     }
 }
-
-func formatFixed(_ v: Double, _ digits: Int) -> String {
-    var m = 1.0
-    for _ in 0..<digits { m *= 10 }
-    let r = (v * m).rounded() / m
-    var s = "\(r)"
-    if let dot = s.firstIndex(of: ".") {
-        let decimals = s.distance(from: dot, to: s.endIndex) - 1
-        if decimals < digits { s += String(repeating: "0", count: digits - decimals) }
-        if digits == 0 { s = String(s[..<dot]) }
-    }
-    return s
-}

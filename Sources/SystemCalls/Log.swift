@@ -27,3 +27,18 @@ public enum Log {
     public static func warning(_ c: String, _ m: @autoclosure () -> String) { write(.warning, c, m()) }
     public static func error(_ c: String, _ m: @autoclosure () -> String) { write(.error, c, m()) }
 }
+
+/// `d` with exactly `places` decimals, for reports (no Foundation).
+public func formatFixed(_ d: Double, _ places: Int) -> String {
+    if places == 0 { return String(Int(d.rounded())) }
+    var p = 1.0
+    for _ in 0..<places { p *= 10 }
+    let r = (d * p).rounded() / p
+    var s = String(r)
+    if let dot = s.firstIndex(of: ".") {
+        let decimals = s.distance(from: dot, to: s.endIndex) - 1
+        if decimals < places { s += String(repeating: "0", count: places - decimals) }
+        else if decimals > places { s = String(s[..<s.index(dot, offsetBy: places + 1)]) }
+    } else if places > 0 { s += "." + String(repeating: "0", count: places) }
+    return s
+}

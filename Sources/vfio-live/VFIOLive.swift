@@ -64,16 +64,3 @@ func formatBytes(_ n: UInt64) -> String {
 
 func format1(_ d: Double) -> String { formatFixed(d, 1) }
 
-func formatFixed(_ d: Double, _ places: Int) -> String {
-    if places == 0 { return String(Int(d.rounded())) }
-    var p = 1.0
-    for _ in 0..<places { p *= 10 }
-    let r = (d * p).rounded() / p
-    var s = String(r)
-    if let dot = s.firstIndex(of: ".") {
-        let decimals = s.distance(from: dot, to: s.endIndex) - 1
-        if decimals < places { s += String(repeating: "0", count: places - decimals) }
-        else if decimals > places { s = String(s[..<s.index(dot, offsetBy: places + 1)]) }
-    } else if places > 0 { s += "." + String(repeating: "0", count: places) }
-    return s
-}
