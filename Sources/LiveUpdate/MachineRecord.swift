@@ -54,3 +54,13 @@ public enum CPRNames {
     public static let qmpListener = "qmp-listener"
     public static let qmpPath = "qmp-path"
 }
+
+extension CPRState {
+    /// The QMP listening socket handed over, when its path is `ownPath` (or the new VMM was
+    /// given none): the new VMM serves on it, so clients reconnecting meanwhile are never refused.
+    public func handedQMPListener(ownPath: String?) -> (path: String, fd: FileDescriptor)? {
+        guard let fd = find(CPRNames.qmpListener), let p = record(CPRNames.qmpPath).map({ String(decoding: $0, as: UTF8.self) }),
+              ownPath == nil || ownPath == p else { return nil }
+        return (p, fd)
+    }
+}

@@ -89,13 +89,13 @@ extension VMCommand {
             for (i, d) in device.enumerated() where !d.liveUpdate { vmm.liveUpdateOptOut[i] = "cpr=off on its --device option" }
             var exitCode: Int32 = 0
             vmm.onExit = { code in exitCode = code; try? stop.signal() }
-            if let q = qmp ?? update.flatMap({ $0.state.record(CPRNames.qmpPath) }).map({ String(decoding: $0, as: UTF8.self) }) {
+            let handedQMP = update?.state.handedQMPListener(ownPath: qmp)
+            if let q = qmp ?? handedQMP?.path {
                 do {
                     // A live update's successor serves on the listening socket it was handed when
                     // the path is its own; otherwise it binds its own.
-                    if let u = update, let fd = u.state.find(CPRNames.qmpListener),
-                       u.state.record(CPRNames.qmpPath).map({ String(decoding: $0, as: UTF8.self) }) == q {
-                        vmm.qmp = try QMPServer(adopting: fd, path: q, handler: vmm)
+                    if let h = handedQMP {
+                        vmm.qmp = try QMPServer(adopting: h.fd, path: h.path, handler: vmm)
                     } else {
                         update?.state.find(CPRNames.qmpListener)?.close()
                         vmm.qmp = try QMPServer(path: q, handler: vmm)
@@ -179,7 +179,7 @@ extension VMCommand.Run {
                 // No predecessor is left to take the VM back: say exactly what failed.
                 throw ValidationError("cpr-exec: the new VMM cannot take the VM over: \(error)")
             }
-            target.report.qmpAdopted = target.state.find(CPRNames.qmpListener) != nil
+            target.report.qmpAdopted = target.state.handedQMPListener(ownPath: qmp) != nil
             let vmm = VirtualMachineManager(vm: target.vm, policies: policies, incoming: false)
             vmm.adoptedByLiveUpdate(target.report)
             return (target.vm, vmm, target)
@@ -206,8 +206,7 @@ extension VMCommand.Run {
                     throw error
                 }
                 target.beforeStep = Self.faultInjection
-                let q = qmp ?? state.record(CPRNames.qmpPath).map { String(decoding: $0, as: UTF8.self) }
-                target.report.qmpAdopted = state.find(CPRNames.qmpListener) != nil && q == state.record(CPRNames.qmpPath).map { String(decoding: $0, as: UTF8.self) }
+                target.report.qmpAdopted = state.handedQMPListener(ownPath: qmp) != nil
                 if !device.isEmpty && device.count != target.vm.devices.count {
                     throw ValidationError("the handed-over VM has \(target.vm.devices.count) device(s), the command line \(device.count)")
                 }
