@@ -117,15 +117,18 @@ public struct CPRState {
 
     // MARK: over a UNIX socket (cpr-transfer)
 
-    /// Send the table, then the descriptors in order.
-    public func send(over socket: UnixSocket) throws {
-        try socket.send(encode())
+    /// Send the table, then the descriptors in order; returns the table's size in bytes.
+    @discardableResult
+    public func send(over socket: UnixSocket) throws -> Int {
+        let table = encode()
+        try socket.send(table)
         var i = 0
         while i < entries.count {
             let chunk = entries[i..<min(i + Self.fdsPerMessage, entries.count)].map { $0.fd.rawValue }
             try socket.send([UInt8(chunk.count)], fds: chunk)
             i += chunk.count
         }
+        return table.count
     }
 
     /// Receive a state sent by `send(over:)`. Every bound is checked before it is used, and

@@ -159,8 +159,7 @@ public final class LiveUpdateSource {
         var report = LiveUpdateReport(mode: .transfer, handedOver: Self.describe(state))
         do {
             try beforeStep?("send-state")
-            do { try state.send(over: socket) } catch { throw CPRError.channel("sending the CPR state: \(error)") }
-            report.stateBytes = state.encode().count
+            do { report.stateBytes = try state.send(over: socket) } catch { throw CPRError.channel("sending the CPR state: \(error)") }
             _ = try CPRMessage.expect(.ready, from: socket, timeoutMilliseconds: timeoutMilliseconds)
             try beforeStep?("pause")
             let stream = try freeze()

@@ -90,7 +90,7 @@ public final class LiveUpdateTarget: MigrationSink {
             try beforeStep?("ready")
             try CPRMessage.send(socket, .ready)
             try beforeStep?("load")
-            let decoder = MigrationStreamDecoder(source: SocketSource(socket), sink: self)
+            let decoder = MigrationStreamDecoder(source: ChannelSource(socket), sink: self)
             try decoder.run()
             report.streamBytes = Int(decoder.offset)
             try checkComplete(decoder)
@@ -167,13 +167,6 @@ public final class LiveUpdateTarget: MigrationSink {
         guard pagesSent == 0 else { throw StreamError.malformed(.end, id: 0, "a live update sends no pages, END says \(pagesSent)") }
         ended = true
     }
-}
-
-/// The main stream from the CPR socket.
-final class SocketSource: ByteSource {
-    let socket: StreamSocket
-    init(_ s: StreamSocket) { socket = s }
-    func readExactly(_ buffer: UnsafeMutableRawBufferPointer) throws { _ = try socket.receiveExactly(into: buffer, maxFDs: 0) }
 }
 
 /// The main stream from the state memfd (cpr-exec).

@@ -2,10 +2,10 @@ import SystemCalls
 
 /// A migration channel: the stream out, and a back channel for the destination's verdict.
 /// Writes go straight from guest memory to the socket (one sendmsg over a list of buffers).
-final class ChannelSource: ByteSource {
+public final class ChannelSource: ByteSource {
     let socket: StreamSocket
-    init(_ s: StreamSocket) { socket = s }
-    func readExactly(_ buffer: UnsafeMutableRawBufferPointer) throws {
+    public init(_ s: StreamSocket) { socket = s }
+    public func readExactly(_ buffer: UnsafeMutableRawBufferPointer) throws {
         _ = try socket.receiveExactly(into: buffer, maxFDs: 0)
     }
 }
