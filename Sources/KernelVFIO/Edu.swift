@@ -16,20 +16,20 @@ public final class Edu: @unchecked Sendable {
     public init(_ device: KernelDevice) throws {
         self.device = device
         bar0 = try device.regionInfo(0).0
-        let id = try device.read32(bar0, Reg.id)
+        let id = try device.read(bar0, Reg.id, as: UInt32.self)
         guard id & 0xff == 0xed else { throw KernelVFIOError.invalid("\(device.name) is not an edu device (id register \(hex(UInt64(id))))") }
         try device.enableBusMaster()
     }
 
     /// The liveness register answers the bitwise inverse of what was written.
     public func isAlive() throws -> Bool {
-        try device.write32(bar0, Reg.liveness, 0x1234_5678)
-        return try device.read32(bar0, Reg.liveness) == ~UInt32(0x1234_5678)
+        try device.write(bar0, Reg.liveness, UInt32(0x1234_5678))
+        return try device.read(bar0, Reg.liveness, as: UInt32.self) == ~UInt32(0x1234_5678)
     }
 
     /// Raise an interrupt with these status bits (MSI when enabled, else INTx); `acknowledge` clears them.
-    public func raiseInterrupt(_ bits: UInt32 = 1) throws { try device.write32(bar0, Reg.irqRaise, bits) }
-    public func acknowledgeInterrupt(_ bits: UInt32 = 1) throws { try device.write32(bar0, Reg.irqAck, bits) }
+    public func raiseInterrupt(_ bits: UInt32 = 1) throws { try device.write(bar0, Reg.irqRaise, bits) }
+    public func acknowledgeInterrupt(_ bits: UInt32 = 1) throws { try device.write(bar0, Reg.irqAck, bits) }
 
     /// Copy `count` bytes between guest RAM at `iova` and the edu buffer (at `offset` in it),
     /// and wait for the engine to finish.
@@ -39,12 +39,12 @@ public final class Edu: @unchecked Sendable {
         guard count < UInt64(Self.bufferSize) - bufferOffset, iova + count <= Self.dmaLimit else {
             throw KernelVFIOError.invalid("edu DMA of \(count) bytes at IOVA \(hex(iova)) is outside its buffer or its 28-bit DMA mask")
         }
-        try device.write64(bar0, toRAM ? Reg.src : Reg.dst, Self.buffer + bufferOffset)
-        try device.write64(bar0, toRAM ? Reg.dst : Reg.src, iova)
-        try device.write64(bar0, Reg.count, count)
-        try device.write64(bar0, Reg.cmd, 1 | (toRAM ? 2 : 0))
+        try device.write(bar0, toRAM ? Reg.src : Reg.dst, Self.buffer + bufferOffset)
+        try device.write(bar0, toRAM ? Reg.dst : Reg.src, iova)
+        try device.write(bar0, Reg.count, count)
+        try device.write(bar0, Reg.cmd, UInt64(1 | (toRAM ? 2 : 0)))
         let deadline = monotonicNanoseconds() + UInt64(timeoutSeconds * 1e9)
-        while try device.read64(bar0, Reg.cmd) & 1 != 0 {
+        while try device.read(bar0, Reg.cmd, as: UInt64.self) & 1 != 0 {
             guard monotonicNanoseconds() < deadline else { throw KernelVFIOError.invalid("edu DMA did not complete in \(timeoutSeconds) s") }
             usleep(100)
         }

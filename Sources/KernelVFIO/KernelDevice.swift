@@ -62,22 +62,14 @@ public final class KernelDevice: MigrationDeviceHandle, @unchecked Sendable {
         guard n == b.count else { throw KernelVFIOError.invalid("\(name): short region write (\(n) of \(b.count))") }
     }
 
-    public func read32(_ r: RegionInfo, _ off: UInt64) throws -> UInt32 {
-        var v: UInt32 = 0
+    /// One register of any width (little-endian, as PCI is).
+    public func read<T: FixedWidthInteger>(_ r: RegionInfo, _ off: UInt64, as _: T.Type = T.self) throws -> T {
+        var v = T.zero
         try withUnsafeMutableBytes(of: &v) { try read(region: r, offset: off, into: $0) }
-        return v
+        return T(littleEndian: v)
     }
-    public func write32(_ r: RegionInfo, _ off: UInt64, _ v: UInt32) throws {
-        var x = v
-        try withUnsafeBytes(of: &x) { try write(region: r, offset: off, $0) }
-    }
-    public func read64(_ r: RegionInfo, _ off: UInt64) throws -> UInt64 {
-        var v: UInt64 = 0
-        try withUnsafeMutableBytes(of: &v) { try read(region: r, offset: off, into: $0) }
-        return v
-    }
-    public func write64(_ r: RegionInfo, _ off: UInt64, _ v: UInt64) throws {
-        var x = v
+    public func write<T: FixedWidthInteger>(_ r: RegionInfo, _ off: UInt64, _ v: T) throws {
+        var x = v.littleEndian
         try withUnsafeBytes(of: &x) { try write(region: r, offset: off, $0) }
     }
 
@@ -93,11 +85,9 @@ public final class KernelDevice: MigrationDeviceHandle, @unchecked Sendable {
 
     public func enableBusMaster() throws {
         let cfg = try regionInfo(Self.configRegion).0
-        var cmd: UInt16 = 0
-        try withUnsafeMutableBytes(of: &cmd) { try read(region: cfg, offset: 4, into: $0) }
+        let cmd = try read(cfg, 4, as: UInt16.self)
         guard cmd & 0x6 != 0x6 else { return }
-        cmd |= 0x6
-        try withUnsafeBytes(of: &cmd) { try write(region: cfg, offset: 4, $0) }
+        try write(cfg, 4, cmd | 0x6)
     }
 
     // MARK: interrupts

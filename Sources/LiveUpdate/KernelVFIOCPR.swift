@@ -24,8 +24,8 @@ public final class LegacyContainerCPR: CPRParticipant {
     }
 
     public static let recordName = "vfio-container"
-    /// QEMU's names: the container is saved once per group.
-    public static func containerName(_ g: Int) -> String { "vfio_container_for_group" }
+    /// QEMU's names: the container is saved once per group, with the group number as id.
+    public static let containerName = "vfio_container_for_group"
     public static let groupName = "vfio_group"
 
     public func cprBlocker() -> String? {
@@ -38,7 +38,7 @@ public final class LegacyContainerCPR: CPRParticipant {
     }
 
     public func cprSave(into s: inout CPRState) throws {
-        s.save(Self.containerName(group.id), id: Int32(group.id), container.fd)
+        s.save(Self.containerName, id: Int32(group.id), container.fd)
         s.save(Self.groupName, id: Int32(group.id), group.fd)
         s.save(device.name, id: 0, device.fd)
         var w = BEWriter()
@@ -73,7 +73,7 @@ public final class LegacyContainerCPR: CPRParticipant {
             throw CPRError.malformed("\(recordName) record truncated")
         }
         let name = String(decoding: nameBytes, as: UTF8.self)
-        guard let cfd = s.find(containerName(Int(g)), id: Int32(g)), let gfd = s.find(groupName, id: Int32(g)), let dfd = s.find(name, id: 0) else {
+        guard let cfd = s.find(containerName, id: Int32(g)), let gfd = s.find(groupName, id: Int32(g)), let dfd = s.find(name, id: 0) else {
             throw CPRError.malformed("the container, group \(g) or device \(name) descriptor is missing")
         }
         var maps: [Container.Mapping] = []
