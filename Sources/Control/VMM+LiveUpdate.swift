@@ -17,7 +17,7 @@ extension VirtualMachineManager {
                       case let .string(p)? = c["addr"]?["path"] else { throw QMPError("bad cpr channel address; must be unix") }
                 return p
             }
-            if lock(cprMode) == .transfer { throw QMPError("missing 'cpr' migration channel") }
+            if withLock({ cprMode }) == .transfer { throw QMPError("missing 'cpr' migration channel") }
         }
         if case let .string(u)? = a?["uri"] { return try unixPath(u) }
         return nil
@@ -27,8 +27,6 @@ extension VirtualMachineManager {
         guard uri.hasPrefix("unix:"), uri.count > 5 else { throw QMPError("bad cpr channel address '\(uri)'; must be unix:PATH") }
         return String(uri.dropFirst(5))
     }
-
-    private func lock<T>(_ v: @autoclosure () -> T) -> T { withLock { v() } }
 
     /// The command line for a successor: this VMM's own (or `command`), without any
     /// --incoming option, and with `extra` appended.
@@ -49,7 +47,6 @@ extension VirtualMachineManager {
     /// on the migration thread, observable through query-migrate.
     public func startLiveUpdate(mode: LiveUpdateMode, to path: String?, command: [String]?) throws {
         guard runState == .running else { throw QMPError("a live update needs a running VM (state \(runState.rawValue))") }
-        guard !lock(liveUpdateInProgress) else { throw QMPError("a live update is already in progress") }
         let src = LiveUpdateSource(vm: vm)
         src.optOut = liveUpdateOptOut
         src.participants = liveUpdateParticipants
@@ -62,7 +59,11 @@ extension VirtualMachineManager {
         if let hook = liveUpdateFaultForTesting { src.beforeStep = hook }
         let s = MigrationStats()
         s.onStatus = { [weak self] st in self?.qmp?.emit("MIGRATION", data: .object([("status", .string(st.rawValue))])) }
-        withLock { liveUpdateInProgress = true; liveUpdateReport = nil }
+        // Checked and claimed under one lock: two QMP clients cannot both start an update.
+        try withLock {
+            guard !liveUpdateInProgress else { throw QMPError("a live update is already in progress") }
+            liveUpdateInProgress = true; liveUpdateReport = nil
+        }
         replaceStats(s)
         s.set(.setup)
         let spawnPath = "/tmp/vfio-live-cpr-\(getpid()).sock"
