@@ -211,10 +211,7 @@ public final class LiveUpdateSource {
             try state.setCloseOnExec(false)
             try fd.setCloseOnExec(false)
             setenv(Self.execStateVariable, "\(fd.rawValue)", 1)
-            let cargv = argv.map { strdup($0) } + [nil]
-            execv(binary, cargv)
-            let e = Errno.current
-            for p in cargv { free(p) }
+            let e = ChildProcess.replaceImage(binary, argv)
             throw CPRError.exec("execv \(binary): \(e); the VM runs on here")
         } catch {
             unsetenv(Self.execStateVariable)

@@ -26,6 +26,15 @@ public enum ChildProcess {
         return 128 + (st & 0x7f)
     }
 
+    /// execv `path` with `argv` (argv[0] included) in this process. Returns only if exec failed,
+    /// with the reason; the caller is still running and must undo what it prepared.
+    public static func replaceImage(_ path: String, _ argv: [String]) -> Errno {
+        let cargs = argv.map { strdup($0) } + [nil]
+        defer { for p in cargs { free(p) } }
+        execv(path, cargs)
+        return Errno.current
+    }
+
     /// Wait for the child to end; its exit status.
     @discardableResult
     public static func wait(_ pid: pid_t) -> Int32 {

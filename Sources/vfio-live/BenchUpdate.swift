@@ -108,8 +108,6 @@ struct UpdateBench: ParsableCommand {
         // As in cpr-exec, the memfd stays open across exec: exec unmaps it but frees nothing.
         try fd.setCloseOnExec(false)
         let argv = [ChildProcess.currentExecutable(), "bench", "update", "--since", "\(monotonicNanoseconds())"]
-        let c = argv.map { strdup($0) } + [nil]
-        execv(argv[0], c)
-        throw ValidationError("execv: \(Errno.current)")
+        throw ValidationError("execv: \(ChildProcess.replaceImage(argv[0], argv))")
     }
 }
