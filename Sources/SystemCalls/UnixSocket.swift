@@ -130,13 +130,25 @@ public final class UnixListener: @unchecked Sendable {
         fd = FileDescriptor(adopting: raw)
         // The socket file takes its mode from the umask at bind time: make it 0600 from birth,
         // so there is no window in which another user could connect.
+        // It is bound under a temporary name and renamed into place once listening: a client
+        // that waits for the path to appear must never find it before connect() can succeed
+        // (between bind and listen, connect answers ECONNREFUSED).
+        let dir = path.lastIndex(of: "/").map { String(path[..<$0]) } ?? "."
+        let temporary = "\(dir)/.vl-\(getpid())-\(UInt32.random(in: 0...UInt32.max))"
+        let bindAt = temporary.utf8.count < 108 ? temporary : path
         let oldMask = umask(0o177)
-        let rc = path.withCString { vl_unix_bind(raw, $0) }
+        let rc = bindAt.withCString { vl_unix_bind(raw, $0) }
         let bindErr = Errno.current
         umask(oldMask)
         if rc != 0 { throw bindErr }
-        _ = try syscallRetryingEINTR { chmod(path, 0o600) }
-        _ = try syscallRetryingEINTR { listen(raw, backlog) }
+        do {
+            _ = try syscallRetryingEINTR { chmod(bindAt, 0o600) }
+            _ = try syscallRetryingEINTR { listen(raw, backlog) }
+            if bindAt != path { _ = try syscallRetryingEINTR { rename(bindAt, path) } }
+        } catch {
+            unlink(bindAt)
+            throw error
+        }
     }
 
     /// A listening socket received from another process (live update); `close()` removes
