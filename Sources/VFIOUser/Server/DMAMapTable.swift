@@ -24,6 +24,10 @@ public final class DMAMapTable: DMAAccessor, @unchecked Sendable {
         init(iova: UInt64, size: UInt64, offset: UInt64, flags: DMAMapFlags, fd: FileDescriptor?, memory: MappedRegion?) {
             self.iova = iova; self.size = size; self.offset = offset; self.flags = flags; self.fd = fd; self.memory = memory
         }
+        /// The last byte's address. (iova + size can be 2^64, which wraps to 0: comparisons
+        /// use `last`, never an exclusive end.)
+        var last: UInt64 { iova + (size - 1) }
+        /// For messages only.
         var end: UInt64 { iova &+ size }
         func close() { memory?.unmap(); fd?.close() }
     }
@@ -82,11 +86,11 @@ public final class DMAMapTable: DMAAccessor, @unchecked Sendable {
                     throw DeviceError(.ENOSPC, "DMA_MAP: the table already holds the maximum of \(maxMappings) mappings")
                 }
                 let i = insertionIndex(m.iova)
-                if i > 0, mappings[i - 1].end > m.iova {
+                if i > 0, mappings[i - 1].last >= m.iova {
                     let o = mappings[i - 1]
                     throw DeviceError(.EEXIST, "DMA_MAP [0x\(String(m.iova, radix: 16)), 0x\(String(m.end, radix: 16))) overlaps the mapping [0x\(String(o.iova, radix: 16)), 0x\(String(o.end, radix: 16)))")
                 }
-                if i < mappings.count, mappings[i].iova < m.end {
+                if i < mappings.count, mappings[i].iova <= m.last {
                     let o = mappings[i]
                     throw DeviceError(.EEXIST, "DMA_MAP [0x\(String(m.iova, radix: 16)), 0x\(String(m.end, radix: 16))) overlaps the mapping [0x\(String(o.iova, radix: 16)), 0x\(String(o.end, radix: 16)))")
                 }
@@ -151,23 +155,30 @@ public final class DMAMapTable: DMAAccessor, @unchecked Sendable {
         guard pageSize >= 4096, pageSize & (pageSize - 1) == 0 else {
             throw DeviceError(.EINVAL, "report page size \(pageSize) is not a power of two ≥ 4096")
         }
-        guard length > 0, iova &+ length > iova else { throw DeviceError(.EINVAL, "report range is empty or wraps") }
-        let pages = (length + pageSize - 1) / pageSize
-        var out = [UInt64](repeating: 0, count: Int((pages + 63) / 64))
-        try lock.withReadLock {
+        guard length > 0, length - 1 <= UInt64.max - iova else { throw DeviceError(.EINVAL, "report range is empty or wraps") }
+        let last = iova + (length - 1)
+        let pages = length / pageSize + (length % pageSize == 0 ? 0 : 1)
+        return try lock.withReadLock {
+            // Every byte must be mapped: checked before the bitmap is allocated.
+            var pieces: [(Mapping, UInt64, UInt64)] = []  // mapping, first, last
             var at = iova
-            while at < iova + length {
+            while true {
                 guard let m = find(at) else {
                     throw DeviceError(.EINVAL, "report range [0x\(String(iova, radix: 16)), +0x\(String(length, radix: 16))) is not fully mapped (0x\(String(at, radix: 16)) is not)")
                 }
-                let end = min(m.end, iova + length)
-                let sub = bitmapFor(m, offset: at - m.iova, length: end - at, pageSize: pageSize)
-                // `sub` is relative to `at`, `out` to iova.
-                out.orBits(sub, atBit: (at - iova) / pageSize, limit: pages)
-                at = end
+                let lastHere = min(m.last, last)
+                pieces.append((m, at, lastHere))
+                if lastHere == last { break }
+                at = lastHere + 1
             }
+            var out = [UInt64](repeating: 0, count: Int(pages / 64 + (pages % 64 == 0 ? 0 : 1)))
+            for (m, first, lastHere) in pieces {
+                let sub = bitmapFor(m, offset: first - m.iova, length: lastHere - first + 1, pageSize: pageSize)
+                // `sub` is relative to `first`, `out` to iova.
+                out.orBits(sub, atBit: (first - iova) / pageSize, limit: pages)
+            }
+            return out
         }
-        return out
     }
 
     private func bitmapFor(_ m: Mapping, offset: UInt64, length: UInt64, pageSize: UInt64) -> [UInt64] {
@@ -194,7 +205,7 @@ public final class DMAMapTable: DMAAccessor, @unchecked Sendable {
         let i = insertionIndex(addr &+ 1)
         guard i > 0 else { return nil }
         let m = mappings[i - 1]
-        return addr >= m.iova && addr < m.end ? m : nil
+        return addr >= m.iova && addr <= m.last ? m : nil
     }
 
     private func fault(_ addr: UInt64, _ count: Int, _ why: String) -> DeviceError {
@@ -256,7 +267,7 @@ public final class DMAMapTable: DMAAccessor, @unchecked Sendable {
                 guard m.flags.contains(write ? .write : .read) else {
                     throw DeviceError(.EACCES, "DMA \(write ? "write" : "read") to [0x\(String(m.iova, radix: 16)), +0x\(String(m.size, radix: 16))) not permitted by its mapping")
                 }
-                let n = Int(min(UInt64(count - done), m.end - at))
+                let n = Int(min(UInt64(count - done - 1), m.last - at)) + 1
                 pieces.append((m, at - m.iova, done..<done + n))
                 done += n
             }

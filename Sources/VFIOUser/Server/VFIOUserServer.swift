@@ -116,6 +116,9 @@ public final class VFIOUserServer: @unchecked Sendable {
         var negotiated = false
         var twin: VFIOUserConnection?
         var outbound: OutboundDMA?
+        /// Set by a handler whose error ends the connection (an unsupported major version:
+        /// the spec says the connection is then closed).
+        var closeAfterReply = false
         init(conn: VFIOUserConnection) { self.conn = conn }
     }
 
@@ -162,6 +165,7 @@ public final class VFIOUserServer: @unchecked Sendable {
             }
             messagesHandled &+= 1
             handle(msg, session)
+            if session.closeAfterReply { return }
         }
     }
 
@@ -188,6 +192,11 @@ public final class VFIOUserServer: @unchecked Sendable {
                 return
             }
             let (payload, replyFDs): ([UInt8], [Int32]) = try dispatch(req, s, &fds)
+            // A reply is never longer than the buffer the request's argsz describes (handlers
+            // check before acting; this is the net under them).
+            if let argsz = req.replyBufferSize, payload.count > Int(argsz) {
+                throw DeviceError(.EINVAL, "reply of \(payload.count) bytes exceeds the request's argsz \(argsz)")
+            }
             if h.wantsReply { try s.conn.sendReply(to: h, payload: payload, fds: replyFDs) }
         } catch let e as DeviceError {
             refuse(s, h, e.errno, e.reason)
@@ -195,6 +204,8 @@ public final class VFIOUserServer: @unchecked Sendable {
             refuse(s, h, e.errno, e.reason)
         } catch let e as Errno {
             refuse(s, h, e, "\(e)")
+        } catch let e as WireError {
+            refuse(s, h, e.errno, e.description)  // truncated handler data: EINVAL, not EIO
         } catch {
             refuse(s, h, .EIO, "\(error)")
         }
@@ -221,7 +232,10 @@ public final class VFIOUserServer: @unchecked Sendable {
         switch req {
         case let .version(v):
             guard !s.negotiated else { throw DeviceError(.EINVAL, "VERSION sent twice") }
-            guard v.major == 0 else { throw DeviceError(.ENOTSUP, "unsupported major version \(v.major) (this server speaks 0)") }
+            guard v.major == 0 else {
+                s.closeAfterReply = true  // the spec: a major mismatch closes the connection
+                throw DeviceError(.ENOTSUP, "unsupported major version \(v.major) (this server speaks 0); closing the connection")
+            }
             if let m = v.capabilities.migration, m.pageSize != 4096 {
                 throw DeviceError(.EINVAL, "migration.pgsize \(m.pageSize) unsupported (only 4096)")
             }
@@ -231,6 +245,8 @@ public final class VFIOUserServer: @unchecked Sendable {
             mine.maxDataXferSize = options.maxDataXferSize
             mine.maxDMAMaps = options.maxDMAMaps
             mine.pageSizes = 4096
+            // Only the numeric capabilities the client proposed are answered (a subset of its).
+            mine.emitOnly = v.capabilities.present.intersection(["max_msg_fds", "max_data_xfer_size", "max_dma_maps", "pgsizes"])
             var replyFDs: [Int32] = []
             // Reply capabilities are a subset of what the client offered.
             if v.capabilities.twinSocket?.supported == true, options.offerTwinSocket, v.capabilities.maxMessageFDs > 0 {
@@ -273,9 +289,9 @@ public final class VFIOUserServer: @unchecked Sendable {
             guard b.pageSize >= 4096, b.pageSize & (b.pageSize - 1) == 0 else {
                 throw DeviceError(.EINVAL, "DMA_UNMAP bitmap page size \(b.pageSize) is not a power of two ≥ 4096")
             }
-            let need = DirtyBitmap.byteCount(pages: (u.size + b.pageSize - 1) / b.pageSize)
-            guard b.size >= UInt64(need) else { throw DeviceError(.EINVAL, "DMA_UNMAP bitmap size \(b.size) < \(need) bytes needed") }
-            guard UInt64(u.argsz) >= UInt64(40 + need) else {
+            let need = Self.bitmapBytes(length: u.size, pageSize: b.pageSize)
+            guard b.size >= need else { throw DeviceError(.EINVAL, "DMA_UNMAP bitmap size \(b.size) < \(need) bytes needed") }
+            guard UInt64(u.argsz) >= 40 + need else {
                 throw DeviceError(.EINVAL, "DMA_UNMAP argsz \(u.argsz) too small for a \(need)-byte bitmap (need \(40 + need))")
             }
             guard dma.isLogging || dma.trackingMode == .pinnedPages else {
@@ -283,8 +299,8 @@ public final class VFIOUserServer: @unchecked Sendable {
             }
             let words = try dma.unmap(address: u.address, size: u.size, dirtyPageSize: b.pageSize) ?? []
             var echo = u
-            echo.argsz = UInt32(40 + need)
-            echo.bitmap = .init(pageSize: b.pageSize, size: UInt64(need))
+            echo.argsz = UInt32(40 + need)  // ≤ u.argsz, checked above
+            echo.bitmap = .init(pageSize: b.pageSize, size: need)
             return (echo.encode() + words.littleEndianBytes, [])
 
         case .deviceGetInfo:
@@ -382,13 +398,19 @@ public final class VFIOUserServer: @unchecked Sendable {
             case DirtyPagesRequest.stop: dma.stopLogging(); return (d.encode(), [])
             case DirtyPagesRequest.getBitmap:
                 guard let r = d.range else { throw DeviceError(.EINVAL, "DIRTY_PAGES GET_BITMAP without a range") }
-                let need = DirtyBitmap.byteCount(pages: (r.size + r.pageSize - 1) / max(r.pageSize, 1))
-                guard r.bitmapSize >= UInt64(need), UInt64(d.argsz) >= UInt64(48 + need) else {
+                guard r.pageSize >= 4096, r.pageSize & (r.pageSize - 1) == 0, r.size > 0 else {
+                    throw DeviceError(.EINVAL, "DIRTY_PAGES GET_BITMAP page size \(r.pageSize) / size \(r.size) invalid")
+                }
+                let need = Self.bitmapBytes(length: r.size, pageSize: r.pageSize)
+                guard need <= options.maxDataXferSize else {
+                    throw DeviceError(.E2BIG, "DIRTY_PAGES bitmap of \(need) bytes exceeds max_data_xfer_size \(options.maxDataXferSize): ask for a smaller range")
+                }
+                guard r.bitmapSize >= need, UInt64(d.argsz) >= 48 + need else {
                     throw DeviceError(.EINVAL, "DIRTY_PAGES bitmap of \(r.bitmapSize) bytes (argsz \(d.argsz)) too small: \(need) needed")
                 }
                 let words = try dma.report(iova: r.iova, length: r.size, pageSize: r.pageSize)
                 var echo = d; echo.argsz = UInt32(48 + need)
-                echo.range = (r.iova, r.size, r.pageSize, UInt64(need))
+                echo.range = (r.iova, r.size, r.pageSize, need)
                 return (echo.encode() + words.littleEndianBytes, [])
             default:
                 throw DeviceError(.EINVAL, "DIRTY_PAGES needs exactly one of START, STOP, GET_BITMAP (flags 0x\(String(d.flags, radix: 16)))")
@@ -431,6 +453,13 @@ public final class VFIOUserServer: @unchecked Sendable {
         throw DeviceError(.EINVAL, "REGION_WRITE to region \(region) refused in migration state \(st)")
     }
 
+    /// Bytes of a bitmap with one bit per `pageSize` page of `length` bytes, rounded up to u64
+    /// words; never overflows (pageSize ≥ 1).
+    static func bitmapBytes(length: UInt64, pageSize: UInt64) -> UInt64 {
+        let pages = length / pageSize + (length % pageSize == 0 ? 0 : 1)
+        return (pages / 64 + (pages % 64 == 0 ? 0 : 1)) * 8
+    }
+
     private func feature(_ f: DeviceFeature) throws -> [UInt8] {
         func probeOrCheck(get: Bool, set: Bool) throws -> Bool {
             if f.isGet && !get { throw DeviceError(.EINVAL, "feature \(f.feature) does not support GET") }
@@ -453,6 +482,9 @@ public final class VFIOUserServer: @unchecked Sendable {
             guard let mig = migration else { throw DeviceError(.ENOTTY, "device does not support migration") }
             if try probeOrCheck(get: true, set: true) { return f.encode() }
             if f.isSet {
+                // struct vfio_device_feature_mig_state is 8 bytes: a shorter one is refused
+                // before the state moves.
+                guard f.data.count >= 8 else { throw DeviceError(.EINVAL, "DEVICE_FEATURE MIG_DEVICE_STATE SET data of \(f.data.count) bytes < 8") }
                 let raw = try data.u32()
                 guard let target = MigrationState(rawValue: raw) else { throw DeviceError(.EINVAL, "unknown migration state \(raw)") }
                 try mig.set(target)
@@ -466,24 +498,32 @@ public final class VFIOUserServer: @unchecked Sendable {
             return reply(w.bytes)
         case DeviceFeature.dmaLoggingStart:
             if try probeOrCheck(get: false, set: true) { return f.encode() }
-            let pageSize = try data.u64(), n = try data.u32(); _ = try data.u32()
-            guard n > 0 else { throw DeviceError(.EINVAL, "DMA_LOGGING_START with no ranges") }
+            let hint = try data.u64(), n = try data.u32(); _ = try data.u32()
             guard n <= 1024 else { throw DeviceError(.E2BIG, "DMA_LOGGING_START with \(n) ranges (at most 1024)") }
+            // page_size is a hint: the device chooses and returns it (the kernel uAPI). We take a
+            // power of two from 4 KiB to 1 GiB as given, anything else becomes 4 KiB; a log
+            // already running keeps its size.
+            let chosen = dma.loggingPageSize
+                ?? ((hint >= 4096 && hint <= 1 << 30 && hint & (hint - 1) == 0) ? hint : 4096)
+            // num_ranges 0 means "log everything" (the uAPI); with ranges we validate them, and
+            // log everything anyway (a superset is allowed).
             var ranges: [(UInt64, UInt64)] = []
             for _ in 0..<n {
                 let iova = try data.u64(), len = try data.u64()
-                guard pageSize > 0, iova % pageSize == 0, len % pageSize == 0, len > 0 else {
-                    throw DeviceError(.EINVAL, "DMA_LOGGING_START range [0x\(String(iova, radix: 16)), +0x\(String(len, radix: 16))) not aligned to page size \(pageSize)")
+                guard iova % chosen == 0, len % chosen == 0, len > 0 else {
+                    throw DeviceError(.EINVAL, "DMA_LOGGING_START range [0x\(String(iova, radix: 16)), +0x\(String(len, radix: 16))) not aligned to page size \(chosen)")
                 }
-                guard iova &+ len > iova else { throw DeviceError(.EOVERFLOW, "DMA_LOGGING_START range wraps") }
+                guard len - 1 <= UInt64.max - iova else { throw DeviceError(.EOVERFLOW, "DMA_LOGGING_START range wraps") }
                 ranges.append((iova, len))
             }
             ranges.sort { $0.0 < $1.0 }
-            for i in ranges.indices.dropFirst() where ranges[i - 1].0 + ranges[i - 1].1 > ranges[i].0 {
+            for i in ranges.indices.dropFirst() where ranges[i - 1].1 - 1 >= ranges[i].0 - ranges[i - 1].0 {
                 throw DeviceError(.EINVAL, "DMA_LOGGING_START ranges overlap")
             }
-            try dma.startLogging(pageSize: pageSize)
-            return f.encode()
+            try dma.startLogging(pageSize: chosen)
+            var w = WireWriter(capacity: f.data.count + 8)
+            w.u32(f.argsz); w.u32(f.flags); w.u64(chosen); w.append(f.data.dropFirst(8))
+            return w.bytes
         case DeviceFeature.dmaLoggingStop:
             if try probeOrCheck(get: false, set: true) { return f.encode() }
             dma.stopLogging()
@@ -494,9 +534,16 @@ public final class VFIOUserServer: @unchecked Sendable {
             guard pageSize >= 4096, pageSize & (pageSize - 1) == 0, length > 0 else {
                 throw DeviceError(.EINVAL, "DMA_LOGGING_REPORT page size \(pageSize) / length \(length) invalid")
             }
-            let need = DirtyBitmap.byteCount(pages: (length + pageSize - 1) / pageSize)
-            let full = 8 + 24 + need
-            var w = WireWriter(capacity: full)
+            guard length - 1 <= UInt64.max - iova else { throw DeviceError(.EINVAL, "DMA_LOGGING_REPORT range wraps around") }
+            guard dma.isLogging else { throw DeviceError(.EINVAL, "DMA_LOGGING_REPORT before DMA_LOGGING_START") }
+            // Sized only after validation, and bounded: a bitmap larger than a message may carry
+            // is refused (the client asks per smaller range).
+            let need = Self.bitmapBytes(length: length, pageSize: pageSize)
+            guard need <= options.maxDataXferSize else {
+                throw DeviceError(.E2BIG, "DMA_LOGGING_REPORT bitmap of \(need) bytes exceeds max_data_xfer_size \(options.maxDataXferSize): ask for a smaller range")
+            }
+            let full = 8 + 24 + Int(need)
+            var w = WireWriter(capacity: 32)
             w.u32(UInt32(full)); w.u32(f.flags); w.u64(iova); w.u64(length); w.u64(pageSize)
             // Too small a buffer: say how much is needed and clear nothing (the spec's argsz rule).
             guard Int(f.argsz) >= full else { return w.bytes }
@@ -520,7 +567,7 @@ final class OutboundDMA: DMAMessageChannel, @unchecked Sendable {
     private var closed = false
 
     init(conn: VFIOUserConnection, isTwin: Bool, maxChunk: Int) {
-        self.conn = conn; self.isTwin = isTwin; self.maxChunk = max(4096, maxChunk)
+        self.conn = conn; self.isTwin = isTwin; self.maxChunk = max(1, maxChunk)  // the peer's max_data_xfer_size, even below 4096
     }
 
     func deliver(_ m: Message) {
@@ -583,6 +630,22 @@ final class OutboundDMA: DMAMessageChannel, @unchecked Sendable {
             let head = w.bytes
             _ = try head.withUnsafeBytes { h in try call(.dmaWrite, [h, UnsafeRawBufferPointer(rebasing: buffer[done..<done + n])]) }
             done += n
+        }
+    }
+}
+
+extension VFIOUserRequest {
+    /// The reply buffer the request's argsz describes, for commands whose reply is bounded by it.
+    var replyBufferSize: UInt32? {
+        switch self {
+        case let .dmaUnmap(u): return u.argsz
+        case let .deviceGetInfo(i): return i.argsz
+        case let .deviceGetRegionInfo(argsz, _): return argsz
+        case let .deviceGetRegionIOFDs(q): return q.argsz
+        case let .deviceGetIRQInfo(q): return q.argsz
+        case let .dirtyPages(d): return d.argsz
+        case let .deviceFeature(f): return f.argsz
+        default: return nil
         }
     }
 }
