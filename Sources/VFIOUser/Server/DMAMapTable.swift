@@ -19,6 +19,9 @@ public final class DMAMapTable: DMAAccessor, @unchecked Sendable {
         public let offset: UInt64
         public let flags: DMAMapFlags
         let fd: FileDescriptor?
+        /// Set only for an fd whose size cannot shrink (F_SEAL_SHRINK): touching a mapping of a
+        /// file the client shrank would SIGBUS the server. Other fds are accessed with
+        /// pread/pwrite, where a shrunk file is a short read.
         let memory: MappedRegion?
         var dirty: DirtyBitmap?
         init(iova: UInt64, size: UInt64, offset: UInt64, flags: DMAMapFlags, fd: FileDescriptor?, memory: MappedRegion?) {
@@ -69,15 +72,21 @@ public final class DMAMapTable: DMAAccessor, @unchecked Sendable {
             }
             var memory: MappedRegion? = nil
             if let fd {
+                // Seals first, then the size: once F_SEAL_SHRINK is seen the size only grows.
+                let sealed = try Self.checkBacking(fd)
                 let fileSize = try fd.fileSize()
                 // A mapping must lie inside the file: mmap past EOF would SIGBUS on access.
                 guard req.offset <= fileSize, req.size <= fileSize - req.offset else {
                     throw DeviceError(.EINVAL, "DMA_MAP offset 0x\(String(req.offset, radix: 16)) + size 0x\(String(req.size, radix: 16)) lies beyond the end of the \(fileSize)-byte file")
                 }
-                do {
-                    memory = try MappedRegion(fd: fd, offset: req.offset, length: Int(req.size), writable: req.flags.contains(.write))
-                } catch let e as Errno {
-                    throw DeviceError(e, "DMA_MAP: mmap of the passed fd failed: \(e)")
+                if sealed {
+                    do {
+                        memory = try MappedRegion(fd: fd, offset: req.offset, length: Int(req.size), writable: req.flags.contains(.write))
+                    } catch let e as Errno {
+                        throw DeviceError(e, "DMA_MAP: mmap of the passed fd failed: \(e)")
+                    }
+                } else {
+                    Log.info("dma", "DMA_MAP [0x\(String(req.address, radix: 16)), +0x\(String(req.size, radix: 16))): fd not sealed against shrinking (F_SEAL_SHRINK), served by pread/pwrite instead of mmap")
                 }
             }
             let m = Mapping(iova: req.address, size: req.size, offset: req.offset, flags: req.flags, fd: fd, memory: memory)
@@ -100,6 +109,48 @@ public final class DMAMapTable: DMAAccessor, @unchecked Sendable {
         } catch {
             fd?.close()
             throw error
+        }
+    }
+
+    /// Raw fcntl numbers (linux/fcntl.h), which Glibc's module does not export.
+    enum Seal {
+        static let getSeals: Int32 = 1034  // F_GET_SEALS (F_LINUX_SPECIFIC_BASE + 10)
+        static let shrink: Int32 = 0x0002  // F_SEAL_SHRINK
+    }
+
+    /// An fd backing guest memory must be a regular file (a memfd, a tmpfs or disk file):
+    /// pipes, sockets and devices are refused. Returns whether its size is sealed against
+    /// shrinking, so that mmap is safe.
+    static func checkBacking(_ fd: FileDescriptor) throws -> Bool {
+        var st = stat()
+        let n = fd.rawValue
+        _ = try syscallRetryingEINTR { fstat(n, &st) }
+        guard st.st_mode & S_IFMT == S_IFREG else {
+            throw DeviceError(.EINVAL, "DMA_MAP: the passed fd is not a regular file (mode 0o\(String(st.st_mode & S_IFMT, radix: 8))): pipes, sockets and devices cannot back guest memory")
+        }
+        let seals = fcntl(n, Seal.getSeals)
+        return seals >= 0 && seals & Seal.shrink != 0  // -1: not sealable, so not sealed
+    }
+
+    /// Test hook: whether the mapping at `iova` is served by mmap (sealed fd).
+    func isMemoryMapped(iova: UInt64) -> Bool { lock.withReadLock { find(iova)?.memory != nil } }
+
+    /// pread/pwrite access to an unsealed fd; a file shrunk under us is a fault, not a SIGBUS.
+    private func fileIO(_ m: Mapping, _ fd: FileDescriptor, offset: UInt64, _ buf: UnsafeMutableRawBufferPointer, write: Bool) throws {
+        var done = 0
+        while done < buf.count {
+            let piece = UnsafeMutableRawBufferPointer(rebasing: buf[done...])
+            let at = m.offset + offset + UInt64(done)
+            let n: Int
+            do {
+                n = write ? try fd.pwrite(UnsafeRawBufferPointer(piece), offset: at) : try fd.pread(into: piece, offset: at)
+            } catch let e as Errno {
+                throw DeviceError(.EFAULT, "DMA \(write ? "write" : "read") at file offset 0x\(String(at, radix: 16)) of mapping [0x\(String(m.iova, radix: 16)), +0x\(String(m.size, radix: 16))) failed: \(e)")
+            }
+            guard n > 0 else {
+                throw DeviceError(.EFAULT, "DMA read at file offset 0x\(String(at, radix: 16)) of mapping [0x\(String(m.iova, radix: 16)), +0x\(String(m.size, radix: 16))): the client shrank the file")
+            }
+            done += n
         }
     }
 
@@ -218,6 +269,8 @@ public final class DMAMapTable: DMAAccessor, @unchecked Sendable {
             let dst = UnsafeMutableRawBufferPointer(rebasing: buffer[range])
             if let mem = m.memory {
                 memcpy(dst.baseAddress!, mem.base + Int(off), dst.count)
+            } else if let fd = m.fd {
+                try fileIO(m, fd, offset: off, dst, write: false)
             } else {
                 guard let ch = messageChannel else { throw fault(address, buffer.count, "mapping has no fd and no message channel") }
                 try ch.dmaRead(address: m.iova + off, into: dst)
@@ -233,6 +286,9 @@ public final class DMAMapTable: DMAAccessor, @unchecked Sendable {
             if let mem = m.memory {
                 memcpy(mem.base + Int(off), src.baseAddress!, src.count)
                 m.dirty?.mark(offset: off, length: UInt64(src.count))
+            } else if let fd = m.fd {
+                try fileIO(m, fd, offset: off, UnsafeMutableRawBufferPointer(mutating: src), write: true)
+                m.dirty?.mark(offset: off, length: UInt64(src.count))
             } else {
                 // The client performs (and logs) message-based writes itself.
                 guard let ch = messageChannel else { throw fault(address, buffer.count, "mapping has no fd and no message channel") }
@@ -245,7 +301,7 @@ public final class DMAMapTable: DMAAccessor, @unchecked Sendable {
     public func withGuestMemory(address: UInt64, count: Int, write: Bool,
                                 _ body: (UnsafeMutableRawBufferPointer) throws -> Void) throws {
         try access(address: address, count: count, write: write) { m, off, range in
-            guard let mem = m.memory else { throw DeviceError(.ENOTSUP, "mapping has no fd: zero-copy access impossible") }
+            guard let mem = m.memory else { throw DeviceError(.ENOTSUP, "mapping has no fd or an unsealed one: zero-copy access impossible") }
             try body(UnsafeMutableRawBufferPointer(start: mem.base + Int(off), count: range.count))
             if write { m.dirty?.mark(offset: off, length: UInt64(range.count)) }
         }
