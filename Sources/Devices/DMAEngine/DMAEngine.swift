@@ -400,7 +400,7 @@ public final class DMAEngine: VFIOUserDeviceModel, @unchecked Sendable {
         let at = Int(dataWindowSize + slot * Self.journalRecordSize)
         let record: [UInt64] = [seq, regs.dmaCommand, regs.dmaSource, regs.dmaDestination, regs.dmaCount,
                                 regs.jobChecksum, status, Self.journalMagic]
-        record.withUnsafeBytes { memcpy(memory.base + at, $0.baseAddress!, $0.count) }
+        _ = record.withUnsafeBytes { memcpy(memory.base + at, $0.baseAddress!, $0.count) }
         memoryDirty.mark(offset: UInt64(at), length: Self.journalRecordSize)
         regs.jobsCompleted = seq
         regs.lastJobStatus = status

@@ -218,7 +218,7 @@ extension DMAEngine: MigratableDevice {
                     s.outbox = rec; s.outboxPos = 0
                 }
                 let n = min(max - filled, s.outbox.count - s.outboxPos)
-                s.outbox.withUnsafeBytes { memcpy(o.baseAddress! + filled, $0.baseAddress! + s.outboxPos, n) }
+                _ = s.outbox.withUnsafeBytes { memcpy(o.baseAddress! + filled, $0.baseAddress! + s.outboxPos, n) }
                 s.outboxPos += n
                 filled += n
             }
@@ -276,7 +276,7 @@ extension DMAEngine: MigratableDevice {
             guard off % UInt64(Self.chunkSize) == 0, off < memorySize, data.count == Self.chunkSize else {
                 throw DMAEngineStateError.chunkOutOfRange(off)
             }
-            data.withUnsafeBytes { memcpy(l.staging.base + Int(off), $0.baseAddress!, $0.count) }
+            _ = data.withUnsafeBytes { memcpy(l.staging.base + Int(off), $0.baseAddress!, $0.count) }
             l.received[Int(off) / Self.chunkSize] = true
         case .registers:
             var g = Registers()

@@ -16,6 +16,17 @@ public final class IRQTable: @unchecked Sendable {
         var fds = fds
         defer { for f in fds { f.close() } }
         let data = s.flags.intersection(.dataTypes), action = s.flags.intersection(.actions)
+        let disablesIndex = action == .actionTrigger && s.count == 0 && (data == .dataNone || (data == .dataEventFD && fds.isEmpty))
+        // An index the device does not implement (count 0, e.g. MSI-X on a dma-engine): the
+        // spec's index-wide disable is accepted as a no-op, anything else is refused. (The
+        // kernel's vfio-pci refuses even the disable there; a vfio-user client may send it when
+        // it tears interrupts down, and it asks for nothing we cannot do.)
+        if d.count == 0 {
+            guard disablesIndex else {
+                throw DeviceError(.EINVAL, "IRQ index \(d.index) has no vectors: only the disable form (DATA_NONE|ACTION_TRIGGER, count 0) is accepted")
+            }
+            return
+        }
         // DATA_NONE|TRIGGER with count 0, or DATA_EVENTFD with no fds: disable the whole index.
         if (data == .dataNone && s.count == 0) || (data == .dataEventFD && fds.isEmpty && s.count == 0) {
             guard action == .actionTrigger else { return }

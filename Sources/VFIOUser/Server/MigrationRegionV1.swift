@@ -47,7 +47,7 @@ public final class MigrationRegionV1: @unchecked Sendable {
         staged = false; handedOut = false; stagedSize = 0
         guard endpoint.state.isSaving else { return }
         let bytes = try endpoint.read(max: dataSectionSize)
-        bytes.withUnsafeBytes { memcpy(data.base, $0.baseAddress!, $0.count) }
+        _ = bytes.withUnsafeBytes { memcpy(data.base, $0.baseAddress!, $0.count) }
         stagedSize = bytes.count
         staged = true
     }

@@ -29,6 +29,12 @@ public final class VFIOUserServer: @unchecked Sendable {
     public let migrationV1: MigrationRegionV1?
     private let cancel: EventFD
     private let description: DeviceDescription
+    /// num_regions as reported (a PCI device: at least the nine fixed vfio-pci indexes).
+    private let regionCount: UInt32
+    /// vfio-pci's IRQ indexes: INTx 0, MSI 1, MSI-X 2, ERR 3, REQ 4.
+    public static let pciIRQIndexCount: UInt32 = 5
+    /// vfio-pci's fixed regions: BAR0-5 (0-5), ROM 6, config 7, VGA 8.
+    public static let pciRegionIndexCount: UInt32 = 9
     private let name: String
 
     /// Counters, for `device serve` status lines and tests.
@@ -55,6 +61,20 @@ public final class VFIOUserServer: @unchecked Sendable {
             d.regions.append(v1.description)
         } else {
             migrationV1 = nil
+        }
+        // A PCI device is laid out as the kernel's vfio-pci lays it out, because QEMU's vfio-pci
+        // (and so its vfio-user-pci) expects that: five IRQ indexes (INTx, MSI, MSI-X, ERR, REQ)
+        // with count 0 where the device has none (QEMU refuses fewer than three: "unexpected
+        // number of irqs"), and at least the nine fixed regions (BAR0-5, ROM, config, VGA), the
+        // ones the device lacks answered with size 0.
+        if d.flags & DeviceInfo.flagPCI != 0 {
+            for i in 0..<Self.pciIRQIndexCount where d.irq(i) == nil {
+                d.irqs.append(IRQDescription(index: i, count: 0, flags: [.eventfd, .noresize]))
+            }
+            d.irqs.sort { $0.index < $1.index }
+            regionCount = max(d.regionCount, Self.pciRegionIndexCount)
+        } else {
+            regionCount = d.regionCount
         }
         description = d
         cancel = try EventFD()
@@ -182,7 +202,7 @@ public final class VFIOUserServer: @unchecked Sendable {
 
     private func regionDescription(_ index: UInt32) throws -> RegionDescription {
         guard let r = description.region(index) else {
-            throw DeviceError(.EINVAL, "region index \(index) does not exist (device has \(description.regionCount))")
+            throw DeviceError(.EINVAL, "region index \(index) does not exist (device has \(regionCount))")
         }
         return r
     }
@@ -268,14 +288,14 @@ public final class VFIOUserServer: @unchecked Sendable {
             return (echo.encode() + words.littleEndianBytes, [])
 
         case .deviceGetInfo:
-            var info = DeviceInfo(flags: description.flags, regionCount: description.regionCount, irqCount: description.irqCount)
+            var info = DeviceInfo(flags: description.flags, regionCount: regionCount, irqCount: description.irqCount)
             info.argsz = 16
             return (info.encode(), [])
 
         case let .deviceGetRegionInfo(argsz, index):
             // An index below the count that the device does not implement (an unused BAR) is
             // reported as the kernel does: size 0, no flags.
-            guard index >= description.regionCount || description.region(index) != nil else {
+            guard index >= regionCount || description.region(index) != nil else {
                 return (RegionInfo(flags: [], index: index, size: 0).encodeReply(requestArgsz: argsz).bytes, [])
             }
             let r = try regionDescription(index)
