@@ -303,9 +303,11 @@ public struct RegionInfo: Equatable, Sendable {
     public func encodeReply(requestArgsz: UInt32) -> (bytes: [UInt8], includesCaps: Bool) {
         let caps = capabilityBytes()
         let full = RegionInfo.baseSize + caps.count
-        var f = flags
-        if !caps.isEmpty { f.insert(.caps) }
         let fits = Int(requestArgsz) >= full
+        // CAPS only with the caps themselves: QEMU's vfio-user client refuses (EINVAL) a reply
+        // that has CAPS with cap_offset 0 before it looks at the larger argsz and asks again.
+        var f = flags
+        if fits && !caps.isEmpty { f.insert(.caps) }
         var w = WireWriter(capacity: full)
         w.u32(UInt32(full)); w.u32(f.rawValue); w.u32(index)
         w.u32(fits && !caps.isEmpty ? UInt32(RegionInfo.baseSize) : 0)

@@ -168,6 +168,29 @@ public final class DMAMapTable: DMAAccessor, @unchecked Sendable {
         return bitmapFor(m, offset: 0, length: m.size, pageSize: ps)
     }
 
+    /// DMA_UNMAP without a bitmap, as the kernel's type1 IOMMU does it (QEMU's client is written
+    /// against that): every mapping wholly inside [address, address+size) goes, and a range
+    /// holding none succeeds. QEMU's intel-iommu unmaps whole address-space chunks on an
+    /// invalidation; refusing those left its 4 KiB mappings behind and every later DMA_MAP of
+    /// the same RAM failed with EEXIST. A range that cuts a mapping is refused (ENOENT).
+    @discardableResult
+    public func unmapRange(address: UInt64, size: UInt64) throws -> Int {
+        // `last` rather than an end: QEMU's last chunk ends at exactly 2^64.
+        guard size > 0, case let (last, false) = address.addingReportingOverflow(size - 1) else {
+            throw DeviceError(.EINVAL, "DMA_UNMAP [0x\(String(address, radix: 16)), +0x\(String(size, radix: 16))) is empty or wraps")
+        }
+        let gone: [Mapping] = try lock.withWriteLock {
+            let touched = mappings.filter { $0.iova <= last && $0.iova &+ ($0.size - 1) >= address }
+            if let cut = touched.first(where: { $0.iova < address || $0.iova &+ ($0.size - 1) > last }) {
+                throw DeviceError(.ENOENT, "DMA_UNMAP [0x\(String(address, radix: 16)), +0x\(String(size, radix: 16))) cuts the mapping [0x\(String(cut.iova, radix: 16)), 0x\(String(cut.end, radix: 16))) (only whole mappings are unmapped)")
+            }
+            mappings.removeAll { m in touched.contains { $0 === m } }
+            return touched
+        }
+        for m in gone { m.close() }
+        return gone.count
+    }
+
     /// Unmap everything (UNMAP_ALL, and client disconnect).
     public func unmapAll() {
         let all = lock.withWriteLock { () -> [Mapping] in let a = mappings; mappings = []; return a }

@@ -283,7 +283,7 @@ public final class VFIOUserServer: @unchecked Sendable {
                 return (u.encode(), [])
             }
             guard let b = u.bitmap else {
-                _ = try dma.unmap(address: u.address, size: u.size)
+                try dma.unmapRange(address: u.address, size: u.size)
                 return (u.encode(), [])
             }
             guard b.pageSize >= 4096, b.pageSize & (b.pageSize - 1) == 0 else {
