@@ -55,5 +55,9 @@ public struct MigrationParameters: Sendable {
     public var maxIterations: UInt64 = 64
     /// Treat every page mapped by a device without dirty tracking as dirty (else: blocker).
     public var allowUntrackedDevices = false
+    /// Milliseconds the peer may make no progress (stop reading, or not answer) before the
+    /// migration fails with `.peerTimeout` and the source resumes; 0 = wait forever. It
+    /// applies in every phase, switch-over included (QMP: x-vfio-live-peer-timeout).
+    public var peerTimeoutMS: UInt64 = 5000
     public init() {}
 }
