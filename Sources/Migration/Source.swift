@@ -88,6 +88,10 @@ public final class MigrationSource: @unchecked Sendable {
     private var lastSampleNS: UInt64 = 0
     private var dirtiedInWindow: UInt64 = 0
     private var windowStartNS: UInt64 = 0
+    // Auto-converge (see considerThrottle).
+    private var throttle: UInt64 = 0
+    private var highDirtyCount = 0
+    private var throttleWindowNS: UInt64 = 0, throttleWindowSent: UInt64 = 0, throttleWindowNew: UInt64 = 0
     /// Fault injection for tests: called before each section is sent (may throw or corrupt).
     public var beforeSection: ((MigrationStream.SectionType, UInt32) throws -> Void)?
     public var corruptNextSectionForTesting = false
@@ -255,12 +259,41 @@ public final class MigrationSource: @unchecked Sendable {
         lastSampleNS = now
         let bits: [UInt64]
         do { bits = try vm.harvestDirtyPages() } catch { throw MigrationError.channel("harvesting the dirty log: \(error)") }
-        var n = 0
+        var n = 0, fresh = 0
         for k in 0..<min(bits.count, pendingDirty.count) where bits[k] != 0 {
+            fresh += (bits[k] & ~pendingDirty[k]).nonzeroBitCount
             pendingDirty[k] |= bits[k]
             n += bits[k].nonzeroBitCount
         }
         dirtiedInWindow += UInt64(n)
+        throttleWindowNew += UInt64(fresh)
+        considerThrottle(now)
+    }
+
+    /// Auto-converge with QEMU's trigger (migration_trigger_throttle): when the pages newly
+    /// dirtied in a period exceed half of the bytes sent in it, twice, throttle the vCPUs
+    /// (cpu-throttle-initial, then + cpu-throttle-increment, up to the max). QEMU evaluates at
+    /// bitmap syncs, about once per iteration; here a period is 500 ms of pre-copy after the
+    /// first pass, so a throttle step comes every second whatever an iteration lasts (at a low
+    /// max-bandwidth one iteration took many seconds, and convergence minutes).
+    private func considerThrottle(_ now: UInt64) {
+        guard parameters.autoConverge else { return }
+        if stats.iterations == 0 || throttleWindowNS == 0 {
+            // QEMU does not throttle during the bulk pass either.
+            throttleWindowNS = now; throttleWindowSent = sentSinceStart; throttleWindowNew = 0
+            return
+        }
+        guard now - throttleWindowNS >= 500_000_000 else { return }
+        let sent = sentSinceStart - throttleWindowSent
+        if Double(throttleWindowNew * 4096) > Double(sent) * 0.5 { highDirtyCount += 1 }
+        throttleWindowNS = now; throttleWindowSent = sentSinceStart; throttleWindowNew = 0
+        guard highDirtyCount >= 2 else { return }
+        highDirtyCount = 0
+        guard throttle < parameters.throttleMax else { return }
+        throttle = throttle == 0 ? min(parameters.throttleInitial, parameters.throttleMax) : min(throttle + parameters.throttleIncrement, parameters.throttleMax)
+        vm.setThrottle(percent: throttle)
+        stats.update { stats.throttlePercent = throttle }
+        Log.debug("migration", "auto-converge: vCPUs throttled to \(throttle)%")
     }
 
     private static func isZero(_ p: UnsafeRawPointer) -> Bool {
@@ -433,7 +466,7 @@ public final class MigrationSource: @unchecked Sendable {
 
     /// Run the whole migration. Throws after rolling back on failure or cancel.
     public func run() throws {
-        stats.update { stats.startNS = monotonicNanoseconds(); stats.totalBytes = vm.memory.size }
+        stats.update { stats.startNS = monotonicNanoseconds(); stats.totalBytes = vm.memory.size; stats.downtimeLimitMS = parameters.downtimeLimitMS }
         stats.set(.setup)
         Self.setPeerTimeout(socket, ms: parameters.peerTimeoutMS)
         // Whatever happens, the channel closes: a destination waiting for more learns it is over.
@@ -503,8 +536,6 @@ public final class MigrationSource: @unchecked Sendable {
         if pages % 64 != 0 { dirty[dirty.count - 1] = (1 << (pages % 64)) - 1 }
         pendingDirty = [UInt64](repeating: 0, count: dirty.count)
         lastSampleNS = monotonicNanoseconds(); windowStartNS = lastSampleNS; dirtiedInWindow = 0
-        var throttle: UInt64 = 0
-        var highDirtyCount = 0
         while true {
             try checkCancelled()
             if switchoverRequested { break }
@@ -550,20 +581,12 @@ public final class MigrationSource: @unchecked Sendable {
                 Log.warning("migration", "not converging after \(stats.iterations) iterations (expected downtime \(Int(expected)) ms > \(parameters.downtimeLimitMS) ms): switching over anyway")
                 break
             }
-            // Auto-converge, QEMU's trigger: the guest dirtied more than half of what this
-            // iteration could send, two iterations running; then throttle (harder each time).
-            if Double(dirtyCount * 4096) > Double(bytes) * 0.5 { highDirtyCount += 1 }
-            if parameters.autoConverge && highDirtyCount >= 2 {
-                throttle = throttle == 0 ? parameters.throttleInitial : min(throttle + parameters.throttleIncrement, parameters.throttleMax)
-                vm.setThrottle(percent: throttle)
-                stats.update { stats.throttlePercent = throttle }
-                highDirtyCount = 0
-            }
         }
         // Stop-and-copy.
         try checkCancelled()
         phase = .stopAndCopy
-        if switchoverRequested && stats.expectedDowntimeMS > parameters.downtimeLimitMS {
+        if switchoverRequested {
+            stats.update { stats.switchoverRequested = true }
             Log.info("migration", "switch-over requested (the VM was stopped): stop-and-copy starts now")
         }
         stats.set(.device)
@@ -627,6 +650,7 @@ public final class MigrationSource: @unchecked Sendable {
         vmLeftPaused = true
         onCompleted?()
         stats.set(.completed)
+        if stats.forcedSwitchover { Log.warning("migration", stats.summary) } else { Log.info("migration", stats.summary) }
     }
 
     /// Whether the VM was paused (by someone else) when the migration began.
