@@ -90,8 +90,9 @@ public final class MigrationSource: @unchecked Sendable {
     private var windowStartNS: UInt64 = 0
     // Auto-converge (see considerThrottle).
     private var throttle: UInt64 = 0
+    private lazy var throttler = VCPUThrottle(vm: vm)
     private var highDirtyCount = 0
-    private var throttleWindowNS: UInt64 = 0, throttleWindowSent: UInt64 = 0, throttleWindowNew: UInt64 = 0
+    private var throttleWindowNS: UInt64 = 0, throttleWindowSent: UInt64 = 0, throttleWindowDirtied: UInt64 = 0
     /// Fault injection for tests: called before each section is sent (may throw or corrupt).
     public var beforeSection: ((MigrationStream.SectionType, UInt32) throws -> Void)?
     public var corruptNextSectionForTesting = false
@@ -259,39 +260,40 @@ public final class MigrationSource: @unchecked Sendable {
         lastSampleNS = now
         let bits: [UInt64]
         do { bits = try vm.harvestDirtyPages() } catch { throw MigrationError.channel("harvesting the dirty log: \(error)") }
-        var n = 0, fresh = 0
+        var n = 0
         for k in 0..<min(bits.count, pendingDirty.count) where bits[k] != 0 {
-            fresh += (bits[k] & ~pendingDirty[k]).nonzeroBitCount
             pendingDirty[k] |= bits[k]
             n += bits[k].nonzeroBitCount
         }
         dirtiedInWindow += UInt64(n)
-        throttleWindowNew += UInt64(fresh)
+        throttleWindowDirtied += UInt64(n)
         considerThrottle(now)
     }
 
-    /// Auto-converge with QEMU's trigger (migration_trigger_throttle): when the pages newly
-    /// dirtied in a period exceed half of the bytes sent in it, twice, throttle the vCPUs
-    /// (cpu-throttle-initial, then + cpu-throttle-increment, up to the max). QEMU evaluates at
-    /// bitmap syncs, about once per iteration; here a period is 500 ms of pre-copy after the
-    /// first pass, so a throttle step comes every second whatever an iteration lasts (at a low
-    /// max-bandwidth one iteration took many seconds, and convergence minutes).
+    /// Auto-converge with QEMU's trigger (migration_trigger_throttle): when the bytes dirtied
+    /// in a period exceed half of the bytes sent in it, twice, throttle the vCPUs
+    /// (cpu-throttle-initial, then + cpu-throttle-increment, up to the max; QEMU's steps). QEMU
+    /// evaluates at bitmap syncs, about once per iteration, and counts a page once per sync;
+    /// here a period is 500 ms of pre-copy after the bulk pass and counts the sampled dirty
+    /// rate, so a step comes every second whatever an iteration lasts: at a low max-bandwidth
+    /// one iteration takes seconds, and a small working set rewritten within it counted once
+    /// per iteration, so reaching 99 % took minutes.
     private func considerThrottle(_ now: UInt64) {
         guard parameters.autoConverge else { return }
         if stats.iterations == 0 || throttleWindowNS == 0 {
             // QEMU does not throttle during the bulk pass either.
-            throttleWindowNS = now; throttleWindowSent = sentSinceStart; throttleWindowNew = 0
+            throttleWindowNS = now; throttleWindowSent = sentSinceStart; throttleWindowDirtied = 0
             return
         }
         guard now - throttleWindowNS >= 500_000_000 else { return }
         let sent = sentSinceStart - throttleWindowSent
-        if Double(throttleWindowNew * 4096) > Double(sent) * 0.5 { highDirtyCount += 1 }
-        throttleWindowNS = now; throttleWindowSent = sentSinceStart; throttleWindowNew = 0
+        if Double(throttleWindowDirtied * 4096) > Double(sent) * 0.5 { highDirtyCount += 1 }
+        throttleWindowNS = now; throttleWindowSent = sentSinceStart; throttleWindowDirtied = 0
         guard highDirtyCount >= 2 else { return }
         highDirtyCount = 0
         guard throttle < parameters.throttleMax else { return }
         throttle = throttle == 0 ? min(parameters.throttleInitial, parameters.throttleMax) : min(throttle + parameters.throttleIncrement, parameters.throttleMax)
-        vm.setThrottle(percent: throttle)
+        throttler.set(percent: throttle)
         stats.update { stats.throttlePercent = throttle }
         Log.debug("migration", "auto-converge: vCPUs throttled to \(throttle)%")
     }
@@ -590,7 +592,7 @@ public final class MigrationSource: @unchecked Sendable {
             Log.info("migration", "switch-over requested (the VM was stopped): stop-and-copy starts now")
         }
         stats.set(.device)
-        vm.setThrottle(percent: 0)  // first: the throttle thread must not resume after our pause
+        throttler.set(percent: 0)  // first: the throttle thread must not resume after our pause
         let stopStart = monotonicNanoseconds()
         vm.pause()
         pausedByUs = true
@@ -676,7 +678,7 @@ public final class MigrationSource: @unchecked Sendable {
     /// VM that was paused or was stopped during the migration), logging off, our pause released.
     private func rollback() {
         let stopped = control.withLock { () -> Bool in finished = true; return switchoverFlag }
-        vm.setThrottle(percent: 0)
+        throttler.set(percent: 0)
         for (i, d) in devices.enumerated() {
             let target: MigrationState = stopped || d.initialState == .stop ? .stop : .running
             if (try? d.migration.state()) != target {
