@@ -115,8 +115,31 @@ public final class MigrationSource: @unchecked Sendable {
         sectionDataLimit = Int(perSection / 4096 * 4096)
         staging = try MappedRegion(anonymous: (4 << 20) + 256 * 4096, populate: true)
         devices = try Self.prepare(vm: vm, parameters: parameters, policies: policies)
+        // One migration per VM at a time, claimed in one locked step with the check: two
+        // concurrent `migrate`s must never both run and leave the guest on two destinations.
+        try Self.claim(vm)
+        claimed = true
         stats.deviceBytes = [UInt64](repeating: 0, count: devices.count)
     }
+
+    deinit { if claimed { Self.release(vm) } }
+
+    private var claimed = false
+    private static let claimsLock = Mutex()
+    nonisolated(unsafe) private static var claims: Set<ObjectIdentifier> = []
+
+    private static func claim(_ vm: MicroVM) throws {
+        try claimsLock.withLock {
+            guard claims.insert(ObjectIdentifier(vm)).inserted else {
+                throw MigrationError.blocked("a migration of this VM is already in progress")
+            }
+        }
+    }
+    private static func release(_ vm: MicroVM) { _ = claimsLock.withLock { claims.remove(ObjectIdentifier(vm)) } }
+
+    /// Whether a MigrationSource holds this VM (created and not yet finished): a live update
+    /// or a second migration must then be refused.
+    public static func inProgress(_ vm: MicroVM) -> Bool { claimsLock.withLock { claims.contains(ObjectIdentifier(vm)) } }
 
     /// The blockers alone (no socket needed): throws `MigrationError.blocked` with the reason.
     /// Opens a migration session per device only to probe it; the devices are not changed.
@@ -468,6 +491,9 @@ public final class MigrationSource: @unchecked Sendable {
 
     /// Run the whole migration. Throws after rolling back on failure or cancel.
     public func run() throws {
+        guard control.withLock({ !finished && claimed }) else { throw MigrationError.blocked("this migration already ran; start a new one") }
+        // The VM is free for another migration (or a live update) once this one has ended.
+        defer { if claimed { claimed = false; Self.release(vm) } }
         stats.update { stats.startNS = monotonicNanoseconds(); stats.totalBytes = vm.memory.size; stats.downtimeLimitMS = parameters.downtimeLimitMS }
         stats.set(.setup)
         Self.setPeerTimeout(socket, ms: parameters.peerTimeoutMS)

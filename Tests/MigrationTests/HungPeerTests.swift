@@ -458,3 +458,31 @@ extension LiveMigrationTests {
         XCTAssertThrowsError(try decode(bad.bytes)) { XCTAssertTrue("\($0)".contains("run-state flags"), "\($0)") }
     }
 }
+
+/// Issue 13: "two migrations clone the VM". The engine claims the VM in the same locked step
+/// as its check, so a second concurrent migration is refused before it touches anything.
+extension LiveMigrationTests {
+    func testASecondConcurrentMigrationOfTheSameVMIsRefused() throws {
+        startSource()
+        let wait = startDestination()
+        let first = try connectSource()
+        XCTAssertTrue(MigrationSource.inProgress(src.vm))
+        XCTAssertThrowsError(try MigrationSource(vm: src.vm, to: UnixSocket.pair().0, parameters: MigrationParameters(), policies: [.auto])) {
+            XCTAssertTrue("\($0)".contains("already in progress"), "\($0)")
+        }
+        // Many at once: exactly none gets through while the first holds the VM.
+        let won = Flag()
+        let threads = (0..<4).map { _ in
+            OSThread { [self] in
+                if let s = try? UnixSocket.pair().0,
+                   (try? MigrationSource(vm: src.vm, to: s, parameters: MigrationParameters(), policies: [.auto])) != nil { won.set() }
+            }
+        }
+        threads.forEach { $0.join() }
+        XCTAssertFalse(won.value)
+        try first.run()
+        XCTAssertNil(wait())
+        XCTAssertFalse(MigrationSource.inProgress(src.vm), "released when the migration ended")
+        XCTAssertThrowsError(try first.run(), "a source runs once")
+    }
+}
