@@ -4,34 +4,71 @@ import SystemCalls
 /// Writes go straight from guest memory to the socket (one sendmsg over a list of buffers).
 public final class ChannelSource: ByteSource {
     let socket: StreamSocket
-    public init(_ s: StreamSocket) { socket = s }
+    /// The receive timeout set on the socket (for the error's text), 0 if none.
+    let timeoutMS: UInt64
+    public init(_ s: StreamSocket, timeoutMS: UInt64 = 0) { socket = s; self.timeoutMS = timeoutMS }
     public func readExactly(_ buffer: UnsafeMutableRawBufferPointer) throws {
-        _ = try socket.receiveExactly(into: buffer, maxFDs: 0)
+        do { _ = try socket.receiveExactly(into: buffer, maxFDs: 0) } catch let e as Errno where e == .EAGAIN {
+            throw StreamError.peerSilent(ms: timeoutMS)
+        }
     }
 }
 
-/// The destination's reply at the end (or as soon as it fails): "VLMIGACK" or "VLMIGERR",
-/// a u32 length, then UTF-8 text (a JSON object on success, the reason on failure).
+/// The messages on the back channel, each "VLMIG" + 3 letters, a u32 length, then UTF-8 text:
+///
+///     destination → source  RDY  everything is loaded; waiting for GO (text empty)
+///     source → destination  GO!  take the VM over: run it (text empty)
+///     destination → source  ACK  resumed (a JSON summary), or ERR (the reason), at any time
+///
+/// Until GO the source owns the VM; after it, the destination. A stream of version 1 has no
+/// RDY/GO: the destination resumes and says ACK.
 enum Verdict {
-    static let ack = Array("VLMIGACK".utf8), err = Array("VLMIGERR".utf8)
+    enum Kind: String, CustomStringConvertible {
+        case ack = "VLMIGACK", error = "VLMIGERR", ready = "VLMIGRDY", go = "VLMIGGO!"
+        var description: String { String(rawValue.suffix(3)) }
+    }
+    struct Message { let kind: Kind; let text: String }
 
-    static func send(_ s: StreamSocket, ok: Bool, _ text: String) {
+    /// Why a verdict could not be read (a timeout comes out as Errno.EAGAIN).
+    enum ReadError: Error, CustomStringConvertible {
+        case closed, garbage
+        var description: String {
+            switch self {
+            case .closed: return "the peer closed the connection"
+            case .garbage: return "the peer sent something that is not a verdict"
+            }
+        }
+    }
+
+    static func send(_ s: StreamSocket, _ kind: Kind, _ text: String) throws {
         var w = BEWriter()
-        w.append(ok ? ack : err)
+        w.append(Array(kind.rawValue.utf8))
         let t = Array(text.utf8.prefix(64 * 1024))
         w.u32(UInt32(t.count)); w.append(t)
-        try? s.send(w.bytes)
+        try s.send(w.bytes)
     }
 
-    /// Read a verdict; nil if the peer closed without one.
-    static func receive(_ s: StreamSocket) -> (ok: Bool, text: String)? {
-        var head = [UInt8](repeating: 0, count: 12)
-        guard (try? head.withUnsafeMutableBytes({ try s.receiveExactly(into: $0, maxFDs: 0) })) != nil else { return nil }
-        let kind = Array(head[0..<8])
-        let n = Int(head[8...].reduce(UInt32(0)) { $0 << 8 | UInt32($1) })
-        guard kind == ack || kind == err, n <= 64 * 1024 else { return nil }
-        var body = [UInt8](repeating: 0, count: n)
-        if n > 0 { guard (try? body.withUnsafeMutableBytes({ try s.receiveExactly(into: $0, maxFDs: 0) })) != nil else { return nil } }
-        return (kind == ack, String(decoding: body, as: UTF8.self))
+    static func send(_ s: StreamSocket, ok: Bool, _ text: String) {
+        try? send(s, ok ? .ack : .error, text)
     }
+
+    /// Read one message; throws `ReadError`, or Errno.EAGAIN when the socket's timeout expired.
+    static func read(_ s: StreamSocket) throws -> Message {
+        var head = [UInt8](repeating: 0, count: 12)
+        func fill(_ b: inout [UInt8]) throws {
+            do { try b.withUnsafeMutableBytes { _ = try s.receiveExactly(into: $0, maxFDs: 0) } } catch let e as Errno where e == .ECONNRESET || e == .EPROTO {
+                throw ReadError.closed
+            }
+        }
+        try fill(&head)
+        guard let kind = Kind(rawValue: String(decoding: head[0..<8], as: UTF8.self)) else { throw ReadError.garbage }
+        let n = Int(head[8...].reduce(UInt32(0)) { $0 << 8 | UInt32($1) })
+        guard n <= 64 * 1024 else { throw ReadError.garbage }
+        var body = [UInt8](repeating: 0, count: n)
+        if n > 0 { try fill(&body) }
+        return Message(kind: kind, text: String(decoding: body, as: UTF8.self))
+    }
+
+    /// A message, or nil if none could be read.
+    static func receive(_ s: StreamSocket) -> Message? { try? read(s) }
 }

@@ -5,9 +5,11 @@ import VFIO
 import VFIOUser
 
 /// The incoming side: applies the stream to a paused VM whose devices wait in RESUMING, then
-/// loads the devices (RESUMING→STOP validates their state), restores config space, interrupt
-/// wiring and vCPUs, resumes, and tells the source. Any error is reported to the source with
-/// its precise reason; the guest never runs on a partial state.
+/// loads the devices (RESUMING→STOP validates their state) and vCPUs, tells the source READY
+/// and waits for its GO; only then restores config space and interrupt wiring, runs the
+/// devices, resumes (if the source VM was running), and says ACK. Any error is reported to the
+/// source with its precise reason; the guest never runs on a partial state, nor without GO.
+/// Every wait on the source is bounded by `peerTimeoutMS`.
 public final class MigrationDestination: MigrationSink, @unchecked Sendable {
     public let vm: MicroVM
     private let socket: StreamSocket
@@ -18,6 +20,20 @@ public final class MigrationDestination: MigrationSink, @unchecked Sendable {
     private var ended = false
     public private(set) var resumedAt: UInt64 = 0
     public let stats = MigrationStats()
+    /// How long the source may send nothing (mid-stream, or before GO) before the migration
+    /// fails; 0 = forever. The wait for the first byte is bounded by it too.
+    public var peerTimeoutMS: UInt64 = 5000
+    /// Resume the guest when the source VM was running (false: stay paused, as QEMU's -S).
+    public var autostart = true
+    /// The source VM's run state at switch-over (version-2 streams; nil before END, or from a
+    /// version-1 source). false: the VM was paused there, and stays paused here (QEMU's rule);
+    /// the caller's `cont` resumes it (devices to RUNNING, then `vm.resume()`).
+    public private(set) var sourceWasRunning: Bool?
+    /// Whether this run resumed the guest.
+    public private(set) var resumed = false
+    /// False until the first stream byte arrived: a failure before that left this VM untouched
+    /// (error `.closedBeforeStream`), and the VMM can wait for another attempt.
+    public private(set) var streamStarted = false
     /// Check the workload's invariants before resuming (tests; it adds to the downtime).
     public var verifyBeforeResume = false
     /// Called after everything is loaded, just before the guest resumes (checks, reports).
@@ -39,11 +55,33 @@ public final class MigrationDestination: MigrationSink, @unchecked Sendable {
     /// Receive the whole migration and resume the guest. Throws (after telling the source) on
     /// any error; the VM is then left paused and its devices reset out of RESUMING.
     public func run() throws {
+        MigrationSource.setPeerTimeout(socket, ms: peerTimeoutMS)
+        // Nothing is touched, and nothing is said, until a first byte arrives.
+        try awaitFirstByte()
+        streamStarted = true
         stats.set(.active)
         do {
-            let decoder = MigrationStreamDecoder(source: ChannelSource(socket), sink: self)
+            let decoder = MigrationStreamDecoder(source: ChannelSource(socket, timeoutMS: peerTimeoutMS), sink: self)
             try decoder.run()
             guard ended else { throw StreamError.missingEnd }
+            if decoder.version >= 2 {
+                // Two-phase switch-over: loaded; the source decides.
+                try Verdict.send(socket, .ready, "")
+                let go: Verdict.Message
+                do { go = try Verdict.read(socket) } catch let e as Errno where e == .EAGAIN {
+                    throw MigrationError.peerTimeout("the source did not say GO within \(peerTimeoutMS) ms; the guest does not run here")
+                } catch {
+                    throw MigrationError.channel("the source did not say GO (\(error)): it cancelled or failed; the guest does not run here")
+                }
+                guard go.kind == .go else { throw MigrationError.channel("the source sent \(go.kind) instead of GO") }
+            }
+            for (i, m) in migrations.enumerated() {
+                if let cfg = configs[i] { try applyConfig(i, cfg) }
+                // A guest that stays paused keeps its devices in STOP until `cont`.
+                if autostart && sourceWasRunning != false {
+                    do { try m.transition(to: .running) } catch { throw MigrationError.device(i, "\(error)") }
+                }
+            }
             var summary = "{\"pages\":\(pagesReceived),\"device-bytes\":[\(deviceBytes.map(String.init).joined(separator: ","))]"
             if verifyBeforeResume {
                 // A test instrument: it scans all guest memory inside the downtime window.
@@ -53,7 +91,10 @@ public final class MigrationDestination: MigrationSink, @unchecked Sendable {
             }
             summary += "}"
             beforeResume?()
-            vm.resume()
+            if autostart && sourceWasRunning != false {
+                vm.resume()
+                resumed = true
+            }
             resumedAt = monotonicNanoseconds()
             Verdict.send(socket, ok: true, summary)
             stats.set(.completed)
@@ -116,11 +157,23 @@ public final class MigrationDestination: MigrationSink, @unchecked Sendable {
             do { try m.transition(to: .stop) } catch { throw MigrationError.device(i, "\(error)") }
         }
         afterDevicesLoaded?()
-        for (i, m) in migrations.enumerated() {
-            if let cfg = configs[i] { try applyConfig(i, cfg) }
-            do { try m.transition(to: .running) } catch { throw MigrationError.device(i, "\(error)") }
-        }
         ended = true
+    }
+
+    public func sourceRunState(running: Bool) throws { sourceWasRunning = running }
+
+    /// Wait (bounded) for the stream's first byte without consuming it.
+    private func awaitFirstByte() throws {
+        let ms = peerTimeoutMS == 0 ? Int32(-1) : Int32(clamping: peerTimeoutMS)
+        let readable: Bool
+        do { readable = try Poll.waitReadable(socket.fd, timeoutMilliseconds: ms) } catch {
+            throw MigrationError.closedBeforeStream("polling the connection: \(error)")
+        }
+        guard readable else { throw MigrationError.closedBeforeStream("the source connected but sent nothing for \(peerTimeoutMS) ms") }
+        var b: UInt8 = 0
+        let n = recv(socket.fd.rawValue, &b, 1, Int32(MSG_PEEK))
+        if n == 0 { throw MigrationError.closedBeforeStream("the source closed the connection before sending anything (it refused the migration, or gave up)") }
+        if n < 0 { throw MigrationError.closedBeforeStream("the connection failed before the stream: \(Errno(errno))") }
     }
 
     /// The VMM's copy of config space goes back before the device runs; MSI wiring is this

@@ -11,6 +11,14 @@ public enum MigrationError: Error, CustomStringConvertible {
     case destination(String)
     case device(Int, String)
     case cancelled
+    /// The peer made no progress (stopped reading, or did not answer) within the peer timeout.
+    case peerTimeout(String)
+    /// The destination was told to take the VM over (GO) and then went silent: it may run the
+    /// guest, so the source stays paused (never two running copies).
+    case unconfirmed(String)
+    /// The incoming connection closed (or stayed silent) before the first stream byte: nothing
+    /// on the destination was touched, and it can wait for another attempt.
+    case closedBeforeStream(String)
 
     public var description: String {
         switch self {
@@ -19,8 +27,13 @@ public enum MigrationError: Error, CustomStringConvertible {
         case let .destination(why): return "destination refused the migration: \(why)"
         case let .device(i, why): return "device \(i): \(why)"
         case .cancelled: return "migration cancelled"
+        case let .peerTimeout(why): return "migration timed out: \(why)"
+        case let .unconfirmed(why): return "migration outcome unknown: \(why)"
+        case let .closedBeforeStream(why): return "no migration stream arrived: \(why)"
         }
     }
+
+    var isUnconfirmed: Bool { if case .unconfirmed = self { return true }; return false }
 }
 
 /// `enable-migration` per device, as QEMU's vfio-pci property.
@@ -30,39 +43,88 @@ public enum DeviceMigrationPolicy: String, Sendable { case on, off, auto }
 /// copied in iterations; each iteration sends the pages written since the last one (KVM's log
 /// for vCPU writes, the device's DMA log for device writes). When the remaining data fits the
 /// downtime limit at the measured bandwidth, the VM stops, the rest goes, and the destination
-/// resumes. Any failure before the destination's ACK puts everything back: devices RUNNING,
-/// logging stopped, vCPUs resumed.
+/// loads it and says READY; the source then commits with GO and the destination resumes. Any
+/// failure before GO puts everything back: devices in the state they had (RUNNING, or STOP if
+/// the VM was paused), logging stopped, and only the engine's own pause released.
+///
+/// `cancel()` and `requestSwitchover()` may be called from any thread, in any phase.
 public final class MigrationSource: @unchecked Sendable {
     final class Device {
         let attached: AttachedDevice
         let migration: DeviceMigration
         var logging = false
+        var loggingStarted = false
         var initialDataSent = false
+        /// What the device was in when the migration began: RUNNING, or STOP for a paused VM
+        /// (QEMU leaves a stopped device in STOP and goes STOP→STOP_COPY at completion).
+        var initialState: MigrationState = .running
+        var inPreCopy = false
         init(_ a: AttachedDevice, _ m: DeviceMigration) { attached = a; migration = m }
     }
+
+    /// Where the engine is; named in timeout errors.
+    enum Phase: String { case setup, preCopy = "pre-copy", stopAndCopy = "stop-and-copy", handshake = "the switch-over handshake" }
 
     public let vm: MicroVM
     public let parameters: MigrationParameters
     public let stats: MigrationStats
     private let socket: StreamSocket
     private var devices: [Device] = []
-    private var cancelFlag = false
-    private let cancelLock = Mutex()
     private var sectionID: UInt32 = 0
     private var pausedByUs = false
+    private var phase = Phase.setup
     private var sendStart: UInt64 = 0
     /// Where RAM sections are assembled (4 MiB of data at most per section).
     private let staging: MappedRegion
     private var sentSinceStart: UInt64 = 0
+    /// Data bytes per RAM section: 4 MiB, or about 50 ms at max-bandwidth, so pacing sleeps are
+    /// short and the destination never sees a long silence.
+    private let sectionDataLimit: Int
+    // Shared with cancel()/requestSwitchover() (other threads), under `control`.
+    private let control = Mutex()
+    private var cancelFlag = false, switchoverFlag = false, finished = false, committed = false, socketOpen = true
+    // Dirty-rate sampling (see sampleDirty).
+    private var pendingDirty: [UInt64] = []
+    private var lastSampleNS: UInt64 = 0
+    private var dirtiedInWindow: UInt64 = 0
+    private var windowStartNS: UInt64 = 0
+    // Auto-converge (see considerThrottle).
+    private var throttle: UInt64 = 0
+    private var highDirtyCount = 0
+    private var throttleWindowNS: UInt64 = 0, throttleWindowSent: UInt64 = 0, throttleWindowNew: UInt64 = 0
     /// Fault injection for tests: called before each section is sent (may throw or corrupt).
     public var beforeSection: ((MigrationStream.SectionType, UInt32) throws -> Void)?
     public var corruptNextSectionForTesting = false
+    /// Called after a successful migration, before the status says "completed".
+    public var onCompleted: (() -> Void)?
+    /// What the destination said on success (a JSON object).
+    public private(set) var lastVerdict: String?
+    /// True when the engine ended with the VM still paused by it: after a completed migration,
+    /// or when the destination was told GO and then never confirmed (`.unconfirmed`). The
+    /// engine's pause is then the caller's to release (`vm.resume()`, as `cont` does).
+    public private(set) var vmLeftPaused = false
 
-    /// Check the blockers and prepare; nothing is touched until `run()`.
+    /// Check the blockers; nothing is touched, and nothing is sent, until `run()`. A VMM that
+    /// has not connected yet calls `checkBlockers` first, so a refused migration never reaches
+    /// (or disturbs) the destination.
     public init(vm: MicroVM, to socket: StreamSocket, parameters: MigrationParameters, policies: [DeviceMigrationPolicy],
                 stats: MigrationStats = MigrationStats()) throws {
         self.vm = vm; self.socket = socket; self.parameters = parameters; self.stats = stats
+        let perSection = parameters.maxBandwidth > 0 ? min(max(parameters.maxBandwidth / 20, 64 << 10), 4 << 20) : 4 << 20
+        sectionDataLimit = Int(perSection / 4096 * 4096)
         staging = try MappedRegion(anonymous: (4 << 20) + 256 * 4096, populate: true)
+        devices = try Self.prepare(vm: vm, parameters: parameters, policies: policies)
+        stats.deviceBytes = [UInt64](repeating: 0, count: devices.count)
+    }
+
+    /// The blockers alone (no socket needed): throws `MigrationError.blocked` with the reason.
+    /// Opens a migration session per device only to probe it; the devices are not changed.
+    public static func checkBlockers(vm: MicroVM, parameters: MigrationParameters, policies: [DeviceMigrationPolicy]) throws {
+        _ = try prepare(vm: vm, parameters: parameters, policies: policies)
+    }
+
+    private static func prepare(vm: MicroVM, parameters: MigrationParameters, policies: [DeviceMigrationPolicy]) throws -> [Device] {
+        var out: [Device] = []
         for (i, d) in vm.devices.enumerated() {
             let policy = i < policies.count ? policies[i] : .auto
             if policy == .off { throw MigrationError.blocked("device \(i): migration is disabled for this VFIO device (enable-migration=off)") }
@@ -76,19 +138,61 @@ public final class MigrationSource: @unchecked Sendable {
             }
             let dev = Device(d, m)
             dev.logging = canLog
-            devices.append(dev)
+            out.append(dev)
         }
-        stats.deviceBytes = [UInt64](repeating: 0, count: devices.count)
+        return out
     }
 
-    public func cancel() { cancelLock.withLock { cancelFlag = true } }
-    private func checkCancelled() throws { if cancelLock.withLock({ cancelFlag }) { throw MigrationError.cancelled } }
+    /// Stop the migration now, in any phase: the channel is shut down (a blocked send or
+    /// receive returns at once), and `run()` rolls back and throws `.cancelled`. Returns false
+    /// when it is too late: the destination was already told to take over (GO), or the
+    /// migration has ended.
+    @discardableResult
+    public func cancel() -> Bool {
+        control.withLock {
+            guard !finished, !committed else { return false }
+            cancelFlag = true
+            if socketOpen { _ = Glibc.shutdown(socket.fd.rawValue, Int32(SHUT_RDWR)) }
+            return true
+        }
+    }
+
+    /// QEMU's rule for a `stop` during an active migration: stop-and-copy starts now, whatever
+    /// the prediction, and the migration then ends normally. The caller pauses the vCPUs
+    /// itself (the user's pause; the engine takes and releases its own) and leaves the
+    /// devices alone. If the migration then fails, the devices are left in STOP rather than
+    /// RUNNING, since the user stopped the VM (QEMU: no restart unless the VM ran before the
+    /// stop). Returns false if no migration is in progress any more (do a normal stop then).
+    @discardableResult
+    public func requestSwitchover() -> Bool {
+        control.withLock {
+            guard !finished else { return false }
+            switchoverFlag = true
+            return true
+        }
+    }
+
+    private var isCancelled: Bool { control.withLock { cancelFlag } }
+    private var switchoverRequested: Bool { control.withLock { switchoverFlag } }
+    private func checkCancelled() throws { if isCancelled { throw MigrationError.cancelled } }
+
+    /// What a failed socket operation means: our own cancel (which shut the socket down), the
+    /// peer timeout (SO_SNDTIMEO/SO_RCVTIMEO give EAGAIN), or the channel's own error.
+    private func channelError(_ error: Error, _ what: String, receiving: Bool = false) -> MigrationError {
+        if isCancelled { return .cancelled }
+        if let e = error as? Errno, e == .EAGAIN {
+            let verb = receiving ? "did not answer" : "stopped reading"
+            return .peerTimeout("destination \(verb) for \(parameters.peerTimeoutMS) ms during \(phase.rawValue) (\(what))")
+        }
+        return .channel("\(what): \(error)")
+    }
 
     // MARK: sending
 
     private func nextID() -> UInt32 { sectionID &+= 1; return sectionID }
 
     private func send(_ type: MigrationStream.SectionType, pieces: [UnsafeRawBufferPointer], checksum: UInt64? = nil) throws {
+        try checkCancelled()
         let id = nextID()
         try beforeSection?(type, id)
         let length = pieces.reduce(0) { $0 + $1.count }
@@ -101,10 +205,12 @@ public final class MigrationSource: @unchecked Sendable {
             try head.withUnsafeBytes { hb in try tail.withUnsafeBytes { tb in try socket.send([hb] + pieces + [tb]) } }
         } catch {
             // The destination usually closed because it found something wrong: say what.
-            if (try? Poll.waitReadable(socket.fd, timeoutMilliseconds: 1000)) == true, let v = Verdict.receive(socket), !v.ok {
+            let timedOut = (error as? Errno) == .EAGAIN
+            if !timedOut, !isCancelled, (try? Poll.waitReadable(socket.fd, timeoutMilliseconds: 1000)) == true,
+               let v = Verdict.receive(socket), v.kind == .error {
                 throw MigrationError.destination(v.text)
             }
-            throw MigrationError.channel("sending \(type) section \(id): \(error)")
+            throw channelError(error, "sending \(type) section \(id)")
         }
         let n = UInt64(length + 24)
         stats.update { stats.transferredBytes += n }
@@ -117,19 +223,77 @@ public final class MigrationSource: @unchecked Sendable {
         try payload.withUnsafeBytes { try send(type, pieces: [$0]) }
     }
 
-    /// max-bandwidth: sleep when ahead of the allowed rate.
+    /// max-bandwidth: sleep when ahead of the allowed rate, in short slices that watch for
+    /// cancel and switch-over. Stop-and-copy is not rate-limited (QEMU's ram_save_complete
+    /// neither): the guest is paused, and limiting would only stretch the downtime.
     private func pace() throws {
-        guard parameters.maxBandwidth > 0 else { return }
-        let due = sendStart + sentSinceStart * 1_000_000_000 / parameters.maxBandwidth
-        let now = monotonicNanoseconds()
-        if due > now { usleep(UInt32(min(due - now, 1_000_000_000) / 1000)) }
+        guard parameters.maxBandwidth > 0, phase != .stopAndCopy else { return }
+        let due = sendStart + UInt64(Double(sentSinceStart) * 1e9 / Double(parameters.maxBandwidth))
+        while true {
+            let now = monotonicNanoseconds()
+            guard due > now else { return }
+            try checkCancelled()
+            if switchoverRequested { return }
+            try sampleDirty()
+            usleep(UInt32(min(due - now, 20_000_000) / 1000))
+        }
     }
 
     /// The destination reports a failure as soon as it has one: check without blocking.
     private func checkDestination() throws {
         guard (try? Poll.waitReadable(socket.fd, timeoutMilliseconds: 0)) == true else { return }
-        if let v = Verdict.receive(socket), !v.ok { throw MigrationError.destination(v.text) }
+        try checkCancelled()
+        if let v = Verdict.receive(socket), v.kind == .error { throw MigrationError.destination(v.text) }
         throw MigrationError.channel("the destination closed the connection")
+    }
+
+    /// Pages the vCPUs dirtied since the last look, OR'ed into the next iteration's bitmap.
+    /// Sampling KVM's log every few milliseconds (instead of once per iteration) is what makes
+    /// the dirty rate true: a page rewritten many times in one long iteration is one bit in a
+    /// per-iteration bitmap, so a small working set capped the measured rate far below the
+    /// guest's (a 4096-page set swept at 200 K pages/s over a 6 s iteration read 0.7 K/s).
+    private func sampleDirty(force: Bool = false) throws {
+        guard phase == .preCopy, !pendingDirty.isEmpty else { return }
+        let now = monotonicNanoseconds()
+        guard force || now - lastSampleNS >= 5_000_000 else { return }
+        lastSampleNS = now
+        let bits: [UInt64]
+        do { bits = try vm.harvestDirtyPages() } catch { throw MigrationError.channel("harvesting the dirty log: \(error)") }
+        var n = 0, fresh = 0
+        for k in 0..<min(bits.count, pendingDirty.count) where bits[k] != 0 {
+            fresh += (bits[k] & ~pendingDirty[k]).nonzeroBitCount
+            pendingDirty[k] |= bits[k]
+            n += bits[k].nonzeroBitCount
+        }
+        dirtiedInWindow += UInt64(n)
+        throttleWindowNew += UInt64(fresh)
+        considerThrottle(now)
+    }
+
+    /// Auto-converge with QEMU's trigger (migration_trigger_throttle): when the pages newly
+    /// dirtied in a period exceed half of the bytes sent in it, twice, throttle the vCPUs
+    /// (cpu-throttle-initial, then + cpu-throttle-increment, up to the max). QEMU evaluates at
+    /// bitmap syncs, about once per iteration; here a period is 500 ms of pre-copy after the
+    /// first pass, so a throttle step comes every second whatever an iteration lasts (at a low
+    /// max-bandwidth one iteration took many seconds, and convergence minutes).
+    private func considerThrottle(_ now: UInt64) {
+        guard parameters.autoConverge else { return }
+        if stats.iterations == 0 || throttleWindowNS == 0 {
+            // QEMU does not throttle during the bulk pass either.
+            throttleWindowNS = now; throttleWindowSent = sentSinceStart; throttleWindowNew = 0
+            return
+        }
+        guard now - throttleWindowNS >= 500_000_000 else { return }
+        let sent = sentSinceStart - throttleWindowSent
+        if Double(throttleWindowNew * 4096) > Double(sent) * 0.5 { highDirtyCount += 1 }
+        throttleWindowNS = now; throttleWindowSent = sentSinceStart; throttleWindowNew = 0
+        guard highDirtyCount >= 2 else { return }
+        highDirtyCount = 0
+        guard throttle < parameters.throttleMax else { return }
+        throttle = throttle == 0 ? min(parameters.throttleInitial, parameters.throttleMax) : min(throttle + parameters.throttleIncrement, parameters.throttleMax)
+        vm.setThrottle(percent: throttle)
+        stats.update { stats.throttlePercent = throttle }
+        Log.debug("migration", "auto-converge: vCPUs throttled to \(throttle)%")
     }
 
     private static func isZero(_ p: UnsafeRawPointer) -> Bool {
@@ -185,13 +349,14 @@ public final class MigrationSource: @unchecked Sendable {
         }
         stats.update { stats.zeroPages += z; stats.normalPages += n; stats.ramBytes += n * 4096 }
         b.reset()
-        try checkCancelled()
+        try sampleDirty()
     }
 
     /// Send the pages set in `bitmap` as RAM sections of runs; zero pages travel as run
-    /// headers only. Returns the page count sent.
+    /// headers only. In pre-copy a switch-over request ends the pass early: the result's
+    /// `stoppedAt` is then the first page not looked at (the rest of the bitmap still has to go).
     @discardableResult
-    private func sendPages(_ bitmap: [UInt64]) throws -> UInt64 {
+    private func sendPages(_ bitmap: [UInt64]) throws -> (sent: UInt64, stoppedAt: UInt64?) {
         let base = vm.memory.base
         let pages = vm.memory.size / 4096
         var batch = RAMBatch()
@@ -210,11 +375,14 @@ public final class MigrationSource: @unchecked Sendable {
             batch.add(page: p, zero: inHole || Self.isZero(base + Int(addr)))
             sent += 1
             // The staging buffer holds 4 MiB plus one run.
-            if batch.gpa.count >= 400 || batch.dataBytes >= 4 << 20 { try flush(&batch) }
+            if batch.gpa.count >= 400 || batch.dataBytes >= sectionDataLimit {
+                try flush(&batch)
+                if phase == .preCopy && switchoverRequested { return (sent, p + 1) }
+            }
             p += 1
         }
         try flush(&batch)
-        return sent
+        return (sent, nil)
     }
 
     /// Device records in a DEVICE section: everything the device has now (pre-copy), or to the
@@ -231,6 +399,8 @@ public final class MigrationSource: @unchecked Sendable {
             records = BEWriter(); records.u32(UInt32(i))
         }
         while true {
+            try checkCancelled()
+            if !final && switchoverRequested { break }
             let data: [UInt8]
             do { data = try d.migration.read(max: 1 << 20) } catch { throw MigrationError.device(i, "reading migration data: \(error)") }
             if !data.isEmpty {
@@ -282,17 +452,42 @@ public final class MigrationSource: @unchecked Sendable {
         return bits
     }
 
+    /// SO_SNDTIMEO/SO_RCVTIMEO: no send or receive on the channel blocks longer than the peer
+    /// timeout without progress (EAGAIN then, reported as `.peerTimeout`).
+    static func setPeerTimeout(_ s: StreamSocket, ms: UInt64) {
+        guard ms > 0 else { return }
+        var tv = timeval(tv_sec: Int(ms / 1000), tv_usec: Int(ms % 1000) * 1000)
+        for opt in [SO_SNDTIMEO, SO_RCVTIMEO] {
+            _ = setsockopt(s.fd.rawValue, SOL_SOCKET, opt, &tv, socklen_t(MemoryLayout<timeval>.size))
+        }
+    }
+
     // MARK: the migration
 
     /// Run the whole migration. Throws after rolling back on failure or cancel.
     public func run() throws {
-        stats.update { stats.startNS = monotonicNanoseconds(); stats.totalBytes = vm.memory.size }
+        stats.update { stats.startNS = monotonicNanoseconds(); stats.totalBytes = vm.memory.size; stats.downtimeLimitMS = parameters.downtimeLimitMS }
         stats.set(.setup)
+        Self.setPeerTimeout(socket, ms: parameters.peerTimeoutMS)
         // Whatever happens, the channel closes: a destination waiting for more learns it is over.
-        defer { _ = shutdown(socket.fd.rawValue, Int32(SHUT_RDWR)); socket.fd.close() }
+        defer {
+            control.withLock {
+                _ = Glibc.shutdown(socket.fd.rawValue, Int32(SHUT_RDWR))
+                socket.fd.close()
+                socketOpen = false
+            }
+        }
         do {
             try migrate()
+        } catch let error as MigrationError where error.isUnconfirmed {
+            // GO went out: the destination may run the guest, so nothing is rolled back.
+            finishUnconfirmed()
+            stats.update { stats.totalTimeMS = Double(monotonicNanoseconds() - stats.startNS) / 1e6 }
+            stats.set(.failed, error: "\(error)")
+            Log.error("migration", "\(error)")
+            throw error
         } catch {
+            let error = isCancelled ? MigrationError.cancelled : error
             rollback()
             let cancelled = (error as? MigrationError).map { if case .cancelled = $0 { return true }; return false } ?? false
             stats.update { stats.totalTimeMS = Double(monotonicNanoseconds() - stats.startNS) / 1e6 }
@@ -305,39 +500,62 @@ public final class MigrationSource: @unchecked Sendable {
     private func migrate() throws {
         let pages = vm.memory.size / 4096
         sendStart = monotonicNanoseconds()
-        do { try socket.send(MigrationStream.header(flags: 0)) } catch { throw MigrationError.channel("\(error)") }
-        try send(.config, MigrationStream.configPayload(ramSize: vm.memory.size, vcpus: vm.vcpuCount, devices: devices.count))
-        // Setup: dirty logging on (vCPUs and devices), devices to PRE_COPY.
+        try checkCancelled()
+        vmWasPausedAtStart = vm.isPaused
+        // Setup first, before any byte goes out: a failure here leaves the destination
+        // untouched (it sees the connection close before the stream: `.closedBeforeStream`).
+        // Dirty logging on (vCPUs and devices), running devices to PRE_COPY.
         try vm.setDirtyLogging(true)
         _ = try vm.harvestDirtyPages()
         for (i, d) in devices.enumerated() {
+            do { d.initialState = try d.migration.state() } catch { throw MigrationError.device(i, "reading its migration state: \(error)") }
             if d.logging {
                 do { try d.attached.client.startDMALogging(pageSize: 4096, ranges: [(0, vm.memory.size)]) } catch {
                     throw MigrationError.device(i, "DMA_LOGGING_START failed: \(error)")
                 }
+                d.loggingStarted = true
             }
+            // A stopped device (paused VM) stays in STOP until stop-copy, as in QEMU.
+            if d.migration.capabilities.contains(.preCopy) && d.initialState == .running {
+                do { try d.migration.transition(to: .preCopy) } catch { throw MigrationError.device(i, "\(error)") }
+                d.inPreCopy = true
+            }
+        }
+        do { try socket.send(MigrationStream.header(flags: 0)) } catch { throw channelError(error, "sending the stream header") }
+        try send(.config, MigrationStream.configPayload(ramSize: vm.memory.size, vcpus: vm.vcpuCount, devices: devices.count))
+        for i in devices.indices {
             var w = BEWriter(); w.u32(UInt32(i))
             w.u64(MigrationStream.VFIOTag.setupState.rawValue); w.u64(MigrationStream.VFIOTag.endOfState.rawValue)
             try send(.device, w.bytes)
-            if d.migration.capabilities.contains(.preCopy) {
-                do { try d.migration.transition(to: .preCopy) } catch { throw MigrationError.device(i, "\(error)") }
-            }
         }
         stats.update { stats.setupNS = monotonicNanoseconds() - stats.startNS }
         stats.set(.active)
+        phase = .preCopy
         // Iterations.
         var dirty = [UInt64](repeating: ~0, count: Int((pages + 63) / 64))
         if pages % 64 != 0 { dirty[dirty.count - 1] = (1 << (pages % 64)) - 1 }
-        var throttle: UInt64 = 0
-        var lastRemaining = UInt64.max
-        var stalls = 0
+        pendingDirty = [UInt64](repeating: 0, count: dirty.count)
+        lastSampleNS = monotonicNanoseconds(); windowStartNS = lastSampleNS; dirtiedInWindow = 0
         while true {
             try checkCancelled()
+            if switchoverRequested { break }
             let t0 = monotonicNanoseconds(), b0 = stats.transferredBytes
-            let sentPages = try sendPages(dirty)
-            for i in devices.indices where devices[i].migration.capabilities.contains(.preCopy) { try sendDeviceData(i, final: false) }
+            let pass = try sendPages(dirty)
+            if let stop = pass.stoppedAt {
+                // Switch-over requested mid-pass: pages from `stop` on were not sent yet.
+                for k in dirty.indices {
+                    let first = UInt64(k) * 64
+                    if first + 64 <= stop { dirty[k] = 0 } else if first < stop { dirty[k] &= ~((1 << (stop - first)) - 1) }
+                }
+                for k in dirty.indices { dirty[k] |= pendingDirty[k]; pendingDirty[k] = 0 }
+                break
+            }
+            for i in devices.indices where devices[i].inPreCopy { try sendDeviceData(i, final: false) }
+            try sampleDirty(force: true)
             dirty = try harvest()
-            let dt = max(monotonicNanoseconds() - t0, 1)
+            for k in dirty.indices { dirty[k] |= pendingDirty[k]; pendingDirty[k] = 0 }
+            let now = monotonicNanoseconds()
+            let dt = max(now - t0, 1)
             let bytes = stats.transferredBytes - b0
             let dirtyCount = UInt64(dirty.setBitCount)
             let deviceRemaining = devices.reduce(UInt64(0)) { $0 + ($1.migration.stopCopySize() ?? (1 << 20)) }
@@ -345,31 +563,32 @@ public final class MigrationSource: @unchecked Sendable {
             // Bandwidth of this iteration (a floor of 1 MB/s keeps the estimate finite).
             let bw = max(Double(bytes) / (Double(dt) / 1e9), 1e6)
             let expected = Double(remaining) / bw * 1000
+            // The dirty rate over the last iteration(s), at least 250 ms of them.
+            let window = now - windowStartNS
+            let rate: UInt64? = window >= 250_000_000 || stats.iterations == 0 ? UInt64(Double(dirtiedInWindow) / (Double(max(window, 1)) / 1e9)) : nil
+            if rate != nil { windowStartNS = now; dirtiedInWindow = 0 }
             stats.update {
                 stats.iterations += 1
                 stats.remainingBytes = remaining
                 stats.bandwidth = bw
                 stats.expectedDowntimeMS = UInt64(expected)
-                stats.dirtyPagesRate = UInt64(Double(dirtyCount) / (Double(dt) / 1e9))
+                if let r = rate { stats.dirtyPagesRate = r }
             }
-            Log.debug("migration", "iteration \(stats.iterations): \(sentPages) pages, \(dirtyCount) dirtied meanwhile, expected downtime \(Int(expected)) ms")
+            Log.debug("migration", "iteration \(stats.iterations): \(pass.sent) pages, \(dirtyCount) dirtied meanwhile, expected downtime \(Int(expected)) ms, dirty rate \(stats.dirtyPagesRate) pages/s")
             if expected <= Double(parameters.downtimeLimitMS) { break }
             if stats.iterations >= parameters.maxIterations {
                 stats.update { stats.forcedSwitchover = true }
                 Log.warning("migration", "not converging after \(stats.iterations) iterations (expected downtime \(Int(expected)) ms > \(parameters.downtimeLimitMS) ms): switching over anyway")
                 break
             }
-            // Auto-converge: throttle the vCPUs when the remainder stops shrinking.
-            if remaining >= lastRemaining / 2 * 1 { stalls += 1 } else { stalls = 0 }
-            lastRemaining = remaining
-            if parameters.autoConverge && stalls >= 2 {
-                throttle = throttle == 0 ? parameters.throttleInitial : min(throttle + parameters.throttleIncrement, parameters.throttleMax)
-                vm.setThrottle(percent: throttle)
-                stats.update { stats.throttlePercent = throttle }
-                stalls = 0
-            }
         }
         // Stop-and-copy.
+        try checkCancelled()
+        phase = .stopAndCopy
+        if switchoverRequested {
+            stats.update { stats.switchoverRequested = true }
+            Log.info("migration", "switch-over requested (the VM was stopped): stop-and-copy starts now")
+        }
         stats.set(.device)
         vm.setThrottle(percent: 0)  // first: the throttle thread must not resume after our pause
         let stopStart = monotonicNanoseconds()
@@ -385,18 +604,41 @@ public final class MigrationSource: @unchecked Sendable {
         let states: [VCPUState]
         do { states = try vm.saveVCPUs() } catch { throw MigrationError.channel("saving vCPU state: \(error)") }
         try send(.vcpus, MigrationStream.vcpusPayload(states.map { VCPUStateBytes(regs: $0.regs, sregs: $0.sregs, fpu: $0.fpu) }))
-        var end = BEWriter(); end.u64(stats.normalPages + stats.zeroPages)
-        try send(.end, end.bytes)
-        // The destination has resumed when it says so.
-        guard let verdict = Verdict.receive(socket) else {
-            throw MigrationError.channel("the destination closed the connection before confirming")
+        // The destination resumes only if the guest was running here: a VM paused before the
+        // migration, or stopped during it, stays paused (QEMU's global run state).
+        let running = devices.allSatisfy { $0.initialState == .running } && !switchoverRequested && !vmWasPausedAtStart
+        try send(.end, MigrationStream.endPayload(pagesSent: stats.normalPages + stats.zeroPages, sourceRunning: running))
+        // Two-phase switch-over: the destination loads everything and says READY; only then
+        // is it told GO. Until GO the source can still take the VM back (cancel, timeout).
+        phase = .handshake
+        let ready = try receiveVerdict("waiting for the destination to load the state")
+        guard ready.kind == .ready else {
+            if ready.kind == .error { throw MigrationError.destination(ready.text) }
+            throw MigrationError.channel("the destination answered \(ready.kind) before GO")
         }
-        guard verdict.ok else { throw MigrationError.destination(verdict.text) }
+        try control.withLock {
+            if cancelFlag { throw MigrationError.cancelled }
+            committed = true
+        }
+        do { try Verdict.send(socket, .go, "") } catch {
+            // GO did not leave: the destination cannot have taken over.
+            throw MigrationError.channel("sending GO: \(error)")
+        }
+        let verdict: Verdict.Message
+        do { verdict = try receiveVerdict("waiting for the destination to resume the guest") } catch {
+            throw MigrationError.unconfirmed("the destination was told to take over (GO) but \(error); the source VM stays paused so the guest cannot run twice (check the destination; `cont` here only if it does not run)")
+        }
+        guard verdict.kind == .ack else {
+            // An error after GO: the destination failed before resuming, the VM is ours again.
+            control.withLock { committed = false }
+            throw MigrationError.destination(verdict.text)
+        }
         let downtime = Double(monotonicNanoseconds() - stopStart) / 1e6
+        control.withLock { finished = true }
         // Done: off the downtime path, the source's devices end their sessions.
         for d in devices {
             _ = try? d.migration.transition(to: .stop)
-            if d.logging { try? d.attached.client.stopDMALogging() }
+            if d.loggingStarted { try? d.attached.client.stopDMALogging() }
         }
         try? vm.setDirtyLogging(false)
         stats.update {
@@ -405,26 +647,45 @@ public final class MigrationSource: @unchecked Sendable {
             stats.totalTimeMS = Double(monotonicNanoseconds() - stats.startNS) / 1e6
         }
         lastVerdict = verdict.text
+        vmLeftPaused = true
         onCompleted?()
         stats.set(.completed)
+        if stats.forcedSwitchover { Log.warning("migration", stats.summary) } else { Log.info("migration", stats.summary) }
     }
 
-    /// Called after a successful migration, before the status says "completed".
-    public var onCompleted: (() -> Void)?
-    /// What the destination said on success (a JSON object).
-    public private(set) var lastVerdict: String?
+    /// Whether the VM was paused (by someone else) when the migration began.
+    private var vmWasPausedAtStart = false
 
-    /// Everything back as it was: devices RUNNING, logging off, vCPUs running.
+    /// One verdict from the destination, bounded by the peer timeout and by cancel.
+    private func receiveVerdict(_ what: String) throws -> Verdict.Message {
+        do { return try Verdict.read(socket) } catch { throw channelError(error, what, receiving: true) }
+    }
+
+    /// After GO without confirmation: no rollback, the VM stays paused (see `.unconfirmed`).
+    private func finishUnconfirmed() {
+        control.withLock { finished = true }
+        for d in devices {
+            _ = try? d.migration.transition(to: .stop)
+            if d.loggingStarted { try? d.attached.client.stopDMALogging() }
+        }
+        try? vm.setDirtyLogging(false)
+        vmLeftPaused = pausedByUs
+    }
+
+    /// Everything back as it was: devices in their state from before (RUNNING, or STOP for a
+    /// VM that was paused or was stopped during the migration), logging off, our pause released.
     private func rollback() {
+        let stopped = control.withLock { () -> Bool in finished = true; return switchoverFlag }
         vm.setThrottle(percent: 0)
         for (i, d) in devices.enumerated() {
-            if (try? d.migration.state()) != .running {
-                if (try? d.migration.transition(to: .running)) == nil {
-                    Log.warning("migration", "device \(i) did not return to RUNNING; resetting it")
+            let target: MigrationState = stopped || d.initialState == .stop ? .stop : .running
+            if (try? d.migration.state()) != target {
+                if (try? d.migration.transition(to: target)) == nil {
+                    Log.warning("migration", "device \(i) did not return to \(target); resetting it")
                     try? d.migration.reset()
                 }
             }
-            if d.logging { try? d.attached.client.stopDMALogging() }
+            if d.loggingStarted { try? d.attached.client.stopDMALogging() }
         }
         try? vm.setDirtyLogging(false)
         if pausedByUs { vm.resume(); pausedByUs = false }

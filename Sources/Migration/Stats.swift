@@ -24,7 +24,13 @@ public final class MigrationStats: @unchecked Sendable {
     public internal(set) var throttlePercent: UInt64 = 0
     public internal(set) var bandwidth: Double = 0          // bytes/s
     public internal(set) var deviceBytes: [UInt64] = []
+    /// Switch-over although the downtime limit could not be met (not converging after
+    /// x-max-iterations): the downtime is then over the limit, and the summary says so.
     public internal(set) var forcedSwitchover = false
+    /// Switch-over because the VM was stopped during the migration (QEMU's rule), whatever
+    /// the prediction.
+    public internal(set) var switchoverRequested = false
+    public internal(set) var downtimeLimitMS: UInt64 = 0
     /// Called on every status change (the MIGRATION event).
     public var onStatus: ((Status) -> Void)?
 
@@ -35,6 +41,31 @@ public final class MigrationStats: @unchecked Sendable {
         onStatus?(s)
     }
     func update(_ body: () -> Void) { lock.withLock(body) }
+    /// One line for the operator: what happened, including a forced or requested switch-over.
+    public var summary: String {
+        let st = status
+        var out: String
+        switch st {
+        case .completed:
+            out = "migration completed: downtime \(Self.tenths(downtimeMS)) ms (limit \(downtimeLimitMS) ms), \(iterations) iterations, \(transferredBytes) bytes in \(Int(totalTimeMS.rounded())) ms"
+        case .failed, .cancelled:
+            out = "migration \(st.rawValue): \(errorDescription ?? "no reason recorded"); the VM runs on at the source"
+        default:
+            out = "migration \(st.rawValue): \(iterations) iterations, \(transferredBytes) bytes so far"
+        }
+        if forcedSwitchover {
+            out += "; FORCED switch-over: not converging after \(iterations) iterations (expected downtime \(expectedDowntimeMS) ms > limit \(downtimeLimitMS) ms)"
+        }
+        if switchoverRequested { out += "; switch-over requested by a stop of the VM" }
+        if throttlePercent > 0 { out += "; vCPUs throttled to \(throttlePercent)% (auto-converge)" }
+        return out
+    }
+
+    static func tenths(_ v: Double) -> String {
+        let t = Int((v * 10).rounded())
+        return "\(t / 10).\(abs(t % 10))"
+    }
+
     /// Read several fields together (they are updated under the lock; word-sized reads of a
     /// snapshot in progress are at worst one update stale, which progress reports tolerate).
     public func snapshot<T>(_ body: (MigrationStats) -> T) -> T { body(self) }
@@ -55,5 +86,9 @@ public struct MigrationParameters: Sendable {
     public var maxIterations: UInt64 = 64
     /// Treat every page mapped by a device without dirty tracking as dirty (else: blocker).
     public var allowUntrackedDevices = false
+    /// Milliseconds the peer may make no progress (stop reading, or not answer) before the
+    /// migration fails with `.peerTimeout` and the source resumes; 0 = wait forever. It
+    /// applies in every phase, switch-over included (QMP: x-vfio-live-peer-timeout).
+    public var peerTimeoutMS: UInt64 = 5000
     public init() {}
 }

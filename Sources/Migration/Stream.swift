@@ -15,13 +15,18 @@ import VFIO
 ///     DEVICE  device index u32, then QEMU's VFIO records: SETUP, DATA (be64 length + bytes),
 ///             CONFIG (+ payload), INIT_DATA_SENT, each group ended by END_OF_STATE
 ///     VCPUS   count u32, count × {regs, sregs, fpu: each u32 length + bytes}
-///     END     pages sent u64
+///     END     pages sent u64; since version 2 also flags u32 (1 = the source VM was running
+///             at switch-over: the destination resumes; else it stays paused, as QEMU's
+///             global run state) and 0 u32
 ///     LIVE_UPDATE  (cpr-transfer / cpr-exec only; no RAM or DEVICE sections then: guest RAM
 ///             and the devices are handed over as descriptors) vCPUs paused at u64 (CLOCK_MONOTONIC
 ///             ns, the same clock in both processes), devices u32, devices × MSIs counted u64
 public enum MigrationStream {
     public static let magic: [UInt8] = Array("VLMIGRAT".utf8)
-    public static let version: UInt32 = 1
+    /// Version 2: END carries the source's run state, and the switch-over is two-phase on the
+    /// back channel (RDY, GO; see Verdict). Version 1 streams are still read.
+    public static let version: UInt32 = 2
+    public static let readableVersions: ClosedRange<UInt32> = 1...2
     public static let headerSize = 16
     public static let sectionHeaderSize = 16
     public static let pageSize: UInt64 = 4096
@@ -42,6 +47,10 @@ public enum MigrationStream {
     }
     public static func configPayload(ramSize: UInt64, vcpus: Int, devices: Int) -> [UInt8] {
         var w = BEWriter(); w.u64(ramSize); w.u32(UInt32(vcpus)); w.u32(UInt32(devices)); w.u32(UInt32(pageSize)); return w.bytes
+    }
+    /// END: pages sent, and whether the source VM was running (the destination's cue to resume).
+    public static func endPayload(pagesSent: UInt64, sourceRunning: Bool) -> [UInt8] {
+        var w = BEWriter(); w.u64(pagesSent); w.u32(sourceRunning ? 1 : 0); w.u32(0); return w.bytes
     }
     public static func vcpusPayload(_ states: [VCPUStateBytes]) -> [UInt8] {
         var v = BEWriter()
@@ -89,11 +98,13 @@ public enum StreamError: Error, CustomStringConvertible, Equatable {
     case configMismatch(String)
     case truncated(offset: UInt64)
     case missingEnd
+    /// The source sent nothing for the peer timeout (it hangs, or the link is dead).
+    case peerSilent(ms: UInt64)
 
     public var description: String {
         switch self {
         case .notAMigrationStream: return "not a vfio-live migration stream (bad magic)"
-        case let .unsupportedVersion(v): return "unsupported migration stream version \(v) (this build reads \(MigrationStream.version))"
+        case let .unsupportedVersion(v): return "unsupported migration stream version \(v) (this build reads \(MigrationStream.readableVersions.lowerBound)-\(MigrationStream.readableVersions.upperBound))"
         case let .unknownSection(t, off): return "unknown section type \(t) at stream offset \(off)"
         case let .sectionTooLarge(t, n): return "\(t) section of \(n) bytes exceeds the \(MigrationStream.maxSectionLength)-byte limit"
         case let .checksumMismatch(t, id, off): return "\(t) section \(id) at stream offset \(off) is corrupt (checksum mismatch)"
@@ -101,6 +112,7 @@ public enum StreamError: Error, CustomStringConvertible, Equatable {
         case let .configMismatch(why): return "the source VM does not match this one: \(why)"
         case let .truncated(off): return "stream ends in the middle of a section (offset \(off))"
         case .missingEnd: return "stream ended without an END section"
+        case let .peerSilent(ms): return "the source sent nothing for \(ms) ms (it hangs, or the link is down)"
         }
     }
 }
@@ -117,11 +129,14 @@ public protocol MigrationSink: AnyObject {
     func deviceInitialDataSent(device: UInt32) throws
     func vcpus(_ states: [VCPUStateBytes]) throws
     func end(pagesSent: UInt64) throws
+    /// The source's run state at switch-over (version-2 END, just before `end`).
+    func sourceRunState(running: Bool) throws
     /// A live update's VMM-side state (only in live-update streams).
     func liveUpdate(pausedAt: UInt64, interrupts: [UInt64]) throws
 }
 
 extension MigrationSink {
+    public func sourceRunState(running: Bool) throws {}
     public func liveUpdate(pausedAt: UInt64, interrupts: [UInt64]) throws {
         throw StreamError.malformed(.liveUpdate, id: 0, "a LIVE_UPDATE section in a migration stream (start the destination with --incoming cpr:unix:PATH for a live update)")
     }
@@ -172,12 +187,14 @@ public final class MigrationStreamDecoder {
     private static func be32(_ b: ArraySlice<UInt8>) -> UInt32 { b.prefix(4).reduce(0) { $0 << 8 | UInt32($1) } }
 
     public private(set) var flags: UInt32 = 0
+    public private(set) var version: UInt32 = 0
 
     public func readHeader() throws {
         let h = try read(MigrationStream.headerSize)
         guard Array(h[0..<8]) == MigrationStream.magic else { throw StreamError.notAMigrationStream }
         let v = Self.be32(h[8...])
-        guard v == MigrationStream.version else { throw StreamError.unsupportedVersion(v) }
+        guard MigrationStream.readableVersions.contains(v) else { throw StreamError.unsupportedVersion(v) }
+        version = v
         flags = Self.be32(h[12...])
         guard flags & ~MigrationStream.flagLiveUpdate == 0 else { throw StreamError.malformed(.config, id: 0, "unknown stream flags \(hex(UInt64(flags)))") }
     }
@@ -305,7 +322,12 @@ public final class MigrationStreamDecoder {
             guard r.remaining == 0 else { throw bad("\(r.remaining) bytes after the last vCPU") }
             try sink.vcpus(states)
         case .end:
-            guard let pages = r.u64(), r.remaining == 0 else { throw bad("END carries 8 bytes") }
+            guard let pages = r.u64() else { throw bad("truncated") }
+            if r.remaining == 8, let f = r.u32(), let zero = r.u32() {
+                guard f & ~1 == 0, zero == 0 else { throw bad("unknown run-state flags \(hex(UInt64(f))) / \(zero)") }
+                try sink.sourceRunState(running: f & 1 != 0)
+            }
+            guard r.remaining == 0 else { throw bad("END carries 8 or 16 bytes") }
             try sink.end(pagesSent: pages)
         case .liveUpdate:
             guard let at = r.u64(), let n = r.u32(), n == devices else { throw bad("truncated, or its device count differs from CONFIG's") }
