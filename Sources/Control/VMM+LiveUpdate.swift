@@ -67,7 +67,8 @@ extension VirtualMachineManager {
             src.extraRecords = [(CPRNames.qmpPath, Array(q.path.utf8))]
         }
         if let hook = liveUpdateFaultForTesting { src.beforeStep = hook }
-        let peer = Int32(clamping: withLock { peerTimeoutMS })
+        let peerMS = withLock { parameters.peerTimeoutMS }
+        let peer: Int32 = peerMS == 0 ? -1 : Int32(clamping: peerMS)
         src.timeoutMilliseconds = peer
         let s = MigrationStats()
         s.onStatus = { [weak self] st in self?.qmp?.emit("MIGRATION", data: .object([("status", .string(st.rawValue))])) }
@@ -89,7 +90,7 @@ extension VirtualMachineManager {
                         sock = try connectCPR(spawnPath, child: pid)
                     }
                     defer { sock.close() }
-                    setSocketTimeouts(sock.fd, milliseconds: peer)
+                    if peer > 0 { setSocketTimeouts(sock.fd, milliseconds: peer) }
                     s.set(.active)
                     let r = try src.transfer(over: sock)
                     withControl { withLock { liveUpdateReport = r }; set(.postmigrate) }
@@ -136,9 +137,9 @@ extension VirtualMachineManager {
     }
 
     /// Connect to the new VMM's cpr socket, waiting for it to listen (a spawned child may take
-    /// a moment, and may die first: say so). Bounded by the peer timeout.
+    /// a moment, and may die first: say so). Bounded: 20 s, or the peer timeout if longer.
     private func connectCPR(_ path: String, child: pid_t?) throws -> UnixSocket {
-        let limit = withLock { peerTimeoutMS }
+        let limit = max(withLock { parameters.peerTimeoutMS }, 20_000)
         let deadline = monotonicNanoseconds() + limit * 1_000_000
         while true {
             if let s = try? UnixSocket.connect(path: path) { return s }

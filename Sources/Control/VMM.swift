@@ -49,10 +49,11 @@ public final class VirtualMachineManager: QMPHandler, @unchecked Sendable {
     /// Why the VM is in internal-error (a device lost), if it is.
     private var lostReason: String?
     private var deviceWatch: DeviceWatch?
+    /// The migration parameters; `peerTimeoutMS` (QMP x-vfio-live-peer-timeout) also bounds
+    /// each wait of a live update on its successor.
     public private(set) var parameters = MigrationParameters()
-    /// How long a live update waits for each answer of the new VMM (ms); QMP parameter
-    /// x-vfio-live-peer-timeout.
-    public private(set) var peerTimeoutMS: UInt64 = 30_000
+    /// The destination being loaded (migrate-incoming), for `stop`/`cont` while it waits.
+    private var incomingDestination: MigrationDestination?
     private var outgoing: MigrationSource?
     public private(set) var stats = MigrationStats()
     private var migrationThread: OSThread?
@@ -183,12 +184,15 @@ public final class VirtualMachineManager: QMPHandler, @unchecked Sendable {
         let before = try claim(.migration, "migrate", allowed: [.running, .paused])
         var handedToThread = false
         defer { if !handedToThread { release(.migration) } }
+        let params = lock.withLock { parameters }
+        // Refused before connecting: the waiting destination never sees this attempt.
+        do { try MigrationSource.checkBlockers(vm: vm, parameters: params, policies: policies) } catch { throw QMPError("\(error)") }
         let sock: StreamSocket
         do { sock = try connectStream(address) } catch { throw QMPError("cannot connect to \(address): \(error)") }
         let newStats = MigrationStats()
         newStats.onStatus = { [weak self] s in self?.migrationEvent(s) }
         let src: MigrationSource
-        do { src = try MigrationSource(vm: vm, to: sock, parameters: lock.withLock { parameters }, policies: policies, stats: newStats) } catch {
+        do { src = try MigrationSource(vm: vm, to: sock, parameters: params, policies: policies, stats: newStats) } catch {
             // Nothing was sent: the destination sees a connection that closes empty, and waits on.
             sock.fd.close()
             throw QMPError("\(error)")
@@ -207,11 +211,17 @@ public final class VirtualMachineManager: QMPHandler, @unchecked Sendable {
                 // Leave QMP clients a moment to read the final query-migrate, then exit.
                 if exitAfterMigration { usleep(1_500_000); onExit?(0) }
             } catch {
-                // The source rolled back (devices RUNNING, its own pause released): the VM
-                // returns to the state it had, or paused after a stop meanwhile, or stays in
-                // internal-error after a device was lost.
+                // The source rolled back (devices as they were, or in STOP after a stop
+                // meanwhile; its own pause released): the VM returns to the state it had, or
+                // paused after a stop meanwhile, or stays in internal-error after a device was
+                // lost. After GO without an answer the engine keeps the guest paused (it may
+                // run at the destination): that pause becomes this VMM's, and the state paused.
                 let back = control.withLock { () -> RunState in
-                    let back = lock.withLock { lostReason != nil ? RunState.internalError : resumeState }
+                    var back = lock.withLock { lostReason != nil ? RunState.internalError : resumeState }
+                    if src.vmLeftPaused {
+                        if holdsPause { vm.resume() } else { holdsPause = true }
+                        if back == .running { back = .paused }
+                    }
                     if back == .paused { setDevices(.stop) }
                     lock.withLock { state = back; outgoing = nil }
                     return back
@@ -229,7 +239,7 @@ public final class VirtualMachineManager: QMPHandler, @unchecked Sendable {
 
     /// Accept one incoming migration on `uri` (tcp:HOST:PORT or unix:PATH), in the background.
     /// A connection that closes before sending anything (a source that refused its migration)
-    /// or sends nothing within the peer timeout is dropped, and the destination waits on.
+    /// or sends nothing within the peer timeout touches nothing, and the destination waits on.
     public func startIncoming(uri: String) throws {
         let address: SocketAddress
         do { address = try SocketAddress(uri: uri) } catch { throw QMPError("\(error)") }
@@ -262,33 +272,39 @@ public final class VirtualMachineManager: QMPHandler, @unchecked Sendable {
         migrationThread = OSThread(name: "incoming") { [self] in
             defer { close() }
             do {
-                var conn: StreamSocket?
-                while conn == nil {
-                    guard let s = try accept() else { return }
-                    if sendsAStream(s) { conn = s } else { s.fd.close() }
-                }
-                let d = try MigrationDestination(vm: vm, from: conn!)
-                d.stats.onStatus = { [weak self] st in self?.migrationEvent(st) }
-                d.afterDevicesLoaded = { [weak self] in if let self { self.deviceDigests = self.digestDevices() } }
-                // QEMU: the destination runs only with autostart (no `stop` while it waited);
-                // otherwise it stays paused. The pause is taken before the guest would resume.
-                var stayPaused = false
-                d.beforeResume = { [self] in
-                    control.withLock {
-                        stayPaused = !lock.withLock { autostart }
-                        if stayPaused { holdPauseLocked() }
+                var d: MigrationDestination
+                while true {
+                    guard let conn = try accept() else { return }
+                    d = try MigrationDestination(vm: vm, from: conn)
+                    d.stats.onStatus = { [weak self] st in self?.migrationEvent(st) }
+                    d.afterDevicesLoaded = { [weak self] in if let self { self.deviceDigests = self.digestDevices() } }
+                    lock.withLock {
+                        d.peerTimeoutMS = parameters.peerTimeoutMS
+                        d.autostart = autostart
+                        incomingDestination = d
+                        stats = d.stats
+                    }
+                    do {
+                        try d.run()
+                        break
+                    } catch MigrationError.closedBeforeStream(let why) {
+                        // A source that refused (or said nothing): nothing here was touched.
+                        conn.fd.close()
+                        Log.info("vmm", "an incoming connection brought no migration (\(why)); still waiting on \(shown)")
                     }
                 }
-                lock.withLock { stats = d.stats }
-                try d.run()
+                // QEMU: the destination runs if the source ran and autostart holds (no `stop`
+                // while it waited); otherwise it stays paused, devices in STOP, and the pause it
+                // was created with becomes this VMM's (cont releases it).
+                let resumed = d.resumed
                 control.withLock {
-                    if stayPaused { setDevices(.stop) }
-                    lock.withLock { state = stayPaused ? .paused : .running; hasGuest = true }
+                    if !resumed { holdsPause = true }
+                    lock.withLock { state = resumed ? .running : .paused; hasGuest = true; incomingDestination = nil }
                 }
                 release(.incoming)
                 watchDevices()
-                qmp?.emit(stayPaused ? "STOP" : "RESUME")
-                Log.info("vmm", "incoming migration completed; the guest \(stayPaused ? "stays paused (stop was given while it waited)" : "runs here")")
+                qmp?.emit(resumed ? "RESUME" : "STOP")
+                Log.info("vmm", "incoming migration completed; the guest \(resumed ? "runs here" : "stays paused here (the source was paused, or stop was given while it waited)")")
             } catch {
                 Log.error("vmm", "incoming migration failed: \(error)")
                 set(.internalError)
@@ -296,20 +312,6 @@ public final class VirtualMachineManager: QMPHandler, @unchecked Sendable {
                 onExit?(1)
             }
         }
-    }
-
-    /// Whether a new incoming connection starts a stream: its first byte arrives within the
-    /// peer timeout (peeked, not read). An empty close is a source that gave up before sending.
-    private func sendsAStream(_ s: StreamSocket) -> Bool {
-        let t = Int32(clamping: lock.withLock { peerTimeoutMS })
-        guard (try? Poll.waitReadable(s.fd, timeoutMilliseconds: t)) == true else {
-            Log.warning("vmm", "an incoming connection sent nothing within \(t) ms; dropped, still waiting")
-            return false
-        }
-        var b: UInt8 = 0
-        let n = recv(s.fd.rawValue, &b, 1, Int32(MSG_PEEK))
-        if n <= 0 { Log.info("vmm", "a source connected and closed without sending (its migration was refused there); still waiting") }
-        return n > 0
     }
 
     // MARK: run control
@@ -325,10 +327,12 @@ public final class VirtualMachineManager: QMPHandler, @unchecked Sendable {
             if op == .liveUpdate { throw QMPError("stop refused: a live update is in progress (the VM is handed over or taken back within the peer timeout)") }
             switch s {
             case .inmigrate:
-                lock.withLock { autostart = false }
+                lock.withLock { autostart = false; incomingDestination?.autostart = false }
                 return false
-            case .running where op == .migration:
-                // The devices belong to the migration now; only the vCPUs stop.
+            case .running where op == .migration && lock.withLock({ outgoing })?.requestSwitchover() == true:
+                // QEMU: stop during a migration is the switch-over point. The devices belong to
+                // the migration now; only the vCPUs stop (this VMM's pause), and the migration
+                // goes to stop-and-copy at once.
                 holdPauseLocked()
                 lock.withLock { state = .paused; resumeState = .paused }
                 return true
@@ -358,7 +362,7 @@ public final class VirtualMachineManager: QMPHandler, @unchecked Sendable {
             case .running:
                 return
             case .inmigrate:
-                lock.withLock { autostart = true }
+                lock.withLock { autostart = true; incomingDestination?.autostart = true }
                 return
             case .paused where op == .migration:
                 throw QMPError("cont refused: the VM was stopped during a migration, which now finishes with it stopped; cont after the migration ends (if it fails)")
@@ -441,8 +445,10 @@ public final class VirtualMachineManager: QMPHandler, @unchecked Sendable {
                 if let v = a?["cpu-throttle-initial"]?.uint64 { parameters.throttleInitial = min(max(v, 1), 99) }
                 if let v = a?["cpu-throttle-increment"]?.uint64 { parameters.throttleIncrement = min(max(v, 1), 99) }
                 if let v = a?["x-vfio-live-peer-timeout"] {
-                    guard let n = v.uint64, n >= 100, n <= 3_600_000 else { throw QMPError("x-vfio-live-peer-timeout must be 100..3600000 ms") }
-                    peerTimeoutMS = n
+                    guard let n = v.uint64, n == 0 || (n >= 100 && n <= 3_600_000) else {
+                        throw QMPError("x-vfio-live-peer-timeout must be 100..3600000 ms, or 0 for none")
+                    }
+                    parameters.peerTimeoutMS = n
                 }
                 if case let .string(m)? = a?["mode"] {
                     if m == "normal" { cprMode = nil } else {
@@ -458,10 +464,10 @@ public final class VirtualMachineManager: QMPHandler, @unchecked Sendable {
             }
             return .object([])
         case "query-migrate-parameters":
-            let (p, mode, peer) = lock.withLock { (parameters, cprMode, peerTimeoutMS) }
+            let (p, mode) = lock.withLock { (parameters, cprMode) }
             return .object([("mode", .string(mode?.rawValue ?? "normal")), ("downtime-limit", .number(Double(p.downtimeLimitMS))), ("max-bandwidth", .number(Double(p.maxBandwidth))),
                             ("x-max-iterations", .number(Double(p.maxIterations))), ("cpu-throttle-initial", .number(Double(p.throttleInitial))),
-                            ("cpu-throttle-increment", .number(Double(p.throttleIncrement))), ("x-vfio-live-peer-timeout", .number(Double(peer)))])
+                            ("cpu-throttle-increment", .number(Double(p.throttleIncrement))), ("x-vfio-live-peer-timeout", .number(Double(p.peerTimeoutMS)))])
         case "migrate-set-capabilities":
             guard case let .array(list)? = a?["capabilities"] else { throw QMPError("Parameter 'capabilities' is missing") }
             try lock.withLock {
