@@ -43,56 +43,65 @@ extension VirtualMachineManager {
         return out + extra
     }
 
-    /// Start a live update. Blockers are checked now (a QMP error names them); the handover runs
-    /// on the migration thread, observable through query-migrate.
+    /// Start a live update. The VM is claimed first (refused during a migration, another live
+    /// update or quit, and unless it runs), then blockers are checked and the new binary is
+    /// probed (`CPRProbe`), all before anything is touched; a QMP error names the reason. The
+    /// handover runs on its own thread, observable through query-migrate; the claim ends with
+    /// it, whatever happens.
     public func startLiveUpdate(mode: LiveUpdateMode, to path: String?, command: [String]?) throws {
-        guard runState == .running else { throw QMPError("a live update needs a running VM (state \(runState.rawValue))") }
+        try claim(.liveUpdate, "live update", allowed: [.running])
+        var handedToThread = false
+        defer { if !handedToThread { release(.liveUpdate) } }
         let src = LiveUpdateSource(vm: vm)
         src.optOut = liveUpdateOptOut
         src.participants = liveUpdateParticipants
         let blockers = src.blockers()
         guard blockers.isEmpty else { throw QMPError("live update blocked: \(blockers.joined(separator: "; "))") }
+        let spawns = mode == .exec || path == nil
+        let argv = successorCommand(command, extra: mode == .transfer && path == nil ? ["--incoming", "cpr:unix:\(spawnPath)"] : [])
+        if spawns {
+            do { try CPRProbe.check(binary: argv[0]) } catch { throw QMPError("\(error); the VM runs on here") }
+        }
         if let q = qmp {
             src.extraEntries = [CPRState.Entry(name: CPRNames.qmpListener, id: 0, fd: q.listenerFD)]
             src.extraRecords = [(CPRNames.qmpPath, Array(q.path.utf8))]
         }
         if let hook = liveUpdateFaultForTesting { src.beforeStep = hook }
+        let peerMS = withLock { parameters.peerTimeoutMS }
+        let peer: Int32 = peerMS == 0 ? -1 : Int32(clamping: peerMS)
+        src.timeoutMilliseconds = peer
         let s = MigrationStats()
         s.onStatus = { [weak self] st in self?.qmp?.emit("MIGRATION", data: .object([("status", .string(st.rawValue))])) }
-        // Checked and claimed under one lock: two QMP clients cannot both start an update.
-        try withLock {
-            guard !liveUpdateInProgress else { throw QMPError("a live update is already in progress") }
-            liveUpdateInProgress = true; liveUpdateReport = nil
-        }
+        withLock { liveUpdateReport = nil }
         replaceStats(s)
         s.set(.setup)
-        let spawnPath = "/tmp/vfio-live-cpr-\(getpid()).sock"
+        handedToThread = true
         let thread = OSThread(name: "live-update") { [self] in
-            defer { withLock { liveUpdateInProgress = false } }
+            var child: pid_t?
             do {
                 switch mode {
                 case .transfer:
                     let sock: UnixSocket
                     if let path { sock = try connectCPR(path, child: nil) } else {
-                        let argv = successorCommand(command, extra: ["--incoming", "cpr:unix:\(spawnPath)"])
                         unlink(spawnPath)
-                        let pid = try ChildProcess.spawn(argv[0], argv)
+                        let pid = try ChildProcess.spawn(argv[0], argv, extraEnvironment: ["\(LiveUpdateTarget.parentVariable)=\(getpid())"])
+                        child = pid
                         Log.info("vmm", "started the new VMM (pid \(pid)): \(argv.joined(separator: " "))")
                         sock = try connectCPR(spawnPath, child: pid)
                     }
                     defer { sock.close() }
+                    if peer > 0 { setSocketTimeouts(sock.fd, milliseconds: peer) }
                     s.set(.active)
                     let r = try src.transfer(over: sock)
-                    withLock { liveUpdateReport = r }
+                    withControl { withLock { liveUpdateReport = r }; set(.postmigrate) }
                     s.set(.completed)
-                    set(.postmigrate)
+                    release(.liveUpdate)
                     qmp?.emit("STOP")
                     if r.qmpAdopted { qmp?.relinquishListener() }
                     Log.info("vmm", "live update (cpr-transfer) completed: blackout \(formatFixed(Double(r.blackoutNS) / 1e6, 2)) ms; pid \(r.successorPID) runs the VM; this VMM exits")
                     usleep(1_500_000)
                     onExit?(0)
                 case .exec:
-                    let argv = successorCommand(command, extra: [])
                     s.set(.active)
                     Log.info("vmm", "live update (cpr-exec): exec \(argv[0])")
                     fflush(stdout)
@@ -100,22 +109,46 @@ extension VirtualMachineManager {
                 }
             } catch {
                 Log.error("vmm", "live update failed, the VM runs on here: \(error)")
+                if let pid = child { reapSuccessor(pid) }
+                if path == nil && mode == .transfer { unlink(spawnPath) }
                 s.set(.failed, error: "\(error)")
+                release(.liveUpdate)
             }
         }
         _ = thread
     }
 
+    /// Where a successor this VMM starts listens for it.
+    var spawnPath: String { "/tmp/vfio-live-cpr-\(getpid()).sock" }
+
+    /// A successor that failed ends by itself once told (ERROR, or our end closed); wait a
+    /// moment for that, then kill it. Either way it is reaped: no zombie stays behind.
+    private func reapSuccessor(_ pid: pid_t) {
+        let deadline = monotonicNanoseconds() + 3_000_000_000
+        while monotonicNanoseconds() < deadline {
+            var st: Int32 = 0
+            let r = waitpid(pid, &st, WNOHANG)
+            if r == pid || (r < 0 && errno == ECHILD) { return }
+            usleep(10_000)
+        }
+        Log.warning("vmm", "the failed new VMM (pid \(pid)) did not exit; killing it")
+        kill(pid, SIGKILL)
+        ChildProcess.wait(pid)
+    }
+
     /// Connect to the new VMM's cpr socket, waiting for it to listen (a spawned child may take
-    /// a moment, and may die first: say so).
+    /// a moment, and may die first: say so). Bounded: 20 s, or the peer timeout if longer.
     private func connectCPR(_ path: String, child: pid_t?) throws -> UnixSocket {
-        let deadline = monotonicNanoseconds() + 20_000_000_000
+        let limit = max(withLock { parameters.peerTimeoutMS }, 20_000)
+        let deadline = monotonicNanoseconds() + limit * 1_000_000
         while true {
             if let s = try? UnixSocket.connect(path: path) { return s }
             if let pid = child, let st = ChildProcess.exitStatus(pid) {
                 throw CPRError.channel("the new VMM (pid \(pid)) exited with status \(st) before listening on \(path)")
             }
-            if monotonicNanoseconds() > deadline { throw CPRError.channel("nothing listens on \(path) (start the new VMM with --incoming cpr:unix:\(path))") }
+            if monotonicNanoseconds() > deadline {
+                throw CPRError.channel("nothing listens on \(path) after \(limit) ms (start the new VMM with --incoming cpr:unix:\(path))")
+            }
             usleep(5_000)
         }
     }
@@ -126,6 +159,6 @@ extension VirtualMachineManager {
         s.set(.completed)
         replaceStats(s)
         withLock { liveUpdateReport = r }
-        set(.running)
+        markRunningAfterTakeover()
     }
 }

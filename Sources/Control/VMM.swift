@@ -8,15 +8,52 @@ import VFIOUser
 
 /// One VMM process: a micro-VM, its devices, migration in either direction, and the QMP
 /// commands that drive them. QEMU's run states are kept where they mean the same thing.
+///
+/// One VM never runs in two places, and the run state always says what the vCPUs do:
+/// - every long operation (migrate, migrate-incoming, live update, quit) claims the VM in one
+///   locked step that also checks the run state, and a conflicting one is refused with a QMP
+///   error naming what holds the VM;
+/// - every run-state change (stop, cont, the verifier's pause, a device lost, the end of an
+///   operation) runs under one control lock together with the vCPU pause or resume it implies,
+///   and this VMM holds at most one pause of its own (`holdsPause`): two stops cannot pause
+///   twice, and a cont never releases a pause that a migration or live update holds.
 public final class VirtualMachineManager: QMPHandler, @unchecked Sendable {
     public enum RunState: String { case running, paused, inmigrate, postmigrate, finishMigrate = "finish-migrate", internalError = "internal-error" }
+
+    /// What holds the VM while it lasts; at most one at a time.
+    public enum Operation: String, Sendable {
+        case migration = "a migration", incoming = "an incoming migration", liveUpdate = "a live update", quit = "quit"
+    }
 
     public let vm: MicroVM
     public let policies: [DeviceMigrationPolicy]
     public var qmp: QMPServer?
+    /// Guards the fields below (short sections only; never held across a vCPU pause).
     private let lock = Mutex()
+    /// Serialises run-state changes with the pause or resume they imply. Order: control, then lock.
+    private let control = Mutex()
     private var state: RunState
+    private var operation: Operation?
+    /// This VMM's own pause of the vCPUs (paused, internal-error, a stop during a migration);
+    /// guarded by `control`.
+    private var holdsPause = false
+    /// The VM has a guest of its own (booted, migrated in, or taken over): no incoming
+    /// migration may overwrite it.
+    private var hasGuest = false
+    /// QEMU's autostart: a destination resumes after the migration unless `stop` was given
+    /// while it waited (or the source was paused).
+    private var autostart = true
+    /// Where a migration that fails returns the VM to: its state when it started, or paused
+    /// after a `stop` meanwhile.
+    private var resumeState: RunState = .running
+    /// Why the VM is in internal-error (a device lost), if it is.
+    private var lostReason: String?
+    private var deviceWatch: DeviceWatch?
+    /// The migration parameters; `peerTimeoutMS` (QMP x-vfio-live-peer-timeout) also bounds
+    /// each wait of a live update on its successor.
     public private(set) var parameters = MigrationParameters()
+    /// The destination being loaded (migrate-incoming), for `stop`/`cont` while it waits.
+    private var incomingDestination: MigrationDestination?
     private var outgoing: MigrationSource?
     public private(set) var stats = MigrationStats()
     private var migrationThread: OSThread?
@@ -35,7 +72,6 @@ public final class VirtualMachineManager: QMPHandler, @unchecked Sendable {
     var cprExecCommand: [String]?
     /// The last live update's report (either side), for query-migrate.
     public internal(set) var liveUpdateReport: LiveUpdateReport?
-    var liveUpdateInProgress = false
     /// Fault injection for tests: called at each step of an outgoing live update.
     public var liveUpdateFaultForTesting: ((String) throws -> Void)?
 
@@ -45,17 +81,61 @@ public final class VirtualMachineManager: QMPHandler, @unchecked Sendable {
         state = incoming ? .inmigrate : .paused
     }
 
+    deinit { deviceWatch?.stop() }
+
     public var runState: RunState { lock.withLock { state } }
+    /// The operation that holds the VM now, if any.
+    public var currentOperation: Operation? { lock.withLock { operation } }
 
     func set(_ s: RunState) { lock.withLock { state = s } }
     func withLock<T>(_ body: () throws -> T) rethrows -> T { try lock.withLock(body) }
+    func withControl<T>(_ body: () throws -> T) rethrows -> T { try control.withLock(body) }
     func replaceStats(_ s: MigrationStats) { lock.withLock { stats = s } }
+
+    // MARK: claims
+
+    /// Claim the VM for `op` if no other operation holds it and its state is one of `allowed`:
+    /// checked and taken in one locked step. Returns the state at the claim.
+    @discardableResult
+    func claim(_ op: Operation, _ what: String, allowed: [RunState]) throws -> RunState {
+        try lock.withLock {
+            if let busy = operation {
+                throw QMPError(busy == .quit ? "\(what) refused: the VMM is quitting" : "\(what) refused: \(busy.rawValue) is in progress")
+            }
+            if state == .internalError, let why = lostReason { throw QMPError("\(what) refused: the VM is in internal-error (\(why))") }
+            guard allowed.contains(state) else {
+                throw QMPError("\(what) needs a VM in state \(allowed.map(\.rawValue).joined(separator: " or ")) (it is \(state.rawValue))")
+            }
+            operation = op
+            return state
+        }
+    }
+
+    /// End `op`'s hold on the VM.
+    func release(_ op: Operation) { lock.withLock { if operation == op { operation = nil } } }
+
+    // Pause bookkeeping; the caller holds `control`.
+    private func holdPauseLocked() { if !holdsPause { vm.pause(); holdsPause = true } }
+    private func releasePauseLocked() { if holdsPause { holdsPause = false; vm.resume() } }
+
+    private func setDevices(_ s: MigrationState) {
+        for d in vm.devices where !d.client.isHandedOver { try? d.client.setMigrationState(s) }
+    }
 
     /// Start running (a fresh VM).
     public func boot() {
         vm.start()
-        vm.resume()
-        set(.running)
+        control.withLock {
+            vm.resume()
+            lock.withLock { state = .running; hasGuest = true }
+        }
+        watchDevices()
+    }
+
+    /// The VM was taken over from a predecessor and runs here.
+    func markRunningAfterTakeover() {
+        lock.withLock { state = .running; hasGuest = true }
+        watchDevices()
     }
 
     /// Checksum of each device's memory through its read-only mmap'd view.
@@ -66,48 +146,112 @@ public final class VirtualMachineManager: QMPHandler, @unchecked Sendable {
         }
     }
 
+    // MARK: a device lost
+
+    /// Watch every device connection from now on (a VM that is ours to run).
+    func watchDevices() {
+        let fds = vm.devices.map { $0.client.connection.socket.fd.rawValue }
+        guard deviceWatch == nil, !fds.isEmpty else { return }
+        deviceWatch = try? DeviceWatch(fds: fds) { [weak self] i, why in self?.deviceLost(i, why) }
+    }
+
+    /// A device server died under the VM. QEMU's choice for an unrecoverable device error
+    /// (hw/vfio/pci.c, vfio_err_notifier_handler) is the reference: the VM stops in
+    /// internal-error, a STOP event says so, and only a reset (here: a new VM) runs it again;
+    /// cont is refused. A migration in progress is cancelled (its device is gone); once the VM
+    /// has gone to a destination or a successor, the loss is no longer this VMM's concern.
+    func deviceLost(_ index: Int, _ why: String) {
+        let reason = "device \(index) lost: \(why)"
+        let (act, op) = control.withLock { () -> (Bool, Operation?) in
+            let (s, op) = lock.withLock { (state, operation) }
+            guard s != .postmigrate, s != .internalError else { return (false, op) }
+            holdPauseLocked()
+            lock.withLock { state = .internalError; lostReason = reason; resumeState = .internalError }
+            return (true, op)
+        }
+        guard act else { return }
+        Log.error("vmm", "\(reason); the VM stops in internal-error (QEMU's rule for an unrecoverable device error)")
+        if op == .migration { lock.withLock { outgoing }?.cancel() }
+        qmp?.emit("STOP")
+        qmp?.emit("X_VFIO_LIVE_DEVICE_LOST", data: .object([("device", .number(Double(index))), ("reason", .string(why))]))
+    }
+
     // MARK: migration
 
     public func startOutgoing(uri: String) throws {
-        guard runState == .running || runState == .paused else { throw QMPError("migration needs a running or paused VM (state \(runState.rawValue))") }
-        if let s = outgoing?.stats.status, s == .setup || s == .active || s == .device { throw QMPError("a migration is already in progress") }
         let address: SocketAddress
         do { address = try SocketAddress(uri: uri) } catch { throw QMPError("\(error)") }
+        let before = try claim(.migration, "migrate", allowed: [.running, .paused])
+        var handedToThread = false
+        defer { if !handedToThread { release(.migration) } }
+        let params = lock.withLock { parameters }
+        // Refused before connecting: the waiting destination never sees this attempt.
+        do { try MigrationSource.checkBlockers(vm: vm, parameters: params, policies: policies) } catch { throw QMPError("\(error)") }
         let sock: StreamSocket
         do { sock = try connectStream(address) } catch { throw QMPError("cannot connect to \(address): \(error)") }
         let newStats = MigrationStats()
         newStats.onStatus = { [weak self] s in self?.migrationEvent(s) }
         let src: MigrationSource
-        do { src = try MigrationSource(vm: vm, to: sock, parameters: parameters, policies: policies, stats: newStats) } catch {
+        do { src = try MigrationSource(vm: vm, to: sock, parameters: params, policies: policies, stats: newStats) } catch {
+            // Nothing was sent: the destination sees a connection that closes empty, and waits on.
             sock.fd.close()
             throw QMPError("\(error)")
         }
         src.onCompleted = { [weak self] in if let self { self.deviceDigests = self.digestDevices() } }
-        lock.withLock { outgoing = src; stats = newStats }
+        lock.withLock { outgoing = src; stats = newStats; resumeState = before }
         migrationThread?.join()
+        handedToThread = true
         migrationThread = OSThread(name: "migration") { [self] in
             do {
                 try src.run()
-                set(.postmigrate)
+                control.withLock { lock.withLock { state = .postmigrate; outgoing = nil } }
+                release(.migration)
                 qmp?.emit("STOP")
                 Log.info("vmm", "migration completed: downtime \(formatMS(src.stats.downtimeMS)), \(src.stats.iterations) iterations; the source stops")
                 // Leave QMP clients a moment to read the final query-migrate, then exit.
                 if exitAfterMigration { usleep(1_500_000); onExit?(0) }
             } catch {
-                set(.running)
+                // The source rolled back (devices as they were, or in STOP after a stop
+                // meanwhile; its own pause released): the VM returns to the state it had, or
+                // paused after a stop meanwhile, or stays in internal-error after a device was
+                // lost. After GO without an answer the engine keeps the guest paused (it may
+                // run at the destination): that pause becomes this VMM's, and the state paused.
+                let back = control.withLock { () -> RunState in
+                    var back = lock.withLock { lostReason != nil ? RunState.internalError : resumeState }
+                    if src.vmLeftPaused {
+                        if holdsPause { vm.resume() } else { holdsPause = true }
+                        if back == .running { back = .paused }
+                    }
+                    if back == .paused { setDevices(.stop) }
+                    lock.withLock { state = back; outgoing = nil }
+                    return back
+                }
+                release(.migration)
+                if back == .running { qmp?.emit("RESUME") }
             }
         }
     }
 
     private func migrationEvent(_ s: MigrationStats.Status) {
         qmp?.emit("MIGRATION", data: .object([("status", .string(s.rawValue))]))
-        if s == .device { set(.finishMigrate) }
+        if s == .device { lock.withLock { if state == .running || state == .paused { state = .finishMigrate } } }
     }
 
     /// Accept one incoming migration on `uri` (tcp:HOST:PORT or unix:PATH), in the background.
+    /// A connection that closes before sending anything (a source that refused its migration)
+    /// or sends nothing within the peer timeout touches nothing, and the destination waits on.
     public func startIncoming(uri: String) throws {
         let address: SocketAddress
         do { address = try SocketAddress(uri: uri) } catch { throw QMPError("\(error)") }
+        try lock.withLock {
+            if let busy = operation { throw QMPError("migrate-incoming refused: \(busy.rawValue) is in progress") }
+            guard !hasGuest, state == .inmigrate || state == .paused else {
+                throw QMPError("migrate-incoming needs a VM started for incoming migration (this one runs its own guest, state \(state.rawValue))")
+            }
+            operation = .incoming
+        }
+        var handedToThread = false
+        defer { if !handedToThread { release(.incoming) } }
         let accept: () throws -> StreamSocket?
         let close: () -> Void
         let shown: String
@@ -124,23 +268,132 @@ public final class VirtualMachineManager: QMPHandler, @unchecked Sendable {
         vm.start()
         set(.inmigrate)
         Log.info("vmm", "waiting for an incoming migration on \(shown)")
+        handedToThread = true
         migrationThread = OSThread(name: "incoming") { [self] in
             defer { close() }
             do {
-                guard let s = try accept() else { return }
-                let d = try MigrationDestination(vm: vm, from: s)
-                d.stats.onStatus = { [weak self] st in self?.migrationEvent(st) }
-                d.afterDevicesLoaded = { [weak self] in if let self { self.deviceDigests = self.digestDevices() } }
-                lock.withLock { stats = d.stats }
-                try d.run()
-                set(.running)
-                qmp?.emit("RESUME")
-                Log.info("vmm", "incoming migration completed; the guest runs here")
+                var d: MigrationDestination
+                while true {
+                    guard let conn = try accept() else { return }
+                    d = try MigrationDestination(vm: vm, from: conn)
+                    d.stats.onStatus = { [weak self] st in self?.migrationEvent(st) }
+                    d.afterDevicesLoaded = { [weak self] in if let self { self.deviceDigests = self.digestDevices() } }
+                    lock.withLock {
+                        d.peerTimeoutMS = parameters.peerTimeoutMS
+                        d.autostart = autostart
+                        incomingDestination = d
+                        stats = d.stats
+                    }
+                    do {
+                        try d.run()
+                        break
+                    } catch MigrationError.closedBeforeStream(let why) {
+                        // A source that refused (or said nothing): nothing here was touched.
+                        conn.fd.close()
+                        Log.info("vmm", "an incoming connection brought no migration (\(why)); still waiting on \(shown)")
+                    }
+                }
+                // QEMU: the destination runs if the source ran and autostart holds (no `stop`
+                // while it waited); otherwise it stays paused, devices in STOP, and the pause it
+                // was created with becomes this VMM's (cont releases it).
+                let resumed = d.resumed
+                control.withLock {
+                    if !resumed { holdsPause = true }
+                    lock.withLock { state = resumed ? .running : .paused; hasGuest = true; incomingDestination = nil }
+                }
+                release(.incoming)
+                watchDevices()
+                qmp?.emit(resumed ? "RESUME" : "STOP")
+                Log.info("vmm", "incoming migration completed; the guest \(resumed ? "runs here" : "stays paused here (the source was paused, or stop was given while it waited)")")
             } catch {
                 Log.error("vmm", "incoming migration failed: \(error)")
                 set(.internalError)
+                release(.incoming)
                 onExit?(1)
             }
+        }
+    }
+
+    // MARK: run control
+
+    /// QMP `stop`. Serialised with every other run-state change: the check, the pause and the
+    /// new state are one step, so concurrent stops pause once and a cont undoes exactly that.
+    /// QEMU's rules: on a destination still waiting it clears autostart; during a migration it
+    /// pauses the guest and the migration goes on with it stopped (then goes back paused if
+    /// it fails); on a VM that does not run it changes nothing.
+    func stop() throws {
+        let emitted = try control.withLock { () -> Bool in
+            let (s, op) = lock.withLock { (state, operation) }
+            if op == .liveUpdate { throw QMPError("stop refused: a live update is in progress (the VM is handed over or taken back within the peer timeout)") }
+            switch s {
+            case .inmigrate:
+                lock.withLock { autostart = false; incomingDestination?.autostart = false }
+                return false
+            case .running where op == .migration && lock.withLock({ outgoing })?.requestSwitchover() == true:
+                // QEMU: stop during a migration is the switch-over point. The devices belong to
+                // the migration now; only the vCPUs stop (this VMM's pause), and the migration
+                // goes to stop-and-copy at once.
+                holdPauseLocked()
+                lock.withLock { state = .paused; resumeState = .paused }
+                return true
+            case .finishMigrate:
+                holdPauseLocked()
+                lock.withLock { resumeState = .paused }
+                return false
+            case .running:
+                holdPauseLocked()
+                setDevices(.stop)
+                lock.withLock { state = .paused }
+                return true
+            case .paused, .postmigrate, .internalError:
+                return false
+            }
+        }
+        if emitted { qmp?.emit("STOP") }
+    }
+
+    /// QMP `cont`. Only a pause this VMM holds is released (never the migration's or the live
+    /// update's); a VM that migrated away or lost a device is never run again here.
+    func cont() throws {
+        try control.withLock {
+            let (s, op) = lock.withLock { (state, operation) }
+            if op == .liveUpdate { throw QMPError("cont refused: a live update is in progress") }
+            switch s {
+            case .running:
+                return
+            case .inmigrate:
+                lock.withLock { autostart = true; incomingDestination?.autostart = true }
+                return
+            case .paused where op == .migration:
+                throw QMPError("cont refused: the VM was stopped during a migration, which now finishes with it stopped; cont after the migration ends (if it fails)")
+            case .paused:
+                setDevices(.running)
+                releasePauseLocked()
+                lock.withLock { state = .running }
+            case .finishMigrate:
+                throw QMPError("cont refused: the migration is switching over (finish-migrate)")
+            case .postmigrate:
+                throw QMPError("cont refused: the VM migrated away and runs elsewhere now; running it here too would run it twice")
+            case .internalError:
+                throw QMPError("cont refused: the VM is in internal-error (\(lock.withLock { lostReason } ?? "it failed")); it must be restarted")
+            }
+        }
+        qmp?.emit("RESUME")
+    }
+
+    /// The integrity verifier, serialised with the run-state changes. It is refused while a
+    /// live update may be handing the guest to another process (whose writes it would see
+    /// half-way) and after the VM went elsewhere.
+    func verify() throws -> VerifierReport {
+        try control.withLock {
+            let (s, op) = lock.withLock { (state, operation) }
+            if op == .liveUpdate { throw QMPError("x-vfio-live-verify refused: a live update is in progress") }
+            if s == .postmigrate, let r = lock.withLock({ liveUpdateReport }) {
+                throw QMPError("x-vfio-live-verify refused: the VM runs in pid \(r.successorPID) since the live update")
+            }
+            var r = vm.verify()
+            if let why = lock.withLock({ lostReason }) { r.violations.insert(why, at: 0) }
+            return r
         }
     }
 
@@ -152,21 +405,10 @@ public final class VirtualMachineManager: QMPHandler, @unchecked Sendable {
             let s = runState
             return .object([("status", .string(s.rawValue)), ("singlestep", .bool(false)), ("running", .bool(s == .running))])
         case "stop":
-            guard runState == .running else { return .object([]) }
-            vm.pause()
-            for d in vm.devices { try? d.client.setMigrationState(.stop) }
-            set(.paused)
-            qmp?.emit("STOP")
+            try stop()
             return .object([])
         case "cont":
-            guard runState == .paused else {
-                if runState == .running { return .object([]) }
-                throw QMPError("cannot continue in state \(runState.rawValue)")
-            }
-            for d in vm.devices { try? d.client.setMigrationState(.running) }
-            vm.resume()
-            set(.running)
-            qmp?.emit("RESUME")
+            try cont()
             return .object([])
         case "migrate":
             if let mode = lock.withLock({ cprMode }) {
@@ -187,12 +429,11 @@ public final class VirtualMachineManager: QMPHandler, @unchecked Sendable {
             try startLiveUpdate(mode: mode, to: to, command: command)
             return .object([])
         case "migrate-incoming":
-            guard runState == .inmigrate || runState == .paused else { throw QMPError("migrate-incoming needs a VM started for incoming migration") }
             guard case let .string(uri)? = a?["uri"] else { throw QMPError("Parameter 'uri' is missing") }
             try startIncoming(uri: uri)
             return .object([])
         case "migrate_cancel", "migrate-cancel":
-            outgoing?.cancel()
+            lock.withLock { outgoing }?.cancel()
             return .object([])
         case "query-migrate":
             return queryMigrate()
@@ -203,6 +444,12 @@ public final class VirtualMachineManager: QMPHandler, @unchecked Sendable {
                 if let v = a?["x-max-iterations"] { guard let n = v.uint64, n > 0 else { throw QMPError("x-max-iterations must be positive") }; parameters.maxIterations = n }
                 if let v = a?["cpu-throttle-initial"]?.uint64 { parameters.throttleInitial = min(max(v, 1), 99) }
                 if let v = a?["cpu-throttle-increment"]?.uint64 { parameters.throttleIncrement = min(max(v, 1), 99) }
+                if let v = a?["x-vfio-live-peer-timeout"] {
+                    guard let n = v.uint64, n == 0 || (n >= 100 && n <= 3_600_000) else {
+                        throw QMPError("x-vfio-live-peer-timeout must be 100..3600000 ms, or 0 for none")
+                    }
+                    parameters.peerTimeoutMS = n
+                }
                 if case let .string(m)? = a?["mode"] {
                     if m == "normal" { cprMode = nil } else {
                         guard let mode = LiveUpdateMode(rawValue: m) else { throw QMPError("mode must be normal, cpr-transfer or cpr-exec") }
@@ -220,7 +467,7 @@ public final class VirtualMachineManager: QMPHandler, @unchecked Sendable {
             let (p, mode) = lock.withLock { (parameters, cprMode) }
             return .object([("mode", .string(mode?.rawValue ?? "normal")), ("downtime-limit", .number(Double(p.downtimeLimitMS))), ("max-bandwidth", .number(Double(p.maxBandwidth))),
                             ("x-max-iterations", .number(Double(p.maxIterations))), ("cpu-throttle-initial", .number(Double(p.throttleInitial))),
-                            ("cpu-throttle-increment", .number(Double(p.throttleIncrement)))])
+                            ("cpu-throttle-increment", .number(Double(p.throttleIncrement))), ("x-vfio-live-peer-timeout", .number(Double(p.peerTimeoutMS)))])
         case "migrate-set-capabilities":
             guard case let .array(list)? = a?["capabilities"] else { throw QMPError("Parameter 'capabilities' is missing") }
             try lock.withLock {
@@ -239,18 +486,30 @@ public final class VirtualMachineManager: QMPHandler, @unchecked Sendable {
             return .array([.object([("capability", .string("auto-converge")), ("state", .bool(p.autoConverge))]),
                            .object([("capability", .string("x-allow-untracked-devices")), ("state", .bool(p.allowUntrackedDevices))])])
         case "x-vfio-live-verify":
-            let r = vm.verify()
+            let r = try verify()
             return .object([("ok", .bool(r.ok)), ("pages", .number(Double(r.pagesChecked))), ("page-writes", .number(Double(r.pageWrites))),
                             ("dma-round-trips", .number(Double(r.dmaRoundsOK))), ("dma-errors", .number(Double(r.dmaErrors))),
                             ("violation", r.violations.first.map { .string($0) } ?? .null), ("mode", .string(vm.executionMode))])
         case "x-vfio-live-devices":
+            let digests = lock.withLock { deviceDigests }
             return .array(vm.devices.enumerated().map { i, d in
-                .object([("index", .number(Double(i))), ("interrupts", .number(Double(d.interrupts))),
-                         ("digest", .string(i < deviceDigests.count ? String(deviceDigests[i], radix: 16) : ""))])
+                let st: String = d.client.isHandedOver ? "handed-over" : ((try? d.client.migrationState()).map { "\($0)" } ?? "unreachable")
+                return .object([("index", .number(Double(i))), ("interrupts", .number(Double(d.interrupts))),
+                                ("digest", .string(i < digests.count ? String(digests[i], radix: 16) : "")), ("state", .string(st))])
             })
         case "x-vfio-live-pid":
             return .object([("pid", .number(Double(getpid())))])
         case "quit":
+            // Claimed like any operation: nothing starts after it. A migration in progress is
+            // cancelled (QEMU ends it too); a live update must end first, as quitting half-way
+            // through a handover could leave the guest with neither VMM.
+            let was = try lock.withLock { () -> Operation? in
+                if operation == .liveUpdate { throw QMPError("quit refused: a live update is in progress (it ends within the peer timeout)") }
+                let was = operation
+                operation = .quit
+                return was
+            }
+            if was == .migration { lock.withLock { outgoing }?.cancel() }
             onExit?(0)
             return .object([])
         default:

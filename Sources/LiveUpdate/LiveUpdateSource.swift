@@ -176,9 +176,18 @@ public final class LiveUpdateSource {
             thaw()
             throw error
         }
-        // Committed: the new VMM owns the VM. Its DONE carries the blackout it measured.
+        // Committed: the new VMM owns the VM. Its DONE carries the blackout it measured. An
+        // ERROR instead means it gave up before it ran the guest (it had no GO in time): it
+        // sends ERROR only on that path, so the VM is taken back. Silence or EOF is the one
+        // ambiguous case (it may have died after resuming the guest): the VM is not touched.
         report.pauseNS = pauseNS
-        if let text = try? CPRMessage.expect(.done, from: socket, timeoutMilliseconds: timeoutMilliseconds) {
+        let answer = Result { try CPRMessage.expect(.done, from: socket, timeoutMilliseconds: timeoutMilliseconds) }
+        if case let .failure(CPRError.successor(why)) = answer {
+            socket.shutdown()
+            thaw()
+            throw CPRError.successor("it gave the VM back after the commit: \(why)")
+        }
+        if case let .success(text) = answer {
             let j = try? JSONValue.parse(Array(text.utf8)[...])
             if let v = j?["blackout-ns"]?.uint64 { report.blackoutNS = v }
             if let v = j?["pid"]?.uint64 { report.successorPID = Int32(v) }

@@ -20,6 +20,9 @@ public final class LiveUpdateTarget: MigrationSink {
     private var ended = false
     /// Fault injection for tests: called at each named step ("after-state", "load", "commit").
     public var beforeStep: ((String) throws -> Void)?
+    /// How long to wait for the old VMM's GO after LOADED: it sends GO at once, so a longer
+    /// silence means it hangs or died, and this VMM gives up without running the guest.
+    public var goTimeoutMilliseconds: Int32 = 30_000
 
     /// Build the VM from `state`. On any error every descriptor received is closed (adopted
     /// device connections are released without being shut down: they are still the old VMM's).
@@ -74,6 +77,43 @@ public final class LiveUpdateTarget: MigrationSink {
 
     // MARK: cpr-transfer
 
+    /// Set by a VMM that starts its successor itself: its pid. The successor then waits for it
+    /// only while it lives, and at most `timeoutMilliseconds`.
+    public static let parentVariable = "VFIO_LIVE_CPR_PARENT"
+
+    /// Wait for the old VMM to connect on `listener`. A successor the old VMM started (see
+    /// `parentVariable`) gives up when that VMM exits before connecting (it was killed, say,
+    /// right after spawning it) or after `timeoutMilliseconds`, with an error that says which;
+    /// one started by hand waits as long as it takes, like QEMU's -incoming. `cancel` (e.g. a
+    /// SIGTERM eventfd) ends the wait too. Every later read and write on the connection is
+    /// bounded by `peerTimeoutMilliseconds`.
+    public static func awaitPredecessor(on listener: UnixListener, timeoutMilliseconds: Int32 = 30_000,
+                                        peerTimeoutMilliseconds: Int32 = 30_000, cancel: FileDescriptor? = nil) throws -> UnixSocket {
+        var parent: pid_t?
+        if let v = getenv(parentVariable) {
+            parent = pid_t(String(cString: v))
+            unsetenv(parentVariable)
+        }
+        let deadline = monotonicNanoseconds() + UInt64(max(timeoutMilliseconds, 0)) * 1_000_000
+        while true {
+            let sliceMS: Int32 = parent == nil ? 1000 : 50
+            if let s = try listener.accept(timeoutMilliseconds: sliceMS, cancel: cancel) {
+                setSocketTimeouts(s.fd, milliseconds: peerTimeoutMilliseconds)
+                return s
+            }
+            if let c = cancel, (try? Poll.waitReadable(c, timeoutMilliseconds: 0)) == true {
+                throw CPRError.channel("stopped while waiting for the old VMM to connect on \(listener.path)")
+            }
+            guard let p = parent else { continue }
+            if getppid() != p {
+                throw CPRError.channel("the old VMM (pid \(p)) exited before it handed the VM over; there is nothing to take over")
+            }
+            if monotonicNanoseconds() > deadline {
+                throw CPRError.channel("the old VMM (pid \(p)) did not connect on \(listener.path) within \(timeoutMilliseconds) ms")
+            }
+        }
+    }
+
     /// Receive the state on `socket` and build the VM (cpr-transfer, step one).
     public static func accept(on socket: UnixSocket) throws -> LiveUpdateTarget {
         let state = try CPRState.receive(from: socket)
@@ -98,7 +138,7 @@ public final class LiveUpdateTarget: MigrationSink {
             try CPRMessage.send(socket, .loaded)
             // From here the old VMM may commit at any moment: the one window in which this
             // process dying loses the VM is between LOADED and the resume below (one message).
-            _ = try CPRMessage.expect(.go, from: socket, timeoutMilliseconds: -1)
+            _ = try CPRMessage.expect(.go, from: socket, timeoutMilliseconds: goTimeoutMilliseconds)
         } catch {
             try? CPRMessage.send(socket, .error, "\(error)")
             abandon()

@@ -1,4 +1,5 @@
 import ArgumentParser
+import LiveUpdate
 import SystemCalls
 
 @main
@@ -19,6 +20,12 @@ struct VFIOLive: ParsableCommand {
               vfio-live bench vfio-user              measure against raw socket and memcpy
             """,
         subcommands: [DeviceCommand.self, VMCommand.self, MigrateCommand.self, UpdateCommand.self, BenchCommand.self, DemoCommand.self, LabCommand.self])
+
+    /// A VMM about to exec or spawn this binary for a live update asks it first (--cpr-probe).
+    static func main() {
+        CPRProbe.answerIfAsked()
+        Self.main(nil)
+    }
 }
 
 struct GlobalOptions: ParsableArguments {

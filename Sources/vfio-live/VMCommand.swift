@@ -84,7 +84,7 @@ extension VMCommand {
             global.apply()
             let stop = try EventFD()
             installStopSignals(stop.fd.rawValue)
-            let (vm, vmm, update) = try makeVM()
+            let (vm, vmm, update) = try makeVM(stopFD: stop.fd)
             vmm.commandLine = CommandLine.arguments
             for (i, d) in device.enumerated() where !d.liveUpdate { vmm.liveUpdateOptOut[i] = "cpr=off on its --device option" }
             var exitCode: Int32 = 0
@@ -161,7 +161,7 @@ extension VMCommand {
 extension VMCommand.Run {
     /// The VM: built from the command line, or taken over from a predecessor (cpr-exec state in
     /// the environment, or --incoming cpr:unix:PATH).
-    func makeVM() throws -> (MicroVM, VirtualMachineManager, LiveUpdateTarget?) {
+    func makeVM(stopFD: FileDescriptor? = nil) throws -> (MicroVM, VirtualMachineManager, LiveUpdateTarget?) {
         let policies = device.map(\.policy)
         if let v = getenv(LiveUpdateSource.execStateVariable) {
             let text = String(cString: v)
@@ -191,7 +191,8 @@ extension VMCommand.Run {
             do { listener = try UnixListener(path: path) } catch { throw ValidationError("cannot listen on \(path): \(error)") }
             print("vm: waiting for a live update (cpr-transfer) on \(path)")
             fflush(stdout)
-            guard let sock = try listener.accept() else { throw ValidationError("no predecessor connected") }
+            // Bounded when the old VMM started this one (it may die first); SIGTERM ends it too.
+            let sock = try LiveUpdateTarget.awaitPredecessor(on: listener, cancel: stopFD)
             listener.close()
             defer { sock.close() }
             let target: LiveUpdateTarget
