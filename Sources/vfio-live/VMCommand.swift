@@ -192,7 +192,7 @@ extension VMCommand.Run {
         if let v = getenv(LiveUpdateSource.execStateVariable) {
             let text = String(cString: v)
             unsetenv(LiveUpdateSource.execStateVariable)
-            guard let n = Int32(text), n >= 0 else { throw ValidationError("\(LiveUpdateSource.execStateVariable)=\(text) is not a descriptor") }
+            guard let n = Int32(text), n >= 0 else { throw Failure("\(LiveUpdateSource.execStateVariable)=\(text) is not a descriptor") }
             let target: LiveUpdateTarget
             do {
                 let memfd = FileDescriptor(adopting: n)

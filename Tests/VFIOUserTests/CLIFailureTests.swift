@@ -1,6 +1,7 @@
 import Foundation
 import Glibc
 import XCTest
+import CVFIOLive
 @testable import Devices
 import SystemCalls
 import VFIO
@@ -139,5 +140,104 @@ final class CLIFailureTests: XCTestCase {
         p.process.terminate()
         XCTAssertEqual(p.wait(killAfter: 5), 1, p.output)
         XCTAssertTrue(p.output.contains("interrupted by a signal while waiting for a live update"), p.output)
+    }
+
+    // MARK: item 16: command-line errors vs runtime failures
+
+    func testArgumentErrorsAreNotBlamedOnKVM() throws {
+        for (args, says) in [(["--vcpus", "9"], "--vcpus must be 1...8"), (["--memory", "3M"], "--memory must be a multiple of 2 MiB"),
+                             (["--workload", "dirty-rate=abc"], "--workload: dirty-rate takes pages per second"),
+                             (["--memory", "8M", "--workload", "working-set=64M"], "does not fit")] {
+            let r = try LiveProcess.run(["vm", "run"] + args)
+            XCTAssertEqual(r.status, 64, "\(args): a command-line error (EX_USAGE): \(r.output)")
+            XCTAssertTrue(r.output.contains(says), "\(args): \(r.output)")
+            XCTAssertFalse(r.output.contains("KVM"), "\(args) has nothing to do with KVM: \(r.output)")
+        }
+    }
+
+    func testNegativeNumbersGetAProperMessage() throws {
+        for (args, says) in [(["vm", "run", "--memory", "-5M"], "'-5M' is negative"), (["vm", "run", "--vcpus", "-1"], "--vcpus must be 1...8 (got -1)"),
+                             (["vm", "run", "--duration", "-2"], "--duration must be more than 0"),
+                             (["migrate", "--qmp", "/tmp/q", "--to", "tcp:127.0.0.1:1", "--downtime-limit", "-5"], "--downtime-limit must be 0...2000000 (got -5)"),
+                             (["migrate", "--qmp", "/tmp/q", "--to", "tcp:127.0.0.1:1", "--max-bandwidth", "-1M"], "'-1M' is negative"),
+                             (["device", "info", "--socket", "/tmp/s", "--device-timeout", "-1"], "--device-timeout must be more than 0")] {
+            let r = try LiveProcess.run(args)
+            XCTAssertEqual(r.status, 64, "\(args): \(r.output)")
+            XCTAssertTrue(r.output.contains(says), "\(args): \(r.output)")
+            XCTAssertFalse(r.output.contains("Missing value"), "\(args): \(r.output)")
+        }
+    }
+
+    func testSocketPathsLongerThanSunPathAreRefusedUpFront() throws {
+        let long = "/tmp/" + String(repeating: "s", count: 103)  // 108 bytes: no room for the NUL
+        XCTAssertEqual(long.utf8.count, 108)
+        for args in [["device", "serve", "--socket", long], ["device", "info", "--socket", long],
+                     ["vm", "run", "--device", "vfio-user,socket=\(long)"], ["vm", "run", "--qmp", long],
+                     ["vm", "run", "--incoming", "cpr:unix:\(long)"], ["vm", "run", "--incoming", "unix:\(long)"],
+                     ["migrate", "--qmp", long, "--to", "tcp:127.0.0.1:1"], ["migrate", "--qmp", "/tmp/q", "--to", "unix:\(long)"],
+                     ["update", "--qmp", long], ["update", "--qmp", "/tmp/q", "--to", "unix:\(long)"],
+                     ["device", "migrate", "--from", long, "--to", "/tmp/b"]] {
+            let r = try LiveProcess.run(args)
+            XCTAssertEqual(r.status, 64, "\(args): \(r.output)")
+            XCTAssertTrue(r.output.contains("the socket path is 108 bytes; a UNIX socket path holds at most 107 (sun_path is 108 bytes including the NUL)"), "\(args): \(r.output)")
+            XCTAssertNotEqual(access(long, F_OK), 0, "nothing was created")
+        }
+        // 107 bytes is the longest that works: a server listens there and a client connects.
+        let fits = "/tmp/vl-\(getpid())-" + String(repeating: "f", count: 107 - "/tmp/vl-\(getpid())-".utf8.count)
+        XCTAssertEqual(fits.utf8.count, 107)
+        let d = try LiveProcess(["device", "serve", "--socket", fits, "--state-size", "1M", "--quiet"])
+        defer { d.process.terminate(); d.wait(killAfter: 5) }
+        let deadline = monotonicNanoseconds() + 20_000_000_000
+        while access(fits, F_OK) != 0 && monotonicNanoseconds() < deadline { usleep(10_000) }
+        let r = try LiveProcess.run(["device", "info", "--socket", fits, "--json"])
+        XCTAssertEqual(r.status, 0, r.output)
+    }
+
+    func testMaxBandwidthTakesASizeWithASuffix() throws {
+        for v in ["10M", "10M/s", "1G", "65536", "0"] {
+            // The command line is accepted; only the VM (absent) makes it fail, at run time.
+            let r = try LiveProcess.run(["migrate", "--qmp", "/tmp/vfio-live-none-\(getpid()).qmp", "--to", "tcp:127.0.0.1:1", "--max-bandwidth", v])
+            XCTAssertEqual(r.status, 1, "\(v): \(r.output)")
+            XCTAssertTrue(r.output.contains("cannot reach the VM's QMP socket"), "\(v): \(r.output)")
+        }
+        let r = try LiveProcess.run(["migrate", "--qmp", "/tmp/q", "--to", "tcp:127.0.0.1:1", "--max-bandwidth", "fast"])
+        XCTAssertEqual(r.status, 64, r.output)
+        XCTAssertTrue(r.output.contains("--max-bandwidth: 'fast' is not a size"), r.output)
+    }
+
+    /// ENOENT, ECONNREFUSED and a server that hangs up: exit 1 with the cause, no usage text.
+    func testRuntimeFailuresExitOneWithTheCauseAndNoUsage() throws {
+        let missing = "/tmp/vfio-live-missing-\(getpid()).sock"
+        // A socket file nobody listens on (a crashed server's): connect gives ECONNREFUSED.
+        let stale = temporarySocketPath("stale")
+        let raw = socket(AF_UNIX, Int32(SOCK_STREAM.rawValue), 0)
+        XCTAssertEqual(stale.withCString { vl_unix_bind(raw, $0) }, 0)
+        close(raw)
+        defer { unlink(stale) }
+        // A server that accepts and closes at once.
+        let hangUp = temporarySocketPath("hangup")
+        let l = try UnixListener(path: hangUp, backlog: 8)
+        defer { l.close() }
+        let stop = try EventFD(nonBlocking: true)
+        let t = Thread { while let s = try? l.accept(cancel: stop.fd) { s.close() } }
+        t.start()
+        defer { try? stop.signal(); while !t.isFinished { usleep(1000) } }
+        let cases: [([String], String)] = [
+            (["device", "info", "--socket", missing], "cannot connect to the vfio-user server at \(missing): ENOENT"),
+            (["device", "info", "--socket", stale], "cannot connect to the vfio-user server at \(stale): ECONNREFUSED"),
+            (["device", "info", "--socket", hangUp], "the vfio-user server at \(hangUp) failed the negotiation: server closed the connection"),
+            (["vm", "run", "--memory", "16M", "--workload", "working-set=4M", "--device", "vfio-user,socket=\(missing)"], "ENOENT"),
+            (["vm", "run", "--memory", "16M", "--workload", "working-set=4M", "--device", "vfio-user,socket=\(stale)"], "ECONNREFUSED"),
+            (["vm", "run", "--memory", "16M", "--workload", "working-set=4M", "--device", "vfio-user,socket=\(hangUp)"], "server closed the connection"),
+            (["device", "migrate", "--from", missing, "--to", stale], "cannot connect to the source server"),
+            (["migrate", "--qmp", stale, "--to", "tcp:127.0.0.1:1"], "cannot reach the VM's QMP socket \(stale): ECONNREFUSED"),
+            (["update", "--qmp", missing], "cannot reach the VM's QMP socket \(missing): ENOENT"),
+        ]
+        for (args, says) in cases {
+            let r = try LiveProcess.run(args)
+            XCTAssertEqual(r.status, 1, "\(args): \(r.output)")
+            XCTAssertTrue(r.output.contains(says), "\(args): \(r.output)")
+            XCTAssertFalse(r.output.contains("Usage:"), "\(args): \(r.output)")
+        }
     }
 }
