@@ -165,7 +165,7 @@ final class ChildServer {
         while true {
             if let c = try? VFIOUserClient(path: socket) { return c }
             guard child.process.isRunning, monotonicNanoseconds() < deadline else {
-                throw ValidationError("device server for \(socket) did not come up")
+                throw Failure("device server for \(socket) did not come up")
             }
             usleep(5000)
         }
@@ -223,7 +223,7 @@ final class DemoWorkload: @unchecked Sendable {
             for i in 0..<Int(count / 8) { p[i] = next() }
         }
         try submit(j)
-        guard try irq.wait(timeoutMilliseconds: 30_000) > 0 else { throw ValidationError("job did not complete") }
+        guard try irq.wait(timeoutMilliseconds: 30_000) > 0 else { throw Failure("job did not complete") }
         try client.write32(0, DMAEngine.Reg.irqAck, DMAEngine.irqDMA)
         let sum = try client.read64(0, DMAEngine.Reg.lastJobChecksum)
         let ramSum = DMAEngine.jobChecksum(of: UnsafeRawBufferPointer(start: ram.base + Int(ramOffset), count: Int(count)))
@@ -255,7 +255,7 @@ extension DemoCommand {
         let deadline = monotonicNanoseconds() + 30_000_000_000
         while true {
             if let c = try? QMPClient(path: path) { return c }
-            guard child.process.isRunning, monotonicNanoseconds() < deadline else { throw ValidationError("the VM for \(path) did not come up") }
+            guard child.process.isRunning, monotonicNanoseconds() < deadline else { throw Failure("the VM for \(path) did not come up") }
             usleep(20_000)
         }
     }

@@ -58,6 +58,7 @@ extension DeviceCommand {
             guard DMAMapTable.DirtyTrackingMode(rawValue: dirtyTracking) != nil else {
                 throw ValidationError("--dirty-tracking must be 'precise' or 'pinned'")
             }
+            try checkSocketPath(socketPath ?? socket, option: "--socket")
         }
 
         func run() throws {
@@ -72,7 +73,7 @@ extension DeviceCommand {
             let path = socketPath ?? socket
             let listener: UnixListener
             do { listener = try UnixListener(path: path) } catch let e as Errno {
-                throw ValidationError("cannot listen on \(path): \(e)")
+                throw Failure("cannot listen on \(path): \(e)")
             }
             installStopSignals(server.cancelFD)
             Log.info("dma-engine", "serving on \(path) (device memory \(formatBytes(size)), dirty tracking \(dirtyTracking)); SIGINT or SIGTERM stops")
@@ -90,22 +91,27 @@ extension DeviceCommand {
                 Prints the negotiated version and capabilities, every region (index, size, flags,
                 mmap areas, type), every IRQ index, and the device's migration support (v2 feature
                 flags, DMA logging, a v1 migration region). Works with any spec-compliant server,
-                libvfio-user's included.
+                libvfio-user's included. A server that does not accept or answer within
+                --device-timeout (one busy with another VMM, say) is reported as such.
+
+                Example:
+                  vfio-live device info --socket /tmp/dma.sock --json
                 """)
         @Option(help: "Path of the server's UNIX socket.")
         var socket: String
         @Flag(help: "Print JSON instead of text.")
         var json = false
+        @OptionGroup var timeout: DeviceTimeoutOption
         @OptionGroup var global: GlobalOptions
+
+        func validate() throws { try checkSocketPath(socket, option: "--socket") }
 
         func run() throws {
             global.apply()
-            let c: VFIOUserClient
-            do { c = try VFIOUserClient(path: socket) } catch let e as Errno {
-                throw ValidationError("cannot connect to \(socket): \(e)")
-            }
+            let c = try connectDevice(socket, timeout: timeout)
             defer { c.close() }
-            let report = try DeviceReport.collect(c)
+            let report: DeviceReport
+            do { report = try DeviceReport.collect(c) } catch { throw Failure("the server at \(socket): \(error)") }
             print(json ? report.json.description : report.text)
         }
     }

@@ -29,25 +29,28 @@ extension DeviceCommand {
         var `protocol`: String?
         @Option(help: "Most pre-copy rounds before stop-copy.")
         var maxRounds = 8
+        @OptionGroup var timeout: DeviceTimeoutOption
         @OptionGroup var global: GlobalOptions
 
         mutating func validate() throws {
             if let p = `protocol`, MigrationProtocol(rawValue: p) == nil { throw ValidationError("--protocol must be v1 or v2") }
+            try checkSocketPath(from, option: "--from")
+            try checkSocketPath(to, option: "--to")
         }
 
         func run() throws {
             global.apply()
             let proto = `protocol`.flatMap(MigrationProtocol.init(rawValue:))
             func connect(_ path: String, _ role: String) throws -> VFIOUserClient {
-                do { return try VFIOUserClient(path: path) } catch {
-                    throw ValidationError("cannot connect to the \(role) server at \(path): \(error)")
+                do { return try connectDevice(path, timeout: timeout) } catch {
+                    throw Failure("cannot connect to the \(role) server: \(error)")
                 }
             }
             let a = try connect(from, "source"), b = try connect(to, "destination")
             defer { a.close(); b.close() }
             let src: DeviceMigration, dst: DeviceMigration
-            do { src = try DeviceMigration(device: a, prefer: proto) } catch { throw ValidationError("source: \(error)") }
-            do { dst = try DeviceMigration(device: b, prefer: proto) } catch { throw ValidationError("destination: \(error)") }
+            do { src = try DeviceMigration(device: a, prefer: proto) } catch { throw Failure("source: \(error)") }
+            do { dst = try DeviceMigration(device: b, prefer: proto) } catch { throw Failure("destination: \(error)") }
             var o = DeviceStateTransfer.Options()
             o.preCopy = precopy
             o.maxPreCopyRounds = maxRounds

@@ -38,12 +38,12 @@ struct LabCommand: ParsableCommand {
 
         func run() throws {
             let l = try UnixListener(path: cpr)
-            guard let s = try l.accept() else { throw ValidationError("no connection") }
+            guard let s = try l.accept() else { throw Failure("no connection") }
             l.close()
             do {
                 let state = try CPRState.receive(from: s)
                 try VMCommand.Run.faultInjection("after-state")
-                guard let ramFD = state.find(CPRNames.guestRAM) else { throw ValidationError("no guest RAM in the CPR state") }
+                guard let ramFD = state.find(CPRNames.guestRAM) else { throw Failure("no guest RAM in the CPR state") }
                 let ram = try GuestMemory(adopting: ramFD, size: try ramFD.fileSize())
                 let device: KernelDevice
                 var keep: [AnyObject] = []
@@ -55,7 +55,7 @@ struct LabCommand: ParsableCommand {
                     keep = [i]; device = d
                 }
                 let edu = try Edu(device)
-                guard try edu.isAlive() else { throw ValidationError("the edu device does not answer") }
+                guard try edu.isAlive() else { throw Failure("the edu device does not answer") }
                 try edu.dma(iova: iova, count: count, toRAM: true)
                 let sum = Checksum.of(UnsafeRawBufferPointer(start: ram.base + Int(iova), count: Int(count)))
                 try CPRMessage.send(s, .done, "{\"checksum\":\(sum),\"pid\":\(getpid())}")

@@ -39,28 +39,63 @@ struct UpdateCommand: ParsableCommand {
     var binary: String?
     @Option(help: "transfer only: the cpr socket of a VMM started with --incoming cpr:unix:PATH (unix:PATH).")
     var to: String?
+    @Option(parsing: .unconditional, help: "Seconds to wait for the outcome (progress is shown every 3 s); then the command fails, saying what it found.")
+    var timeout = "60"
+    @Option(parsing: .unconditional, help: "Seconds the VM's QMP socket may take to answer any command.")
+    var qmpTimeout = "10"
     @OptionGroup var global: GlobalOptions
+
+    func validate() throws {
+        try checkSocketPath(qmp, option: "--qmp")
+        if mode == .exec && to != nil { throw ValidationError("--to is for --mode transfer; exec replaces the VMM in place") }
+        if let t = to {
+            guard t.hasPrefix("unix:") else { throw ValidationError("--to takes unix:PATH (got '\(t)')") }
+            try checkUnixURI(t, option: "--to")
+        }
+        if let b = binary, access(b, X_OK) != 0 { throw ValidationError("--binary \(b) is not an executable file") }
+        _ = try parseSeconds(timeout, option: "--timeout")
+        _ = try parseSeconds(qmpTimeout, option: "--qmp-timeout")
+    }
 
     func run() throws {
         global.apply()
-        if mode == .exec && to != nil { throw ValidationError("--to is for --mode transfer; exec replaces the VMM in place") }
+        let bound = try parseSeconds(timeout, option: "--timeout")
         let c: QMPClient
-        do { c = try QMPClient(path: qmp) } catch { throw ValidationError("cannot reach the VM's QMP socket \(qmp): \(error)") }
+        let qmpMS = Int32(try parseSeconds(qmpTimeout, option: "--qmp-timeout") * 1000)
+        do { c = try QMPClient(path: qmp, timeoutMilliseconds: qmpMS) } catch { throw Failure("\(error)") }
+        guard let pid0 = c.vmmPID() else { throw Failure("the VMM behind \(qmp) does not answer x-vfio-live-pid: it is not a vfio-live VMM") }
         var args: [(String, JSONValue)] = [("mode", .string(mode == .transfer ? "cpr-transfer" : "cpr-exec"))]
-        if let b = binary {
-            guard access(b, X_OK) == 0 else { throw ValidationError("--binary \(b) is not an executable file") }
-            args.append(("binary", .string(b)))
-        }
+        if let b = binary { args.append(("binary", .string(b))) }
         if let t = to { args.append(("to", .string(t))) }
-        _ = try c.execute("x-vfio-live-update", args)
-        print("live update (\(mode.rawValue)) started")
-        let last = Self.awaitLiveUpdate(qmp: qmp, client: c)
-        guard case .string("completed")? = last["status"], let r = last["x-vfio-live-cpr"] else {
-            let why: String = { if case let .string(s)? = last["error-desc"] { return s }; return "no answer from the VMM" }()
-            print("live update failed: \(why)")
-            print("the VM keeps running in the old VMM")
+        do { _ = try c.execute("x-vfio-live-update", args) } catch let e as QMPClientError {
+            print("live update refused: \(e)")
+            print(Self.oldVMMState(qmp: qmp, client: c, pid: pid0))
             throw ExitCode(1)
         }
+        print("live update (\(mode.rawValue)) started; the old VMM is pid \(pid0)")
+        fflush(stdout)
+        switch Self.watch(qmp: qmp, client: c, oldPID: pid0, exec: mode == .exec, boundSeconds: bound, progress: true) {
+        case let .completed(q):
+            report(q["x-vfio-live-cpr"] ?? .null)
+        case let .failed(why):
+            print("live update failed: \(why)")
+            print(Self.oldVMMState(qmp: qmp, client: nil, pid: pid0))
+            throw ExitCode(1)
+        case .oldVMMGone:
+            print("live update failed: the old VMM (pid \(pid0)) is gone (killed or crashed during the update), and no VMM answers on \(qmp): the VM is lost")
+            throw ExitCode(1)
+        case .execSuccessorDied:
+            print("live update failed: the VMM (pid \(pid0)) re-executed \(binary ?? "its binary"), which then exited without taking the VM over: the VM is lost (cpr-exec has no way back once exec succeeds)")
+            throw ExitCode(1)
+        case let .timedOut(status):
+            print("live update: no outcome after \(formatSeconds(bound)) s (last status: \(status ?? "no answer"))")
+            print(Self.oldVMMState(qmp: qmp, client: nil, pid: pid0))
+            if let s = status, s == "setup" || s == "active" { print("the update is still in progress in the old VMM: it may yet hand the VM over or take it back") }
+            throw ExitCode(1)
+        }
+    }
+
+    func report(_ r: JSONValue) {
         let blackout = Double(r["blackout-ns"]?.uint64 ?? 0) / 1e6
         let pause = Double(r["pause-ns"]?.uint64 ?? 0) / 1e6
         print("live update completed")
@@ -72,6 +107,76 @@ struct UpdateCommand: ParsableCommand {
             print("  handed over:   \(list.count) descriptors: \(list.joined(separator: ", "))")
         }
         print("  stream:        \(r["stream-bytes"]?.uint64 ?? 0) bytes (vCPUs and VMM device state; no RAM)")
+    }
+
+    enum Outcome {
+        case completed(JSONValue)
+        case failed(String)
+        /// transfer: the old VMM died and nothing answers QMP.
+        case oldVMMGone
+        /// exec: the process that exec'd is dead.
+        case execSuccessorDied
+        case timedOut(lastStatus: String?)
+    }
+
+    /// Follow the live update started through `c` until it has an outcome, for at most
+    /// `boundSeconds`. Reconnects when exec replaced the VMM behind the socket; watches the old
+    /// VMM's process while QMP does not answer, so that its death is said as such.
+    static func watch(qmp: String, client c: QMPClient, oldPID: Int32, exec: Bool, boundSeconds: Double, progress: Bool) -> Outcome {
+        var client: QMPClient? = c
+        var lastStatus: String?
+        let start = monotonicNanoseconds()
+        let deadline = start + UInt64(boundSeconds * 1e9)
+        var lastShown = start
+        var silentSince: UInt64?
+        while monotonicNanoseconds() < deadline {
+            usleep(20_000)
+            let now = monotonicNanoseconds()
+            if client == nil { client = try? QMPClient(path: qmp, timeoutMilliseconds: 2000) }
+            if let cl = client, let q = try? cl.execute("query-migrate") {
+                silentSince = nil
+                lastStatus = q["status"]?.stringValue
+                switch lastStatus {
+                case "failed"?, "cancelled"?: return .failed(q["error-desc"]?.stringValue ?? "no reason given (status \(lastStatus!))")
+                // The report is cleared when an update starts: one here is this update's.
+                case "completed"? where q["x-vfio-live-cpr"] != nil: return .completed(q)
+                default: break
+                }
+            } else {
+                client = nil
+                silentSince = silentSince ?? now
+                if !processIsAlive(oldPID) {
+                    // exec keeps the pid: its death is the new image's. For transfer, a
+                    // successor that committed serves the same QMP socket: give it a moment.
+                    if exec { return .execSuccessorDied }
+                    if now - silentSince! > 3_000_000_000 { return .oldVMMGone }
+                }
+            }
+            if progress && now - lastShown >= 3_000_000_000 {
+                lastShown = now
+                let t = (now - start) / 1_000_000_000
+                if silentSince != nil {
+                    print("  waiting (\(t) s): nothing answers on \(qmp); the old VMM (pid \(oldPID)) is \(processIsAlive(oldPID) ? "alive" : "gone")")
+                } else {
+                    print("  waiting (\(t) s): status \(lastStatus ?? "none")")
+                }
+                fflush(stdout)
+            }
+        }
+        return .timedOut(lastStatus: lastStatus)
+    }
+
+    /// Who has the VM after an update that did not complete, as checked (never assumed): the
+    /// old VMM only if QMP answers with its pid and query-status says running.
+    static func oldVMMState(qmp: String, client: QMPClient?, pid: Int32) -> String {
+        guard let c = client ?? (try? QMPClient(path: qmp, timeoutMilliseconds: 3000)), let now = c.vmmPID() else {
+            return processIsAlive(pid) ? "the old VMM (pid \(pid)) is alive but does not answer QMP on \(qmp): the VM's state is unknown"
+                                       : "the old VMM (pid \(pid)) is gone and nothing answers QMP on \(qmp): the VM is lost"
+        }
+        let status = c.runStatus() ?? "unknown"
+        if now != pid { return "the VMM behind \(qmp) is now pid \(now), not the old one (\(pid)); its VM is \(status)" }
+        if status == "running" { return "the VM keeps running in the old VMM (pid \(pid); checked: query-status running)" }
+        return "the old VMM (pid \(pid)) still has the VM, but it is \(status), not running"
     }
 
     /// Poll query-migrate until the live update started through `client` completed (with its

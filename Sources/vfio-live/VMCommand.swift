@@ -58,18 +58,18 @@ extension VMCommand {
                   vfio-live vm run --memory 256M --vcpus 2 --device vfio-user,socket=/tmp/dma.sock \\
                       --workload dirty-rate=50000,working-set=64M --duration 5
                 """)
-        @Option(help: "Guest RAM (a multiple of 2 MiB, up to 16G).")
+        @Option(parsing: .unconditional, help: "Guest RAM (a multiple of 2 MiB, from 4M up to 16G).")
         var memory = "256M"
-        @Option(help: "vCPUs (1–8); the working set is split between them.")
-        var vcpus = 1
+        @Option(parsing: .unconditional, help: "vCPUs (1–8); the working set is split between them.")
+        var vcpus = "1"
         @Option(help: "A vfio-user device: vfio-user,socket=PATH[,enable-migration=on|off|auto][,cpr=on|off] (repeatable; the guest drives the first; cpr=off blocks live update).")
         var device: [DeviceSpec] = []
         @Option(help: "dirty-rate=PAGES_PER_S (0 = unlimited), working-set=SIZE, batch=N, dma-every=N, dma-length=SIZE.")
         var workload = "dirty-rate=0,working-set=64M"
-        @Option(help: "Stop after this many seconds (default: run until SIGINT/SIGTERM).")
-        var duration: Double?
-        @Option(help: "Seconds between integrity checks.")
-        var verifyEvery = 2.0
+        @Option(parsing: .unconditional, help: "Stop after this many seconds (default: run until SIGINT/SIGTERM).")
+        var duration: String?
+        @Option(parsing: .unconditional, help: "Seconds between integrity checks.")
+        var verifyEvery = "2"
         @Flag(help: "Populate all of guest RAM at start (as QEMU's prealloc=on), instead of on first touch.")
         var prealloc = false
         @Flag(name: .customLong("software-vcpus"), help: "Use software vCPUs even if /dev/kvm exists.")
@@ -78,13 +78,37 @@ extension VMCommand {
         var qmp: String?
         @Option(help: "Wait for an incoming migration on tcp:HOST:PORT or unix:PATH, or for a live update on cpr:unix:PATH, instead of booting the workload.")
         var incoming: String?
+        @OptionGroup var timeout: DeviceTimeoutOption
         @OptionGroup var global: GlobalOptions
+
+        /// Every argument is checked here, before KVM or a device is touched: a wrong value is
+        /// a command-line error (exit 64), whatever the host has.
+        func validate() throws {
+            let mem = try parseSize(memory)
+            guard mem >= 4 << 20, mem <= 16 << 30, mem % (2 << 20) == 0 else {
+                throw ValidationError("--memory must be a multiple of 2 MiB from 4M to 16G (got \(memory))")
+            }
+            let n = try parseInteger(vcpus, option: "--vcpus", range: 1...GuestLayout.maxVCPUs)
+            let w: WorkloadConfig
+            do { w = try WorkloadConfig(parsing: workload, parseSize: parseSize) }
+            catch let KVMError.unavailable(why) { throw ValidationError("--workload: \(why)") }
+            guard w.workingSet >= 4096 * UInt64(n), GuestLayout.workingSetBase + w.workingSet <= mem else {
+                throw ValidationError("--workload: a working set of \(formatBytes(w.workingSet)) does not fit in \(formatBytes(mem)) of guest RAM (it starts at 1 MiB, and needs a page per vCPU)")
+            }
+            if let d = duration { _ = try parseSeconds(d, option: "--duration", max: 365 * 86400) }
+            _ = try parseSeconds(verifyEvery, option: "--verify-every", max: 86400)
+            for d in device { try checkSocketPath(d.socket, option: "--device socket=") }
+            if let q = qmp { try checkSocketPath(q, option: "--qmp") }
+            if let i = incoming { try checkUnixURI(i.hasPrefix("cpr:") ? String(i.dropFirst(4)) : i, option: "--incoming") }
+        }
 
         func run() throws {
             global.apply()
             let stop = try EventFD()
             installStopSignals(stop.fd.rawValue)
-            let (vm, vmm, update) = try makeVM(stopFD: stop.fd)
+            let duration = try self.duration.map { try parseSeconds($0, option: "--duration", max: 365 * 86400) }
+            let verifyEvery = try parseSeconds(self.verifyEvery, option: "--verify-every", max: 86400)
+            let (vm, vmm, update) = try makeVM(cancel: stop)
             vmm.commandLine = CommandLine.arguments
             for (i, d) in device.enumerated() where !d.liveUpdate { vmm.liveUpdateOptOut[i] = "cpr=off on its --device option" }
             var exitCode: Int32 = 0
@@ -100,7 +124,7 @@ extension VMCommand {
                         update?.state.find(CPRNames.qmpListener)?.close()
                         vmm.qmp = try QMPServer(path: q, handler: vmm)
                     }
-                } catch { throw ValidationError("cannot create the QMP socket \(q): \(error)") }
+                } catch { throw Failure("cannot create the QMP socket \(q): \(error)") }
                 vmm.qmp?.start()
                 // As QEMU: a migrated-away VM stays in postmigrate, answering QMP, until quit.
                 vmm.exitAfterMigration = false
@@ -113,7 +137,7 @@ extension VMCommand {
                 print("vm: \(formatBytes(vm.memory.size)) memfd guest RAM, \(vm.vcpuCount) vCPU(s) on \(vm.executionMode), \(vm.devices.count) device(s); workload: \(vm.workload)\(qmp.map { "; QMP on \($0)" } ?? "")")
             }
             if let uri = incoming, update == nil {
-                do { try vmm.startIncoming(uri: uri) } catch let e as QMPError { throw ValidationError(e.desc) }
+                do { try vmm.startIncoming(uri: uri) } catch let e as QMPError { throw Failure(e.desc) }
             } else if update == nil {
                 vmm.boot()
             }
@@ -161,12 +185,14 @@ extension VMCommand {
 extension VMCommand.Run {
     /// The VM: built from the command line, or taken over from a predecessor (cpr-exec state in
     /// the environment, or --incoming cpr:unix:PATH).
-    func makeVM(stopFD: FileDescriptor? = nil) throws -> (MicroVM, VirtualMachineManager, LiveUpdateTarget?) {
+    /// `cancel` (written on SIGINT/SIGTERM) ends any wait on a peer while the VM is set up.
+    func makeVM(cancel: EventFD) throws -> (MicroVM, VirtualMachineManager, LiveUpdateTarget?) {
+        let vcpus = try parseInteger(self.vcpus, option: "--vcpus", range: 1...GuestLayout.maxVCPUs)
         let policies = device.map(\.policy)
         if let v = getenv(LiveUpdateSource.execStateVariable) {
             let text = String(cString: v)
             unsetenv(LiveUpdateSource.execStateVariable)
-            guard let n = Int32(text), n >= 0 else { throw ValidationError("\(LiveUpdateSource.execStateVariable)=\(text) is not a descriptor") }
+            guard let n = Int32(text), n >= 0 else { throw Failure("\(LiveUpdateSource.execStateVariable)=\(text) is not a descriptor") }
             let target: LiveUpdateTarget
             do {
                 let memfd = FileDescriptor(adopting: n)
@@ -177,7 +203,7 @@ extension VMCommand.Run {
                 try target.complete(stream: stream)
             } catch {
                 // No predecessor is left to take the VM back: say exactly what failed.
-                throw ValidationError("cpr-exec: the new VMM cannot take the VM over: \(error)")
+                throw Failure("cpr-exec: the new VMM cannot take the VM over: \(error)")
             }
             target.report.qmpAdopted = target.state.handedQMPListener(ownPath: qmp) != nil
             let vmm = VirtualMachineManager(vm: target.vm, policies: policies, incoming: false)
@@ -188,11 +214,12 @@ extension VMCommand.Run {
             guard uri.hasPrefix("cpr:unix:"), uri.count > 9 else { throw ValidationError("--incoming cpr: takes unix:PATH (cpr:unix:/tmp/cpr.sock)") }
             let path = String(uri.dropFirst(9))
             let listener: UnixListener
-            do { listener = try UnixListener(path: path) } catch { throw ValidationError("cannot listen on \(path): \(error)") }
+            do { listener = try UnixListener(path: path) } catch { throw Failure("cannot listen on \(path): \(error)") }
             print("vm: waiting for a live update (cpr-transfer) on \(path)")
             fflush(stdout)
             // Bounded when the old VMM started this one (it may die first); SIGTERM ends it too.
-            let sock = try LiveUpdateTarget.awaitPredecessor(on: listener, cancel: stopFD)
+            let sock: UnixSocket
+            do { sock = try LiveUpdateTarget.awaitPredecessor(on: listener, cancel: cancel.fd) } catch { throw Failure("\(error); no VM was taken over") }
             listener.close()
             defer { sock.close() }
             let target: LiveUpdateTarget
@@ -209,13 +236,13 @@ extension VMCommand.Run {
                 target.beforeStep = Self.faultInjection
                 target.report.qmpAdopted = state.handedQMPListener(ownPath: qmp) != nil
                 if !device.isEmpty && device.count != target.vm.devices.count {
-                    throw ValidationError("the handed-over VM has \(target.vm.devices.count) device(s), the command line \(device.count)")
+                    throw Failure("the handed-over VM has \(target.vm.devices.count) device(s), the command line \(device.count)")
                 }
                 try target.complete(over: sock)
             } catch let e as ValidationError {
                 throw e
             } catch {
-                throw ValidationError("live update failed; the old VMM keeps the VM: \(error)")
+                throw Failure("live update failed; the old VMM keeps the VM: \(error)")
             }
             let vmm = VirtualMachineManager(vm: target.vm, policies: policies, incoming: false)
             vmm.adoptedByLiveUpdate(target.report)
@@ -223,17 +250,21 @@ extension VMCommand.Run {
         }
         let mem = try parseSize(memory)
         let w: WorkloadConfig
-        do { w = try WorkloadConfig(parsing: workload, parseSize: parseSize) } catch { throw ValidationError("\(error)") }
+        do { w = try WorkloadConfig(parsing: workload, parseSize: parseSize) } catch { throw ValidationError("--workload: \(error)") }
         var clients: [VFIOUserClient] = []
-        for d in device {
-            do { clients.append(try VFIOUserClient(path: d.socket)) } catch {
-                throw ValidationError("cannot connect to the vfio-user device at \(d.socket): \(error)")
-            }
-        }
+        for d in device { clients.append(try connectDevice(d.socket, timeout: timeout, cancel: cancel.fd.rawValue)) }
         let vm: MicroVM
         do { vm = try MicroVM(memorySize: mem, vcpus: vcpus, workload: w, devices: clients, forceSoftware: softwareVCPUs,
                               populateMemory: incoming != nil || prealloc) }
-        catch { throw ValidationError("\(error)") }
+        catch {
+            if (try? Poll.waitReadable(cancel.fd, timeoutMilliseconds: 0)) == true {
+                throw Failure("interrupted by a signal while setting up the VM: \(error)")
+            }
+            if case let KVMError.unavailable(why) = error { throw Failure(why) }
+            throw Failure("cannot set up the VM: \(error)")
+        }
+        // From here the VM shuts down in order on a signal, and that still talks to the devices.
+        for c in clients { c.setCancel(nil) }
         return (vm, VirtualMachineManager(vm: vm, policies: policies, incoming: incoming != nil), nil)
     }
 

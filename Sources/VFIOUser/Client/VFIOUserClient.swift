@@ -12,6 +12,12 @@ public enum VFIOUserClientError: Error, CustomStringConvertible, Equatable {
     case disconnected
     /// The connection was handed over to another VMM process (live update).
     case handedOver
+    /// The server sent nothing for `seconds` while we waited for its reply to `command` (or it
+    /// did not drain what we sent). The connection is unusable afterwards: a late reply would
+    /// be taken for the next one's.
+    case timeout(command: VFIOUserCommand, seconds: Double)
+    /// The wait for `command` was given up because the cancel descriptor became readable.
+    case cancelled(command: VFIOUserCommand)
 
     public var description: String {
         switch self {
@@ -19,6 +25,8 @@ public enum VFIOUserClientError: Error, CustomStringConvertible, Equatable {
         case let .protocolViolation(s): return "protocol violation: \(s)"
         case .disconnected: return "server closed the connection"
         case .handedOver: return "the device connection was handed over to another VMM process (live update)"
+        case let .timeout(c, s): return "the server did not answer \(c) within \(formatSeconds(s)) s"
+        case let .cancelled(c): return "cancelled while waiting for the server to answer \(c)"
         }
     }
     public var errno: Errno? { if case let .remote(_, e) = self { return e }; return nil }
@@ -100,6 +108,14 @@ public final class VFIOUserClient: @unchecked Sendable {
         public var offerMigrationCapability = false
         public var offerWriteMultiple = true
         public var minor: UInt16 = 2
+        /// The longest the client waits on the server, for anything: the connect, the VERSION
+        /// reply, every reply, a send the server does not drain, the twin socket. A server that
+        /// stays silent this long fails the call with `.timeout` (10 s: a dma-engine answers
+        /// any command within milliseconds; a migration's largest step within a second).
+        public var timeoutMilliseconds: Int32 = 10_000
+        /// A descriptor (an eventfd a SIGINT/SIGTERM handler writes) that, once readable, makes
+        /// a wait on the server give up with `.cancelled`. Can be changed with `setCancel(_:)`.
+        public var cancel: Int32?
         public init() {}
     }
 
@@ -124,19 +140,30 @@ public final class VFIOUserClient: @unchecked Sendable {
     private var regionMappings: [UInt32: RegionMapping] = [:]
     /// Number of DMA_READ/WRITE messages served for the server.
     public private(set) var dmaMessagesServed: UInt64 = 0
+    /// Set by a timeout: every later call fails with it (the stream may be out of step).
+    private var broken: VFIOUserClientError?
+    private var cancelFD: Int32?
 
-    /// Connect to the server at `path` and negotiate.
+    /// Connect to the server at `path` and negotiate, within `options.timeoutMilliseconds`
+    /// each. A connect that times out throws ETIMEDOUT, a cancelled one ECANCELED.
     public convenience init(path: String, options: Options = Options()) throws {
-        try self.init(socket: UnixSocket.connect(path: path), options: options)
+        try self.init(socket: UnixSocket.connect(path: path, timeoutMilliseconds: options.timeoutMilliseconds, cancel: options.cancel),
+                      options: options)
     }
 
     public init(socket: UnixSocket, options: Options = Options()) throws {
         self.options = options
+        cancelFD = options.cancel
         connection = VFIOUserConnection(socket: socket, maxReceiveFDs: Int(options.maxMessageFDs),
                                         maxMessageSize: Int(options.maxDataXferSize) + 64 * 1024 + 64 * 1024 * 1024)
         twinCancel = try EventFD(nonBlocking: true)
+        try socket.setTimeouts(milliseconds: options.timeoutMilliseconds)
         try negotiate()
     }
+
+    /// Watch another cancel descriptor from now on, or none (e.g. once a VM is set up, so that
+    /// its orderly shutdown can still talk to the device).
+    public func setCancel(_ fd: Int32?) { callLock.withLock { cancelFD = fd } }
 
     deinit { close() }
 
@@ -184,8 +211,11 @@ public final class VFIOUserClient: @unchecked Sendable {
                 throw VFIOUserClientError.protocolViolation("server enabled twin_socket without a usable fd")
             }
             let fd = try reply.fds[Int(idx)].duplicate()
-            let c = VFIOUserConnection(socket: UnixSocket(adopting: fd), maxReceiveFDs: 0,
-                                       maxMessageSize: Int(options.maxDataXferSize) + 4096)
+            let ts = UnixSocket(adopting: fd)
+            // Our replies on the twin socket, and a message the server stops sending half-way,
+            // are bounded as on the main socket.
+            try ts.setTimeouts(milliseconds: options.timeoutMilliseconds)
+            let c = VFIOUserConnection(socket: ts, maxReceiveFDs: 0, maxMessageSize: Int(options.maxDataXferSize) + 4096)
             twin = c
             twinSocketActive = true
             startTwinReader()
@@ -220,21 +250,48 @@ public final class VFIOUserClient: @unchecked Sendable {
     public func call(_ cmd: VFIOUserCommand, _ payload: [UnsafeRawBufferPointer], fds: [Int32] = []) throws -> Message {
         try callLock.withLock {
             if handedOver { throw VFIOUserClientError.handedOver }
+            if let b = broken { throw b }
             let id = connection.allocateID()
+            let seconds = Double(options.timeoutMilliseconds) / 1000
+            func timedOut() -> VFIOUserClientError {
+                let e = VFIOUserClientError.timeout(command: cmd, seconds: seconds)
+                broken = e
+                return e
+            }
             do {
                 try connection.send(id: id, command: cmd.rawValue, flags: MessageHeader.typeCommand, payload: payload, fds: fds)
             } catch let e as Errno where e == .EPIPE || e == .ECONNRESET {
                 throw VFIOUserClientError.disconnected
+            } catch let e as Errno where e == .EAGAIN {
+                throw timedOut()  // SO_SNDTIMEO: the server stopped reading
             }
+            // The bound is on the server's silence: each command it sends us meanwhile (DMA
+            // served on the main socket) shows it is working and restarts it.
+            var deadline = monotonicNanoseconds() + UInt64(options.timeoutMilliseconds) * 1_000_000
             while true {
+                var watch = [connection.socket.fd.rawValue]
+                if let c = cancelFD { watch.append(c) }
+                let now = monotonicNanoseconds()
+                guard now < deadline else { throw timedOut() }
+                let ms = Int32(min((deadline - now) / 1_000_000 + 1, 1000))
+                switch try Poll.waitAnyReadable(watch, timeoutMilliseconds: ms) {
+                case nil: continue
+                case 1?:
+                    broken = .cancelled(command: cmd)
+                    throw VFIOUserClientError.cancelled(command: cmd)
+                default: break
+                }
                 let m: Message
                 do { m = try connection.receive() } catch let e as Errno where e == .ECONNRESET || e == .EPROTO {
                     throw VFIOUserClientError.disconnected
+                } catch let e as Errno where e == .EAGAIN {
+                    throw timedOut()  // SO_RCVTIMEO: a message stopped half-way
                 } catch let f as FramingError {
                     throw VFIOUserClientError.protocolViolation("reply to \(cmd): \(f.reason)")
                 }
                 if m.header.isCommand {
                     serveServerCommand(m, on: connection)
+                    deadline = monotonicNanoseconds() + UInt64(options.timeoutMilliseconds) * 1_000_000
                     continue
                 }
                 guard m.header.messageID == id, m.header.command == cmd.rawValue else {
@@ -636,7 +693,9 @@ public final class VFIOUserClient: @unchecked Sendable {
     public init(adopting socket: UnixSocket, twin: UnixSocket?, state: HandoverState, options: Options = Options(),
                 local: (HandoverState.Mapping) throws -> UnsafeMutableRawPointer) throws {
         self.options = options
+        cancelFD = options.cancel
         twinCancel = try EventFD(nonBlocking: true)
+        try socket.setTimeouts(milliseconds: options.timeoutMilliseconds)
         connection = VFIOUserConnection(socket: socket, maxReceiveFDs: Int(options.maxMessageFDs),
                                         maxMessageSize: Int(options.maxDataXferSize) + 64 * 1024 + 64 * 1024 * 1024)
         let v: VersionPayload
@@ -655,9 +714,15 @@ public final class VFIOUserClient: @unchecked Sendable {
             dmaMemory.add(.init(iova: m.iova, size: m.size, base: try local(m), writable: m.writable, fdOffset: m.fdOffset, dirty: nil))
         }
         if let t = twin {
+            try t.setTimeouts(milliseconds: options.timeoutMilliseconds)
             self.twin = VFIOUserConnection(socket: t, maxReceiveFDs: 0, maxMessageSize: Int(options.maxDataXferSize) + 4096)
             twinSocketActive = true
             startTwinReader()
         }
     }
+}
+
+/// 10 → "10", 0.5 → "0.5": seconds as an operator typed them.
+func formatSeconds(_ s: Double) -> String {
+    s == s.rounded() ? String(Int(s)) : String(s)
 }

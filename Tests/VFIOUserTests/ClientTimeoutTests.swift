@@ -1,0 +1,142 @@
+import Foundation
+import Glibc
+import XCTest
+import SystemCalls
+import VFIO
+@testable import Devices
+@testable import VFIOUser
+
+/// A raw listener standing in for a vfio-user server that accepts and then never answers (a
+/// server busy with another VMM, a hung one), or answers VERSION and then goes silent. It is
+/// not the project's server: nothing in it replies unless told to.
+final class SilentServer: @unchecked Sendable {
+    let path: String
+    let listener: UnixListener
+    private var accepted: [UnixSocket] = []
+    private let lock = NSLock()
+    private var thread: Thread?
+    private let stop: EventFD
+
+    /// `answerVersion`: reply to the first message (VERSION) of each connection, then stay silent.
+    init(tag: String, answerVersion: Bool = false, accept: Bool = true) throws {
+        path = temporarySocketPath(tag)
+        listener = try UnixListener(path: path, backlog: 4)
+        stop = try EventFD(nonBlocking: true)
+        guard accept else { return }
+        let t = Thread { [self] in
+            while let s = try? listener.accept(cancel: stop.fd) {
+                lock.withLock { accepted.append(s) }
+                if answerVersion {
+                    let c = VFIOUserConnection(socket: s)
+                    if let m = try? c.receive() {
+                        try? c.sendReply(to: m.header, payload: VersionPayload(capabilities: Capabilities()).encode())
+                    }
+                }
+            }
+        }
+        thread = t
+        t.start()
+    }
+
+    var connections: Int { lock.withLock { accepted.count } }
+
+    func close() {
+        try? stop.signal()
+        while thread?.isFinished == false { usleep(1000) }
+        lock.withLock { for s in accepted { s.close() }; accepted = [] }
+        listener.close()
+    }
+}
+
+/// Every wait of VFIOUserClient on its server is bounded, and can be cancelled.
+final class ClientTimeoutTests: XCTestCase {
+    func options(_ ms: Int32, cancel: Int32? = nil) -> VFIOUserClient.Options {
+        var o = VFIOUserClient.Options()
+        o.timeoutMilliseconds = ms
+        o.cancel = cancel
+        return o
+    }
+
+    func testVERSIONToAServerThatAcceptsButNeverAnswersTimesOut() throws {
+        let server = try SilentServer(tag: "silent")
+        defer { server.close() }
+        let t0 = monotonicNanoseconds()
+        XCTAssertThrowsError(try VFIOUserClient(path: server.path, options: options(500))) {
+            XCTAssertEqual($0 as? VFIOUserClientError, .timeout(command: .version, seconds: 0.5))
+            XCTAssertEqual("\($0)", "the server did not answer VERSION within 0.5 s")
+        }
+        let took = Double(monotonicNanoseconds() - t0) / 1e9
+        XCTAssertLessThan(took, 5, "the bound detects the hang")
+        XCTAssertGreaterThanOrEqual(took, 0.45, "it waited for the bound, not less")
+        XCTAssertEqual(server.connections, 1, "the server did accept")
+    }
+
+    func testARequestAfterVERSIONTimesOutAndTheConnectionStaysFailed() throws {
+        let server = try SilentServer(tag: "half", answerVersion: true)
+        defer { server.close() }
+        let c = try VFIOUserClient(path: server.path, options: options(300))
+        defer { c.close() }
+        XCTAssertThrowsError(try c.deviceInfo()) {
+            XCTAssertEqual($0 as? VFIOUserClientError, .timeout(command: .deviceGetInfo, seconds: 0.3))
+        }
+        // A late reply would be taken for the next request's: the connection is not used again.
+        let t0 = monotonicNanoseconds()
+        XCTAssertThrowsError(try c.reset()) {
+            XCTAssertEqual($0 as? VFIOUserClientError, .timeout(command: .deviceGetInfo, seconds: 0.3))
+        }
+        XCTAssertLessThan(Double(monotonicNanoseconds() - t0) / 1e9, 0.2, "fails at once, without another wait")
+    }
+
+    func testTheCancelDescriptorEndsTheWaitAtOnce() throws {
+        let server = try SilentServer(tag: "cancel")
+        defer { server.close() }
+        let cancel = try EventFD(nonBlocking: true)
+        let signaller = Thread { usleep(200_000); try? cancel.signal() }
+        signaller.start()
+        let t0 = monotonicNanoseconds()
+        XCTAssertThrowsError(try VFIOUserClient(path: server.path, options: options(30_000, cancel: cancel.fd.rawValue))) {
+            XCTAssertEqual($0 as? VFIOUserClientError, .cancelled(command: .version))
+        }
+        XCTAssertLessThan(Double(monotonicNanoseconds() - t0) / 1e9, 1.5, "cancelled within a second of the signal, not after 30 s")
+    }
+
+    /// A listener that never accepts: once its backlog is full, an AF_UNIX connect blocks. It
+    /// is bounded too.
+    func testConnectToAFullBacklogTimesOut() throws {
+        let server = try SilentServer(tag: "backlog", accept: false)
+        defer { server.close() }
+        var queued: [UnixSocket] = []
+        defer { for s in queued { s.close() } }
+        var timedOut = false
+        let t0 = monotonicNanoseconds()
+        for _ in 0..<64 {
+            do { queued.append(try UnixSocket.connect(path: server.path, timeoutMilliseconds: 300)) } catch let e as Errno {
+                XCTAssertEqual(e, Errno(ETIMEDOUT))
+                timedOut = true
+                break
+            }
+        }
+        XCTAssertTrue(timedOut, "\(queued.count) connections queued and none blocked")
+        XCTAssertLessThan(Double(monotonicNanoseconds() - t0) / 1e9, 5)
+        XCTAssertThrowsError(try VFIOUserClient(path: server.path, options: options(300))) {
+            XCTAssertEqual($0 as? Errno, Errno(ETIMEDOUT))
+        }
+    }
+
+    func testASocketPathLongerThanSunPathIsRefused() {
+        let long = "/tmp/" + String(repeating: "x", count: 120)
+        XCTAssertThrowsError(try UnixSocket.connect(path: long, timeoutMilliseconds: 100)) {
+            XCTAssertEqual($0 as? Errno, Errno(ENAMETOOLONG))
+        }
+    }
+
+    /// A healthy server is unaffected: the bound only applies to silence.
+    func testARealServerAnswersWithinTheBound() throws {
+        let server = try RunningServer(name: "bounded")
+        defer { server.stop() }
+        let c = try VFIOUserClient(path: server.path, options: options(2000))
+        defer { c.close() }
+        XCTAssertNoThrow(try c.deviceInfo())
+        XCTAssertEqual(try c.migrationState(), .running)
+    }
+}
