@@ -169,6 +169,8 @@ public final class QMPServer: @unchecked Sendable {
             if c.cond.mutex.withLock({ c.dead }) { break }
             chunk.withUnsafeBytes { buf in
                 streamer.feed(UnsafeRawBufferPointer(rebasing: buf[0..<n])) { out in
+                    // A client cut off mid-chunk gets none of its remaining commands run.
+                    if c.cond.mutex.withLock({ c.dead }) { return }
                     switch out {
                     case let .value(v): respond(c, v)
                     case let .error(desc): reply(c, QMPError(desc), id: nil)
