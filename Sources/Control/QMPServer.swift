@@ -15,26 +15,55 @@ public protocol QMPHandler: AnyObject {
 
 /// The QMP protocol on a UNIX socket (0600): greeting, capabilities negotiation, commands
 /// with ids, errors, asynchronous events. Several clients may connect at once.
+///
+/// Input is read as QEMU 11.1 reads it (QMPStreamer), commands are checked as QEMU's dispatcher
+/// and QAPI marshallers check them (QMPSchema), then run in order on the client's own thread.
+/// Output goes to the client's own bounded queue, drained by its own writer thread: no lock is
+/// held across a write, and a client whose queue overflows (it does not read) is disconnected,
+/// never waited on. Events go into every negotiated client's queue.
 public final class QMPServer: @unchecked Sendable {
+    /// Bytes of replies and events a client may leave unread (beyond the kernel's socket buffer).
+    public static let defaultOutputLimit = 1 << 20
+
     private let listener: UnixListener
     private weak var handler: QMPHandler?
     private let stopEvent: EventFD
     private var acceptThread: OSThread?
-    private final class Client { let socket: UnixSocket; var negotiated = false; init(_ s: UnixSocket) { socket = s } }
+    public let schema: QMPSchema
+    public let outputLimit: Int
+
+    final class Client: @unchecked Sendable {
+        let socket: UnixSocket
+        let cond = Condition()
+        // Guarded by cond.mutex.
+        var negotiated = false
+        var queue: [[UInt8]] = []
+        var head = 0
+        var queuedBytes = 0
+        var closing = false, dead = false, writerDone = false
+        init(_ s: UnixSocket) { socket = s }
+    }
     private var clients: [Client] = []
     private let lock = Mutex()
+    /// Clients disconnected because they left too much output unread (tests, diagnostics).
+    public private(set) var slowClientsDisconnected = 0
 
-    public init(path: String, handler: QMPHandler) throws {
+    public init(path: String, handler: QMPHandler, schema: QMPSchema = .vfioLive, outputLimit: Int = QMPServer.defaultOutputLimit) throws {
         listener = try UnixListener(path: path, backlog: 8)
         self.handler = handler
+        self.schema = schema
+        self.outputLimit = outputLimit
         stopEvent = try EventFD()
     }
 
     /// Serve on a listening socket a predecessor VMM handed over (live update): clients that
     /// connected meanwhile wait in its backlog, and none sees "connection refused".
-    public init(adopting fd: FileDescriptor, path: String, handler: QMPHandler) throws {
+    public init(adopting fd: FileDescriptor, path: String, handler: QMPHandler, schema: QMPSchema = .vfioLive,
+                outputLimit: Int = QMPServer.defaultOutputLimit) throws {
         listener = UnixListener(adopting: fd, path: path)
         self.handler = handler
+        self.schema = schema
+        self.outputLimit = outputLimit
         stopEvent = try EventFD()
     }
 
@@ -68,9 +97,49 @@ public final class QMPServer: @unchecked Sendable {
         listener.close()
     }
 
-    private func write(_ c: Client, _ v: JSONValue) {
-        let bytes = Array((v.description + "\n").utf8)
-        lock.withLock { _ = try? c.socket.send(bytes) }
+    /// Queue one message for `c`; never blocks. Over the limit, the client is cut off.
+    private func enqueue(_ c: Client, _ text: String) {
+        let bytes = Array((text + "\r\n").utf8)  // QEMU ends each message with CRLF
+        let overflow: Bool = c.cond.mutex.withLock {
+            if c.dead || c.closing { return false }
+            if c.queuedBytes + bytes.count > outputLimit {
+                c.dead = true
+                c.queue.removeAll(); c.head = 0; c.queuedBytes = 0
+                c.cond.broadcast()
+                return true
+            }
+            c.queue.append(bytes)
+            c.queuedBytes += bytes.count
+            c.cond.signal()
+            return false
+        }
+        if overflow {
+            // Wakes its writer (EPIPE) and its reader (EOF); neither waits on the peer again.
+            c.socket.shutdown()
+            lock.withLock { slowClientsDisconnected += 1 }
+            Log.info("qmp", "a QMP client left more than \(outputLimit) bytes unread: disconnected")
+        }
+    }
+
+    private func writer(_ c: Client) {
+        while true {
+            var batch: [UInt8] = []
+            let stop: Bool = c.cond.mutex.withLock {
+                while c.head == c.queue.count && !c.closing && !c.dead { c.cond.wait() }
+                if c.dead || c.head == c.queue.count { return true }
+                while c.head < c.queue.count && batch.count < 65536 { batch += c.queue[c.head]; c.head += 1 }
+                if c.head > 1024 { c.queue.removeFirst(c.head); c.head = 0 }
+                return false
+            }
+            if stop { break }
+            do { try c.socket.send(batch) } catch {
+                c.cond.mutex.withLock { c.dead = true }
+                c.socket.shutdown()
+                break
+            }
+            c.cond.mutex.withLock { c.queuedBytes -= batch.count }
+        }
+        c.cond.mutex.withLock { c.writerDone = true; c.cond.broadcast() }
     }
 
     /// Send an event to every negotiated client.
@@ -80,92 +149,115 @@ public final class QMPServer: @unchecked Sendable {
         var o: [(String, JSONValue)] = [("event", .string(event))]
         if let d = data { o.append(("data", d)) }
         o.append(("timestamp", .object([("seconds", .number(Double(ts.tv_sec))), ("microseconds", .number(Double(ts.tv_nsec / 1000)))])))
-        let targets = lock.withLock { clients.filter(\.negotiated) }
-        for c in targets { write(c, .object(o)) }
+        let text = JSONValue.object(o).description
+        let targets = lock.withLock { clients }
+        for c in targets where c.cond.mutex.withLock({ c.negotiated }) { enqueue(c, text) }
     }
 
     private func serve(_ c: Client) {
-        write(c, .object([("QMP", .object([
+        let writerThread = OSThread(name: "qmp-writer") { [self] in writer(c) }
+        enqueue(c, JSONValue.object([("QMP", .object([
             ("version", .object([("qemu", .object([("micro", .number(0)), ("minor", .number(2)), ("major", .number(9))])),
                                  ("package", .string("vfio-live"))])),
             ("capabilities", .array([])),
-        ]))]))
-        var pending: [UInt8] = []
-        var chunk = [UInt8](repeating: 0, count: 4096)
-        defer {
-            lock.withLock { clients.removeAll { $0 === c } }
-            c.socket.close()
-        }
+        ]))]).description)
+        var streamer = QMPStreamer()
+        var chunk = [UInt8](repeating: 0, count: 65536)
         while true {
             let n = (try? chunk.withUnsafeMutableBytes { try c.socket.fd.read(into: $0) }) ?? 0
-            if n <= 0 { return }
-            pending += chunk[0..<n]
-            guard pending.count <= 1 << 20 else { return }  // a client that never closes an object
-            while let (object, rest) = Self.splitObject(pending) {
-                pending = rest
-                respond(c, object)
+            if n <= 0 { break }
+            if c.cond.mutex.withLock({ c.dead }) { break }
+            chunk.withUnsafeBytes { buf in
+                streamer.feed(UnsafeRawBufferPointer(rebasing: buf[0..<n])) { out in
+                    // A client cut off mid-chunk gets none of its remaining commands run.
+                    if c.cond.mutex.withLock({ c.dead }) { return }
+                    switch out {
+                    case let .value(v): respond(c, v)
+                    case let .error(desc): reply(c, QMPError(desc), id: nil)
+                    }
+                }
             }
         }
+        // The peer closed (or was cut off): what is queued for it gets a moment to go out.
+        c.cond.mutex.withLock {
+            c.closing = true
+            c.cond.broadcast()
+            if !c.writerDone { _ = c.cond.wait(timeoutSeconds: 1) }
+        }
+        c.socket.shutdown()
+        writerThread.join()
+        lock.withLock { clients.removeAll { $0 === c } }
+        c.socket.close()
     }
 
-    /// The first complete top-level JSON object in `buf`, and what follows it.
-    static func splitObject(_ buf: [UInt8]) -> ([UInt8], [UInt8])? {
-        var depth = 0, inString = false, escaped = false, start = -1
-        for (i, b) in buf.enumerated() {
-            if inString {
-                if escaped { escaped = false } else if b == UInt8(ascii: "\\") { escaped = true } else if b == UInt8(ascii: "\"") { inString = false }
-                continue
-            }
-            switch b {
-            case UInt8(ascii: "\""): inString = true
-            case UInt8(ascii: "{"), UInt8(ascii: "["):
-                if depth == 0 { start = i }
-                depth += 1
-            case UInt8(ascii: "}"), UInt8(ascii: "]"):
-                depth -= 1
-                if depth == 0 && start >= 0 { return (Array(buf[start...i]), Array(buf[(i + 1)...])) }
-                if depth < 0 { return (Array(buf[...i]), Array(buf[(i + 1)...])) }
-            default: break
-            }
-        }
-        return nil
+    private func reply(_ c: Client, _ e: QMPError, id: QMPValue?) {
+        var text = "{\"error\": " + JSONValue.object([("class", .string(e.errorClass)), ("desc", .string(e.desc))]).description
+        if let id { text += ", \"id\": " + id.text }
+        enqueue(c, text + "}")
     }
 
-    private func respond(_ c: Client, _ bytes: [UInt8]) {
-        func reply(_ e: QMPError, id: JSONValue?) {
-            var o: [(String, JSONValue)] = [("error", .object([("class", .string(e.errorClass)), ("desc", .string(e.desc))]))]
-            if let id { o.append(("id", id)) }
-            write(c, .object(o))
-        }
-        guard let msg = try? JSONValue.parse(bytes[...]), case .object = msg else {
-            return reply(QMPError("JSON parse error"), id: nil)
-        }
+    /// QEMU's qmp_dispatch: the envelope's members (in QDict order), then the command, then its
+    /// arguments (QAPI), then the handler.
+    private func respond(_ c: Client, _ msg: QMPValue) {
+        guard case let .object(members) = msg else { return reply(c, QMPError("QMP input must be a JSON object"), id: nil) }
         let id = msg["id"]
-        guard case let .string(cmd)? = msg["execute"] ?? msg["exec-oob"] else {
-            return reply(QMPError("QMP input lacks member 'execute'"), id: id)
-        }
-        if !c.negotiated {
-            guard cmd == "qmp_capabilities" else {
-                return reply(QMPError("Expecting capabilities negotiation with 'qmp_capabilities'", class: "CommandNotFound"), id: id)
+        for key in QEMUHashOrder.qdict(members.map(\.0)) {
+            switch (key, msg[key]!) {
+            case ("execute", .string), ("arguments", .object), ("id", _): continue
+            case ("execute", _): return reply(c, QMPError("QMP input member 'execute' must be a string"), id: id)
+            case ("arguments", _): return reply(c, QMPError("QMP input member 'arguments' must be an object"), id: id)
+            default: return reply(c, QMPError("QMP input member '\(key)' is unexpected"), id: id)  // exec-oob too: no OOB offered
             }
-            c.negotiated = true
-            var o: [(String, JSONValue)] = [("return", .object([]))]
-            if let id { o.append(("id", id)) }
-            return write(c, .object(o))
+        }
+        guard case let .string(cmd)? = msg["execute"] else { return reply(c, QMPError("QMP input lacks member 'execute'"), id: id) }
+        let arguments = msg["arguments"]
+        let negotiated = c.cond.mutex.withLock { c.negotiated }
+        if !negotiated && cmd != "qmp_capabilities" {
+            return reply(c, QMPError("Expecting capabilities negotiation with 'qmp_capabilities'", class: "CommandNotFound"), id: id)
+        }
+        do {
+            try schema.validate(cmd, arguments ?? .object([]))
+        } catch let e as QMPError {
+            return reply(c, e, id: id)
+        } catch {
+            return reply(c, QMPError("\(error)"), id: id)
+        }
+        func ok(_ r: JSONValue) {
+            var text = "{\"return\": " + r.description
+            if let id { text += ", \"id\": " + id.text }
+            enqueue(c, text + "}")
         }
         if cmd == "qmp_capabilities" {
-            return reply(QMPError("Capabilities negotiation is already complete, command ignored", class: "CommandNotFound"), id: id)
+            if negotiated {
+                return reply(c, QMPError("Capabilities negotiation is already complete, command ignored", class: "CommandNotFound"), id: id)
+            }
+            if case let .array(list)? = arguments?["enable"], !list.isEmpty {
+                return reply(c, QMPError("Capability 'oob' not available"), id: id)  // none offered in the greeting
+            }
+            c.cond.mutex.withLock { c.negotiated = true }
+            return ok(.object([]))
         }
-        guard let h = handler else { return reply(QMPError("the VM is shutting down"), id: id) }
+        guard let h = handler else { return reply(c, QMPError("the VM is shutting down"), id: id) }
         do {
-            let r = try h.execute(cmd, arguments: msg["arguments"])
-            var o: [(String, JSONValue)] = [("return", r)]
-            if let id { o.append(("id", id)) }
-            write(c, .object(o))
+            ok(try h.execute(cmd, arguments: arguments?.json))
         } catch let e as QMPError {
-            reply(e, id: id)
+            reply(c, e, id: id)
         } catch {
-            reply(QMPError("\(error)"), id: id)
+            reply(c, QMPError("\(error)"), id: id)
+        }
+    }
+}
+
+extension QMPValue {
+    /// JSON text, with integers exact (ids are echoed as given).
+    var text: String {
+        switch self {
+        case let .int(i): return String(i)
+        case let .uint(u): return String(u)
+        case let .double(d): return d.isFinite ? JSONValue.number(d).description : (d > 0 ? "1e999" : "-1e999")
+        case let .array(a): return "[" + a.map(\.text).joined(separator: ", ") + "]"
+        case let .object(m): return "{" + m.map { JSONValue.string($0.0).description + ": " + $0.1.text }.joined(separator: ", ") + "}"
+        default: return json.description
         }
     }
 }
