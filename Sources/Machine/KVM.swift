@@ -92,6 +92,17 @@ public final class VirtualMachine: @unchecked Sendable {
         }
     }
 
+    /// A memslot for a device's mmap'd region (KVM_MEM_READONLY when the mapping is: guest
+    /// stores then exit as MMIO).
+    public func setDeviceMemorySlot(slot: UInt32, guestAddress: UInt64, size: UInt64, host: UnsafeMutableRawPointer, readOnly: Bool) throws {
+        var r = kvm_userspace_memory_region(slot: slot, flags: readOnly ? 1 << 1 /* KVM_MEM_READONLY */ : 0,
+                                            guest_phys_addr: guestAddress, memory_size: size,
+                                            userspace_addr: UInt64(UInt(bitPattern: host)))
+        do { _ = try fd.ioctl(VL_KVM_SET_USER_MEMORY_REGION, &r) } catch let e as Errno {
+            throw KVMError.ioctl("KVM_SET_USER_MEMORY_REGION (device slot \(slot), \(size) bytes at \(hex(guestAddress)))", e)
+        }
+    }
+
     /// Harvest the dirty bitmap of `slot` (one bit per 4 KiB page, word n/64 bit n%64). With
     /// manual protect the harvested pages are re-protected with CLEAR_DIRTY_LOG.
     public func dirtyLog(slot: UInt32, pages: UInt64) throws -> [UInt64] {

@@ -4,21 +4,54 @@ import SystemCalls
 import VFIO
 import VFIOUser
 
-/// A device attached to the VM: its vfio-user client, where its BAR0 sits in the MMIO window,
-/// and its MSI eventfd (signals are counted per vector: a CPL3 guest takes no interrupts).
+/// A device attached to the VM, through the transport-neutral device interface: where the VMM
+/// put its BARs, which interrupt it wired to `msi` (MSI-X, MSI or INTx vector 0; signals are
+/// counted: a CPL3 guest takes no interrupts), and whether guest RAM is mapped for its DMA.
 public final class AttachedDevice: @unchecked Sendable {
-    public let client: VFIOUserClient
+    public let device: any VFIODevice
     public let slot: Int
+    /// The interrupt eventfd (named for MSI, the common case; it carries whichever was wired).
     public let msi: EventFD
     public private(set) var interrupts: UInt64 = 0
-    public var bar0: UInt64 { GuestLayout.deviceBAR0(slot) }
-    init(client: VFIOUserClient, slot: Int, msi: EventFD? = nil) throws {
-        self.client = client; self.slot = slot
+    /// What PCI attach found and set up; nil for a device adopted from a predecessor (live
+    /// update), which keeps the layout that predecessor gave it (BAR0 trapped at its slot).
+    public internal(set) var pci: PCIAttachment?
+    public var bar0: UInt64 { pci?.bar(0)?.guestAddress ?? GuestLayout.deviceBAR0(slot) }
+    /// The wired interrupt, as `interruptKind.irqIndex` (an adopted device: MSI, as before).
+    public var interruptKind: PCIInterrupt { pci?.interrupt ?? .msi(capability: 0) }
+
+    /// The vfio-user client behind the device. Compatibility for code written before the
+    /// device interface (Migration, LiveUpdate, Control): new code uses `device`. Only a
+    /// vfio-user device has one.
+    public var client: VFIOUserClient {
+        guard let c = device as? VFIOUserClient else {
+            preconditionFailure("device \(slot) is a \(device.transportName) device (\(device.deviceName)), not vfio-user: use AttachedDevice.device")
+        }
+        return c
+    }
+    public var vfioUserClient: VFIOUserClient? { device as? VFIOUserClient }
+
+    init(device: any VFIODevice, slot: Int, msi: EventFD? = nil) throws {
+        self.device = device; self.slot = slot
         self.msi = try msi ?? EventFD(nonBlocking: true)
     }
-    func drainInterrupts() { interrupts &+= (try? msi.consume()) ?? 0 }
+    func drainInterrupts() {
+        interrupts &+= (try? msi.consume()) ?? 0
+        // INTx of an automasked device stays masked until unmasked (vfio-pci's rule).
+        if case .intx(automasked: true)? = pci?.interrupt { try? device.unmaskIRQ(index: VFIOPCIIndex.intx, vector: 0) }
+    }
     /// Continue a predecessor's count (live update); signals not yet read stay in the eventfd.
     public func continueCount(from n: UInt64) { interrupts = n }
+}
+
+/// A guest-physical range routed to a device region: trapped (REGION_READ/WRITE) or, for the
+/// parts the device lets the VMM mmap, straight to the mapping.
+struct MMIORoute {
+    let base: UInt64, size: UInt64
+    let device: AttachedDevice
+    let region: UInt32
+    let writable: Bool
+    let mapping: VFIORegionMapping?
 }
 
 /// Saved vCPU state: the raw kernel structs (they are plain data) plus the software vCPU's own.
@@ -62,13 +95,18 @@ public final class MicroVM: @unchecked Sendable {
     private var rateStart: (UInt64, UInt64) = (0, 0)  // (ns, pages)
     private var irqThread: OSThread?
     private let irqStop: EventFD
+    private var routes: [MMIORoute] = []
+    private var mmioAllocator = MMIOAllocator()
+    private var nextDeviceSlot: UInt32 = 1
     public private(set) var dirtyLogging = false
 
-    /// Build the VM. `devices` are connected vfio-user clients; each gets guest RAM mapped for
-    /// DMA at IOVA = GPA (by fd) and an MSI eventfd. With `configuredMSI` (a live update) the
-    /// devices are already configured by a predecessor process: their DMA mappings and MSI
-    /// eventfds (given here) stay as they are and nothing is sent to them.
-    public init(memorySize: UInt64, vcpus: Int = 1, workload: WorkloadConfig, devices: [VFIOUserClient] = [],
+    /// Build the VM. `devices` are connected VFIO devices of any transport; each is attached as
+    /// a PCI device (`PCIAttach`): BARs placed and routed, guest RAM mapped for DMA at
+    /// IOVA = GPA (by fd), an interrupt wired to its eventfd. The guest's DMA rounds go to the
+    /// first edu-compatible device. With `configuredMSI` (a live update) the devices are
+    /// already configured by a predecessor process: their DMA mappings and interrupt eventfds
+    /// (given here) stay as they are and nothing is sent to them.
+    public init(memorySize: UInt64, vcpus: Int = 1, workload: WorkloadConfig, devices: [any VFIODevice] = [],
                 forceSoftware: Bool = false, adoptingMemory: GuestMemory? = nil, populateMemory: Bool = false,
                 configuredMSI: [EventFD]? = nil) throws {
         guard vcpus >= 1, vcpus <= GuestLayout.maxVCPUs else { throw KVMError.unavailable("--vcpus must be 1...\(GuestLayout.maxVCPUs)") }
@@ -95,7 +133,7 @@ public final class MicroVM: @unchecked Sendable {
         if let m = configuredMSI, m.count != devices.count {
             throw KVMError.unavailable("\(devices.count) configured devices but \(m.count) MSI eventfds")
         }
-        for (i, c) in devices.enumerated() { self.devices.append(try AttachedDevice(client: c, slot: i, msi: configuredMSI?[i])) }
+        for (i, c) in devices.enumerated() { self.devices.append(try AttachedDevice(device: c, slot: i, msi: configuredMSI?[i])) }
         if adoptingMemory == nil { try initialiseGuest() }
         if let vm {
             _ = vm.enableManualDirtyProtect()
@@ -111,6 +149,8 @@ public final class MicroVM: @unchecked Sendable {
             for i in 0..<vcpus { software.append(SoftwareVCPU(vm: self, index: i)) }
         }
         if configuredMSI == nil { for d in self.devices { try connect(d) } }
+        else { for d in self.devices { adoptRoutes(d) } }
+        if adoptingMemory == nil { configureGuestDMA() }
         installKickHandler()
     }
 
@@ -128,8 +168,7 @@ public final class MicroVM: @unchecked Sendable {
             set(GuestLayout.CB.wsBase, GuestLayout.workingSetBase + UInt64(i) * perVCPU * 4096)
             set(GuestLayout.CB.wsPages, perVCPU)
             set(GuestLayout.CB.batch, workload.batch)
-            let dma = i == 0 && !devices.isEmpty && workload.dmaEvery > 0
-            set(GuestLayout.CB.dmaEnabled, dma ? 1 : 0)
+            set(GuestLayout.CB.dmaEnabled, 0)  // configureGuestDMA() turns it on once devices are attached
             set(GuestLayout.CB.dmaBAR, GuestLayout.deviceBAR0(0))
             set(GuestLayout.CB.dmaSource, GuestLayout.dmaSource)
             set(GuestLayout.CB.dmaDestination, GuestLayout.dmaDestination)
@@ -160,11 +199,85 @@ public final class MicroVM: @unchecked Sendable {
         }
     }
 
-    /// DMA-map all of guest RAM (IOVA = GPA, by fd), MSI eventfd, MSI on in config space.
+    /// PCI attach (PCIAttach.swift): discover, map guest RAM for DMA, wire an interrupt, turn
+    /// decoding on, route the BARs. Only an edu-compatible device the guest will DMA through
+    /// must accept DMA_MAP; any other device that refuses still attaches.
     private func connect(_ d: AttachedDevice) throws {
-        try d.client.mapDMA(iova: 0, size: memory.size, local: memory.base, fd: memory.fd)
-        try d.client.setIRQs(index: 1, eventfds: [d.msi])
-        try d.client.write32(7, 0x40, 0x0081_0005)
+        let dev = d.device
+        var a = try PCIAttach.discover(dev, slot: d.slot, allocator: &mmioAllocator)
+        a.eduBufferSize = PCIAttach.eduBufferSize(dev, a)
+        let guestWillDMA = a.eduBufferSize != nil && workload.dmaEvery > 0 && !devices.contains { $0.pci?.eduBufferSize != nil && $0.pci?.dmaMapped == true }
+        do {
+            try dev.addDMAMapping(VFIODMARegion(iova: 0, size: memory.size, host: memory.base, fd: memory.fd))
+            a.dmaMapped = true
+        } catch {
+            if guestWillDMA { throw PCIAttachError.dmaRefused("\(dev.deviceName): \(error)") }
+            a.dmaRefusal = "\(error)"
+        }
+        a.interrupt = PCIAttach.wireInterrupt(dev, a, irqCount: a.irqCount, eventfd: d.msi)
+        do { try PCIAttach.enableDecoding(dev, a) } catch {
+            Log.warning("vm", "device \(d.slot): cannot turn memory decoding and bus mastering on: \(error)")
+        }
+        for bar in a.bars {
+            guard let gpa = bar.guestAddress else { continue }
+            var mapping: VFIORegionMapping?
+            if !bar.mappableAreas.isEmpty {
+                do { mapping = try dev.mapRegionAreas(bar.index) } catch {
+                    Log.warning("vm", "device \(d.slot): BAR\(bar.index) cannot be mmap'd (\(error)); it is trapped instead")
+                }
+                if let m = mapping { mapIntoGuest(m, at: gpa, device: d.slot) }
+            }
+            routes.append(MMIORoute(base: gpa, size: bar.size, device: d, region: bar.index, writable: bar.writable, mapping: mapping))
+        }
+        d.pci = a
+        Log.info("vm", "device \(d.slot) (\(dev.transportName) \(dev.deviceName)): \(a)")
+    }
+
+    /// KVM maps the page-aligned parts of mmap'd areas straight into the guest (read-only
+    /// when the device's mapping is: a store then exits and is trapped).
+    private func mapIntoGuest(_ m: VFIORegionMapping, at gpa: UInt64, device: Int) {
+        guard let vm else { return }
+        for a in m.areas {
+            let g = gpa + a.offset, size = a.size & ~4095
+            guard g % 4096 == 0, size > 0 else { continue }
+            do {
+                try vm.setDeviceMemorySlot(slot: nextDeviceSlot, guestAddress: g, size: size, host: a.base, readOnly: !a.writable)
+                nextDeviceSlot += 1
+            } catch {
+                Log.warning("vm", "device \(device): region \(m.index) area at \(hex(a.offset)) is trapped, KVM would not map it: \(error)")
+            }
+        }
+    }
+
+    /// A device adopted from a predecessor keeps the layout it was given: BAR0 trapped at its
+    /// slot (what every predecessor of this build did).
+    private func adoptRoutes(_ d: AttachedDevice) {
+        routes.append(MMIORoute(base: GuestLayout.deviceBAR0(d.slot), size: 1 << 20, device: d, region: 0, writable: true, mapping: nil))
+    }
+
+    /// Point vCPU 0's DMA rounds at the first edu-compatible device with guest RAM mapped, and
+    /// size them to its buffer (edu: 4 KiB). No such device: no DMA rounds.
+    private func configureGuestDMA() {
+        let cb = GuestLayout.controlBlock(0)
+        guard workload.dmaEvery > 0,
+              let d = devices.first(where: { $0.pci?.eduBufferSize != nil && $0.pci?.dmaMapped == true }), let buffer = d.pci?.eduBufferSize else {
+            if workload.dmaEvery > 0 && !devices.isEmpty { Log.info("vm", "no edu-compatible device with DMA: the guest runs no DMA rounds") }
+            return
+        }
+        let length = min(workload.dmaLength, buffer) & ~7
+        guard length > 0 else { return }
+        memory.store64(cb + UInt64(GuestLayout.CB.dmaBAR), d.bar0)
+        memory.store64(cb + UInt64(GuestLayout.CB.dmaLength), length)
+        memory.store64(cb + UInt64(GuestLayout.CB.dmaEnabled), 1)
+    }
+
+    /// The device the guest's DMA rounds go to (found from vCPU 0's control block, so an
+    /// adopted VM finds it as well).
+    var guestDMADevice: AttachedDevice? {
+        let cb = GuestLayout.controlBlock(0)
+        guard memory.load64(cb + UInt64(GuestLayout.CB.dmaEnabled)) != 0 else { return nil }
+        let bar = memory.load64(cb + UInt64(GuestLayout.CB.dmaBAR))
+        return devices.first { $0.bar0 == bar }
     }
 
     // MARK: run control
@@ -316,21 +429,51 @@ public final class MicroVM: @unchecked Sendable {
             doorbell(vcpu: i)
             return
         }
-        for d in devices where addr >= d.bar0 && addr < d.bar0 + (1 << 20) {
-            do {
-                if write {
-                    try d.client.regionWrite(0, offset: addr - d.bar0, from: UnsafeRawBufferPointer(start: data, count: len))
-                } else {
-                    try d.client.regionRead(0, offset: addr - d.bar0, into: UnsafeMutableRawBufferPointer(start: data, count: len))
-                }
-            } catch {
-                // A device that refuses (e.g. while migrating) reads as all ones, as on a bus.
-                if !write { memset(data, 0xff, len) }
-                Log.debug("vm", "MMIO \(write ? "write" : "read") at \(hex(addr)) refused by device \(d.slot): \(error)")
-            }
+        do {
+            if try routeMMIO(addr, data, len, write: write) { return }
+        } catch {
+            // A device that refuses (e.g. while migrating) reads as all ones, as on a bus.
+            if !write { memset(data, 0xff, len) }
+            Log.debug("vm", "MMIO \(write ? "write" : "read") at \(hex(addr)) refused: \(error)")
             return
         }
         fail("vCPU \(i): \(write ? "store to" : "load from") unmapped MMIO address \(hex(addr))")
+    }
+
+    /// One guest access to a device BAR: straight to an mmap'd area, else trapped to the
+    /// device. False when no BAR is there.
+    private func routeMMIO(_ addr: UInt64, _ data: UnsafeMutableRawPointer, _ len: Int, write: Bool) throws -> Bool {
+        guard let r = routes.first(where: { addr >= $0.base && addr - $0.base < $0.size }) else { return false }
+        let off = addr - r.base
+        guard UInt64(len) <= r.size - off else { throw VFIODeviceError.unsupported("access at \(hex(addr)) crosses the end of BAR\(r.region)") }
+        if let p = r.mapping?.pointer(offset: off, count: len, write: write) {
+            if write { p.copyMemory(from: data, byteCount: len) } else { data.copyMemory(from: p, byteCount: len) }
+        } else if write {
+            // Never handed to the transport: a client may write through its own read-only mmap.
+            guard r.writable else { throw VFIODeviceError.unsupported("BAR\(r.region) of device \(r.device.slot) is read-only") }
+            try r.device.device.regionWrite(r.region, offset: off, from: UnsafeRawBufferPointer(start: data, count: len))
+        } else {
+            try r.device.device.regionRead(r.region, offset: off, into: UnsafeMutableRawBufferPointer(start: data, count: len))
+        }
+        return true
+    }
+
+    /// What a guest load of `count` bytes at `gpa` in the MMIO window returns (for checks,
+    /// tests and tools: it takes exactly the guest's route).
+    public func mmioRead(_ gpa: UInt64, count: Int) throws -> [UInt8] {
+        guard count > 0, count <= 8 else { throw VFIODeviceError.unsupported("an MMIO access is 1 to 8 bytes, not \(count)") }
+        var b = [UInt8](repeating: 0, count: count)
+        let routed = try b.withUnsafeMutableBytes { try routeMMIO(gpa, $0.baseAddress!, count, write: false) }
+        guard routed else { throw VFIODeviceError.unsupported("no device BAR at \(hex(gpa))") }
+        return b
+    }
+
+    /// A guest store at `gpa` in the MMIO window, routed as the guest's would be.
+    public func mmioWrite(_ gpa: UInt64, _ bytes: [UInt8]) throws {
+        guard bytes.count > 0, bytes.count <= 8 else { throw VFIODeviceError.unsupported("an MMIO access is 1 to 8 bytes, not \(bytes.count)") }
+        var b = bytes
+        let routed = try b.withUnsafeMutableBytes { try routeMMIO(gpa, $0.baseAddress!, bytes.count, write: true) }
+        guard routed else { throw VFIODeviceError.unsupported("no device BAR at \(hex(gpa))") }
     }
 
     /// Doorbell: count, and throttle to the requested dirty rate.
@@ -446,10 +589,11 @@ public final class MicroVM: @unchecked Sendable {
     }
 
     /// Attach a device after construction (the destination of a migration, a live update).
-    public func attach(_ client: VFIOUserClient, mapDMA: Bool = true) throws -> AttachedDevice {
-        let d = try AttachedDevice(client: client, slot: devices.count)
+    /// Without `mapDMA` it is taken as configured already (adopted: nothing is sent).
+    public func attach(_ device: any VFIODevice, mapDMA: Bool = true) throws -> AttachedDevice {
+        let d = try AttachedDevice(device: device, slot: devices.count)
         devices.append(d)
-        if mapDMA { try connect(d) }
+        if mapDMA { try connect(d) } else { adoptRoutes(d) }
         return d
     }
 }

@@ -52,17 +52,16 @@ final class SoftwareVCPU: @unchecked Sendable {
 
     /// The DMA round trip of the workload, through the device's BAR0 as the guest does it.
     private func dmaRound() {
-        guard let d = vm.devices.first else { return }
-        let c = d.client
+        guard let d = vm.guestDMADevice?.device else { return }
         let src = cbLoad(GuestLayout.CB.dmaSource), dst = cbLoad(GuestLayout.CB.dmaDestination), len = cbLoad(GuestLayout.CB.dmaLength)
         store(cb + UInt64(GuestLayout.CB.dmaPhase), 1)
         store(cb + UInt64(GuestLayout.CB.dmaKey), p)
         for k in 0..<(len / 8) { store(src + k * 8, p ^ k ^ GuestLayout.dmaPattern) }
         func job(_ from: UInt64, _ to: UInt64, _ cmd: UInt64) -> Bool {
             do {
-                try c.write64(0, 0x80, from); try c.write64(0, 0x88, to); try c.write64(0, 0x90, len); try c.write64(0, 0x98, cmd)
-                while try c.read64(0, 0x98) & 1 != 0 { usleep(20) }
-                return try c.read64(0, 0x108) == 0
+                try d.regionStore(0, 0x80, from); try d.regionStore(0, 0x88, to); try d.regionStore(0, 0x90, len); try d.regionStore(0, 0x98, cmd)
+                while try d.regionLoad(0, 0x98, as: UInt64.self) & 1 != 0 { usleep(20) }
+                return try d.regionLoad(0, 0x108, as: UInt64.self) == 0
             } catch { return false }
         }
         var ok = job(src, 0x40000, 5) && job(0x40000, dst, 7)

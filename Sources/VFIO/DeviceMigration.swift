@@ -30,7 +30,7 @@ public enum DeviceMigrationError: Error, CustomStringConvertible {
 
     public var description: String {
         switch self {
-        case .notMigratable: return "device offers neither migration v2 (DEVICE_FEATURE MIGRATION) nor a v1 migration region"
+        case .notMigratable: return "VFIO device doesn't support migration (QEMU's words): it offers neither migration v2 (DEVICE_FEATURE MIGRATION) nor a v1 migration region"
         case let .protocolUnavailable(p): return "device does not offer migration \(p)"
         case let .refused(f, t, r): return "device refused \(f)→\(t): \(r)"
         case let .v1(s): return "migration v1: \(s)"

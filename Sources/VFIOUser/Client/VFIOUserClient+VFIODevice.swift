@@ -1,0 +1,66 @@
+import Glibc
+import SystemCalls
+import VFIO
+
+/// The vfio-user client as the transport-neutral device a VMM drives. vfio-user reuses the
+/// kernel's layouts, so this is mostly a translation of names.
+extension VFIOUserClient: VFIODevice {
+    public var transportName: String { "vfio-user" }
+
+    /// The server's socket path (the peer address of the connection), for messages.
+    public var deviceName: String {
+        var a = sockaddr_un()
+        var len = socklen_t(MemoryLayout<sockaddr_un>.size)
+        let rc = withUnsafeMutablePointer(to: &a) {
+            $0.withMemoryRebound(to: sockaddr.self, capacity: 1) { getpeername(connection.socket.fd.rawValue, $0, &len) }
+        }
+        guard rc == 0, len > socklen_t(MemoryLayout<sa_family_t>.size) else { return "vfio-user socket fd \(connection.socket.fd.rawValue)" }
+        let path = withUnsafeBytes(of: &a.sun_path) { b in String(decoding: b.prefix { $0 != 0 }, as: UTF8.self) }
+        return path.isEmpty ? "vfio-user socket fd \(connection.socket.fd.rawValue)" : path
+    }
+
+    public func describeDevice() throws -> VFIODeviceInfo {
+        let i = try deviceInfo()
+        return VFIODeviceInfo(flags: i.flags, regionCount: i.regionCount, irqCount: i.irqCount)
+    }
+
+    public func describeRegion(_ index: UInt32) throws -> VFIORegionInfo {
+        let (r, fd) = try regionInfo(index)
+        fd?.close()
+        return VFIORegionInfo(index: r.index, readable: r.flags.contains(.read), writable: r.flags.contains(.write),
+                              mappable: r.flags.contains(.mmap), size: r.size, offset: r.offset,
+                              sparseAreas: r.sparseAreas?.map { .init(offset: $0.offset, size: $0.size) }, type: r.type)
+    }
+
+    public func describeIRQ(_ index: UInt32) throws -> VFIOIRQInfo {
+        let i = try irqInfo(index)
+        return VFIOIRQInfo(index: i.index, count: i.count, eventfd: i.flags.contains(.eventfd), maskable: i.flags.contains(.maskable),
+                           automasked: i.flags.contains(.automasked), noresize: i.flags.contains(.noresize))
+    }
+
+    public func mapRegionAreas(_ index: UInt32) throws -> VFIORegionMapping? {
+        let writable = try describeRegion(index).writable
+        guard let m = try mapRegion(index) else { return nil }
+        return VFIORegionMapping(index: index, areas: m.areas.map { .init(offset: $0.offset, size: $0.size, base: $0.memory.base, writable: writable) },
+                                 owners: [m])
+    }
+
+    public func unmaskIRQ(index: UInt32, vector: UInt32) throws {
+        _ = try call(.deviceSetIRQs, SetIRQsRequest(flags: [.dataNone, .actionUnmask], index: index, start: vector, count: 1).encode())
+    }
+
+    /// DMA_MAP, by fd when the region has one (the server mmaps guest RAM), else served by
+    /// DMA_READ/DMA_WRITE messages from `host`.
+    public func addDMAMapping(_ r: VFIODMARegion) throws {
+        try mapDMA(iova: r.iova, size: r.size, local: r.host, fd: r.fd, offset: r.fdOffset, writable: r.writable)
+    }
+
+    public func removeDMAMapping(iova: UInt64, size: UInt64) throws {
+        _ = try unmapDMA(iova: iova, size: size, dirtyPageSize: nil)
+    }
+
+    public var supportsDMALogging: Bool { probeFeature(DeviceFeature.dmaLoggingStart, get: false) }
+
+    /// vfio-user has no IOMMU of its own: the server logs its DMA or nothing does.
+    public var iommuDirtyTracker: VFIOIOMMUDirtyTracker? { nil }
+}
