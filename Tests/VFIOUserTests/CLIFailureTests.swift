@@ -139,7 +139,7 @@ final class CLIFailureTests: XCTestCase {
         XCTAssertTrue(p.waitFor("waiting for a live update"), p.output)
         p.process.terminate()
         XCTAssertEqual(p.wait(killAfter: 5), 1, p.output)
-        XCTAssertTrue(p.output.contains("interrupted by a signal while waiting for a live update"), p.output)
+        XCTAssertTrue(p.output.contains("stopped while waiting for the old VMM") && p.output.contains("no VM was taken over"), p.output)
     }
 
     // MARK: item 16: command-line errors vs runtime failures
