@@ -96,6 +96,8 @@ public final class MigrationSource: @unchecked Sendable {
     /// Fault injection for tests: called before each section is sent (may throw or corrupt).
     public var beforeSection: ((MigrationStream.SectionType, UInt32) throws -> Void)?
     public var corruptNextSectionForTesting = false
+    /// Called after each section went out (tests: widen a race).
+    public var afterSectionForTesting: ((MigrationStream.SectionType, UInt32) -> Void)?
     /// Called after a successful migration, before the status says "completed".
     public var onCompleted: (() -> Void)?
     /// What the destination said on success (a JSON object).
@@ -239,8 +241,11 @@ public final class MigrationSource: @unchecked Sendable {
         let n = UInt64(length + 24)
         stats.update { stats.transferredBytes += n }
         sentSinceStart += n
+        afterSectionForTesting?(type, id)
         try pace()
-        try checkDestination()
+        // After END the destination's next word is RDY, read by the handshake; before it,
+        // anything readable is an early ERR (or a close).
+        if type != .end { try checkDestination() }
     }
 
     private func send(_ type: MigrationStream.SectionType, _ payload: [UInt8]) throws {
