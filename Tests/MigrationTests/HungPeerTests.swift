@@ -486,3 +486,39 @@ extension LiveMigrationTests {
         XCTAssertThrowsError(try first.run(), "a source runs once")
     }
 }
+
+extension LiveMigrationTests {
+    /// The destination's wait for GO is bounded too: a source that goes silent after END
+    /// fails the destination (which never runs the guest and says ERR), and the source, on
+    /// reading that ERR instead of READY... takes the VM back.
+    func testSourceSilentBeforeGOFailsTheDestinationAndTheSourceKeepsTheVM() throws {
+        startSource()
+        let wait = startDestination { d in d.peerTimeoutMS = 300 }
+        let m = try connectSource(params())
+        m.afterSectionForTesting = { t, _ in if t == .end { usleep(1_000_000) } }
+        XCTAssertThrowsError(try m.run())
+        let e = wait()
+        XCTAssertTrue("\(e.map { "\($0)" } ?? "")".contains("did not say GO within 300 ms"), "destination: \(String(describing: e))")
+        XCTAssertTrue(dst.vm.isPaused, "no GO: the guest does not run there")
+        XCTAssertEqual(try dst.client.migrationState(), .running, "reset out of its loaded state")
+        try assertSourceRunsOn(m, status: .failed, reasonContains: "GO")
+    }
+
+    /// After a failed incoming migration (here a corrupt section mid-stream) the same
+    /// destination VM can take a new attempt: the next stream rewrites every page and state.
+    func testDestinationTakesANewAttemptAfterAFailedOne() throws {
+        startSource()
+        var wait = startDestination()
+        let bad = try connectSource()
+        bad.beforeSection = { t, id in if t == .ram && id == 6 { bad.corruptNextSectionForTesting = true } }
+        XCTAssertThrowsError(try bad.run())
+        XCTAssertNotNil(wait())
+        wait = startDestination()
+        let good = try connectSource()
+        try good.run()
+        XCTAssertNil(wait())
+        usleep(200_000)
+        let r = dst.vm.verify()
+        XCTAssertTrue(r.ok, r.description)
+    }
+}
