@@ -113,6 +113,7 @@ extension LiveMigrationTests {
         let wait = runAsync(m)
         waitUntilBlocked(m, in: .active)
         let err = cancelAndMeasure(m, wait, phase: "pre-copy (send blocked)")
+        XCTAssertTrue(m.stats.summary.contains("cancelled") && m.stats.summary.contains("runs on at the source"), m.stats.summary)
         XCTAssertTrue("\(err.map { "\($0)" } ?? "")".contains("cancelled"), "\(String(describing: err))")
         try assertSourceRunsOn(m, status: .cancelled, reasonContains: "cancelled")
     }
@@ -267,6 +268,7 @@ extension LiveMigrationTests {
         }
         XCTAssertThrowsError(try m.run())
         XCTAssertEqual(m.stats.status, .failed)
+        XCTAssertTrue(m.stats.summary.contains("stays paused at the source"), m.stats.summary)
         XCTAssertTrue(src.vm.isPaused)
         XCTAssertEqual(try src.client.migrationState(), .stop)
         XCTAssertFalse(src.vm.dirtyLogging)
