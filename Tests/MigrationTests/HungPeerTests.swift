@@ -524,3 +524,37 @@ extension LiveMigrationTests {
         XCTAssertTrue(r.ok, r.description)
     }
 }
+
+extension LiveMigrationTests {
+    /// After GO the destination owns the VM: if it then goes silent, the source must not
+    /// resume (two running copies); it stays paused and says so. Cancel is refused then.
+    func testDestinationSilentAfterGOLeavesTheSourcePausedNeverTwoCopies() throws {
+        startSource()
+        let inResume = Flag(), release = Flag()
+        var source: MigrationSource?
+        var cancelAfterGO: Bool?
+        let wait = startDestination { d in
+            d.beforeResume = {
+                cancelAfterGO = source?.cancel()
+                inResume.set()
+                while !release.value { usleep(5_000) }
+            }
+        }
+        let m = try connectSource(params(peerTimeoutMS: 500))
+        source = m
+        XCTAssertThrowsError(try m.run()) { XCTAssertTrue("\($0)".contains("outcome unknown"), "\($0)") }
+        XCTAssertTrue(inResume.value)
+        XCTAssertEqual(cancelAfterGO, false, "too late to cancel once GO went out")
+        XCTAssertEqual(m.stats.status, .failed)
+        XCTAssertTrue(m.vmLeftPaused)
+        XCTAssertTrue(m.stats.summary.contains("destination may run it"), m.stats.summary)
+        XCTAssertTrue(src.vm.isPaused, "the source does not resume")
+        let p = src.vm.pagesWritten
+        release.set()
+        XCTAssertNil(wait(), "the destination went on and runs the guest")
+        usleep(200_000)
+        XCTAssertEqual(src.vm.pagesWritten, p, "still exactly one running copy")
+        XCTAssertGreaterThan(dst.vm.pagesWritten, p)
+        XCTAssertTrue(dst.vm.verify().ok)
+    }
+}
