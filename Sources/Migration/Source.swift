@@ -90,11 +90,14 @@ public final class MigrationSource: @unchecked Sendable {
     private var windowStartNS: UInt64 = 0
     // Auto-converge (see considerThrottle).
     private var throttle: UInt64 = 0
+    private lazy var throttler = VCPUThrottle(vm: vm)
     private var highDirtyCount = 0
-    private var throttleWindowNS: UInt64 = 0, throttleWindowSent: UInt64 = 0, throttleWindowNew: UInt64 = 0
+    private var throttleWindowNS: UInt64 = 0, throttleWindowSent: UInt64 = 0, throttleWindowDirtied: UInt64 = 0
     /// Fault injection for tests: called before each section is sent (may throw or corrupt).
     public var beforeSection: ((MigrationStream.SectionType, UInt32) throws -> Void)?
     public var corruptNextSectionForTesting = false
+    /// Called after each section went out (tests: widen a race).
+    public var afterSectionForTesting: ((MigrationStream.SectionType, UInt32) -> Void)?
     /// Called after a successful migration, before the status says "completed".
     public var onCompleted: (() -> Void)?
     /// What the destination said on success (a JSON object).
@@ -114,8 +117,31 @@ public final class MigrationSource: @unchecked Sendable {
         sectionDataLimit = Int(perSection / 4096 * 4096)
         staging = try MappedRegion(anonymous: (4 << 20) + 256 * 4096, populate: true)
         devices = try Self.prepare(vm: vm, parameters: parameters, policies: policies)
+        // One migration per VM at a time, claimed in one locked step with the check: two
+        // concurrent `migrate`s must never both run and leave the guest on two destinations.
+        try Self.claim(vm)
+        claimed = true
         stats.deviceBytes = [UInt64](repeating: 0, count: devices.count)
     }
+
+    deinit { if claimed { Self.release(vm) } }
+
+    private var claimed = false
+    private static let claimsLock = Mutex()
+    nonisolated(unsafe) private static var claims: Set<ObjectIdentifier> = []
+
+    private static func claim(_ vm: MicroVM) throws {
+        try claimsLock.withLock {
+            guard claims.insert(ObjectIdentifier(vm)).inserted else {
+                throw MigrationError.blocked("a migration of this VM is already in progress")
+            }
+        }
+    }
+    private static func release(_ vm: MicroVM) { _ = claimsLock.withLock { claims.remove(ObjectIdentifier(vm)) } }
+
+    /// Whether a MigrationSource holds this VM (created and not yet finished): a live update
+    /// or a second migration must then be refused.
+    public static func inProgress(_ vm: MicroVM) -> Bool { claimsLock.withLock { claims.contains(ObjectIdentifier(vm)) } }
 
     /// The blockers alone (no socket needed): throws `MigrationError.blocked` with the reason.
     /// Opens a migration session per device only to probe it; the devices are not changed.
@@ -215,8 +241,11 @@ public final class MigrationSource: @unchecked Sendable {
         let n = UInt64(length + 24)
         stats.update { stats.transferredBytes += n }
         sentSinceStart += n
+        afterSectionForTesting?(type, id)
         try pace()
-        try checkDestination()
+        // After END the destination's next word is RDY, read by the handshake; before it,
+        // anything readable is an early ERR (or a close).
+        if type != .end { try checkDestination() }
     }
 
     private func send(_ type: MigrationStream.SectionType, _ payload: [UInt8]) throws {
@@ -259,39 +288,40 @@ public final class MigrationSource: @unchecked Sendable {
         lastSampleNS = now
         let bits: [UInt64]
         do { bits = try vm.harvestDirtyPages() } catch { throw MigrationError.channel("harvesting the dirty log: \(error)") }
-        var n = 0, fresh = 0
+        var n = 0
         for k in 0..<min(bits.count, pendingDirty.count) where bits[k] != 0 {
-            fresh += (bits[k] & ~pendingDirty[k]).nonzeroBitCount
             pendingDirty[k] |= bits[k]
             n += bits[k].nonzeroBitCount
         }
         dirtiedInWindow += UInt64(n)
-        throttleWindowNew += UInt64(fresh)
+        throttleWindowDirtied += UInt64(n)
         considerThrottle(now)
     }
 
-    /// Auto-converge with QEMU's trigger (migration_trigger_throttle): when the pages newly
-    /// dirtied in a period exceed half of the bytes sent in it, twice, throttle the vCPUs
-    /// (cpu-throttle-initial, then + cpu-throttle-increment, up to the max). QEMU evaluates at
-    /// bitmap syncs, about once per iteration; here a period is 500 ms of pre-copy after the
-    /// first pass, so a throttle step comes every second whatever an iteration lasts (at a low
-    /// max-bandwidth one iteration took many seconds, and convergence minutes).
+    /// Auto-converge with QEMU's trigger (migration_trigger_throttle): when the bytes dirtied
+    /// in a period exceed half of the bytes sent in it, twice, throttle the vCPUs
+    /// (cpu-throttle-initial, then + cpu-throttle-increment, up to the max; QEMU's steps). QEMU
+    /// evaluates at bitmap syncs, about once per iteration, and counts a page once per sync;
+    /// here a period is 500 ms of pre-copy after the bulk pass and counts the sampled dirty
+    /// rate, so a step comes every second whatever an iteration lasts: at a low max-bandwidth
+    /// one iteration takes seconds, and a small working set rewritten within it counted once
+    /// per iteration, so reaching 99 % took minutes.
     private func considerThrottle(_ now: UInt64) {
         guard parameters.autoConverge else { return }
         if stats.iterations == 0 || throttleWindowNS == 0 {
             // QEMU does not throttle during the bulk pass either.
-            throttleWindowNS = now; throttleWindowSent = sentSinceStart; throttleWindowNew = 0
+            throttleWindowNS = now; throttleWindowSent = sentSinceStart; throttleWindowDirtied = 0
             return
         }
         guard now - throttleWindowNS >= 500_000_000 else { return }
         let sent = sentSinceStart - throttleWindowSent
-        if Double(throttleWindowNew * 4096) > Double(sent) * 0.5 { highDirtyCount += 1 }
-        throttleWindowNS = now; throttleWindowSent = sentSinceStart; throttleWindowNew = 0
+        if Double(throttleWindowDirtied * 4096) > Double(sent) * 0.5 { highDirtyCount += 1 }
+        throttleWindowNS = now; throttleWindowSent = sentSinceStart; throttleWindowDirtied = 0
         guard highDirtyCount >= 2 else { return }
         highDirtyCount = 0
         guard throttle < parameters.throttleMax else { return }
         throttle = throttle == 0 ? min(parameters.throttleInitial, parameters.throttleMax) : min(throttle + parameters.throttleIncrement, parameters.throttleMax)
-        vm.setThrottle(percent: throttle)
+        throttler.set(percent: throttle)
         stats.update { stats.throttlePercent = throttle }
         Log.debug("migration", "auto-converge: vCPUs throttled to \(throttle)%")
     }
@@ -466,6 +496,9 @@ public final class MigrationSource: @unchecked Sendable {
 
     /// Run the whole migration. Throws after rolling back on failure or cancel.
     public func run() throws {
+        guard control.withLock({ !finished && claimed }) else { throw MigrationError.blocked("this migration already ran; start a new one") }
+        // The VM is free for another migration (or a live update) once this one has ended.
+        defer { if claimed { claimed = false; Self.release(vm) } }
         stats.update { stats.startNS = monotonicNanoseconds(); stats.totalBytes = vm.memory.size; stats.downtimeLimitMS = parameters.downtimeLimitMS }
         stats.set(.setup)
         Self.setPeerTimeout(socket, ms: parameters.peerTimeoutMS)
@@ -482,17 +515,18 @@ public final class MigrationSource: @unchecked Sendable {
         } catch let error as MigrationError where error.isUnconfirmed {
             // GO went out: the destination may run the guest, so nothing is rolled back.
             finishUnconfirmed()
-            stats.update { stats.totalTimeMS = Double(monotonicNanoseconds() - stats.startNS) / 1e6 }
+            stats.update { stats.totalTimeMS = Double(monotonicNanoseconds() - stats.startNS) / 1e6; stats.sourceOutcome = "the source VM stays paused (the destination may run it)" }
             stats.set(.failed, error: "\(error)")
             Log.error("migration", "\(error)")
             throw error
         } catch {
             let error = isCancelled ? MigrationError.cancelled : error
-            rollback()
+            let stopped = rollback()
             let cancelled = (error as? MigrationError).map { if case .cancelled = $0 { return true }; return false } ?? false
-            stats.update { stats.totalTimeMS = Double(monotonicNanoseconds() - stats.startNS) / 1e6 }
+            let outcome = stopped ? "the VM stays paused at the source, as it was stopped" : "the VM runs on at the source"
+            stats.update { stats.totalTimeMS = Double(monotonicNanoseconds() - stats.startNS) / 1e6; stats.sourceOutcome = outcome }
             stats.set(cancelled ? .cancelled : .failed, error: "\(error)")
-            Log.warning("migration", "\(error); the VM runs on at the source")
+            Log.warning("migration", "\(error); \(outcome)")
             throw error
         }
     }
@@ -590,7 +624,7 @@ public final class MigrationSource: @unchecked Sendable {
             Log.info("migration", "switch-over requested (the VM was stopped): stop-and-copy starts now")
         }
         stats.set(.device)
-        vm.setThrottle(percent: 0)  // first: the throttle thread must not resume after our pause
+        throttler.set(percent: 0)  // first: the throttle thread must not resume after our pause
         let stopStart = monotonicNanoseconds()
         vm.pause()
         pausedByUs = true
@@ -674,9 +708,11 @@ public final class MigrationSource: @unchecked Sendable {
 
     /// Everything back as it was: devices in their state from before (RUNNING, or STOP for a
     /// VM that was paused or was stopped during the migration), logging off, our pause released.
-    private func rollback() {
+    /// Returns whether the VM stays paused (it was paused, or stopped during the migration).
+    @discardableResult
+    private func rollback() -> Bool {
         let stopped = control.withLock { () -> Bool in finished = true; return switchoverFlag }
-        vm.setThrottle(percent: 0)
+        throttler.set(percent: 0)
         for (i, d) in devices.enumerated() {
             let target: MigrationState = stopped || d.initialState == .stop ? .stop : .running
             if (try? d.migration.state()) != target {
@@ -689,5 +725,6 @@ public final class MigrationSource: @unchecked Sendable {
         }
         try? vm.setDirtyLogging(false)
         if pausedByUs { vm.resume(); pausedByUs = false }
+        return stopped || vmWasPausedAtStart || devices.contains { $0.initialState == .stop }
     }
 }
