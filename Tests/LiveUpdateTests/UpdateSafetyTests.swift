@@ -74,3 +74,31 @@ final class UpdateSafetyTests: VMMProcessTestCase {
         }
     }
 }
+
+/// The successor's wait and a device server's death, with real processes.
+final class WaitAndLossProcessTests: VMMProcessTestCase {
+    /// A VMM waiting for a live update (started by hand: it waits as long as it takes, as
+    /// QEMU's -incoming) still ends on SIGTERM, within a second, and removes its socket.
+    func testAWaitingSuccessorHonoursSIGTERM() throws {
+        let cpr = "/tmp/vfio-live-upd-\(tag).cpr"
+        let p = try start(["vm", "run", "--incoming", "cpr:unix:\(cpr)"], log: "/tmp/vfio-live-upd-\(tag)-wait.log")
+        waitForPath(cpr)
+        usleep(200_000)
+        p.terminate()
+        XCTAssertTrue(waitUntil(2) { !p.isRunning }, "SIGTERM ends the wait")
+        XCTAssertNotEqual(access(cpr, F_OK), 0, "its socket is removed")
+    }
+
+    /// `device serve` killed with SIGKILL under a running VM: the VMM reports it (query-status
+    /// internal-error, QEMU's state for an unrecoverable device error) within a bound.
+    func testADeviceServerKilledUnderTheVMIsReported() throws {
+        try startVM()
+        _ = try assertHealthy("before")
+        guard let server = processes.first else { return XCTFail("no device server") }
+        kill(server.processIdentifier, SIGKILL)
+        let q = try QMP(qmpPath)
+        XCTAssertTrue(waitUntil(5) { (try? q.execute("query-status"))?["status"] == .string("internal-error") })
+        XCTAssertEqual(try q.execute("query-status")["running"], .bool(false))
+        XCTAssertThrowsError(try q.execute("cont")) { e in XCTAssertTrue("\(e)".contains("device 0 lost"), "\(e)") }
+    }
+}
