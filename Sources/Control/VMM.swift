@@ -538,6 +538,7 @@ public final class VirtualMachineManager: QMPHandler, @unchecked Sendable {
             o.append(("x-vfio-live", .object([
                 ("iterations", .number(Double(st.iterations))), ("device-bytes", .array(st.deviceBytes.map { .number(Double($0)) })),
                 ("throttle-percent", .number(Double(st.throttlePercent))), ("forced-switchover", .bool(st.forcedSwitchover)),
+                ("source-outcome", st.status == .failed || st.status == .cancelled ? .string(st.sourceOutcome) : .null),
             ])))
             if let e = st.errorDescription { o.append(("error-desc", .string(e))) }
             if let r = liveUpdateReport, let j = try? JSONValue.parse(Array(r.json.utf8)[...]) { o.append(("x-vfio-live-cpr", j)) }

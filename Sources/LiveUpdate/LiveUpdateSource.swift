@@ -71,6 +71,8 @@ public final class LiveUpdateSource {
         for (i, why) in optOut.sorted(by: { $0.key < $1.key }) { out.append("device \(i) opts out of live update (\(why))") }
         for p in participants { if let why = p.cprBlocker() { out.append(why) } }
         if vm.failure != nil { out.append("the VM has failed: \(vm.failure!)") }
+        // The migration engine's own claim: a VM being migrated is not handed over meanwhile.
+        if MigrationSource.inProgress(vm) { out.append("a migration of this VM is in progress") }
         return out
     }
 

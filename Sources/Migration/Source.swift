@@ -96,6 +96,8 @@ public final class MigrationSource: @unchecked Sendable {
     /// Fault injection for tests: called before each section is sent (may throw or corrupt).
     public var beforeSection: ((MigrationStream.SectionType, UInt32) throws -> Void)?
     public var corruptNextSectionForTesting = false
+    /// Called after each section went out (tests: widen a race).
+    public var afterSectionForTesting: ((MigrationStream.SectionType, UInt32) -> Void)?
     /// Called after a successful migration, before the status says "completed".
     public var onCompleted: (() -> Void)?
     /// What the destination said on success (a JSON object).
@@ -239,8 +241,11 @@ public final class MigrationSource: @unchecked Sendable {
         let n = UInt64(length + 24)
         stats.update { stats.transferredBytes += n }
         sentSinceStart += n
+        afterSectionForTesting?(type, id)
         try pace()
-        try checkDestination()
+        // After END the destination's next word is RDY, read by the handshake; before it,
+        // anything readable is an early ERR (or a close).
+        if type != .end { try checkDestination() }
     }
 
     private func send(_ type: MigrationStream.SectionType, _ payload: [UInt8]) throws {
@@ -510,17 +515,18 @@ public final class MigrationSource: @unchecked Sendable {
         } catch let error as MigrationError where error.isUnconfirmed {
             // GO went out: the destination may run the guest, so nothing is rolled back.
             finishUnconfirmed()
-            stats.update { stats.totalTimeMS = Double(monotonicNanoseconds() - stats.startNS) / 1e6 }
+            stats.update { stats.totalTimeMS = Double(monotonicNanoseconds() - stats.startNS) / 1e6; stats.sourceOutcome = "the source VM stays paused (the destination may run it)" }
             stats.set(.failed, error: "\(error)")
             Log.error("migration", "\(error)")
             throw error
         } catch {
             let error = isCancelled ? MigrationError.cancelled : error
-            rollback()
+            let stopped = rollback()
             let cancelled = (error as? MigrationError).map { if case .cancelled = $0 { return true }; return false } ?? false
-            stats.update { stats.totalTimeMS = Double(monotonicNanoseconds() - stats.startNS) / 1e6 }
+            let outcome = stopped ? "the VM stays paused at the source, as it was stopped" : "the VM runs on at the source"
+            stats.update { stats.totalTimeMS = Double(monotonicNanoseconds() - stats.startNS) / 1e6; stats.sourceOutcome = outcome }
             stats.set(cancelled ? .cancelled : .failed, error: "\(error)")
-            Log.warning("migration", "\(error); the VM runs on at the source")
+            Log.warning("migration", "\(error); \(outcome)")
             throw error
         }
     }
@@ -702,7 +708,9 @@ public final class MigrationSource: @unchecked Sendable {
 
     /// Everything back as it was: devices in their state from before (RUNNING, or STOP for a
     /// VM that was paused or was stopped during the migration), logging off, our pause released.
-    private func rollback() {
+    /// Returns whether the VM stays paused (it was paused, or stopped during the migration).
+    @discardableResult
+    private func rollback() -> Bool {
         let stopped = control.withLock { () -> Bool in finished = true; return switchoverFlag }
         throttler.set(percent: 0)
         for (i, d) in devices.enumerated() {
@@ -717,5 +725,6 @@ public final class MigrationSource: @unchecked Sendable {
         }
         try? vm.setDirtyLogging(false)
         if pausedByUs { vm.resume(); pausedByUs = false }
+        return stopped || vmWasPausedAtStart || devices.contains { $0.initialState == .stop }
     }
 }

@@ -31,6 +31,8 @@ public final class MigrationStats: @unchecked Sendable {
     /// the prediction.
     public internal(set) var switchoverRequested = false
     public internal(set) var downtimeLimitMS: UInt64 = 0
+    /// After a failure: where the guest is ("the VM runs on at the source", or why it stays paused).
+    public internal(set) var sourceOutcome = "the VM runs on at the source"
     /// Called on every status change (the MIGRATION event).
     public var onStatus: ((Status) -> Void)?
 
@@ -49,7 +51,7 @@ public final class MigrationStats: @unchecked Sendable {
         case .completed:
             out = "migration completed: downtime \(Self.tenths(downtimeMS)) ms (limit \(downtimeLimitMS) ms), \(iterations) iterations, \(transferredBytes) bytes in \(Int(totalTimeMS.rounded())) ms"
         case .failed, .cancelled:
-            out = "migration \(st.rawValue): \(errorDescription ?? "no reason recorded"); the VM runs on at the source"
+            out = "migration \(st.rawValue): \(errorDescription ?? "no reason recorded"); \(sourceOutcome)"
         default:
             out = "migration \(st.rawValue): \(iterations) iterations, \(transferredBytes) bytes so far"
         }

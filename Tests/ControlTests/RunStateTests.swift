@@ -278,6 +278,31 @@ final class RunStateTests: XCTestCase {
 
     // MARK: a device lost
 
+    /// The destination froze the same way when its server died after the switch-over.
+    func testADeviceLostOnTheDestinationAfterTheSwitchOverIsInternalError() throws {
+        let d = try destination()
+        _ = try q("migrate", [("uri", .string(d.uri))])
+        XCTAssertTrue(waitFor(30) { migrationStatus() == "completed" }, migrationStatus())
+        XCTAssertTrue(waitFor(5) { d.vmm.runState == .running })
+        d.server.stop()
+        XCTAssertTrue(waitFor(5) { d.vmm.runState == .internalError }, "destination: \(d.vmm.runState)")
+        XCTAssertTrue(d.vm.isPaused)
+    }
+
+    /// A device lost while a migration runs ends the migration at once, and the VM is in
+    /// internal-error afterwards, not "running" over a guest that cannot run.
+    func testADeviceLostDuringAMigrationEndsItInInternalError() throws {
+        let peer = try silentPeer()
+        _ = try q("migrate-set-parameters", [("x-vfio-live-peer-timeout", .number(20_000))])
+        _ = try q("migrate", [("uri", .string(peer.uri))])
+        XCTAssertTrue(waitFor(5) { migrationStatus() == "active" }, migrationStatus())
+        server.stop()
+        XCTAssertTrue(waitFor(3) { ["failed", "cancelled"].contains(migrationStatus()) }, migrationStatus())
+        XCTAssertTrue(waitFor(2) { vmm.currentOperation == nil })
+        XCTAssertEqual(vmm.runState, .internalError)
+        XCTAssertTrue(vm.isPaused)
+    }
+
     /// The source's device server died and the guest froze silently with status running. Now:
     /// QEMU's rule for an unrecoverable device error (vm_stop to internal-error): STOP, an event
     /// naming the device, query-status internal-error, and cont/migrate/live update refused.

@@ -156,6 +156,40 @@ final class HandoverTests: XCTestCase {
         XCTAssertEqual(server.server.connectionsServed, 1, "one connection all along")
     }
 
+    /// The new VMM waits for GO only so long; when it gives up (ERROR) just as the old VMM
+    /// sends GO, the old one reads ERROR instead of DONE and takes the VM back: the new one
+    /// never ran the guest, so nothing is lost and nothing runs twice.
+    func testASuccessorThatGaveUpWaitingForGOGivesTheVMBack() throws {
+        let (old, new) = try UnixSocket.pair()
+        var result: Error?
+        var target: LiveUpdateTarget?
+        let done = Condition()
+        var finished = false
+        _ = OSThread(name: "new-vmm") {
+            do {
+                let t = try LiveUpdateTarget.accept(on: new)
+                t.goTimeoutMilliseconds = 200
+                target = t
+                try t.complete(over: new)
+            } catch { result = error }
+            done.mutex.withLock { finished = true; done.broadcast() }
+        }
+        let src = LiveUpdateSource(vm: vm)
+        src.beforeStep = { step in if step == "commit" { usleep(600_000) } }  // GO comes late
+        XCTAssertThrowsError(try src.transfer(over: old)) { e in
+            XCTAssertTrue("\(e)".contains("gave the VM back after the commit"), "\(e)")
+        }
+        done.mutex.withLock { while !finished { done.wait() } }
+        XCTAssertTrue("\(String(describing: result))".contains("no answer within 200 ms"), "\(String(describing: result))")
+        target?.vm.stop()
+        XCTAssertFalse(client.isHandedOver, "the old VMM has the connection back")
+        XCTAssertEqual(try client.migrationState(), .running)
+        let w0 = vm.pagesWritten
+        waitFor("the guest runs on in the old VMM") { vm.pagesWritten > w0 + 500 }
+        XCTAssertTrue(vm.verify().ok)
+        old.close(); new.close()
+    }
+
     /// A device that opts out blocks the update before anything is touched.
     func testBlockersAreCheckedFirst() throws {
         let (old, new) = try UnixSocket.pair()

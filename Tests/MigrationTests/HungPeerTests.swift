@@ -113,6 +113,7 @@ extension LiveMigrationTests {
         let wait = runAsync(m)
         waitUntilBlocked(m, in: .active)
         let err = cancelAndMeasure(m, wait, phase: "pre-copy (send blocked)")
+        XCTAssertTrue(m.stats.summary.contains("cancelled") && m.stats.summary.contains("runs on at the source"), m.stats.summary)
         XCTAssertTrue("\(err.map { "\($0)" } ?? "")".contains("cancelled"), "\(String(describing: err))")
         try assertSourceRunsOn(m, status: .cancelled, reasonContains: "cancelled")
     }
@@ -267,6 +268,7 @@ extension LiveMigrationTests {
         }
         XCTAssertThrowsError(try m.run())
         XCTAssertEqual(m.stats.status, .failed)
+        XCTAssertTrue(m.stats.summary.contains("stays paused at the source"), m.stats.summary)
         XCTAssertTrue(src.vm.isPaused)
         XCTAssertEqual(try src.client.migrationState(), .stop)
         XCTAssertFalse(src.vm.dirtyLogging)
@@ -484,5 +486,75 @@ extension LiveMigrationTests {
         XCTAssertNil(wait())
         XCTAssertFalse(MigrationSource.inProgress(src.vm), "released when the migration ended")
         XCTAssertThrowsError(try first.run(), "a source runs once")
+    }
+}
+
+extension LiveMigrationTests {
+    /// The destination's wait for GO is bounded too: a source that goes silent after END
+    /// fails the destination (which never runs the guest and says ERR), and the source, on
+    /// reading that ERR instead of READY... takes the VM back.
+    func testSourceSilentBeforeGOFailsTheDestinationAndTheSourceKeepsTheVM() throws {
+        startSource()
+        let wait = startDestination { d in d.peerTimeoutMS = 300 }
+        let m = try connectSource(params())
+        m.afterSectionForTesting = { t, _ in if t == .end { usleep(1_000_000) } }
+        XCTAssertThrowsError(try m.run())
+        let e = wait()
+        XCTAssertTrue("\(e.map { "\($0)" } ?? "")".contains("did not say GO within 300 ms"), "destination: \(String(describing: e))")
+        XCTAssertTrue(dst.vm.isPaused, "no GO: the guest does not run there")
+        XCTAssertEqual(try dst.client.migrationState(), .running, "reset out of its loaded state")
+        try assertSourceRunsOn(m, status: .failed, reasonContains: "GO")
+    }
+
+    /// After a failed incoming migration (here a corrupt section mid-stream) the same
+    /// destination VM can take a new attempt: the next stream rewrites every page and state.
+    func testDestinationTakesANewAttemptAfterAFailedOne() throws {
+        startSource()
+        var wait = startDestination()
+        let bad = try connectSource()
+        bad.beforeSection = { t, id in if t == .ram && id == 6 { bad.corruptNextSectionForTesting = true } }
+        XCTAssertThrowsError(try bad.run())
+        XCTAssertNotNil(wait())
+        wait = startDestination()
+        let good = try connectSource()
+        try good.run()
+        XCTAssertNil(wait())
+        usleep(200_000)
+        let r = dst.vm.verify()
+        XCTAssertTrue(r.ok, r.description)
+    }
+}
+
+extension LiveMigrationTests {
+    /// After GO the destination owns the VM: if it then goes silent, the source must not
+    /// resume (two running copies); it stays paused and says so. Cancel is refused then.
+    func testDestinationSilentAfterGOLeavesTheSourcePausedNeverTwoCopies() throws {
+        startSource()
+        let inResume = Flag(), release = Flag()
+        var source: MigrationSource?
+        var cancelAfterGO: Bool?
+        let wait = startDestination { d in
+            d.beforeResume = {
+                cancelAfterGO = source?.cancel()
+                inResume.set()
+                while !release.value { usleep(5_000) }
+            }
+        }
+        let m = try connectSource(params(peerTimeoutMS: 500))
+        source = m
+        XCTAssertThrowsError(try m.run()) { XCTAssertTrue("\($0)".contains("outcome unknown"), "\($0)") }
+        XCTAssertTrue(inResume.value)
+        XCTAssertEqual(cancelAfterGO, false, "too late to cancel once GO went out")
+        XCTAssertEqual(m.stats.status, .failed)
+        XCTAssertTrue(m.vmLeftPaused)
+        XCTAssertTrue(m.stats.summary.contains("destination may run it"), m.stats.summary)
+        XCTAssertTrue(src.vm.isPaused, "the source does not resume")
+        let p = src.vm.pagesWritten
+        release.set()
+        XCTAssertNil(wait(), "the destination went on and runs the guest")
+        usleep(200_000)
+        XCTAssertEqual(src.vm.pagesWritten, p, "still exactly one running copy")
+        XCTAssertGreaterThan(dst.vm.pagesWritten, p)
+        XCTAssertTrue(dst.vm.verify().ok)
     }
 }

@@ -85,3 +85,17 @@ extension LiveMigrationTests {
         XCTAssertTrue(m.stats.summary.hasPrefix("migration completed"), m.stats.summary)
     }
 }
+
+extension LiveMigrationTests {
+    /// The destination's READY can be readable right after END went out; the check for an
+    /// early ERR after each section must not take it for a close.
+    func testAFastReadyAfterEndIsNotMistakenForAnError() throws {
+        startSource()
+        let wait = startDestination()
+        let m = try connectSource()
+        m.afterSectionForTesting = { t, _ in if t == .end { usleep(200_000) } }
+        try m.run()
+        XCTAssertNil(wait())
+        XCTAssertEqual(m.stats.status, .completed)
+    }
+}
