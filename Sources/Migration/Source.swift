@@ -228,7 +228,7 @@ public final class MigrationSource: @unchecked Sendable {
         var t = BEWriter(); t.u64(sum)
         let head = MigrationStream.sectionHeader(type, id: id, length: length), tail = t.bytes
         do {
-            try head.withUnsafeBytes { hb in try tail.withUnsafeBytes { tb in try socket.send([hb] + pieces + [tb]) } }
+            try head.withUnsafeBytes { hb in try tail.withUnsafeBytes { tb in try sendAll([hb] + pieces + [tb]) } }
         } catch {
             // The destination usually closed because it found something wrong: say what.
             let timedOut = (error as? Errno) == .EAGAIN
@@ -484,11 +484,54 @@ public final class MigrationSource: @unchecked Sendable {
 
     /// SO_SNDTIMEO/SO_RCVTIMEO: no send or receive on the channel blocks longer than the peer
     /// timeout without progress (EAGAIN then, reported as `.peerTimeout`).
-    static func setPeerTimeout(_ s: StreamSocket, ms: UInt64) {
+    static func setPeerTimeout(_ s: StreamSocket, ms: UInt64, sendSliceMS: UInt64? = nil) {
         guard ms > 0 else { return }
-        var tv = timeval(tv_sec: Int(ms / 1000), tv_usec: Int(ms % 1000) * 1000)
-        for opt in [SO_SNDTIMEO, SO_RCVTIMEO] {
+        for (opt, v) in [(SO_SNDTIMEO, sendSliceMS ?? ms), (SO_RCVTIMEO, ms)] {
+            var tv = timeval(tv_sec: Int(v / 1000), tv_usec: Int(v % 1000) * 1000)
             _ = setsockopt(s.fd.rawValue, SOL_SOCKET, opt, &tv, socklen_t(MemoryLayout<timeval>.size))
+        }
+    }
+
+    /// Less than this in a whole peer-timeout window is a stalled peer, not a slow one.
+    static let minimumProgress = 64 << 10
+
+    /// All of `buffers` in sendmsg calls, failing with EAGAIN when less than 64 KiB went out
+    /// in the peer timeout since the last 64 KiB. SO_SNDTIMEO alone bounds one call without any progress, but
+    /// a SIGSTOPped peer's kernel still takes a trickle as it collapses its receive queue, so
+    /// each call made a little progress and the stall lasted 3x the timeout. The send timeout
+    /// is a slice here (a quarter of the window) so the loop looks at the clock.
+    private func sendAll(_ buffers: [UnsafeRawBufferPointer]) throws {
+        var iovs = buffers.filter { $0.count > 0 }.map { iovec(iov_base: UnsafeMutableRawPointer(mutating: $0.baseAddress), iov_len: $0.count) }
+        let window = parameters.peerTimeoutMS * 1_000_000
+        var windowStart = monotonicNanoseconds(), windowBytes = 0
+        var first = 0
+        while first < iovs.count {
+            var n = iovs.withUnsafeMutableBufferPointer { p -> Int in
+                var m = msghdr()
+                m.msg_iov = p.baseAddress! + first
+                m.msg_iovlen = p.count - first
+                return Glibc.sendmsg(socket.fd.rawValue, &m, Int32(MSG_NOSIGNAL))
+            }
+            if n < 0 {
+                let e = errno
+                if e == EINTR { continue }
+                guard e == EAGAIN || e == EWOULDBLOCK else { throw Errno(e) }
+                n = 0
+            }
+            windowBytes += n
+            // Drop what went out from the front of the list.
+            while n > 0 {
+                if n >= iovs[first].iov_len { n -= iovs[first].iov_len; first += 1 } else {
+                    iovs[first].iov_base += n
+                    iovs[first].iov_len -= n
+                    n = 0
+                }
+            }
+            // The stall clock restarts at each 64 KiB that went out.
+            let now = monotonicNanoseconds()
+            if windowBytes >= Self.minimumProgress { windowStart = now; windowBytes = 0 }
+            else if window > 0 && now - windowStart >= window && first < iovs.count { throw Errno.EAGAIN }
+            if isCancelled { throw MigrationError.cancelled }
         }
     }
 
@@ -501,7 +544,7 @@ public final class MigrationSource: @unchecked Sendable {
         defer { if claimed { claimed = false; Self.release(vm) } }
         stats.update { stats.startNS = monotonicNanoseconds(); stats.totalBytes = vm.memory.size; stats.downtimeLimitMS = parameters.downtimeLimitMS }
         stats.set(.setup)
-        Self.setPeerTimeout(socket, ms: parameters.peerTimeoutMS)
+        Self.setPeerTimeout(socket, ms: parameters.peerTimeoutMS, sendSliceMS: max(parameters.peerTimeoutMS / 4, 1))
         // Whatever happens, the channel closes: a destination waiting for more learns it is over.
         defer {
             control.withLock {
@@ -555,7 +598,7 @@ public final class MigrationSource: @unchecked Sendable {
                 d.inPreCopy = true
             }
         }
-        do { try socket.send(MigrationStream.header(flags: 0)) } catch { throw channelError(error, "sending the stream header") }
+        do { try MigrationStream.header(flags: 0).withUnsafeBytes { try sendAll([$0]) } } catch { throw channelError(error, "sending the stream header") }
         try send(.config, MigrationStream.configPayload(ramSize: vm.memory.size, vcpus: vm.vcpuCount, devices: devices.count))
         for i in devices.indices {
             var w = BEWriter(); w.u32(UInt32(i))
