@@ -119,7 +119,13 @@ public final class VFIOUserServer: @unchecked Sendable {
         var client = Capabilities()
         var negotiated = false
         var twin: VFIOUserConnection?
-        var outbound: OutboundDMA?
+        /// Read by the stop watcher too, hence the lock.
+        var outbound: OutboundDMA? {
+            get { lock.withLock { _outbound } }
+            set { lock.withLock { _outbound = newValue } }
+        }
+        private var _outbound: OutboundDMA?
+        private let lock = Mutex()
         /// Set by a handler whose error ends the connection (an unsupported major version:
         /// the spec says the connection is then closed).
         var closeAfterReply = false
@@ -156,8 +162,21 @@ public final class VFIOUserServer: @unchecked Sendable {
         }
         var helper: OSThread? = nil
         var queue: [Message] = []
+        // stop() (a signal handler writing the eventfd) must also end a read or write blocked
+        // mid-message on the client: this watcher shuts the socket down and fails in-flight DMA.
+        let watcherDone = try? EventFD()
+        let watcher = watcherDone.map { wd in
+            OSThread(name: "vfu-stop-watch") { [cancel] in
+                if let w = try? Poll.waitAnyReadable([cancel.fd.rawValue, wd.fd.rawValue], timeoutMilliseconds: -1), w == 0 {
+                    session.outbound?.abort()
+                    socket.shutdown()
+                }
+            }
+        }
         Log.info(name, "client connected")
         defer {
+            try? watcherDone?.signal()
+            watcher?.join()
             // Fail in-flight DMA first: then a helper waiting on the device returns promptly.
             session.outbound?.abort()
             helper?.join()
