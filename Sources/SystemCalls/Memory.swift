@@ -50,6 +50,9 @@ public enum MemFD {
         }
         let fd = FileDescriptor(adopting: raw)
         try fd.truncate(to: size)
+        // Guest RAM and device memory never shrink. Sealing that (as QEMU's memfd backend does)
+        // lets a vfio-user server mmap the fd: it refuses to mmap one that could shrink under it.
+        _ = fcntl(raw, 1033 /* F_ADD_SEALS */, 0x0002 /* F_SEAL_SHRINK */)
         return fd
     }
 }

@@ -19,6 +19,9 @@ public struct Capabilities: Equatable, Sendable {
     public var migration: MigrationCap?
     /// Which keys were present (so that a reply can echo only what it knows was offered).
     public var present: Set<String> = []
+    /// When set, `json` emits only these of the four numeric keys (a reply's capabilities are
+    /// a subset of the client's: the spec).
+    public var emitOnly: Set<String>?
 
     public struct TwinSocket: Equatable, Sendable {
         public var supported: Bool
@@ -39,7 +42,7 @@ public struct Capabilities: Equatable, Sendable {
             ("max_data_xfer_size", .number(Double(maxDataXferSize))),
             ("max_dma_maps", .number(Double(maxDMAMaps))),
             ("pgsizes", .number(Double(pageSizes))),
-        ]
+        ].filter { emitOnly?.contains($0.0) ?? true }
         if let t = twinSocket {
             var o: [(String, JSONValue)] = [("supported", .bool(t.supported))]
             if let i = t.fdIndex { o.append(("fd_index", .number(Double(i)))) }

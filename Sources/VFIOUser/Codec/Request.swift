@@ -67,21 +67,32 @@ public enum VFIOUserRequest: Equatable {
                     guard !u.flags.contains(.getDirtyBitmap) else { throw fail(.EINVAL, "DMA_UNMAP: UNMAP_ALL cannot be combined with GET_DIRTY_BITMAP") }
                     guard u.address == 0, u.size == 0 else { throw fail(.EINVAL, "DMA_UNMAP: UNMAP_ALL needs addr = size = 0") }
                 }
+                // argsz is the reply buffer: too small for the echo is refused before acting
+                // (the kernel's argsz < minsz rule).
+                let minArgsz: UInt32 = u.bitmap == nil ? 24 : 40
+                guard u.argsz >= minArgsz else { throw fail(.EINVAL, "DMA_UNMAP argsz \(u.argsz) < \(minArgsz)") }
                 return .dmaUnmap(u)
             case .deviceGetInfo:
                 try noFDs()
-                return .deviceGetInfo(try DeviceInfo(decoding: p))
+                let i = try DeviceInfo(decoding: p)
+                guard i.argsz >= 16 else { throw fail(.EINVAL, "DEVICE_GET_INFO argsz \(i.argsz) < 16") }
+                return .deviceGetInfo(i)
             case .deviceGetRegionInfo:
                 try noFDs()
                 var r = WireReader(p, context: "DEVICE_GET_REGION_INFO")
                 let argsz = try r.u32(); _ = try r.u32(); let index = try r.u32()
+                guard argsz >= UInt32(RegionInfo.baseSize) else { throw fail(.EINVAL, "DEVICE_GET_REGION_INFO argsz \(argsz) < 32") }
                 return .deviceGetRegionInfo(argsz: argsz, index: index)
             case .deviceGetRegionIOFDs:
                 try noFDs()
-                return .deviceGetRegionIOFDs(try RegionIOFDsRequest(decoding: p))
+                let q = try RegionIOFDsRequest(decoding: p)
+                guard q.argsz >= 16 else { throw fail(.EINVAL, "DEVICE_GET_REGION_IO_FDS argsz \(q.argsz) < 16") }
+                return .deviceGetRegionIOFDs(q)
             case .deviceGetIRQInfo:
                 try noFDs()
-                return .deviceGetIRQInfo(try IRQInfo(decoding: p))
+                let q = try IRQInfo(decoding: p)
+                guard q.argsz >= 16 else { throw fail(.EINVAL, "DEVICE_GET_IRQ_INFO argsz \(q.argsz) < 16") }
+                return .deviceGetIRQInfo(q)
             case .deviceSetIRQs:
                 let s = try SetIRQsRequest(decoding: p)
                 let data = s.flags.intersection(.dataTypes)
@@ -121,7 +132,9 @@ public enum VFIOUserRequest: Equatable {
                 return .deviceReset
             case .dirtyPages:
                 try noFDs()
-                return .dirtyPages(try DirtyPagesRequest(decoding: p))
+                let d = try DirtyPagesRequest(decoding: p)
+                guard d.argsz >= 8 else { throw fail(.EINVAL, "DIRTY_PAGES argsz \(d.argsz) < 8") }
+                return .dirtyPages(d)
             case .regionWriteMulti:
                 try noFDs()
                 return .regionWriteMulti(try RegionWriteMulti(decoding: p))
@@ -131,6 +144,10 @@ public enum VFIOUserRequest: Equatable {
                 let known = DeviceFeature.indexMask | DeviceFeature.get | DeviceFeature.set | DeviceFeature.probe
                 guard f.flags & ~known == 0 else { throw fail(.EINVAL, "DEVICE_FEATURE has unknown flags 0x\(String(f.flags, radix: 16))") }
                 guard !(f.isGet && f.isSet) || f.isProbe else { throw fail(.EINVAL, "DEVICE_FEATURE: GET and SET together without PROBE") }
+                // argsz covers the whole struct the client holds: at least what it sent.
+                guard UInt64(f.argsz) >= 8 + UInt64(f.data.count) else {
+                    throw fail(.EINVAL, "DEVICE_FEATURE argsz \(f.argsz) < the \(8 + f.data.count) bytes sent")
+                }
                 return .deviceFeature(f)
             case .migDataRead:
                 try noFDs()

@@ -19,11 +19,18 @@ public final class DMAMapTable: DMAAccessor, @unchecked Sendable {
         public let offset: UInt64
         public let flags: DMAMapFlags
         let fd: FileDescriptor?
+        /// Set only for an fd whose size cannot shrink (F_SEAL_SHRINK): touching a mapping of a
+        /// file the client shrank would SIGBUS the server. Other fds are accessed with
+        /// pread/pwrite, where a shrunk file is a short read.
         let memory: MappedRegion?
         var dirty: DirtyBitmap?
         init(iova: UInt64, size: UInt64, offset: UInt64, flags: DMAMapFlags, fd: FileDescriptor?, memory: MappedRegion?) {
             self.iova = iova; self.size = size; self.offset = offset; self.flags = flags; self.fd = fd; self.memory = memory
         }
+        /// The last byte's address. (iova + size can be 2^64, which wraps to 0: comparisons
+        /// use `last`, never an exclusive end.)
+        var last: UInt64 { iova + (size - 1) }
+        /// For messages only.
         var end: UInt64 { iova &+ size }
         func close() { memory?.unmap(); fd?.close() }
     }
@@ -65,15 +72,21 @@ public final class DMAMapTable: DMAAccessor, @unchecked Sendable {
             }
             var memory: MappedRegion? = nil
             if let fd {
+                // Seals first, then the size: once F_SEAL_SHRINK is seen the size only grows.
+                let sealed = try Self.checkBacking(fd)
                 let fileSize = try fd.fileSize()
                 // A mapping must lie inside the file: mmap past EOF would SIGBUS on access.
                 guard req.offset <= fileSize, req.size <= fileSize - req.offset else {
                     throw DeviceError(.EINVAL, "DMA_MAP offset 0x\(String(req.offset, radix: 16)) + size 0x\(String(req.size, radix: 16)) lies beyond the end of the \(fileSize)-byte file")
                 }
-                do {
-                    memory = try MappedRegion(fd: fd, offset: req.offset, length: Int(req.size), writable: req.flags.contains(.write))
-                } catch let e as Errno {
-                    throw DeviceError(e, "DMA_MAP: mmap of the passed fd failed: \(e)")
+                if sealed {
+                    do {
+                        memory = try MappedRegion(fd: fd, offset: req.offset, length: Int(req.size), writable: req.flags.contains(.write))
+                    } catch let e as Errno {
+                        throw DeviceError(e, "DMA_MAP: mmap of the passed fd failed: \(e)")
+                    }
+                } else {
+                    Log.info("dma", "DMA_MAP [0x\(String(req.address, radix: 16)), +0x\(String(req.size, radix: 16))): fd not sealed against shrinking (F_SEAL_SHRINK), served by pread/pwrite instead of mmap")
                 }
             }
             let m = Mapping(iova: req.address, size: req.size, offset: req.offset, flags: req.flags, fd: fd, memory: memory)
@@ -82,11 +95,11 @@ public final class DMAMapTable: DMAAccessor, @unchecked Sendable {
                     throw DeviceError(.ENOSPC, "DMA_MAP: the table already holds the maximum of \(maxMappings) mappings")
                 }
                 let i = insertionIndex(m.iova)
-                if i > 0, mappings[i - 1].end > m.iova {
+                if i > 0, mappings[i - 1].last >= m.iova {
                     let o = mappings[i - 1]
                     throw DeviceError(.EEXIST, "DMA_MAP [0x\(String(m.iova, radix: 16)), 0x\(String(m.end, radix: 16))) overlaps the mapping [0x\(String(o.iova, radix: 16)), 0x\(String(o.end, radix: 16)))")
                 }
-                if i < mappings.count, mappings[i].iova < m.end {
+                if i < mappings.count, mappings[i].iova <= m.last {
                     let o = mappings[i]
                     throw DeviceError(.EEXIST, "DMA_MAP [0x\(String(m.iova, radix: 16)), 0x\(String(m.end, radix: 16))) overlaps the mapping [0x\(String(o.iova, radix: 16)), 0x\(String(o.end, radix: 16)))")
                 }
@@ -96,6 +109,48 @@ public final class DMAMapTable: DMAAccessor, @unchecked Sendable {
         } catch {
             fd?.close()
             throw error
+        }
+    }
+
+    /// Raw fcntl numbers (linux/fcntl.h), which Glibc's module does not export.
+    enum Seal {
+        static let getSeals: Int32 = 1034  // F_GET_SEALS (F_LINUX_SPECIFIC_BASE + 10)
+        static let shrink: Int32 = 0x0002  // F_SEAL_SHRINK
+    }
+
+    /// An fd backing guest memory must be a regular file (a memfd, a tmpfs or disk file):
+    /// pipes, sockets and devices are refused. Returns whether its size is sealed against
+    /// shrinking, so that mmap is safe.
+    static func checkBacking(_ fd: FileDescriptor) throws -> Bool {
+        var st = stat()
+        let n = fd.rawValue
+        _ = try syscallRetryingEINTR { fstat(n, &st) }
+        guard st.st_mode & S_IFMT == S_IFREG else {
+            throw DeviceError(.EINVAL, "DMA_MAP: the passed fd is not a regular file (mode 0o\(String(st.st_mode & S_IFMT, radix: 8))): pipes, sockets and devices cannot back guest memory")
+        }
+        let seals = fcntl(n, Seal.getSeals)
+        return seals >= 0 && seals & Seal.shrink != 0  // -1: not sealable, so not sealed
+    }
+
+    /// Test hook: whether the mapping at `iova` is served by mmap (sealed fd).
+    func isMemoryMapped(iova: UInt64) -> Bool { lock.withReadLock { find(iova)?.memory != nil } }
+
+    /// pread/pwrite access to an unsealed fd; a file shrunk under us is a fault, not a SIGBUS.
+    private func fileIO(_ m: Mapping, _ fd: FileDescriptor, offset: UInt64, _ buf: UnsafeMutableRawBufferPointer, write: Bool) throws {
+        var done = 0
+        while done < buf.count {
+            let piece = UnsafeMutableRawBufferPointer(rebasing: buf[done...])
+            let at = m.offset + offset + UInt64(done)
+            let n: Int
+            do {
+                n = write ? try fd.pwrite(UnsafeRawBufferPointer(piece), offset: at) : try fd.pread(into: piece, offset: at)
+            } catch let e as Errno {
+                throw DeviceError(.EFAULT, "DMA \(write ? "write" : "read") at file offset 0x\(String(at, radix: 16)) of mapping [0x\(String(m.iova, radix: 16)), +0x\(String(m.size, radix: 16))) failed: \(e)")
+            }
+            guard n > 0 else {
+                throw DeviceError(.EFAULT, "DMA read at file offset 0x\(String(at, radix: 16)) of mapping [0x\(String(m.iova, radix: 16)), +0x\(String(m.size, radix: 16))): the client shrank the file")
+            }
+            done += n
         }
     }
 
@@ -174,23 +229,30 @@ public final class DMAMapTable: DMAAccessor, @unchecked Sendable {
         guard pageSize >= 4096, pageSize & (pageSize - 1) == 0 else {
             throw DeviceError(.EINVAL, "report page size \(pageSize) is not a power of two ≥ 4096")
         }
-        guard length > 0, iova &+ length > iova else { throw DeviceError(.EINVAL, "report range is empty or wraps") }
-        let pages = (length + pageSize - 1) / pageSize
-        var out = [UInt64](repeating: 0, count: Int((pages + 63) / 64))
-        try lock.withReadLock {
+        guard length > 0, length - 1 <= UInt64.max - iova else { throw DeviceError(.EINVAL, "report range is empty or wraps") }
+        let last = iova + (length - 1)
+        let pages = length / pageSize + (length % pageSize == 0 ? 0 : 1)
+        return try lock.withReadLock {
+            // Every byte must be mapped: checked before the bitmap is allocated.
+            var pieces: [(Mapping, UInt64, UInt64)] = []  // mapping, first, last
             var at = iova
-            while at < iova + length {
+            while true {
                 guard let m = find(at) else {
                     throw DeviceError(.EINVAL, "report range [0x\(String(iova, radix: 16)), +0x\(String(length, radix: 16))) is not fully mapped (0x\(String(at, radix: 16)) is not)")
                 }
-                let end = min(m.end, iova + length)
-                let sub = bitmapFor(m, offset: at - m.iova, length: end - at, pageSize: pageSize)
-                // `sub` is relative to `at`, `out` to iova.
-                out.orBits(sub, atBit: (at - iova) / pageSize, limit: pages)
-                at = end
+                let lastHere = min(m.last, last)
+                pieces.append((m, at, lastHere))
+                if lastHere == last { break }
+                at = lastHere + 1
             }
+            var out = [UInt64](repeating: 0, count: Int(pages / 64 + (pages % 64 == 0 ? 0 : 1)))
+            for (m, first, lastHere) in pieces {
+                let sub = bitmapFor(m, offset: first - m.iova, length: lastHere - first + 1, pageSize: pageSize)
+                // `sub` is relative to `first`, `out` to iova.
+                out.orBits(sub, atBit: (first - iova) / pageSize, limit: pages)
+            }
+            return out
         }
-        return out
     }
 
     private func bitmapFor(_ m: Mapping, offset: UInt64, length: UInt64, pageSize: UInt64) -> [UInt64] {
@@ -217,7 +279,7 @@ public final class DMAMapTable: DMAAccessor, @unchecked Sendable {
         let i = insertionIndex(addr &+ 1)
         guard i > 0 else { return nil }
         let m = mappings[i - 1]
-        return addr >= m.iova && addr < m.end ? m : nil
+        return addr >= m.iova && addr <= m.last ? m : nil
     }
 
     private func fault(_ addr: UInt64, _ count: Int, _ why: String) -> DeviceError {
@@ -230,6 +292,8 @@ public final class DMAMapTable: DMAAccessor, @unchecked Sendable {
             let dst = UnsafeMutableRawBufferPointer(rebasing: buffer[range])
             if let mem = m.memory {
                 memcpy(dst.baseAddress!, mem.base + Int(off), dst.count)
+            } else if let fd = m.fd {
+                try fileIO(m, fd, offset: off, dst, write: false)
             } else {
                 guard let ch = messageChannel else { throw fault(address, buffer.count, "mapping has no fd and no message channel") }
                 try ch.dmaRead(address: m.iova + off, into: dst)
@@ -245,6 +309,9 @@ public final class DMAMapTable: DMAAccessor, @unchecked Sendable {
             if let mem = m.memory {
                 memcpy(mem.base + Int(off), src.baseAddress!, src.count)
                 m.dirty?.mark(offset: off, length: UInt64(src.count))
+            } else if let fd = m.fd {
+                try fileIO(m, fd, offset: off, UnsafeMutableRawBufferPointer(mutating: src), write: true)
+                m.dirty?.mark(offset: off, length: UInt64(src.count))
             } else {
                 // The client performs (and logs) message-based writes itself.
                 guard let ch = messageChannel else { throw fault(address, buffer.count, "mapping has no fd and no message channel") }
@@ -257,7 +324,7 @@ public final class DMAMapTable: DMAAccessor, @unchecked Sendable {
     public func withGuestMemory(address: UInt64, count: Int, write: Bool,
                                 _ body: (UnsafeMutableRawBufferPointer) throws -> Void) throws {
         try access(address: address, count: count, write: write) { m, off, range in
-            guard let mem = m.memory else { throw DeviceError(.ENOTSUP, "mapping has no fd: zero-copy access impossible") }
+            guard let mem = m.memory else { throw DeviceError(.ENOTSUP, "mapping has no fd or an unsealed one: zero-copy access impossible") }
             try body(UnsafeMutableRawBufferPointer(start: mem.base + Int(off), count: range.count))
             if write { m.dirty?.mark(offset: off, length: UInt64(range.count)) }
         }
@@ -279,7 +346,7 @@ public final class DMAMapTable: DMAAccessor, @unchecked Sendable {
                 guard m.flags.contains(write ? .write : .read) else {
                     throw DeviceError(.EACCES, "DMA \(write ? "write" : "read") to [0x\(String(m.iova, radix: 16)), +0x\(String(m.size, radix: 16))) not permitted by its mapping")
                 }
-                let n = Int(min(UInt64(count - done), m.end - at))
+                let n = Int(min(UInt64(count - done - 1), m.last - at)) + 1
                 pieces.append((m, at - m.iova, done..<done + n))
                 done += n
             }

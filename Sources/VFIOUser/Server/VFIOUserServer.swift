@@ -18,6 +18,10 @@ public final class VFIOUserServer: @unchecked Sendable {
         public var dirtyTracking: DMAMapTable.DirtyTrackingMode = .precise
         /// Also expose the migration v1 region (type 3/1) for a migratable device.
         public var exposeV1MigrationRegion = true
+        /// The longest the server waits on a client: a DMA_READ/WRITE reply, a message it
+        /// started sending, a reply it should read. Past it the DMA fails (ETIMEDOUT) or the
+        /// connection is dropped.
+        public var peerTimeoutSeconds: Double = 10
         public init() {}
     }
 
@@ -115,18 +119,68 @@ public final class VFIOUserServer: @unchecked Sendable {
         var client = Capabilities()
         var negotiated = false
         var twin: VFIOUserConnection?
-        var outbound: OutboundDMA?
+        /// Read by the stop watcher too, hence the lock.
+        var outbound: OutboundDMA? {
+            get { lock.withLock { _outbound } }
+            set { lock.withLock { _outbound = newValue } }
+        }
+        private var _outbound: OutboundDMA?
+        private let lock = Mutex()
+        /// Set by a handler whose error ends the connection (an unsupported major version:
+        /// the spec says the connection is then closed).
+        var closeAfterReply = false
         init(conn: VFIOUserConnection) { self.conn = conn }
     }
+
+    /// Commands whose handler can wait on the device's DMA worker (a STOP arc, a reset) or on
+    /// the DMA table's write lock, which a worker holds while its DMA_READ/WRITE message is
+    /// out. They run on a helper thread so that the connection thread goes on reading: it hands
+    /// the client's DMA replies over (without a twin socket, nobody else can) and watches
+    /// `stop()`. The spec forbids stalling command processing on the other channel.
+    static func mayWaitOnDevice(_ h: MessageHeader) -> Bool {
+        switch h.knownCommand {
+        case .dmaMap?, .dmaUnmap?, .deviceReset?, .deviceFeature?, .dirtyPages?: return true
+        default: return false
+        }
+    }
+    /// Commands read ahead while one runs on the helper thread (a client waits for its replies;
+    /// beyond this the socket is not read until the helper is done).
+    static let maxQueuedCommands = 64
 
     /// Serve one client until it disconnects (or `stop()`), then apply the reconnect rule.
     public func serve(connection socket: UnixSocket) {
         connectionsServed += 1
+        Self.setTimeouts(socket, seconds: options.peerTimeoutSeconds)
         let conn = VFIOUserConnection(socket: socket, maxReceiveFDs: Int(options.maxMessageFDs),
                                       maxMessageSize: Int(options.maxDataXferSize) + 64 * 1024)
         let session = Session(conn: conn)
+        let done: EventFD
+        do { done = try EventFD() } catch {
+            Log.error(name, "cannot serve a client: eventfd: \(error)")
+            conn.close()
+            return
+        }
+        var helper: OSThread? = nil
+        var queue: [Message] = []
+        // stop() (a signal handler writing the eventfd) must also end a read or write blocked
+        // mid-message on the client: this watcher shuts the socket down and fails in-flight DMA.
+        let watcherDone = try? EventFD()
+        let watcher = watcherDone.map { wd in
+            OSThread(name: "vfu-stop-watch") { [cancel] in
+                if let w = try? Poll.waitAnyReadable([cancel.fd.rawValue, wd.fd.rawValue], timeoutMilliseconds: -1), w == 0 {
+                    session.outbound?.abort()
+                    socket.shutdown()
+                }
+            }
+        }
         Log.info(name, "client connected")
         defer {
+            try? watcherDone?.signal()
+            watcher?.join()
+            // Fail in-flight DMA first: then a helper waiting on the device returns promptly.
+            session.outbound?.abort()
+            helper?.join()
+            for m in queue { m.closeFDs() }
             session.outbound?.close()
             session.twin?.close()
             conn.close()
@@ -138,10 +192,33 @@ public final class VFIOUserServer: @unchecked Sendable {
             Log.info(name, "client disconnected: DMA mappings and IRQ eventfds dropped, device state kept")
         }
         while true {
-            do {
-                guard let which = try Poll.waitAnyReadable([socket.fd.rawValue, cancel.fd.rawValue], timeoutMilliseconds: -1),
-                      which == 0 else { return }
-            } catch { return }
+            while helper == nil, !queue.isEmpty, !session.closeAfterReply {
+                let m = queue.removeFirst()
+                if Self.mayWaitOnDevice(m.header) {
+                    helper = OSThread(name: "vfu-command") { [self] in
+                        handle(m, session)
+                        try? done.signal()
+                    }
+                } else {
+                    handle(m, session)
+                }
+            }
+            if session.closeAfterReply && helper == nil { return }
+            var watch = [cancel.fd.rawValue, done.fd.rawValue]
+            if queue.count < Self.maxQueuedCommands && !session.closeAfterReply { watch.append(socket.fd.rawValue) }
+            let which: Int?
+            do { which = try Poll.waitAnyReadable(watch, timeoutMilliseconds: -1) } catch { return }
+            switch which {
+            case 1?:
+                _ = try? done.consume()
+                helper?.join()
+                helper = nil
+                continue
+            case 2?:
+                break
+            default:
+                return  // stop()
+            }
             let msg: Message
             do {
                 msg = try conn.receive()
@@ -153,16 +230,26 @@ public final class VFIOUserServer: @unchecked Sendable {
                 return
             }
             if msg.header.isReply {
-                // A reply to one of our DMA_READ/WRITE commands on the main socket.
+                // A reply to one of our DMA_READ/WRITE commands on the main socket; one that
+                // matches no awaited request is dropped with its fds.
                 if let out = session.outbound, !out.isTwin { out.deliver(msg) } else {
                     msg.closeFDs()
-                    Log.warning(name, "unexpected reply (id \(msg.header.messageID)) ignored")
+                    Log.warning(name, "unexpected reply (id \(msg.header.messageID)) dropped")
                 }
                 continue
             }
             messagesHandled &+= 1
-            handle(msg, session)
+            queue.append(msg)
         }
+    }
+
+    /// Bound every blocking read and write on a client's socket: a client stalled mid-message
+    /// or not reading its replies loses its connection instead of holding the server.
+    static func setTimeouts(_ socket: UnixSocket, seconds: Double) {
+        var tv = timeval(tv_sec: Int(seconds), tv_usec: Int((seconds - Double(Int(seconds))) * 1e6))
+        let n = socket.fd.rawValue
+        _ = setsockopt(n, SOL_SOCKET, SO_RCVTIMEO, &tv, socklen_t(MemoryLayout<timeval>.size))
+        _ = setsockopt(n, SOL_SOCKET, SO_SNDTIMEO, &tv, socklen_t(MemoryLayout<timeval>.size))
     }
 
     private func refuse(_ s: Session, _ h: MessageHeader, _ errno: Errno, _ reason: String) {
@@ -188,6 +275,11 @@ public final class VFIOUserServer: @unchecked Sendable {
                 return
             }
             let (payload, replyFDs): ([UInt8], [Int32]) = try dispatch(req, s, &fds)
+            // A reply is never longer than the buffer the request's argsz describes (handlers
+            // check before acting; this is the net under them).
+            if let argsz = req.replyBufferSize, payload.count > Int(argsz) {
+                throw DeviceError(.EINVAL, "reply of \(payload.count) bytes exceeds the request's argsz \(argsz)")
+            }
             if h.wantsReply { try s.conn.sendReply(to: h, payload: payload, fds: replyFDs) }
         } catch let e as DeviceError {
             refuse(s, h, e.errno, e.reason)
@@ -195,6 +287,8 @@ public final class VFIOUserServer: @unchecked Sendable {
             refuse(s, h, e.errno, e.reason)
         } catch let e as Errno {
             refuse(s, h, e, "\(e)")
+        } catch let e as WireError {
+            refuse(s, h, e.errno, e.description)  // truncated handler data: EINVAL, not EIO
         } catch {
             refuse(s, h, .EIO, "\(error)")
         }
@@ -221,7 +315,10 @@ public final class VFIOUserServer: @unchecked Sendable {
         switch req {
         case let .version(v):
             guard !s.negotiated else { throw DeviceError(.EINVAL, "VERSION sent twice") }
-            guard v.major == 0 else { throw DeviceError(.ENOTSUP, "unsupported major version \(v.major) (this server speaks 0)") }
+            guard v.major == 0 else {
+                s.closeAfterReply = true  // the spec: a major mismatch closes the connection
+                throw DeviceError(.ENOTSUP, "unsupported major version \(v.major) (this server speaks 0); closing the connection")
+            }
             if let m = v.capabilities.migration, m.pageSize != 4096 {
                 throw DeviceError(.EINVAL, "migration.pgsize \(m.pageSize) unsupported (only 4096)")
             }
@@ -231,20 +328,25 @@ public final class VFIOUserServer: @unchecked Sendable {
             mine.maxDataXferSize = options.maxDataXferSize
             mine.maxDMAMaps = options.maxDMAMaps
             mine.pageSizes = 4096
+            // Only the numeric capabilities the client proposed are answered (a subset of its).
+            mine.emitOnly = v.capabilities.present.intersection(["max_msg_fds", "max_data_xfer_size", "max_dma_maps", "pgsizes"])
             var replyFDs: [Int32] = []
             // Reply capabilities are a subset of what the client offered.
             if v.capabilities.twinSocket?.supported == true, options.offerTwinSocket, v.capabilities.maxMessageFDs > 0 {
                 let (ours, theirs) = try UnixSocket.pair()
+                Self.setTimeouts(ours, seconds: options.peerTimeoutSeconds)
                 let twin = VFIOUserConnection(socket: ours, maxReceiveFDs: 0,
                                               maxMessageSize: Int(min(s.client.maxDataXferSize, 64 << 20)) + 4096)
                 s.twin = twin
-                s.outbound = OutboundDMA(conn: twin, isTwin: true, maxChunk: Int(min(s.client.maxDataXferSize, options.maxDataXferSize)))
+                s.outbound = OutboundDMA(conn: twin, isTwin: true, maxChunk: Int(min(s.client.maxDataXferSize, options.maxDataXferSize)),
+                                         timeoutSeconds: options.peerTimeoutSeconds)
                 fds.append(theirs.fd)  // closed after the reply is sent (the kernel holds its copy)
                 replyFDs.append(theirs.fd.rawValue)
                 mine.twinSocket = .init(supported: true, fdIndex: 0)
             } else {
                 if v.capabilities.twinSocket != nil { mine.twinSocket = .init(supported: false) }
-                s.outbound = OutboundDMA(conn: s.conn, isTwin: false, maxChunk: Int(min(s.client.maxDataXferSize, options.maxDataXferSize)))
+                s.outbound = OutboundDMA(conn: s.conn, isTwin: false, maxChunk: Int(min(s.client.maxDataXferSize, options.maxDataXferSize)),
+                                         timeoutSeconds: options.peerTimeoutSeconds)
             }
             if v.capabilities.writeMultiple != nil { mine.writeMultiple = options.supportWriteMultiple }
             if v.capabilities.migration != nil { mine.migration = .init(pageSize: 4096) }
@@ -273,9 +375,9 @@ public final class VFIOUserServer: @unchecked Sendable {
             guard b.pageSize >= 4096, b.pageSize & (b.pageSize - 1) == 0 else {
                 throw DeviceError(.EINVAL, "DMA_UNMAP bitmap page size \(b.pageSize) is not a power of two ≥ 4096")
             }
-            let need = DirtyBitmap.byteCount(pages: (u.size + b.pageSize - 1) / b.pageSize)
-            guard b.size >= UInt64(need) else { throw DeviceError(.EINVAL, "DMA_UNMAP bitmap size \(b.size) < \(need) bytes needed") }
-            guard UInt64(u.argsz) >= UInt64(40 + need) else {
+            let need = Self.bitmapBytes(length: u.size, pageSize: b.pageSize)
+            guard b.size >= need else { throw DeviceError(.EINVAL, "DMA_UNMAP bitmap size \(b.size) < \(need) bytes needed") }
+            guard UInt64(u.argsz) >= 40 + need else {
                 throw DeviceError(.EINVAL, "DMA_UNMAP argsz \(u.argsz) too small for a \(need)-byte bitmap (need \(40 + need))")
             }
             guard dma.isLogging || dma.trackingMode == .pinnedPages else {
@@ -283,8 +385,8 @@ public final class VFIOUserServer: @unchecked Sendable {
             }
             let words = try dma.unmap(address: u.address, size: u.size, dirtyPageSize: b.pageSize) ?? []
             var echo = u
-            echo.argsz = UInt32(40 + need)
-            echo.bitmap = .init(pageSize: b.pageSize, size: UInt64(need))
+            echo.argsz = UInt32(40 + need)  // ≤ u.argsz, checked above
+            echo.bitmap = .init(pageSize: b.pageSize, size: need)
             return (echo.encode() + words.littleEndianBytes, [])
 
         case .deviceGetInfo:
@@ -382,13 +484,19 @@ public final class VFIOUserServer: @unchecked Sendable {
             case DirtyPagesRequest.stop: dma.stopLogging(); return (d.encode(), [])
             case DirtyPagesRequest.getBitmap:
                 guard let r = d.range else { throw DeviceError(.EINVAL, "DIRTY_PAGES GET_BITMAP without a range") }
-                let need = DirtyBitmap.byteCount(pages: (r.size + r.pageSize - 1) / max(r.pageSize, 1))
-                guard r.bitmapSize >= UInt64(need), UInt64(d.argsz) >= UInt64(48 + need) else {
+                guard r.pageSize >= 4096, r.pageSize & (r.pageSize - 1) == 0, r.size > 0 else {
+                    throw DeviceError(.EINVAL, "DIRTY_PAGES GET_BITMAP page size \(r.pageSize) / size \(r.size) invalid")
+                }
+                let need = Self.bitmapBytes(length: r.size, pageSize: r.pageSize)
+                guard need <= options.maxDataXferSize else {
+                    throw DeviceError(.E2BIG, "DIRTY_PAGES bitmap of \(need) bytes exceeds max_data_xfer_size \(options.maxDataXferSize): ask for a smaller range")
+                }
+                guard r.bitmapSize >= need, UInt64(d.argsz) >= 48 + need else {
                     throw DeviceError(.EINVAL, "DIRTY_PAGES bitmap of \(r.bitmapSize) bytes (argsz \(d.argsz)) too small: \(need) needed")
                 }
                 let words = try dma.report(iova: r.iova, length: r.size, pageSize: r.pageSize)
                 var echo = d; echo.argsz = UInt32(48 + need)
-                echo.range = (r.iova, r.size, r.pageSize, UInt64(need))
+                echo.range = (r.iova, r.size, r.pageSize, need)
                 return (echo.encode() + words.littleEndianBytes, [])
             default:
                 throw DeviceError(.EINVAL, "DIRTY_PAGES needs exactly one of START, STOP, GET_BITMAP (flags 0x\(String(d.flags, radix: 16)))")
@@ -431,6 +539,13 @@ public final class VFIOUserServer: @unchecked Sendable {
         throw DeviceError(.EINVAL, "REGION_WRITE to region \(region) refused in migration state \(st)")
     }
 
+    /// Bytes of a bitmap with one bit per `pageSize` page of `length` bytes, rounded up to u64
+    /// words; never overflows (pageSize ≥ 1).
+    static func bitmapBytes(length: UInt64, pageSize: UInt64) -> UInt64 {
+        let pages = length / pageSize + (length % pageSize == 0 ? 0 : 1)
+        return (pages / 64 + (pages % 64 == 0 ? 0 : 1)) * 8
+    }
+
     private func feature(_ f: DeviceFeature) throws -> [UInt8] {
         func probeOrCheck(get: Bool, set: Bool) throws -> Bool {
             if f.isGet && !get { throw DeviceError(.EINVAL, "feature \(f.feature) does not support GET") }
@@ -453,6 +568,9 @@ public final class VFIOUserServer: @unchecked Sendable {
             guard let mig = migration else { throw DeviceError(.ENOTTY, "device does not support migration") }
             if try probeOrCheck(get: true, set: true) { return f.encode() }
             if f.isSet {
+                // struct vfio_device_feature_mig_state is 8 bytes: a shorter one is refused
+                // before the state moves.
+                guard f.data.count >= 8 else { throw DeviceError(.EINVAL, "DEVICE_FEATURE MIG_DEVICE_STATE SET data of \(f.data.count) bytes < 8") }
                 let raw = try data.u32()
                 guard let target = MigrationState(rawValue: raw) else { throw DeviceError(.EINVAL, "unknown migration state \(raw)") }
                 try mig.set(target)
@@ -466,24 +584,32 @@ public final class VFIOUserServer: @unchecked Sendable {
             return reply(w.bytes)
         case DeviceFeature.dmaLoggingStart:
             if try probeOrCheck(get: false, set: true) { return f.encode() }
-            let pageSize = try data.u64(), n = try data.u32(); _ = try data.u32()
-            guard n > 0 else { throw DeviceError(.EINVAL, "DMA_LOGGING_START with no ranges") }
+            let hint = try data.u64(), n = try data.u32(); _ = try data.u32()
             guard n <= 1024 else { throw DeviceError(.E2BIG, "DMA_LOGGING_START with \(n) ranges (at most 1024)") }
+            // page_size is a hint: the device chooses and returns it (the kernel uAPI). We take a
+            // power of two from 4 KiB to 1 GiB as given, anything else becomes 4 KiB; a log
+            // already running keeps its size.
+            let chosen = dma.loggingPageSize
+                ?? ((hint >= 4096 && hint <= 1 << 30 && hint & (hint - 1) == 0) ? hint : 4096)
+            // num_ranges 0 means "log everything" (the uAPI); with ranges we validate them, and
+            // log everything anyway (a superset is allowed).
             var ranges: [(UInt64, UInt64)] = []
             for _ in 0..<n {
                 let iova = try data.u64(), len = try data.u64()
-                guard pageSize > 0, iova % pageSize == 0, len % pageSize == 0, len > 0 else {
-                    throw DeviceError(.EINVAL, "DMA_LOGGING_START range [0x\(String(iova, radix: 16)), +0x\(String(len, radix: 16))) not aligned to page size \(pageSize)")
+                guard iova % chosen == 0, len % chosen == 0, len > 0 else {
+                    throw DeviceError(.EINVAL, "DMA_LOGGING_START range [0x\(String(iova, radix: 16)), +0x\(String(len, radix: 16))) not aligned to page size \(chosen)")
                 }
-                guard iova &+ len > iova else { throw DeviceError(.EOVERFLOW, "DMA_LOGGING_START range wraps") }
+                guard len - 1 <= UInt64.max - iova else { throw DeviceError(.EOVERFLOW, "DMA_LOGGING_START range wraps") }
                 ranges.append((iova, len))
             }
             ranges.sort { $0.0 < $1.0 }
-            for i in ranges.indices.dropFirst() where ranges[i - 1].0 + ranges[i - 1].1 > ranges[i].0 {
+            for i in ranges.indices.dropFirst() where ranges[i - 1].1 - 1 >= ranges[i].0 - ranges[i - 1].0 {
                 throw DeviceError(.EINVAL, "DMA_LOGGING_START ranges overlap")
             }
-            try dma.startLogging(pageSize: pageSize)
-            return f.encode()
+            try dma.startLogging(pageSize: chosen)
+            var w = WireWriter(capacity: f.data.count + 8)
+            w.u32(f.argsz); w.u32(f.flags); w.u64(chosen); w.append(f.data.dropFirst(8))
+            return w.bytes
         case DeviceFeature.dmaLoggingStop:
             if try probeOrCheck(get: false, set: true) { return f.encode() }
             dma.stopLogging()
@@ -494,9 +620,16 @@ public final class VFIOUserServer: @unchecked Sendable {
             guard pageSize >= 4096, pageSize & (pageSize - 1) == 0, length > 0 else {
                 throw DeviceError(.EINVAL, "DMA_LOGGING_REPORT page size \(pageSize) / length \(length) invalid")
             }
-            let need = DirtyBitmap.byteCount(pages: (length + pageSize - 1) / pageSize)
-            let full = 8 + 24 + need
-            var w = WireWriter(capacity: full)
+            guard length - 1 <= UInt64.max - iova else { throw DeviceError(.EINVAL, "DMA_LOGGING_REPORT range wraps around") }
+            guard dma.isLogging else { throw DeviceError(.EINVAL, "DMA_LOGGING_REPORT before DMA_LOGGING_START") }
+            // Sized only after validation, and bounded: a bitmap larger than a message may carry
+            // is refused (the client asks per smaller range).
+            let need = Self.bitmapBytes(length: length, pageSize: pageSize)
+            guard need <= options.maxDataXferSize else {
+                throw DeviceError(.E2BIG, "DMA_LOGGING_REPORT bitmap of \(need) bytes exceeds max_data_xfer_size \(options.maxDataXferSize): ask for a smaller range")
+            }
+            let full = 8 + 24 + Int(need)
+            var w = WireWriter(capacity: 32)
             w.u32(UInt32(full)); w.u32(f.flags); w.u64(iova); w.u64(length); w.u64(pageSize)
             // Too small a buffer: say how much is needed and clear nothing (the spec's argsz rule).
             guard Int(f.argsz) >= full else { return w.bytes }
@@ -509,46 +642,104 @@ public final class VFIOUserServer: @unchecked Sendable {
 }
 
 /// Server→client DMA_READ / DMA_WRITE for mappings without an fd. On the twin socket the caller
-/// reads its own reply; on the main socket the connection thread hands replies over.
+/// reads its own reply; on the main socket the connection thread hands replies over, and only
+/// replies to a request still awaited are kept (others are dropped with their fds).
+///
+/// Every wait on the client is bounded by `timeout`: a DMA the client does not answer fails
+/// with ETIMEDOUT, and `abort()` (disconnect, SIGTERM) fails the in-flight ones at once. The
+/// device then finishes its job with that errno, so nothing that waits on the device (a STOP
+/// arc, a reset, an unmap) waits on the client for longer than that.
 final class OutboundDMA: DMAMessageChannel, @unchecked Sendable {
     let conn: VFIOUserConnection
     let isTwin: Bool
     let maxChunk: Int
+    let timeoutSeconds: Double
     private let callLock = Mutex()
     private let replies = Condition()
+    private var awaiting: Set<UInt16> = []
     private var pending: [UInt16: Message] = [:]
     private var closed = false
+    /// The twin stream may be out of step after a timeout or abort: no further use.
+    private var broken = false
+    private let abortFD: EventFD?
+    /// Replies dropped because no request awaited them (issue 13 item 12).
+    private(set) var unmatchedReplies: UInt64 = 0
 
-    init(conn: VFIOUserConnection, isTwin: Bool, maxChunk: Int) {
-        self.conn = conn; self.isTwin = isTwin; self.maxChunk = max(4096, maxChunk)
+    init(conn: VFIOUserConnection, isTwin: Bool, maxChunk: Int, timeoutSeconds: Double) {
+        self.conn = conn; self.isTwin = isTwin; self.maxChunk = max(1, maxChunk)  // the peer's max_data_xfer_size, even below 4096
+        self.timeoutSeconds = timeoutSeconds
+        abortFD = isTwin ? try? EventFD() : nil
     }
 
+    /// A reply read by the connection thread (main socket). Kept only if a call awaits it.
     func deliver(_ m: Message) {
-        replies.mutex.withLock { pending[m.header.messageID] = m; replies.broadcast() }
+        let kept: Bool = replies.mutex.withLock {
+            guard awaiting.contains(m.header.messageID), pending[m.header.messageID] == nil else { return false }
+            pending[m.header.messageID] = m
+            replies.broadcast()
+            return true
+        }
+        if !kept {
+            m.closeFDs()
+            unmatchedReplies &+= 1
+            Log.warning("vfio-user", "reply (id \(m.header.messageID), command \(m.header.command)) matches no DMA request: dropped")
+        }
+    }
+
+    /// Fail every in-flight and later call (disconnect, cancel).
+    func abort() {
+        replies.mutex.withLock { closed = true; broken = true; replies.broadcast() }
+        try? abortFD?.signal()
+        if isTwin { conn.socket.shutdown() }  // wakes a receive or send blocked on it
     }
 
     func close() {
-        replies.mutex.withLock { closed = true; replies.broadcast() }
+        abort()
+        replies.mutex.withLock { for (_, m) in pending { m.closeFDs() }; pending = [:] }
     }
 
     private func call(_ cmd: VFIOUserCommand, _ payload: [UnsafeRawBufferPointer]) throws -> Message {
         try callLock.withLock {
             let id = conn.allocateID()
-            try conn.send(id: id, command: cmd.rawValue, flags: MessageHeader.typeCommand, payload: payload)
+            try replies.mutex.withLock {
+                if closed || broken { throw DeviceError(.ECONNRESET, "\(cmd): the client connection is gone or its DMA channel failed") }
+                awaiting.insert(id)
+            }
+            defer { replies.mutex.withLock { awaiting.remove(id); pending.removeValue(forKey: id)?.closeFDs() } }
+            let deadline = monotonicNanoseconds() + UInt64(timeoutSeconds * 1e9)
+            do {
+                try conn.send(id: id, command: cmd.rawValue, flags: MessageHeader.typeCommand, payload: payload)
+            } catch {
+                if isTwin { replies.mutex.withLock { broken = true } }
+                throw DeviceError(.ETIMEDOUT, "\(cmd): sending to the client failed (\(error)): it does not read")
+            }
             let reply: Message
             if isTwin {
-                reply = try conn.receive()
+                let left = deadline > monotonicNanoseconds() ? Int32(min((deadline - monotonicNanoseconds()) / 1_000_000, 1 << 30)) : 0
+                let which = try? Poll.waitAnyReadable([conn.socket.fd.rawValue] + (abortFD.map { [$0.fd.rawValue] } ?? []), timeoutMilliseconds: max(left, 1))
+                guard which == 0 else {
+                    replies.mutex.withLock { broken = true }
+                    conn.socket.shutdown()
+                    throw DeviceError(which == nil ? .ETIMEDOUT : Errno(Glibc.ECANCELED), "\(cmd): the client did not answer on the twin socket within \(timeoutSeconds) s")
+                }
+                do { reply = try conn.receive() } catch {
+                    replies.mutex.withLock { broken = true }
+                    throw DeviceError(.ECONNRESET, "\(cmd): reading the reply on the twin socket failed: \(error)")
+                }
             } else {
                 reply = try replies.mutex.withLock {
                     while pending[id] == nil {
-                        if closed { throw Errno.ECONNRESET }
-                        replies.wait(timeoutSeconds: 1)
+                        if closed { throw DeviceError(.ECONNRESET, "\(cmd): the client connection is gone") }
+                        let now = monotonicNanoseconds()
+                        guard now < deadline else { throw DeviceError(.ETIMEDOUT, "\(cmd): the client did not answer within \(timeoutSeconds) s") }
+                        _ = replies.wait(timeoutSeconds: min(Double(deadline - now) / 1e9, 0.5))
                     }
                     return pending.removeValue(forKey: id)!
                 }
             }
             reply.closeFDs()
             guard reply.header.isReply, reply.header.messageID == id, reply.header.command == cmd.rawValue else {
+                if isTwin { replies.mutex.withLock { broken = true } }
                 throw DeviceError(.EPROTO, "\(cmd): reply does not match the request")
             }
             if reply.header.isError {
@@ -583,6 +774,22 @@ final class OutboundDMA: DMAMessageChannel, @unchecked Sendable {
             let head = w.bytes
             _ = try head.withUnsafeBytes { h in try call(.dmaWrite, [h, UnsafeRawBufferPointer(rebasing: buffer[done..<done + n])]) }
             done += n
+        }
+    }
+}
+
+extension VFIOUserRequest {
+    /// The reply buffer the request's argsz describes, for commands whose reply is bounded by it.
+    var replyBufferSize: UInt32? {
+        switch self {
+        case let .dmaUnmap(u): return u.argsz
+        case let .deviceGetInfo(i): return i.argsz
+        case let .deviceGetRegionInfo(argsz, _): return argsz
+        case let .deviceGetRegionIOFDs(q): return q.argsz
+        case let .deviceGetIRQInfo(q): return q.argsz
+        case let .dirtyPages(d): return d.argsz
+        case let .deviceFeature(f): return f.argsz
+        default: return nil
         }
     }
 }
