@@ -17,6 +17,55 @@ struct BenchCommand: ParsableCommand {
         subcommands: [VFIOUserBench.self, DeviceStateBench.self, VMBench.self, MigrationBench.self, UpdateBench.self])
 }
 
+/// `--json`, shared by every bench subcommand.
+struct BenchOutputOptions: ParsableArguments {
+    @Flag(help: "Print one JSON object per line per figure (bench, figure, value, unit, and where they exist reference, reference_value, ratio, target, met) instead of the table.")
+    var json = false
+}
+
+/// Where a bench's figures go: the human table (the default) or one JSON object per figure.
+/// Every figure is recorded through `figure`; table lines through `say`, which --json silences.
+struct BenchOutput {
+    let bench: String
+    let json: Bool
+    init(_ bench: String, _ options: BenchOutputOptions) { self.bench = bench; json = options.json }
+
+    func say(_ line: String) {
+        guard !json else { return }
+        print(line)
+        fflush(stdout)
+    }
+
+    /// A figure; `reference` with its value gives the ratio (value / reference unless given),
+    /// `target` with `met` says whether the target was reached.
+    func figure(_ name: String, _ value: Double, _ unit: String, reference: String? = nil, referenceValue: Double? = nil,
+                ratio: Double? = nil, target: String? = nil, met: Bool? = nil) {
+        guard json else { return }
+        var o: [(String, JSONValue)] = [("bench", .string(bench)), ("figure", .string(name)), ("value", Self.number(value)), ("unit", .string(unit))]
+        if let reference, let rv = referenceValue {
+            o += [("reference", .string(reference)), ("reference_value", Self.number(rv))]
+            let r = ratio ?? (rv != 0 ? value / rv : .nan)
+            o.append(("ratio", Self.number(r)))
+        }
+        if let target { o.append(("target", .string(target))) }
+        if let met { o.append(("met", .bool(met))) }
+        print(JSONValue.object(o).description)
+        fflush(stdout)
+    }
+
+    /// A peer or a part that could not run: a line in the table, a figure with value null and
+    /// the reason in JSON.
+    func skipped(_ name: String, _ reason: String) {
+        if json {
+            print(JSONValue.object([("bench", .string(bench)), ("figure", .string(name)), ("value", .null), ("skipped", .string(reason))]).description)
+            fflush(stdout)
+        } else { say("\(name): \(reason)") }
+    }
+
+    /// JSON has no NaN or infinity: those are null.
+    static func number(_ d: Double) -> JSONValue { d.isFinite ? .number(d) : .null }
+}
+
 /// Median and 99th percentile of a sample, in microseconds.
 func percentiles(_ ns: [UInt64]) -> (p50: Double, p99: Double) {
     let s = ns.sorted()
@@ -73,6 +122,7 @@ struct VFIOUserBench: ParsableCommand {
     var iterations = 20000
     @Option(help: "Bytes per DMA job (and device memory size); a power of two.")
     var dmaSize = "64M"
+    @OptionGroup var output: BenchOutputOptions
     @OptionGroup var global: GlobalOptions
 
     func run() throws {
@@ -119,12 +169,17 @@ struct VFIOUserBench: ParsableCommand {
         for _ in 0..<3 { toDevice = max(toDevice, try job(toRAM: false)); toRAM = max(toRAM, try job(toRAM: true)) }
         let mc = try memcpyBandwidth(size: Int(size))
 
-        print("vfio-live bench vfio-user (same-run references; \(iterations) round trips, \(formatBytes(size)) DMA jobs)")
-        print("figure                              value             reference                        ratio   target")
-        print("region-read round trip p50          \(pad(formatFixed(region.p50, 1) + " µs", 17)) raw UNIX socket p50 \(pad(formatFixed(raw.p50, 1) + " µs", 12)) \(pad(ratioText(region.p50 / raw.p50), 7)) ≤ 2×")
-        print("region-read round trip p99          \(pad(formatFixed(region.p99, 1) + " µs", 17)) raw UNIX socket p99 \(pad(formatFixed(raw.p99, 1) + " µs", 12)) \(pad(ratioText(region.p99 / raw.p99), 7)) ≤ 2×")
-        print("device DMA guest RAM → device       \(pad(gbps(toDevice), 17)) memcpy             \(pad(gbps(mc), 12)) \(pad(formatFixed(100 * toDevice / mc, 0) + "%", 7)) ≥ 50%")
-        print("device DMA device → guest RAM       \(pad(gbps(toRAM), 17)) memcpy             \(pad(gbps(mc), 12)) \(pad(formatFixed(100 * toRAM / mc, 0) + "%", 7)) ≥ 50%")
+        let out = BenchOutput("vfio-user", output)
+        out.say("vfio-live bench vfio-user (same-run references; \(iterations) round trips, \(formatBytes(size)) DMA jobs)")
+        out.say("figure                              value             reference                        ratio   target")
+        out.say("region-read round trip p50          \(pad(formatFixed(region.p50, 1) + " µs", 17)) raw UNIX socket p50 \(pad(formatFixed(raw.p50, 1) + " µs", 12)) \(pad(ratioText(region.p50 / raw.p50), 7)) ≤ 2×")
+        out.say("region-read round trip p99          \(pad(formatFixed(region.p99, 1) + " µs", 17)) raw UNIX socket p99 \(pad(formatFixed(raw.p99, 1) + " µs", 12)) \(pad(ratioText(region.p99 / raw.p99), 7)) ≤ 2×")
+        out.say("device DMA guest RAM → device       \(pad(gbps(toDevice), 17)) memcpy             \(pad(gbps(mc), 12)) \(pad(formatFixed(100 * toDevice / mc, 0) + "%", 7)) ≥ 50%")
+        out.say("device DMA device → guest RAM       \(pad(gbps(toRAM), 17)) memcpy             \(pad(gbps(mc), 12)) \(pad(formatFixed(100 * toRAM / mc, 0) + "%", 7)) ≥ 50%")
+        out.figure("region-read round trip p50", region.p50, "us", reference: "raw UNIX socket round trip p50", referenceValue: raw.p50, target: "≤ 2×", met: region.p50 <= 2 * raw.p50)
+        out.figure("region-read round trip p99", region.p99, "us", reference: "raw UNIX socket round trip p99", referenceValue: raw.p99, target: "≤ 2×", met: region.p99 <= 2 * raw.p99)
+        out.figure("device DMA guest RAM → device", toDevice, "bytes/s", reference: "memcpy", referenceValue: mc, target: "≥ 0.5×", met: toDevice >= 0.5 * mc)
+        out.figure("device DMA device → guest RAM", toRAM, "bytes/s", reference: "memcpy", referenceValue: mc, target: "≥ 0.5×", met: toRAM >= 0.5 * mc)
     }
 }
 
@@ -138,6 +193,7 @@ struct DeviceStateBench: ParsableCommand {
     var stateSize = "256M"
     @Option(help: "Protocol: v2 or v1.")
     var `protocol` = "v2"
+    @OptionGroup var output: BenchOutputOptions
     @OptionGroup var global: GlobalOptions
 
     func run() throws {
@@ -160,8 +216,10 @@ struct DeviceStateBench: ParsableCommand {
         let r = try t.run()
         let rate = Double(r.totalBytes) / (Double(r.stopCopyNanoseconds) / 1e9)
         let mc = try memcpyBandwidth(size: Int(min(size, 256 << 20)))
-        print("vfio-live bench device-state (migration \(proto), \(formatBytes(r.totalBytes)) moved through a vfio-user client)")
-        print("figure                              value             reference                        ratio   target")
-        print("device-state transfer               \(pad(gbps(rate), 17)) memcpy             \(pad(gbps(mc), 12)) \(pad(formatFixed(100 * rate / mc, 0) + "%", 7)) ≥ 40%")
+        let out = BenchOutput("device-state", output)
+        out.say("vfio-live bench device-state (migration \(proto), \(formatBytes(r.totalBytes)) moved through a vfio-user client)")
+        out.say("figure                              value             reference                        ratio   target")
+        out.say("device-state transfer               \(pad(gbps(rate), 17)) memcpy             \(pad(gbps(mc), 12)) \(pad(formatFixed(100 * rate / mc, 0) + "%", 7)) ≥ 40%")
+        out.figure("device-state transfer", rate, "bytes/s", reference: "memcpy", referenceValue: mc, target: "≥ 0.4×", met: rate >= 0.4 * mc)
     }
 }

@@ -16,6 +16,15 @@ struct UpdateBench: ParsableCommand {
             the same run: a process holding the same populated memfd mapping (the memfd kept open
             across exec, as cpr-exec keeps it) exec's this binary
             and reports how long it took to start (exec tears the old mappings down).
+
+            When scripts/qemu11.sh finds QEMU 11.1, its blackouts are measured in the same run at
+            the same sizes, with the ratio to ours: cpr-transfer (the old QEMU with
+            aux-ram-share=on and preallocated memfd RAM, the new one started with a main and a
+            cpr incoming channel) and cpr-exec, each from the old QEMU's stop to the new one's
+            run as `-trace vm_state_notify` with `-msg timestamp=on` stamps them.
+
+            Example:
+              vfio-live bench update --sizes 256M,1G --repeat 3 --json
             """)
     @Option(help: "Guest RAM sizes.")
     var sizes = "256M,1G,4G"
@@ -25,6 +34,9 @@ struct UpdateBench: ParsableCommand {
     var execBaseline: String?
     @Option(help: "Internal.")
     var since: UInt64?
+    @Flag(help: "Leave out QEMU 11.1's figures even when scripts/qemu11.sh finds it.")
+    var noQemu = false
+    @OptionGroup var output: BenchOutputOptions
     @OptionGroup var global: GlobalOptions
 
     func run() throws {
@@ -32,17 +44,41 @@ struct UpdateBench: ParsableCommand {
         if let size = execBaseline { try Self.holdAndExec(size: try parseSize(size)) }
         global.apply()
         let list = try sizes.split(separator: ",").map { try parseSize(String($0)) }
-        print("live update blackout, median of \(self.repeat) (ms); reference: exec of a process holding the same populated mapping")
-        print("  guest RAM | cpr-transfer | cpr-exec | exec reference | cpr-exec / reference")
+        let out = BenchOutput("update", output)
+        let peer: Result<QEMUPeer, QEMUPeerError> = noQemu ? .failure(.unavailable("left out (--no-qemu)")) : QEMUPeer.find()
+        out.say("live update blackout, median of \(self.repeat) (ms); reference: exec of a process holding the same populated mapping")
+        if case let .success(p) = peer { out.say("peer: \(p.version), in the same run (ratio: QEMU / vfio-live)") }
+        if case let .failure(why) = peer { out.skipped("QEMU 11.1 live-update blackouts", "\(why)") }
+        out.say("  guest RAM | cpr-transfer | cpr-exec | exec reference | cpr-exec / reference" + (peerAvailable(peer) ? " | QEMU cpr-transfer       | QEMU cpr-exec" : ""))
         for size in list {
             let (transfer, exec) = try measure(size: size)
             var refs: [Double] = []
             for _ in 0..<self.repeat { refs.append(try Self.execReference(size: size)) }
             let ref = median(refs)
-            print("  \(formatBytes(size).padding(toLength: 9, withPad: " ", startingAt: 0)) | \(formatFixed(transfer, 2).padding(toLength: 12, withPad: " ", startingAt: 0)) | \(formatFixed(exec, 2).padding(toLength: 8, withPad: " ", startingAt: 0)) | \(formatFixed(ref, 2).padding(toLength: 14, withPad: " ", startingAt: 0)) | \(formatFixed(exec / ref, 2))×")
-            fflush(stdout)
+            var row = "  \(formatBytes(size).padding(toLength: 9, withPad: " ", startingAt: 0)) | \(formatFixed(transfer, 2).padding(toLength: 12, withPad: " ", startingAt: 0)) | \(formatFixed(exec, 2).padding(toLength: 8, withPad: " ", startingAt: 0)) | \(formatFixed(ref, 2).padding(toLength: 14, withPad: " ", startingAt: 0)) | \((formatFixed(exec / ref, 2) + "×").padding(toLength: 20, withPad: " ", startingAt: 0))"
+            let at = formatBytes(size)
+            out.figure("cpr-transfer blackout, \(at)", transfer, "ms")
+            out.figure("cpr-exec blackout, \(at)", exec, "ms", reference: "exec of a process holding the same populated mapping", referenceValue: ref)
+            if case let .success(p) = peer {
+                for (mode, ours) in [(QEMUPeer.CPRMode.transfer, transfer), (.exec, exec)] {
+                    let label = "QEMU 11.1 \(mode.rawValue) blackout, \(at)"
+                    do {
+                        var runs: [Double] = []
+                        for _ in 0..<self.repeat { runs.append(try p.cprBlackout(size: size, mode: mode)) }
+                        let q = median(runs)
+                        row += " | " + "\(formatFixed(q, 2)) (\(formatFixed(q / ours, 1))×)".padding(toLength: 22, withPad: " ", startingAt: 0)
+                        out.figure(label, q, "ms", reference: "vfio-live \(mode.rawValue) blackout", referenceValue: ours)
+                    } catch {
+                        row += " | failed".padding(toLength: 24, withPad: " ", startingAt: 0)
+                        out.skipped(label, "\(error)")
+                    }
+                }
+            }
+            out.say(row)
         }
     }
+
+    func peerAvailable(_ p: Result<QEMUPeer, QEMUPeerError>) -> Bool { if case .success = p { return true }; return false }
 
     func median(_ v: [Double]) -> Double { v.sorted()[v.count / 2] }
 

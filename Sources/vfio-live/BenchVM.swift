@@ -12,6 +12,7 @@ struct VMBench: ParsableCommand {
     var memory = "1G"
     @Flag(name: .customLong("software-vcpus"), help: "Use software vCPUs even if /dev/kvm exists.")
     var softwareVCPUs = false
+    @OptionGroup var output: BenchOutputOptions
     @OptionGroup var global: GlobalOptions
 
     func run() throws {
@@ -56,15 +57,27 @@ struct VMBench: ParsableCommand {
         let ok = vm.verify()
         let gib = Double(mem) / Double(1 << 30)
         let idleMedian = Double(idle.sorted()[idle.count / 2])
-        print("vfio-live bench vm (\(vm.executionMode), \(formatBytes(mem)) guest RAM, 1 vCPU)")
-        print("guest page writes, dirty logging off    \(formatFixed(untracked / 1e6, 2)) M pages/s")
-        print("guest page writes, dirty logging on     \(formatFixed(tracked / 1e6, 3)) M pages/s (\(trackedPages) dirty pages harvested)")
-        print("dirty-log harvest, idle                 \(formatFixed(idleMedian / 1000 / gib, 1)) µs per GiB")
-        print("dirty-log harvest, \(dirty) dirty pages  \(formatFixed(Double(busy) / 1000 / gib, 1)) µs per GiB (\(formatFixed(Double(busy) / Double(max(dirty, 1)), 1)) ns per dirty page)")
+        let out = BenchOutput("vm", output)
+        let harvestBusy = Double(busy) / 1000 / gib
+        out.say("vfio-live bench vm (\(vm.executionMode), \(formatBytes(mem)) guest RAM, 1 vCPU)")
+        out.say("guest page writes, dirty logging off    \(formatFixed(untracked / 1e6, 2)) M pages/s")
+        out.say("guest page writes, dirty logging on     \(formatFixed(tracked / 1e6, 3)) M pages/s (\(trackedPages) dirty pages harvested)")
+        out.say("dirty-log harvest, idle                 \(formatFixed(idleMedian / 1000 / gib, 1)) µs per GiB")
+        out.say("dirty-log harvest, \(dirty) dirty pages  \(formatFixed(harvestBusy, 1)) µs per GiB (\(formatFixed(Double(busy) / Double(max(dirty, 1)), 1)) ns per dirty page)")
         let pp = percentiles(pauses), rp = percentiles(resumes)
-        print("pause latency p50 / p99                 \(formatFixed(pp.p50, 1)) / \(formatFixed(pp.p99, 1)) µs")
-        print("resume latency p50 / p99                \(formatFixed(rp.p50, 1)) / \(formatFixed(rp.p99, 1)) µs")
-        print("integrity after the run                 \(ok)")
+        out.say("pause latency p50 / p99                 \(formatFixed(pp.p50, 1)) / \(formatFixed(pp.p99, 1)) µs")
+        out.say("resume latency p50 / p99                \(formatFixed(rp.p50, 1)) / \(formatFixed(rp.p99, 1)) µs")
+        out.say("integrity after the run                 \(ok)")
+        out.figure("guest page writes, dirty logging off", untracked, "pages/s")
+        out.figure("guest page writes, dirty logging on", tracked, "pages/s", reference: "dirty logging off", referenceValue: untracked)
+        out.figure("dirty-log harvest, idle", idleMedian / 1000 / gib, "us/GiB")
+        out.figure("dirty-log harvest, working set dirtied", harvestBusy, "us/GiB")
+        out.figure("dirty-log harvest per dirty page", Double(busy) / Double(max(dirty, 1)), "ns")
+        out.figure("pause latency p50", pp.p50, "us")
+        out.figure("pause latency p99", pp.p99, "us")
+        out.figure("resume latency p50", rp.p50, "us")
+        out.figure("resume latency p99", rp.p99, "us")
+        out.figure("integrity after the run", ok.ok ? 1 : 0, "bool", target: "every page verifies", met: ok.ok)
         if !ok.ok { throw ExitCode(1) }
     }
 }

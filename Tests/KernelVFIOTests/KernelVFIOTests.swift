@@ -280,7 +280,7 @@ final class KernelVFIOTests: XCTestCase {
         try e.dma(iova: 0x6000, count: UInt64(n), toRAM: true)
         XCTAssertEqual(bytes(ram, at: 0x6000), bytes(ram, at: 0x1000))
         let hwDirty = iommufd.supportsDirtyTracking(deviceID: devid, ioas: ioas)
-        XCTAssertFalse(hwDirty, "QEMU's intel-iommu (7.2 and 11.1 without x-flts) has no dirty bit")
+        XCTAssertFalse(hwDirty, "QEMU's intel-iommu (7.2, and 11.1 as the lab runs it) has no dirty bit")
         XCTAssertThrowsError(try DirtyTrackingMethod.choose(deviceLogging: [device.supportsDMALogging], iommuDirtyTracking: hwDirty, allowUntracked: false)) { e in
             XCTAssertTrue("\(e)".contains("migration blocked"), "\(e)")
         }

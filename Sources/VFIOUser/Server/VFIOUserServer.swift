@@ -18,6 +18,10 @@ public final class VFIOUserServer: @unchecked Sendable {
         public var dirtyTracking: DMAMapTable.DirtyTrackingMode = .precise
         /// Also expose the migration v1 region (type 3/1) for a migratable device.
         public var exposeV1MigrationRegion = true
+        /// The longest the server waits on a client: a DMA_READ/WRITE reply, a message it
+        /// started sending, a reply it should read. Past it the DMA fails (ETIMEDOUT) or the
+        /// connection is dropped.
+        public var peerTimeoutSeconds: Double = 10
         public init() {}
     }
 
@@ -115,21 +119,68 @@ public final class VFIOUserServer: @unchecked Sendable {
         var client = Capabilities()
         var negotiated = false
         var twin: VFIOUserConnection?
-        var outbound: OutboundDMA?
+        /// Read by the stop watcher too, hence the lock.
+        var outbound: OutboundDMA? {
+            get { lock.withLock { _outbound } }
+            set { lock.withLock { _outbound = newValue } }
+        }
+        private var _outbound: OutboundDMA?
+        private let lock = Mutex()
         /// Set by a handler whose error ends the connection (an unsupported major version:
         /// the spec says the connection is then closed).
         var closeAfterReply = false
         init(conn: VFIOUserConnection) { self.conn = conn }
     }
 
+    /// Commands whose handler can wait on the device's DMA worker (a STOP arc, a reset) or on
+    /// the DMA table's write lock, which a worker holds while its DMA_READ/WRITE message is
+    /// out. They run on a helper thread so that the connection thread goes on reading: it hands
+    /// the client's DMA replies over (without a twin socket, nobody else can) and watches
+    /// `stop()`. The spec forbids stalling command processing on the other channel.
+    static func mayWaitOnDevice(_ h: MessageHeader) -> Bool {
+        switch h.knownCommand {
+        case .dmaMap?, .dmaUnmap?, .deviceReset?, .deviceFeature?, .dirtyPages?: return true
+        default: return false
+        }
+    }
+    /// Commands read ahead while one runs on the helper thread (a client waits for its replies;
+    /// beyond this the socket is not read until the helper is done).
+    static let maxQueuedCommands = 64
+
     /// Serve one client until it disconnects (or `stop()`), then apply the reconnect rule.
     public func serve(connection socket: UnixSocket) {
         connectionsServed += 1
+        Self.setTimeouts(socket, seconds: options.peerTimeoutSeconds)
         let conn = VFIOUserConnection(socket: socket, maxReceiveFDs: Int(options.maxMessageFDs),
                                       maxMessageSize: Int(options.maxDataXferSize) + 64 * 1024)
         let session = Session(conn: conn)
+        let done: EventFD
+        do { done = try EventFD() } catch {
+            Log.error(name, "cannot serve a client: eventfd: \(error)")
+            conn.close()
+            return
+        }
+        var helper: OSThread? = nil
+        var queue: [Message] = []
+        // stop() (a signal handler writing the eventfd) must also end a read or write blocked
+        // mid-message on the client: this watcher shuts the socket down and fails in-flight DMA.
+        let watcherDone = try? EventFD()
+        let watcher = watcherDone.map { wd in
+            OSThread(name: "vfu-stop-watch") { [cancel] in
+                if let w = try? Poll.waitAnyReadable([cancel.fd.rawValue, wd.fd.rawValue], timeoutMilliseconds: -1), w == 0 {
+                    session.outbound?.abort()
+                    socket.shutdown()
+                }
+            }
+        }
         Log.info(name, "client connected")
         defer {
+            try? watcherDone?.signal()
+            watcher?.join()
+            // Fail in-flight DMA first: then a helper waiting on the device returns promptly.
+            session.outbound?.abort()
+            helper?.join()
+            for m in queue { m.closeFDs() }
             session.outbound?.close()
             session.twin?.close()
             conn.close()
@@ -141,10 +192,33 @@ public final class VFIOUserServer: @unchecked Sendable {
             Log.info(name, "client disconnected: DMA mappings and IRQ eventfds dropped, device state kept")
         }
         while true {
-            do {
-                guard let which = try Poll.waitAnyReadable([socket.fd.rawValue, cancel.fd.rawValue], timeoutMilliseconds: -1),
-                      which == 0 else { return }
-            } catch { return }
+            while helper == nil, !queue.isEmpty, !session.closeAfterReply {
+                let m = queue.removeFirst()
+                if Self.mayWaitOnDevice(m.header) {
+                    helper = OSThread(name: "vfu-command") { [self] in
+                        handle(m, session)
+                        try? done.signal()
+                    }
+                } else {
+                    handle(m, session)
+                }
+            }
+            if session.closeAfterReply && helper == nil { return }
+            var watch = [cancel.fd.rawValue, done.fd.rawValue]
+            if queue.count < Self.maxQueuedCommands && !session.closeAfterReply { watch.append(socket.fd.rawValue) }
+            let which: Int?
+            do { which = try Poll.waitAnyReadable(watch, timeoutMilliseconds: -1) } catch { return }
+            switch which {
+            case 1?:
+                _ = try? done.consume()
+                helper?.join()
+                helper = nil
+                continue
+            case 2?:
+                break
+            default:
+                return  // stop()
+            }
             let msg: Message
             do {
                 msg = try conn.receive()
@@ -156,17 +230,26 @@ public final class VFIOUserServer: @unchecked Sendable {
                 return
             }
             if msg.header.isReply {
-                // A reply to one of our DMA_READ/WRITE commands on the main socket.
+                // A reply to one of our DMA_READ/WRITE commands on the main socket; one that
+                // matches no awaited request is dropped with its fds.
                 if let out = session.outbound, !out.isTwin { out.deliver(msg) } else {
                     msg.closeFDs()
-                    Log.warning(name, "unexpected reply (id \(msg.header.messageID)) ignored")
+                    Log.warning(name, "unexpected reply (id \(msg.header.messageID)) dropped")
                 }
                 continue
             }
             messagesHandled &+= 1
-            handle(msg, session)
-            if session.closeAfterReply { return }
+            queue.append(msg)
         }
+    }
+
+    /// Bound every blocking read and write on a client's socket: a client stalled mid-message
+    /// or not reading its replies loses its connection instead of holding the server.
+    static func setTimeouts(_ socket: UnixSocket, seconds: Double) {
+        var tv = timeval(tv_sec: Int(seconds), tv_usec: Int((seconds - Double(Int(seconds))) * 1e6))
+        let n = socket.fd.rawValue
+        _ = setsockopt(n, SOL_SOCKET, SO_RCVTIMEO, &tv, socklen_t(MemoryLayout<timeval>.size))
+        _ = setsockopt(n, SOL_SOCKET, SO_SNDTIMEO, &tv, socklen_t(MemoryLayout<timeval>.size))
     }
 
     private func refuse(_ s: Session, _ h: MessageHeader, _ errno: Errno, _ reason: String) {
@@ -251,16 +334,19 @@ public final class VFIOUserServer: @unchecked Sendable {
             // Reply capabilities are a subset of what the client offered.
             if v.capabilities.twinSocket?.supported == true, options.offerTwinSocket, v.capabilities.maxMessageFDs > 0 {
                 let (ours, theirs) = try UnixSocket.pair()
+                Self.setTimeouts(ours, seconds: options.peerTimeoutSeconds)
                 let twin = VFIOUserConnection(socket: ours, maxReceiveFDs: 0,
                                               maxMessageSize: Int(min(s.client.maxDataXferSize, 64 << 20)) + 4096)
                 s.twin = twin
-                s.outbound = OutboundDMA(conn: twin, isTwin: true, maxChunk: Int(min(s.client.maxDataXferSize, options.maxDataXferSize)))
+                s.outbound = OutboundDMA(conn: twin, isTwin: true, maxChunk: Int(min(s.client.maxDataXferSize, options.maxDataXferSize)),
+                                         timeoutSeconds: options.peerTimeoutSeconds)
                 fds.append(theirs.fd)  // closed after the reply is sent (the kernel holds its copy)
                 replyFDs.append(theirs.fd.rawValue)
                 mine.twinSocket = .init(supported: true, fdIndex: 0)
             } else {
                 if v.capabilities.twinSocket != nil { mine.twinSocket = .init(supported: false) }
-                s.outbound = OutboundDMA(conn: s.conn, isTwin: false, maxChunk: Int(min(s.client.maxDataXferSize, options.maxDataXferSize)))
+                s.outbound = OutboundDMA(conn: s.conn, isTwin: false, maxChunk: Int(min(s.client.maxDataXferSize, options.maxDataXferSize)),
+                                         timeoutSeconds: options.peerTimeoutSeconds)
             }
             if v.capabilities.writeMultiple != nil { mine.writeMultiple = options.supportWriteMultiple }
             if v.capabilities.migration != nil { mine.migration = .init(pageSize: 4096) }
@@ -556,46 +642,104 @@ public final class VFIOUserServer: @unchecked Sendable {
 }
 
 /// Server→client DMA_READ / DMA_WRITE for mappings without an fd. On the twin socket the caller
-/// reads its own reply; on the main socket the connection thread hands replies over.
+/// reads its own reply; on the main socket the connection thread hands replies over, and only
+/// replies to a request still awaited are kept (others are dropped with their fds).
+///
+/// Every wait on the client is bounded by `timeout`: a DMA the client does not answer fails
+/// with ETIMEDOUT, and `abort()` (disconnect, SIGTERM) fails the in-flight ones at once. The
+/// device then finishes its job with that errno, so nothing that waits on the device (a STOP
+/// arc, a reset, an unmap) waits on the client for longer than that.
 final class OutboundDMA: DMAMessageChannel, @unchecked Sendable {
     let conn: VFIOUserConnection
     let isTwin: Bool
     let maxChunk: Int
+    let timeoutSeconds: Double
     private let callLock = Mutex()
     private let replies = Condition()
+    private var awaiting: Set<UInt16> = []
     private var pending: [UInt16: Message] = [:]
     private var closed = false
+    /// The twin stream may be out of step after a timeout or abort: no further use.
+    private var broken = false
+    private let abortFD: EventFD?
+    /// Replies dropped because no request awaited them (issue 13 item 12).
+    private(set) var unmatchedReplies: UInt64 = 0
 
-    init(conn: VFIOUserConnection, isTwin: Bool, maxChunk: Int) {
+    init(conn: VFIOUserConnection, isTwin: Bool, maxChunk: Int, timeoutSeconds: Double) {
         self.conn = conn; self.isTwin = isTwin; self.maxChunk = max(1, maxChunk)  // the peer's max_data_xfer_size, even below 4096
+        self.timeoutSeconds = timeoutSeconds
+        abortFD = isTwin ? try? EventFD() : nil
     }
 
+    /// A reply read by the connection thread (main socket). Kept only if a call awaits it.
     func deliver(_ m: Message) {
-        replies.mutex.withLock { pending[m.header.messageID] = m; replies.broadcast() }
+        let kept: Bool = replies.mutex.withLock {
+            guard awaiting.contains(m.header.messageID), pending[m.header.messageID] == nil else { return false }
+            pending[m.header.messageID] = m
+            replies.broadcast()
+            return true
+        }
+        if !kept {
+            m.closeFDs()
+            unmatchedReplies &+= 1
+            Log.warning("vfio-user", "reply (id \(m.header.messageID), command \(m.header.command)) matches no DMA request: dropped")
+        }
+    }
+
+    /// Fail every in-flight and later call (disconnect, cancel).
+    func abort() {
+        replies.mutex.withLock { closed = true; broken = true; replies.broadcast() }
+        try? abortFD?.signal()
+        if isTwin { conn.socket.shutdown() }  // wakes a receive or send blocked on it
     }
 
     func close() {
-        replies.mutex.withLock { closed = true; replies.broadcast() }
+        abort()
+        replies.mutex.withLock { for (_, m) in pending { m.closeFDs() }; pending = [:] }
     }
 
     private func call(_ cmd: VFIOUserCommand, _ payload: [UnsafeRawBufferPointer]) throws -> Message {
         try callLock.withLock {
             let id = conn.allocateID()
-            try conn.send(id: id, command: cmd.rawValue, flags: MessageHeader.typeCommand, payload: payload)
+            try replies.mutex.withLock {
+                if closed || broken { throw DeviceError(.ECONNRESET, "\(cmd): the client connection is gone or its DMA channel failed") }
+                awaiting.insert(id)
+            }
+            defer { replies.mutex.withLock { awaiting.remove(id); pending.removeValue(forKey: id)?.closeFDs() } }
+            let deadline = monotonicNanoseconds() + UInt64(timeoutSeconds * 1e9)
+            do {
+                try conn.send(id: id, command: cmd.rawValue, flags: MessageHeader.typeCommand, payload: payload)
+            } catch {
+                if isTwin { replies.mutex.withLock { broken = true } }
+                throw DeviceError(.ETIMEDOUT, "\(cmd): sending to the client failed (\(error)): it does not read")
+            }
             let reply: Message
             if isTwin {
-                reply = try conn.receive()
+                let left = deadline > monotonicNanoseconds() ? Int32(min((deadline - monotonicNanoseconds()) / 1_000_000, 1 << 30)) : 0
+                let which = try? Poll.waitAnyReadable([conn.socket.fd.rawValue] + (abortFD.map { [$0.fd.rawValue] } ?? []), timeoutMilliseconds: max(left, 1))
+                guard which == 0 else {
+                    replies.mutex.withLock { broken = true }
+                    conn.socket.shutdown()
+                    throw DeviceError(which == nil ? .ETIMEDOUT : Errno(Glibc.ECANCELED), "\(cmd): the client did not answer on the twin socket within \(timeoutSeconds) s")
+                }
+                do { reply = try conn.receive() } catch {
+                    replies.mutex.withLock { broken = true }
+                    throw DeviceError(.ECONNRESET, "\(cmd): reading the reply on the twin socket failed: \(error)")
+                }
             } else {
                 reply = try replies.mutex.withLock {
                     while pending[id] == nil {
-                        if closed { throw Errno.ECONNRESET }
-                        replies.wait(timeoutSeconds: 1)
+                        if closed { throw DeviceError(.ECONNRESET, "\(cmd): the client connection is gone") }
+                        let now = monotonicNanoseconds()
+                        guard now < deadline else { throw DeviceError(.ETIMEDOUT, "\(cmd): the client did not answer within \(timeoutSeconds) s") }
+                        _ = replies.wait(timeoutSeconds: min(Double(deadline - now) / 1e9, 0.5))
                     }
                     return pending.removeValue(forKey: id)!
                 }
             }
             reply.closeFDs()
             guard reply.header.isReply, reply.header.messageID == id, reply.header.command == cmd.rawValue else {
+                if isTwin { replies.mutex.withLock { broken = true } }
                 throw DeviceError(.EPROTO, "\(cmd): reply does not match the request")
             }
             if reply.header.isError {
