@@ -104,6 +104,8 @@ final class QMPConformanceTests: XCTestCase {
     struct Case {
         var name: String
         var negotiate = true
+        /// How long to wait for QEMU's first answer (it lexes a few MB in seconds).
+        var firstMS: Int32 = 400
         var inputs: [String]
     }
 
@@ -179,6 +181,9 @@ final class QMPConformanceTests: XCTestCase {
                 "{\"execute\":\"query-status\",\"arguments\":" + String(repeating: "{\"a\":", count: 1025) + "1" + String(repeating: "}", count: 1026) + "\n",
                 qs + "\n",
             ]),
+            Case(name: "oversized: token count limit, then the connection goes on", firstMS: 60_000, inputs: [
+                "[" + String(repeating: "1,", count: 1 << 20) + "1]]\n", qs + "\n",
+            ]),
         ]
     }()
 
@@ -225,7 +230,7 @@ final class QMPConformanceTests: XCTestCase {
                         if c.negotiate { try r.send(Array("{\"execute\":\"qmp_capabilities\"}\n".utf8)); _ = r.collect(firstMS: 2000) }
                         for input in c.inputs {
                             try r.send(Array(input.utf8))
-                            got.append(r.collect())
+                            got.append(r.collect(firstMS: c.firstMS, quietMS: c.firstMS > 400 ? 1000 : 120))
                         }
                     } catch { got.append(["connection failed: \(error)"]) }
                     lock.withLock { answers[i] = got }
