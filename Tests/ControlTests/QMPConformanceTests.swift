@@ -121,6 +121,9 @@ final class QMPConformanceTests: XCTestCase {
                 #"{"execute":"qmp_capabilities","id":9,"arguments":{"enable":[]}}"# + "\n", #"{"execute":"qmp_capabilities"}"# + "\n",
                 #"{"execute":"qmp_capabilities","arguments":{"x":1}}"# + "\n",
             ]),
+            Case(name: "enabling out-of-band execution", negotiate: false, inputs: [
+                #"{"execute":"qmp_capabilities","arguments":{"enable":["oob"]}}"# + "\n",
+            ]),
             Case(name: "not JSON, and JSON that is not an object", inputs: [
                 "}\n", "]\n", "123\n", "\"str\"\n", "null\n", "hello\n", "{\"a\":1,}\n", "{\"a\" 1}\n", "{1:2}\n", "{\"a\":1 \"b\"}\n", "[1 2]\n",
                 "{\"a\":1,\"a\":2}\n", "{\"a\":1\"b\"}\n", "{\"a\":true\"b\"}\n", "{\"a\":[1,2}\n", "[[[]\n", "]]\n", "\u{1}\(qs)\n",
@@ -189,6 +192,8 @@ final class QMPConformanceTests: XCTestCase {
 
     /// vfio-live differs here on purpose; what it answers instead (README lists them).
     static let deliberate: [String: [String]] = [
+        // No out-of-band execution: vfio-live's greeting offers no capability, QEMU's offers "oob".
+        #"{"execute":"qmp_capabilities","arguments":{"enable":["oob"]}}"# + "\n": ["GenericError: Capability oob not available"],
         // An alias vfio-live accepts beside QEMU's migrate_cancel.
         "{\"execute\":\"migrate-cancel\"}\n": ["return"],
         // QEMU accepts every capability of its enum; vfio-live implements two and says so.
