@@ -77,8 +77,11 @@ public struct QMPStreamer {
     private var braces = 0, brackets = 0, tokenCount = 0, tokenBytes = 0
     private var skipping = false
     private var parser = PushParser()
+    /// QEMU's 64 MiB; smaller only in tests of the mechanism.
+    let messageLimit: Int
 
-    public init() {}
+    public init() { messageLimit = Self.maxMessageBytes }
+    init(messageLimit: Int) { self.messageLimit = messageLimit }
 
     /// Feed bytes; each complete message or error is handed to `emit` in order.
     public mutating func feed(_ bytes: UnsafeRawBufferPointer, emit: (Output) -> Void) {
@@ -114,7 +117,7 @@ public struct QMPStreamer {
             if state == .recovery && consumed { token.removeAll(keepingCapacity: true); markStart() }
         }
         // A single token longer than the message limit: QEMU's lexer cuts it off here.
-        if token.count > Self.maxMessageBytes {
+        if token.count > messageLimit {
             if !skipping { limitError("JSON token size limit exceeded", emit) }
             token.removeAll(); markStart(); state = .start
         }
@@ -215,7 +218,7 @@ public struct QMPStreamer {
         default: break
         }
         if skipping { return endIfBalanced() }
-        if tokenBytes + token.count + 1 > Self.maxMessageBytes { return limitError("JSON token size limit exceeded", emit) }
+        if tokenBytes + token.count + 1 > messageLimit { return limitError("JSON token size limit exceeded", emit) }
         if tokenCount + 1 > Self.maxTokens { return limitError("JSON token count limit exceeded", emit) }
         if braces + brackets > Self.maxNesting { return limitError("JSON nesting depth limit exceeded", emit) }
         tokenCount += 1

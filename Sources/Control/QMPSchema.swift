@@ -38,8 +38,6 @@ public struct QMPSchema {
         self.commands = commands; self.checks = checks
     }
 
-    public func knows(_ command: String) -> Bool { commands[command] != nil }
-
     /// Validate `arguments` (an object; `{}` when absent) for `command`. Unknown commands pass.
     public func validate(_ command: String, _ arguments: QMPValue) throws {
         guard let members = commands[command] else { return }

@@ -41,9 +41,12 @@ public final class QMPServer: @unchecked Sendable {
         var head = 0
         var queuedBytes = 0
         var closing = false, dead = false, writerDone = false
+        var thread: OSThread?  // guarded by the server's lock
         init(_ s: UnixSocket) { socket = s }
     }
     private var clients: [Client] = []
+    /// Client threads that have returned, to be joined.
+    private var ended: [OSThread] = []
     private let lock = Mutex()
     /// Clients disconnected because they left too much output unread (tests, diagnostics).
     public private(set) var slowClientsDisconnected = 0
@@ -84,8 +87,15 @@ public final class QMPServer: @unchecked Sendable {
             while true {
                 guard let s = try? listener.accept(cancel: stopEvent.fd) else { return }
                 let c = Client(s)
-                lock.withLock { clients.append(c) }
-                _ = OSThread(name: "qmp-client") { [self] in serve(c) }
+                // Threads of clients that have gone are joined here, so that a VMM polled by
+                // short connections for weeks does not keep one dead thread's stack per poll.
+                let finished: [OSThread] = lock.withLock {
+                    clients.append(c)
+                    c.thread = OSThread(name: "qmp-client") { [self] in serve(c) }
+                    defer { ended.removeAll() }
+                    return ended
+                }
+                for t in finished { t.join() }
             }
         }
     }
@@ -186,8 +196,12 @@ public final class QMPServer: @unchecked Sendable {
         }
         c.socket.shutdown()
         writerThread.join()
-        lock.withLock { clients.removeAll { $0 === c } }
         c.socket.close()
+        lock.withLock {
+            clients.removeAll { $0 === c }
+            if let t = c.thread { ended.append(t) }
+            c.thread = nil
+        }
     }
 
     private func reply(_ c: Client, _ e: QMPError, id: QMPValue?) {
@@ -231,8 +245,11 @@ public final class QMPServer: @unchecked Sendable {
             if negotiated {
                 return reply(c, QMPError("Capabilities negotiation is already complete, command ignored", class: "CommandNotFound"), id: id)
             }
+            // The greeting offers no capability (no out-of-band execution): enabling one fails,
+            // in the words of QEMU's qmp_caps_accept.
             if case let .array(list)? = arguments?["enable"], !list.isEmpty {
-                return reply(c, QMPError("Capability 'oob' not available"), id: id)  // none offered in the greeting
+                let names = list.map { v -> String in if case let .string(s) = v { return s }; return "" }
+                return reply(c, QMPError("Capability \(names.joined(separator: ", ")) not available"), id: id)
             }
             c.cond.mutex.withLock { c.negotiated = true }
             return ok(.object([]))

@@ -102,6 +102,7 @@ final class QMPConcurrencyTests: XCTestCase {
             usleep(5_000)
         }
         flood.join()
+        fputs("QMP flood: \(n) answers to the reading client, the slowest in \(worstMS) ms\n", stderr)
         XCTAssertLessThan(worstMS, 2000, "the reading client is answered within a bound while the other floods")
         XCTAssertTrue(flooder.drainsToEOF(within: 10), "the client that never read is disconnected")
         XCTAssertGreaterThanOrEqual(qmp.slowClientsDisconnected, 1)
@@ -141,6 +142,32 @@ final class QMPConcurrencyTests: XCTestCase {
         XCTAssertThrowsError(try raw.next(timeoutMS: 300), "no events before negotiation (QEMU's rule)")
         try a.send(#"{"execute":"cont"}"#)
         _ = try a.reply()
+    }
+
+    static func virtualMemoryKB() -> Int {
+        guard let f = fopen("/proc/self/status", "r") else { return 0 }
+        defer { fclose(f) }
+        var line = [CChar](repeating: 0, count: 256)
+        while fgets(&line, 256, f) != nil {
+            let s = String(cString: line)
+            if s.hasPrefix("VmSize:") { return Int(s.split(separator: " ").dropFirst().first ?? "0") ?? 0 }
+        }
+        return 0
+    }
+
+    /// Each connection's thread is joined once it has ended: short-lived clients (a monitor
+    /// polling query-status) do not pile up dead threads' stacks (8 MiB of address space each).
+    func testShortConnectionsLeaveNoThreadStacksBehind() throws {
+        for _ in 0..<10 { let p = try Peer(path); try p.send(#"{"execute":"query-status"}"#); _ = try p.reply() }
+        let before = Self.virtualMemoryKB()
+        for _ in 0..<150 {
+            let p = try Peer(path)
+            try p.send(#"{"execute":"query-status"}"#)
+            _ = try p.reply()
+        }
+        usleep(200_000)
+        let grownMB = (Self.virtualMemoryKB() - before) / 1024
+        XCTAssertLessThan(grownMB, 300, "150 connections grew the address space by \(grownMB) MiB")
     }
 
     /// Answers already queued go out before the connection closes, though the client has shut

@@ -104,6 +104,8 @@ final class QMPConformanceTests: XCTestCase {
     struct Case {
         var name: String
         var negotiate = true
+        /// How long to wait for QEMU's first answer (it lexes a few MB in seconds).
+        var firstMS: Int32 = 400
         var inputs: [String]
     }
 
@@ -118,6 +120,9 @@ final class QMPConformanceTests: XCTestCase {
                 #"{"execute":"qmp_capabilities","arguments":{"enable":"oob"}}"# + "\n", #"{"execute":"qmp_capabilities","arguments":{"x":1}}"# + "\n",
                 #"{"execute":"qmp_capabilities","id":9,"arguments":{"enable":[]}}"# + "\n", #"{"execute":"qmp_capabilities"}"# + "\n",
                 #"{"execute":"qmp_capabilities","arguments":{"x":1}}"# + "\n",
+            ]),
+            Case(name: "enabling out-of-band execution", negotiate: false, inputs: [
+                #"{"execute":"qmp_capabilities","arguments":{"enable":["oob"]}}"# + "\n",
             ]),
             Case(name: "not JSON, and JSON that is not an object", inputs: [
                 "}\n", "]\n", "123\n", "\"str\"\n", "null\n", "hello\n", "{\"a\":1,}\n", "{\"a\" 1}\n", "{1:2}\n", "{\"a\":1 \"b\"}\n", "[1 2]\n",
@@ -179,11 +184,16 @@ final class QMPConformanceTests: XCTestCase {
                 "{\"execute\":\"query-status\",\"arguments\":" + String(repeating: "{\"a\":", count: 1025) + "1" + String(repeating: "}", count: 1026) + "\n",
                 qs + "\n",
             ]),
+            Case(name: "oversized: token count limit, then the connection goes on", firstMS: 60_000, inputs: [
+                "[" + String(repeating: "1,", count: 1 << 20) + "1]]\n", qs + "\n",
+            ]),
         ]
     }()
 
     /// vfio-live differs here on purpose; what it answers instead (README lists them).
     static let deliberate: [String: [String]] = [
+        // No out-of-band execution: vfio-live's greeting offers no capability, QEMU's offers "oob".
+        #"{"execute":"qmp_capabilities","arguments":{"enable":["oob"]}}"# + "\n": ["GenericError: Capability oob not available"],
         // An alias vfio-live accepts beside QEMU's migrate_cancel.
         "{\"execute\":\"migrate-cancel\"}\n": ["return"],
         // QEMU accepts every capability of its enum; vfio-live implements two and says so.
@@ -225,7 +235,7 @@ final class QMPConformanceTests: XCTestCase {
                         if c.negotiate { try r.send(Array("{\"execute\":\"qmp_capabilities\"}\n".utf8)); _ = r.collect(firstMS: 2000) }
                         for input in c.inputs {
                             try r.send(Array(input.utf8))
-                            got.append(r.collect())
+                            got.append(r.collect(firstMS: c.firstMS, quietMS: c.firstMS > 400 ? 1000 : 120))
                         }
                     } catch { got.append(["connection failed: \(error)"]) }
                     lock.withLock { answers[i] = got }

@@ -6,8 +6,8 @@ import XCTest
 /// compares against a live QEMU when one is installed).
 final class QMPStreamerTests: XCTestCase {
     /// Feed `chunks` in order; what the streamer emits, values shown by their JSON text.
-    func run(_ chunks: [String]) -> [String] {
-        var s = QMPStreamer()
+    func run(_ chunks: [String], messageLimit: Int = QMPStreamer.maxMessageBytes) -> [String] {
+        var s = QMPStreamer(messageLimit: messageLimit)
         var out: [String] = []
         for c in chunks {
             Array(c.utf8).withUnsafeBytes { b in
@@ -78,6 +78,22 @@ final class QMPStreamerTests: XCTestCase {
                        ["error: JSON nesting depth limit exceeded", "{}"])
         XCTAssertEqual(run(["[" + String(repeating: "1,", count: 1 << 20) + "1" + "]]"]),
                        ["error: JSON token count limit exceeded", "error: 1:2097156: JSON parse error, expecting value"])
+    }
+
+    /// QEMU's size limit counts the message's tokens (not its whitespace), and a single token
+    /// longer than the limit is cut off by the lexer; the connection goes on. Shown at 1 KiB;
+    /// the server uses QEMU's 64 MiB.
+    func testSizeLimitAsQEMU() {
+        XCTAssertEqual(QMPStreamer.maxMessageBytes, 64 << 20)
+        XCTAssertEqual(QMPStreamer.maxTokens, 2 << 20)
+        XCTAssertEqual(QMPStreamer.maxNesting, 1024)
+        let pad = String(repeating: " ", count: 4000)
+        XCTAssertEqual(run(["[" + pad + "\"" + String(repeating: "a", count: 1000) + "\"" + pad + "]", "{}"], messageLimit: 1024),
+                       ["[\"" + String(repeating: "a", count: 1000) + "\"]", "{}"], "whitespace does not count")
+        XCTAssertEqual(run(["[" + String(repeating: "\"aaaaaaaaaa\",", count: 100) + "1]", "{}"], messageLimit: 1024),
+                       ["error: JSON token size limit exceeded", "{}"])
+        XCTAssertEqual(run(["{\"id\":\"" + String(repeating: "a", count: 3000) + "\"}\n", "{}"], messageLimit: 1024),
+                       ["error: JSON token size limit exceeded", "{}"])
     }
 
     func testStringsAndNumbersAsQEMU() {
