@@ -237,6 +237,7 @@ extension QMPSchema {
             .init("direct-io", .bool, optional: true, supported: false), .init("x-rdma-chunk-size", u64, optional: true, supported: false),
             .init("cpr-exec-command", .list(.str), optional: true),
             .init("x-max-iterations", u64, optional: true),  // vfio-live's
+            .init("x-vfio-live-peer-timeout", u64, optional: true),  // vfio-live's: bound on a silent peer, ms (0 = none)
         ]
         let channels = QAPIMember("channels", .list(channel), optional: true)
         return QMPSchema(
