@@ -42,6 +42,26 @@ public final class AttachedDevice: @unchecked Sendable {
     }
     /// Continue a predecessor's count (live update); signals not yet read stay in the eventfd.
     public func continueCount(from n: UInt64) { interrupts = n }
+
+    /// Wire the chosen interrupt to this VMM's eventfd again (a migration's destination, after
+    /// config space was restored). An adopted device: MSI, as its predecessor wired it.
+    public func rewireInterrupt() throws {
+        guard let index = interruptKind.irqIndex else { return }
+        try device.setIRQs(index: index, start: 0, eventfds: [msi])
+    }
+
+    /// The config-space bytes a migration carries to the destination device, for this
+    /// device's layout: command, BARs, interrupt line, and the wired interrupt's capability
+    /// (MSI: control, address, data; MSI-X: control). Replaces the dma-engine's fixed 0x40.
+    public var configStateRanges: [Range<Int>] {
+        var r: [Range<Int>] = [4..<6, 0x10..<0x28, 0x3c..<0x3d]
+        switch interruptKind {
+        case let .msi(cap): r.append(Int(cap) + 2..<Int(cap) + 14)
+        case let .msix(cap): r.append(Int(cap) + 2..<Int(cap) + 4)
+        case .intx, .none: break
+        }
+        return r
+    }
 }
 
 /// A guest-physical range routed to a device region: trapped (REGION_READ/WRITE) or, for the

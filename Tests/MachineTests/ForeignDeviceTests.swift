@@ -80,6 +80,8 @@ final class ForeignDeviceTests: XCTestCase {
         XCTAssertNil(a.eduBufferSize, "not edu-compatible")
         XCTAssertEqual(try c.regionRead(7, offset: 0x83, count: 1)[0] & 0xc0, 0x80, "MSI-X enabled, function unmasked")
         XCTAssertEqual(try c.regionRead(7, offset: 4, count: 2)[0] & 0x6, 0x6, "memory decoding and bus master on")
+        XCTAssertEqual(d.configStateRanges.last, 0x82..<0x84, "a migration carries the MSI-X control, not bytes at 0x40")
+        XCTAssertTrue(d.device.deviceName.hasPrefix("socket fd") || d.device.deviceName == s.path, d.device.deviceName)
 
         vm.start(); vm.resume()
         // Trapped BAR0 through the guest's route: scratch registers and the doorbell.
@@ -144,6 +146,8 @@ final class ForeignDeviceTests: XCTestCase {
         let a = try XCTUnwrap(vm.devices[0].pci)
         XCTAssertTrue(a.isEduCompatible)
         XCTAssertEqual(a.interrupt, .msi(capability: 0x40))
+        XCTAssertEqual(vm.devices[0].configStateRanges.last, 0x42..<0x4e, "the dma-engine's MSI control, address and data")
+        XCTAssertNoThrow(try vm.devices[0].rewireInterrupt())
         XCTAssertEqual(a.eduBufferSize, (1 << 20) - (64 << 10), "the dma-engine's data window (BAR0+0x118)")
         XCTAssertEqual(vm.memory.load64(GuestLayout.controlBlock(0) + UInt64(GuestLayout.CB.dmaLength)), 64 << 10)
         XCTAssertEqual(vm.memory.load64(GuestLayout.controlBlock(0) + UInt64(GuestLayout.CB.dmaEnabled)), 1)
