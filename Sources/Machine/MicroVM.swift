@@ -225,7 +225,7 @@ public final class MicroVM: @unchecked Sendable {
     private func connect(_ d: AttachedDevice) throws {
         let dev = d.device
         var a = try PCIAttach.discover(dev, slot: d.slot, allocator: &mmioAllocator)
-        a.eduBufferSize = PCIAttach.eduBufferSize(dev, a)
+        if let e = PCIAttach.eduDMA(dev, a) { a.eduBufferSize = e.buffer; a.eduStatusRegister = e.status }
         let guestWillDMA = a.eduBufferSize != nil && workload.dmaEvery > 0 && !devices.contains { $0.pci?.eduBufferSize != nil && $0.pci?.dmaMapped == true }
         do {
             try dev.addDMAMapping(VFIODMARegion(iova: 0, size: memory.size, host: memory.base, fd: memory.fd))
@@ -276,17 +276,18 @@ public final class MicroVM: @unchecked Sendable {
     }
 
     /// Point vCPU 0's DMA rounds at the first edu-compatible device with guest RAM mapped, and
-    /// size them to its buffer (edu: 4 KiB). No such device: no DMA rounds.
+    /// size them to its buffer (edu: 4 KiB, less its last word). No such device: no DMA rounds.
     private func configureGuestDMA() {
         let cb = GuestLayout.controlBlock(0)
         guard workload.dmaEvery > 0,
-              let d = devices.first(where: { $0.pci?.eduBufferSize != nil && $0.pci?.dmaMapped == true }), let buffer = d.pci?.eduBufferSize else {
+              let d = devices.first(where: { $0.pci?.eduBufferSize != nil && $0.pci?.dmaMapped == true }), let limit = d.pci?.eduTransferLimit else {
             if workload.dmaEvery > 0 && !devices.isEmpty { Log.info("vm", "no edu-compatible device with DMA: the guest runs no DMA rounds") }
             return
         }
-        let length = min(workload.dmaLength, buffer) & ~7
+        let length = min(workload.dmaLength, limit) & ~7
         guard length > 0 else { return }
         memory.store64(cb + UInt64(GuestLayout.CB.dmaBAR), d.bar0)
+        memory.store64(cb + UInt64(GuestLayout.CB.dmaStatus), d.pci?.eduStatusRegister ?? 0)
         memory.store64(cb + UInt64(GuestLayout.CB.dmaLength), length)
         memory.store64(cb + UInt64(GuestLayout.CB.dmaEnabled), 1)
     }

@@ -151,6 +151,7 @@ final class ForeignDeviceTests: XCTestCase {
         XCTAssertEqual(a.eduBufferSize, (1 << 20) - (64 << 10), "the dma-engine's data window (BAR0+0x118)")
         XCTAssertEqual(vm.memory.load64(GuestLayout.controlBlock(0) + UInt64(GuestLayout.CB.dmaLength)), 64 << 10)
         XCTAssertEqual(vm.memory.load64(GuestLayout.controlBlock(0) + UInt64(GuestLayout.CB.dmaEnabled)), 1)
+        XCTAssertEqual(vm.memory.load64(GuestLayout.controlBlock(0) + UInt64(GuestLayout.CB.dmaStatus)), 0x108, "the dma-engine's job status is checked")
         let bar4 = try XCTUnwrap(a.bar(4))
         XCTAssertFalse(bar4.mappableAreas.isEmpty)
         let gpa = try XCTUnwrap(bar4.guestAddress)
@@ -177,6 +178,8 @@ final class ForeignDeviceTests: XCTestCase {
         let vm = try MicroVM(memorySize: 32 << 20, workload: w, devices: [VFIOUserClient(path: s.path)])
         defer { vm.stop() }
         XCTAssertEqual(vm.devices[0].pci?.eduBufferSize, 4096, "edu's buffer, as the device reports no data window")
+        XCTAssertNil(vm.devices[0].pci?.eduStatusRegister)
+        XCTAssertEqual(vm.devices[0].pci?.eduTransferLimit, 4088, "below the last byte, which QEMU's edu refuses")
         XCTAssertEqual(vm.devices[0].pci?.dmaMapped, false)
         XCTAssertEqual(vm.memory.load64(GuestLayout.controlBlock(0) + UInt64(GuestLayout.CB.dmaEnabled)), 0)
     }
