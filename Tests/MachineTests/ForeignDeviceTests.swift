@@ -115,6 +115,22 @@ final class ForeignDeviceTests: XCTestCase {
         }
     }
 
+    /// A refused choice falls through to the next, as vfio-pci's fallbacks do: MSI-X refused,
+    /// no MSI, so INTx, and the device signals it.
+    func testRefusedMSIXFallsBackToINTx() throws {
+        let s = try ForeignServer("msix-refused", ["--irq", "msix", "--refuse-irq", "2"])
+        defer { s.stop() }
+        let c = try VFIOUserClient(path: s.path)
+        let vm = try MicroVM(memorySize: 32 << 20, workload: workload(), devices: [c])
+        defer { vm.stop() }
+        let d = vm.devices[0]
+        XCTAssertEqual(d.pci?.interrupt, .intx(automasked: true))
+        XCTAssertEqual(try c.regionRead(7, offset: 0x83, count: 1)[0] & 0x80, 0, "MSI-X was not enabled")
+        vm.startInterruptCounting()
+        try vm.mmioWrite(d.bar0 + 0x0c, bytes(1))
+        waitFor("INTx counted") { vm.interruptsCounted[0] >= 1 }
+    }
+
     func testDeviceWithoutUsableInterruptOrDMAStillAttaches() throws {
         let s = try ForeignServer("none", ["--irq", "none", "--refuse-dma"])
         defer { s.stop() }
