@@ -13,8 +13,9 @@ It is a PCI device with a layout unlike the dma-engine's:
 
 Usage: foreign_vfio_user_server.py SOCKET [--irq msix|msi|intx|none] [--migration v2|off]
                                           [--refuse-dma] [--edu-id] [--refuse-irq INDEX]
+                                          [--cap-loop]
 --edu-id gives it edu's IDs (1234:11e8) without edu's registers; --refuse-dma answers DMA_MAP
-with ENOTSUP; --refuse-irq answers SET_IRQS on that IRQ index with EINVAL.
+with ENOTSUP; --refuse-irq answers SET_IRQS on that IRQ index with EINVAL; --cap-loop makes the capability list point back at itself (hostile).
 Stdlib only. SIGTERM ends it and removes the socket. One client at a time; the device state
 survives a disconnect (the spec's rule), DMA mappings and eventfds do not.
 """
@@ -427,7 +428,7 @@ def main():
     args = sys.argv[1:]
     if not args or args[0].startswith("-"):
         sys.exit(__doc__)
-    path, opts = args[0], dict(irq="msix", migration="v2", refuse_dma=False, edu_id=False, refuse_irq=None)
+    path, opts = args[0], dict(irq="msix", migration="v2", refuse_dma=False, edu_id=False, refuse_irq=None, cap_loop=False)
     it = iter(args[1:])
     for a in it:
         if a == "--irq":
@@ -438,6 +439,8 @@ def main():
             opts["refuse_dma"] = True
         elif a == "--edu-id":
             opts["edu_id"] = True
+        elif a == "--cap-loop":
+            opts["cap_loop"] = True
         elif a == "--refuse-irq":
             opts["refuse_irq"] = int(next(it))
         else:
@@ -454,6 +457,8 @@ def main():
     signal.signal(signal.SIGINT, stop)
     dev = Device(opts["irq"], opts["migration"], opts["refuse_dma"], opts["edu_id"])
     dev.refuse_irq = opts["refuse_irq"]
+    if opts["cap_loop"]:
+        dev.cfg[PCIE_CAP + 1] = PCIE_CAP
     Server(path, dev).run()
 
 

@@ -131,6 +131,15 @@ final class ForeignDeviceTests: XCTestCase {
         waitFor("INTx counted") { vm.interruptsCounted[0] >= 1 }
     }
 
+    /// Hostile config space: a capability list that loops is refused, bounded, with the reason.
+    func testLoopingCapabilityListIsRefused() throws {
+        let s = try ForeignServer("cap-loop", ["--irq", "msi", "--cap-loop"])
+        defer { s.stop() }
+        XCTAssertThrowsError(try MicroVM(memorySize: 32 << 20, workload: workload(), devices: [VFIOUserClient(path: s.path)])) { e in
+            XCTAssertTrue("\(e)".contains("the capability list loops"), "\(e)")
+        }
+    }
+
     func testDeviceWithoutUsableInterruptOrDMAStillAttaches() throws {
         let s = try ForeignServer("none", ["--irq", "none", "--refuse-dma"])
         defer { s.stop() }
