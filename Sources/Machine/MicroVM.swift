@@ -611,7 +611,9 @@ public final class MicroVM: @unchecked Sendable {
 
     /// Attach a device after construction (the destination of a migration, a live update).
     /// Without `mapDMA` it is taken as configured already (adopted: nothing is sent).
+    /// Only before `start()`: the vCPU threads read the routes without a lock.
     public func attach(_ device: any VFIODevice, mapDMA: Bool = true) throws -> AttachedDevice {
+        guard threads.isEmpty else { throw KVMError.unavailable("devices are attached before the VM starts") }
         let d = try AttachedDevice(device: device, slot: devices.count)
         devices.append(d)
         if mapDMA { try connect(d) } else { adoptRoutes(d) }
