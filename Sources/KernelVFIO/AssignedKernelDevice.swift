@@ -21,8 +21,59 @@ public final class AssignedKernelDevice: VFIODevice, @unchecked Sendable {
     private var regions: [UInt32: KernelDevice.RegionInfo] = [:]
     private var mappings: [UInt32: VFIORegionMapping] = [:]
     private let lock = Mutex()
+    /// What must stay open while the device is used (its group).
+    private let keepAlive: [AnyObject]
 
-    public init(device: KernelDevice, dmaSpace: KernelDMASpace) { self.device = device; self.dmaSpace = dmaSpace }
+    public init(device: KernelDevice, dmaSpace: KernelDMASpace, keepAlive: [AnyObject] = []) {
+        self.device = device; self.dmaSpace = dmaSpace; self.keepAlive = keepAlive
+    }
+
+    public enum Backend: String, Sendable { case legacy, iommufd }
+
+    /// Open a PCI device bound to vfio-pci by its address, as QEMU's
+    /// `-device vfio-pci,host=0000:00:04.0[,iommufd=...]`.
+    public static func open(pciAddress: String, backend: Backend) throws -> AssignedKernelDevice {
+        try open(sysfsPath: "/sys/bus/pci/devices/\(pciAddress)", backend: backend)
+    }
+
+    /// Open a VFIO device by its sysfs path (a PCI device or an mdev, as QEMU's `sysfsdev=`):
+    /// legacy: its IOMMU group in a new type1 container; iommufd: its cdev bound to a new
+    /// iommufd and attached to a new IOAS. Nothing is mapped yet.
+    public static func open(sysfsPath: String, backend: Backend) throws -> AssignedKernelDevice {
+        guard let name = sysfsPath.split(separator: "/").last.map(String.init), access(sysfsPath, F_OK) == 0 else {
+            throw KernelVFIOError.unavailable("no device at \(sysfsPath)")
+        }
+        switch backend {
+        case .legacy:
+            guard let g = PCIDevice.linkName("\(sysfsPath)/iommu_group").flatMap({ Int($0) }) else {
+                throw KernelVFIOError.unavailable("\(name) has no IOMMU group (is an IOMMU enabled, and the device bound to vfio-pci?)")
+            }
+            let container = try Container()
+            let group = try Group(id: g)
+            try group.setContainer(container)
+            try container.setIOMMU()
+            return AssignedKernelDevice(device: try group.device(name), dmaSpace: .container(container), keepAlive: [group])
+        case .iommufd:
+            guard let dir = opendir("\(sysfsPath)/vfio-dev") else {
+                throw KernelVFIOError.unavailable("\(name) has no VFIO device cdev (\(sysfsPath)/vfio-dev): VFIO_DEVICE_CDEV missing, or not bound to a VFIO driver")
+            }
+            var cdev: String?
+            while let e = readdir(dir) {
+                let n = withUnsafeBytes(of: e.pointee.d_name) { String(cString: $0.bindMemory(to: CChar.self).baseAddress!) }
+                if n.hasPrefix("vfio") { cdev = "/dev/vfio/devices/\(n)" }
+            }
+            closedir(dir)
+            guard let path = cdev else { throw KernelVFIOError.unavailable("\(name): \(sysfsPath)/vfio-dev lists no cdev") }
+            let raw = Glibc.open(path, O_RDWR | O_CLOEXEC)
+            guard raw >= 0 else { throw KernelVFIOError.unavailable("cannot open \(path): \(Errno.current)") }
+            let device = KernelDevice(name: name, fd: FileDescriptor(adopting: raw))
+            let iommufd = try IOMMUFD()
+            _ = try device.bind(iommufd)
+            let ioas = try iommufd.allocateIOAS()
+            _ = try device.attach(pageTable: ioas)
+            return AssignedKernelDevice(device: device, dmaSpace: .iommufd(iommufd, ioas: ioas))
+        }
+    }
 
     public var transportName: String { "kernel VFIO" }
     public var deviceName: String { device.name }

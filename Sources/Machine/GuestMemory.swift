@@ -28,6 +28,8 @@ public enum GuestLayout {
     public enum CB {
         public static let magic = 0x00, wsBase = 0x08, wsPages = 0x10, batch = 0x18, dmaEnabled = 0x20, dmaBAR = 0x28
         public static let dmaSource = 0x30, dmaDestination = 0x38, dmaLength = 0x40, dmaEvery = 0x48, doorbell = 0x50
+        /// BAR0 offset of the device's job-status register (nonzero = the job failed); 0: none.
+        public static let dmaStatus = 0x58
         public static let pagesWritten = 0x80, dmaOK = 0x98, dmaErrors = 0xa0, dmaPhase = 0xb8, dmaKey = 0xc0
         public static let magicValue: UInt64 = 0x4b57_4c56  // "VLWK"
     }

@@ -42,6 +42,26 @@ public final class AttachedDevice: @unchecked Sendable {
     }
     /// Continue a predecessor's count (live update); signals not yet read stay in the eventfd.
     public func continueCount(from n: UInt64) { interrupts = n }
+
+    /// Wire the chosen interrupt to this VMM's eventfd again (a migration's destination, after
+    /// config space was restored). An adopted device: MSI, as its predecessor wired it.
+    public func rewireInterrupt() throws {
+        guard let index = interruptKind.irqIndex else { return }
+        try device.setIRQs(index: index, start: 0, eventfds: [msi])
+    }
+
+    /// The config-space bytes a migration carries to the destination device, for this
+    /// device's layout: command, BARs, interrupt line, and the wired interrupt's capability
+    /// (MSI: control, address, data; MSI-X: control). Replaces the dma-engine's fixed 0x40.
+    public var configStateRanges: [Range<Int>] {
+        var r: [Range<Int>] = [4..<6, 0x10..<0x28, 0x3c..<0x3d]
+        switch interruptKind {
+        case let .msi(cap): r.append(Int(cap) + 2..<Int(cap) + 14)
+        case let .msix(cap): r.append(Int(cap) + 2..<Int(cap) + 4)
+        case .intx, .none: break
+        }
+        return r
+    }
 }
 
 /// A guest-physical range routed to a device region: trapped (REGION_READ/WRITE) or, for the
@@ -205,7 +225,7 @@ public final class MicroVM: @unchecked Sendable {
     private func connect(_ d: AttachedDevice) throws {
         let dev = d.device
         var a = try PCIAttach.discover(dev, slot: d.slot, allocator: &mmioAllocator)
-        a.eduBufferSize = PCIAttach.eduBufferSize(dev, a)
+        if let e = PCIAttach.eduDMA(dev, a) { a.eduBufferSize = e.buffer; a.eduStatusRegister = e.status }
         let guestWillDMA = a.eduBufferSize != nil && workload.dmaEvery > 0 && !devices.contains { $0.pci?.eduBufferSize != nil && $0.pci?.dmaMapped == true }
         do {
             try dev.addDMAMapping(VFIODMARegion(iova: 0, size: memory.size, host: memory.base, fd: memory.fd))
@@ -256,17 +276,18 @@ public final class MicroVM: @unchecked Sendable {
     }
 
     /// Point vCPU 0's DMA rounds at the first edu-compatible device with guest RAM mapped, and
-    /// size them to its buffer (edu: 4 KiB). No such device: no DMA rounds.
+    /// size them to its buffer (edu: 4 KiB, less its last word). No such device: no DMA rounds.
     private func configureGuestDMA() {
         let cb = GuestLayout.controlBlock(0)
         guard workload.dmaEvery > 0,
-              let d = devices.first(where: { $0.pci?.eduBufferSize != nil && $0.pci?.dmaMapped == true }), let buffer = d.pci?.eduBufferSize else {
+              let d = devices.first(where: { $0.pci?.eduBufferSize != nil && $0.pci?.dmaMapped == true }), let limit = d.pci?.eduTransferLimit else {
             if workload.dmaEvery > 0 && !devices.isEmpty { Log.info("vm", "no edu-compatible device with DMA: the guest runs no DMA rounds") }
             return
         }
-        let length = min(workload.dmaLength, buffer) & ~7
+        let length = min(workload.dmaLength, limit) & ~7
         guard length > 0 else { return }
         memory.store64(cb + UInt64(GuestLayout.CB.dmaBAR), d.bar0)
+        memory.store64(cb + UInt64(GuestLayout.CB.dmaStatus), d.pci?.eduStatusRegister ?? 0)
         memory.store64(cb + UInt64(GuestLayout.CB.dmaLength), length)
         memory.store64(cb + UInt64(GuestLayout.CB.dmaEnabled), 1)
     }
@@ -590,7 +611,9 @@ public final class MicroVM: @unchecked Sendable {
 
     /// Attach a device after construction (the destination of a migration, a live update).
     /// Without `mapDMA` it is taken as configured already (adopted: nothing is sent).
+    /// Only before `start()`: the vCPU threads read the routes without a lock.
     public func attach(_ device: any VFIODevice, mapDMA: Bool = true) throws -> AttachedDevice {
+        guard threads.isEmpty else { throw KVMError.unavailable("devices are attached before the VM starts") }
         let d = try AttachedDevice(device: device, slot: devices.count)
         devices.append(d)
         if mapDMA { try connect(d) } else { adoptRoutes(d) }

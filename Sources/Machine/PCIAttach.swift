@@ -80,6 +80,14 @@ public struct PCIAttachment: Sendable, CustomStringConvertible {
     public var dmaRefusal: String?
     /// For an edu-compatible device (vendor 1234 device 11e8): bytes its DMA buffer holds.
     public var eduBufferSize: UInt64?
+    /// Its job-status register in BAR0, when it has one (the dma-engine's 0x108; edu: none).
+    public var eduStatusRegister: UInt64?
+    /// The longest DMA job the guest may ask of it: QEMU's edu treats a transfer that reaches
+    /// the last byte of its buffer as a hardware error (Edu.dma), so plain edu stays below it.
+    public var eduTransferLimit: UInt64? {
+        guard let b = eduBufferSize else { return nil }
+        return eduStatusRegister == nil ? b - 8 : b
+    }
 
     public var isEduCompatible: Bool { vendorID == 0x1234 && deviceID == 0x11e8 }
     public func capability(_ id: UInt8) -> PCICapability? { capabilities.first { $0.id == id } }
@@ -181,12 +189,13 @@ enum PCIAttach {
         return PCIAttachment(vendorID: vendor, deviceID: u16(2), configSize: cfgInfo.size, irqCount: info.irqCount, capabilities: caps, bars: bars)
     }
 
-    /// For an edu-compatible device: how much one DMA job may move. edu's buffer is 4 KiB; the
-    /// dma-engine says its data window at BAR0+0x118 (edu reads all ones there).
-    static func eduBufferSize(_ d: any VFIODevice, _ a: PCIAttachment) -> UInt64? {
+    /// For an edu-compatible device: its DMA buffer, and its job-status register if any. edu's
+    /// buffer is 4 KiB and it has no status register; the dma-engine reports its data window
+    /// at BAR0+0x118 and job status at 0x108 (edu reads all ones at both).
+    static func eduDMA(_ d: any VFIODevice, _ a: PCIAttachment) -> (buffer: UInt64, status: UInt64?)? {
         guard a.isEduCompatible, let bar0 = a.bar(0), !bar0.isIO, bar0.size >= 0x120 else { return nil }
-        if let w: UInt64 = try? d.regionLoad(0, 0x118), w >= 4096, w <= 1 << 32 { return w }
-        return 4096
+        if let w: UInt64 = try? d.regionLoad(0, 0x118), w >= 4096, w <= 1 << 32 { return (w, 0x108) }
+        return (4096, nil)
     }
 
     /// Wire one interrupt vector to `eventfd`: MSI-X, else MSI, else INTx, each only when the

@@ -61,7 +61,8 @@ final class SoftwareVCPU: @unchecked Sendable {
             do {
                 try d.regionStore(0, 0x80, from); try d.regionStore(0, 0x88, to); try d.regionStore(0, 0x90, len); try d.regionStore(0, 0x98, cmd)
                 while try d.regionLoad(0, 0x98, as: UInt64.self) & 1 != 0 { usleep(20) }
-                return try d.regionLoad(0, 0x108, as: UInt64.self) == 0
+                let status = cbLoad(GuestLayout.CB.dmaStatus)
+                return try status == 0 || d.regionLoad(0, status, as: UInt64.self) == 0
             } catch { return false }
         }
         var ok = job(src, 0x40000, 5) && job(0x40000, dst, 7)

@@ -12,9 +12,10 @@ It is a PCI device with a layout unlike the dma-engine's:
     logging (the device never DMAs, so its reports are empty) -- or none with --migration off.
 
 Usage: foreign_vfio_user_server.py SOCKET [--irq msix|msi|intx|none] [--migration v2|off]
-                                          [--refuse-dma] [--edu-id]
+                                          [--refuse-dma] [--edu-id] [--refuse-irq INDEX]
+                                          [--cap-loop]
 --edu-id gives it edu's IDs (1234:11e8) without edu's registers; --refuse-dma answers DMA_MAP
-with ENOTSUP.
+with ENOTSUP; --refuse-irq answers SET_IRQS on that IRQ index with EINVAL; --cap-loop makes the capability list point back at itself (hostile).
 Stdlib only. SIGTERM ends it and removes the socket. One client at a time; the device state
 survives a disconnect (the spec's rule), DMA mappings and eventfds do not.
 """
@@ -334,7 +335,7 @@ class Server:
             return struct.pack("<IIII", 16, flags, index, d.irq_count(index))
         if cmd == SET_IRQS:
             argsz, flags, index, start, count = struct.unpack_from("<IIIII", p, 0)
-            if index >= 5:
+            if index >= 5 or index == getattr(d, "refuse_irq", None):
                 raise Failure(errno.EINVAL, "irq index %d" % index)
             total = d.irq_count(index)
             data, action = flags & 0x7, flags & 0x38
@@ -427,7 +428,7 @@ def main():
     args = sys.argv[1:]
     if not args or args[0].startswith("-"):
         sys.exit(__doc__)
-    path, opts = args[0], dict(irq="msix", migration="v2", refuse_dma=False, edu_id=False)
+    path, opts = args[0], dict(irq="msix", migration="v2", refuse_dma=False, edu_id=False, refuse_irq=None, cap_loop=False)
     it = iter(args[1:])
     for a in it:
         if a == "--irq":
@@ -438,6 +439,10 @@ def main():
             opts["refuse_dma"] = True
         elif a == "--edu-id":
             opts["edu_id"] = True
+        elif a == "--cap-loop":
+            opts["cap_loop"] = True
+        elif a == "--refuse-irq":
+            opts["refuse_irq"] = int(next(it))
         else:
             sys.exit("unknown option %s\n%s" % (a, __doc__))
     if opts["irq"] not in ("msix", "msi", "intx", "none") or opts["migration"] not in ("v2", "off"):
@@ -450,7 +455,11 @@ def main():
             os._exit(0)
     signal.signal(signal.SIGTERM, stop)
     signal.signal(signal.SIGINT, stop)
-    Server(path, Device(opts["irq"], opts["migration"], opts["refuse_dma"], opts["edu_id"])).run()
+    dev = Device(opts["irq"], opts["migration"], opts["refuse_dma"], opts["edu_id"])
+    dev.refuse_irq = opts["refuse_irq"]
+    if opts["cap_loop"]:
+        dev.cfg[PCIE_CAP + 1] = PCIE_CAP
+    Server(path, dev).run()
 
 
 if __name__ == "__main__":

@@ -80,6 +80,8 @@ final class ForeignDeviceTests: XCTestCase {
         XCTAssertNil(a.eduBufferSize, "not edu-compatible")
         XCTAssertEqual(try c.regionRead(7, offset: 0x83, count: 1)[0] & 0xc0, 0x80, "MSI-X enabled, function unmasked")
         XCTAssertEqual(try c.regionRead(7, offset: 4, count: 2)[0] & 0x6, 0x6, "memory decoding and bus master on")
+        XCTAssertEqual(d.configStateRanges.last, 0x82..<0x84, "a migration carries the MSI-X control, not bytes at 0x40")
+        XCTAssertTrue(d.device.deviceName.hasPrefix("socket fd") || d.device.deviceName == s.path, d.device.deviceName)
 
         vm.start(); vm.resume()
         // Trapped BAR0 through the guest's route: scratch registers and the doorbell.
@@ -110,6 +112,31 @@ final class ForeignDeviceTests: XCTestCase {
         for n in 1...3 {
             try vm.mmioWrite(d.bar0 + 0x0c, bytes(1))
             waitFor("INTx \(n) counted") { vm.interruptsCounted[0] >= UInt64(n) }
+        }
+    }
+
+    /// A refused choice falls through to the next, as vfio-pci's fallbacks do: MSI-X refused,
+    /// no MSI, so INTx, and the device signals it.
+    func testRefusedMSIXFallsBackToINTx() throws {
+        let s = try ForeignServer("msix-refused", ["--irq", "msix", "--refuse-irq", "2"])
+        defer { s.stop() }
+        let c = try VFIOUserClient(path: s.path)
+        let vm = try MicroVM(memorySize: 32 << 20, workload: workload(), devices: [c])
+        defer { vm.stop() }
+        let d = vm.devices[0]
+        XCTAssertEqual(d.pci?.interrupt, .intx(automasked: true))
+        XCTAssertEqual(try c.regionRead(7, offset: 0x83, count: 1)[0] & 0x80, 0, "MSI-X was not enabled")
+        vm.startInterruptCounting()
+        try vm.mmioWrite(d.bar0 + 0x0c, bytes(1))
+        waitFor("INTx counted") { vm.interruptsCounted[0] >= 1 }
+    }
+
+    /// Hostile config space: a capability list that loops is refused, bounded, with the reason.
+    func testLoopingCapabilityListIsRefused() throws {
+        let s = try ForeignServer("cap-loop", ["--irq", "msi", "--cap-loop"])
+        defer { s.stop() }
+        XCTAssertThrowsError(try MicroVM(memorySize: 32 << 20, workload: workload(), devices: [VFIOUserClient(path: s.path)])) { e in
+            XCTAssertTrue("\(e)".contains("the capability list loops"), "\(e)")
         }
     }
 
@@ -144,9 +171,12 @@ final class ForeignDeviceTests: XCTestCase {
         let a = try XCTUnwrap(vm.devices[0].pci)
         XCTAssertTrue(a.isEduCompatible)
         XCTAssertEqual(a.interrupt, .msi(capability: 0x40))
+        XCTAssertEqual(vm.devices[0].configStateRanges.last, 0x42..<0x4e, "the dma-engine's MSI control, address and data")
+        XCTAssertNoThrow(try vm.devices[0].rewireInterrupt())
         XCTAssertEqual(a.eduBufferSize, (1 << 20) - (64 << 10), "the dma-engine's data window (BAR0+0x118)")
         XCTAssertEqual(vm.memory.load64(GuestLayout.controlBlock(0) + UInt64(GuestLayout.CB.dmaLength)), 64 << 10)
         XCTAssertEqual(vm.memory.load64(GuestLayout.controlBlock(0) + UInt64(GuestLayout.CB.dmaEnabled)), 1)
+        XCTAssertEqual(vm.memory.load64(GuestLayout.controlBlock(0) + UInt64(GuestLayout.CB.dmaStatus)), 0x108, "the dma-engine's job status is checked")
         let bar4 = try XCTUnwrap(a.bar(4))
         XCTAssertFalse(bar4.mappableAreas.isEmpty)
         let gpa = try XCTUnwrap(bar4.guestAddress)
@@ -173,6 +203,8 @@ final class ForeignDeviceTests: XCTestCase {
         let vm = try MicroVM(memorySize: 32 << 20, workload: w, devices: [VFIOUserClient(path: s.path)])
         defer { vm.stop() }
         XCTAssertEqual(vm.devices[0].pci?.eduBufferSize, 4096, "edu's buffer, as the device reports no data window")
+        XCTAssertNil(vm.devices[0].pci?.eduStatusRegister)
+        XCTAssertEqual(vm.devices[0].pci?.eduTransferLimit, 4088, "below the last byte, which QEMU's edu refuses")
         XCTAssertEqual(vm.devices[0].pci?.dmaMapped, false)
         XCTAssertEqual(vm.memory.load64(GuestLayout.controlBlock(0) + UInt64(GuestLayout.CB.dmaEnabled)), 0)
     }

@@ -6,6 +6,8 @@
  * Entry: %rdi = guest address of the control block (CB). Offsets (mirrored in Swift):
  *   host-written   0x08 ws_base  0x10 ws_pages  0x18 batch  0x20 dma_enabled  0x28 dma_bar
  *                  0x30 dma_src  0x38 dma_dst   0x40 dma_len 0x48 dma_every   0x50 doorbell
+ *                  0x58 dma_status (BAR offset of a job-status register, nonzero = failed;
+ *                       0 = the device has none, as edu)
  *   guest-written  0x80 P (page writes so far)  0x98 dma_ok  0xa0 dma_errors
  *                  0xb8 dma_phase (1 while a DMA round is in progress)  0xc0 dma_key
  *
@@ -15,8 +17,8 @@
  * at any pause exactly which sequence every page must hold (page P mod N may be mid-write).
  *
  * DMA round (every dma_every batches when enabled): fill dma_src with P^k^PATTERN, have the
- * dma-engine copy it to device memory and back to dma_dst (MMIO to its BAR0, polling the
- * command register), compare, count ok or error.
+ * edu-compatible device copy it to its buffer and back to dma_dst (MMIO to its BAR0, polling
+ * the command register, checking dma_status when set), compare, count ok or error.
  */
     .section vl_guest_workload, "ax"
     .globl vl_guest_workload_start
@@ -94,9 +96,13 @@ vl_guest_workload_start:
 3:  mov     0x98(%rbx), %rax
     test    $1, %rax
     jnz     3b
-    mov     0x108(%rbx), %rax
+    mov     0x58(%rdi), %rax        /* job-status register, if the device has one */
+    test    %rax, %rax
+    jz      6f
+    mov     (%rbx,%rax), %rax
     test    %rax, %rax
     jnz     .Ldmafail
+6:
     mov     $0x40000, %rax
     mov     %rax, 0x80(%rbx)
     mov     0x38(%rdi), %rax
@@ -106,9 +112,13 @@ vl_guest_workload_start:
 4:  mov     0x98(%rbx), %rax
     test    $1, %rax
     jnz     4b
-    mov     0x108(%rbx), %rax
+    mov     0x58(%rdi), %rax        /* job-status register, if the device has one */
+    test    %rax, %rax
+    jz      6f
+    mov     (%rbx,%rax), %rax
     test    %rax, %rax
     jnz     .Ldmafail
+6:
     mov     0x30(%rdi), %rsi
     mov     0x38(%rdi), %rax
     xor     %rdx, %rdx

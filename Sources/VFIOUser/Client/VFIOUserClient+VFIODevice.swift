@@ -7,16 +7,18 @@ import VFIO
 extension VFIOUserClient: VFIODevice {
     public var transportName: String { "vfio-user" }
 
-    /// The server's socket path (the peer address of the connection), for messages.
+    /// The server's socket path (the connection's peer address), for messages. A server that
+    /// bound under a temporary name and renamed it reports the old name: then only the fd.
     public var deviceName: String {
+        let fd = connection.socket.fd.rawValue
         var a = sockaddr_un()
         var len = socklen_t(MemoryLayout<sockaddr_un>.size)
-        let rc = withUnsafeMutablePointer(to: &a) {
-            $0.withMemoryRebound(to: sockaddr.self, capacity: 1) { getpeername(connection.socket.fd.rawValue, $0, &len) }
-        }
-        guard rc == 0, len > socklen_t(MemoryLayout<sa_family_t>.size) else { return "vfio-user socket fd \(connection.socket.fd.rawValue)" }
+        let rc = withUnsafeMutablePointer(to: &a) { $0.withMemoryRebound(to: sockaddr.self, capacity: 1) { getpeername(fd, $0, &len) } }
+        guard rc == 0, len > socklen_t(MemoryLayout<sa_family_t>.size) else { return "socket fd \(fd)" }
         let path = withUnsafeBytes(of: &a.sun_path) { b in String(decoding: b.prefix { $0 != 0 }, as: UTF8.self) }
-        return path.isEmpty ? "vfio-user socket fd \(connection.socket.fd.rawValue)" : path
+        var st = stat()
+        guard !path.isEmpty, stat(path, &st) == 0, st.st_mode & S_IFMT == S_IFSOCK else { return "socket fd \(fd)" }
+        return path
     }
 
     public func describeDevice() throws -> VFIODeviceInfo {
