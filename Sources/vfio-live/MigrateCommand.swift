@@ -181,6 +181,10 @@ struct MigrateCommand: ParsableCommand {
         // over meanwhile would also end in "completed", which is not this migration's.
         let pid0 = c.vmmPID()
         let before = try? c.execute("query-migrate")
+        // A migration already under way is not joined: its status would be read as ours.
+        if let st = before?["status"]?.stringValue, ["setup", "active", "device", "pre-switchover", "cancelling", "wait-unplug"].contains(st) {
+            throw Failure("a migration is already in progress on the VM behind \(qmp) (query-migrate: \(st)); not starting another")
+        }
         var params: [(String, JSONValue)] = [("downtime-limit", .number(Double(limit))), ("max-bandwidth", .number(Double(try Self.bandwidth(maxBandwidth))))]
         if let m = maxIterations { params.append(("x-max-iterations", .number(Double(try parseInteger(m, option: "--max-iterations", range: 1...1_000_000))))) }
         do {

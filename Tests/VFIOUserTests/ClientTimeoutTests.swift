@@ -139,4 +139,48 @@ final class ClientTimeoutTests: XCTestCase {
         XCTAssertNoThrow(try c.deviceInfo())
         XCTAssertEqual(try c.migrationState(), .running)
     }
+
+    /// A server that sends DMA_READs on the twin socket and never reads the replies: the
+    /// client's replies stop at the send bound, the reader goes on, and close() returns
+    /// (it joins the reader; without the bound it waited for good).
+    func testTwinSocketRepliesToAServerThatNeverReadsAreBounded() throws {
+        let path = temporarySocketPath("twin")
+        let listener = try UnixListener(path: path)
+        defer { listener.close() }
+        let (twinOurs, twinTheirs) = try UnixSocket.pair()
+        defer { twinOurs.close() }
+        let served = try EventFD(nonBlocking: true)
+        let server = Thread {
+            guard let s = try? listener.accept(timeoutMilliseconds: 10_000) else { return }
+            defer { s.close() }
+            let c = VFIOUserConnection(socket: s)
+            guard let v = try? c.receive() else { return }
+            var caps = Capabilities()
+            caps.twinSocket = .init(supported: true, fdIndex: 0)
+            try? c.sendReply(to: v.header, payload: VersionPayload(capabilities: caps).encode(), fds: [twinTheirs.fd.rawValue])
+            twinTheirs.close()
+            guard let m = try? c.receive() else { return }  // DMA_MAP
+            try? c.sendReply(to: m.header)
+            // 1 MiB reads into the mapping; replies are never read.
+            let t = VFIOUserConnection(socket: twinOurs)
+            for _ in 0..<8 {
+                try? t.send(id: t.allocateID(), command: VFIOUserCommand.dmaRead.rawValue, flags: MessageHeader.typeCommand,
+                            payload: DMAAccess(address: 0x10_0000, count: 1 << 20).encode())
+            }
+            try? served.signal()
+            _ = try? Poll.waitReadable(s.fd, timeoutMilliseconds: 20_000)  // until the client goes
+        }
+        server.start()
+        let c = try VFIOUserClient(path: path, options: options(300))
+        XCTAssertTrue(c.twinSocketActive)
+        let ram = try GuestRAM(size: 1 << 20)
+        try c.mapDMA(iova: 0x10_0000, size: ram.size, local: ram.map.base, fd: nil)
+        XCTAssertTrue(try Poll.waitReadable(served.fd, timeoutMilliseconds: 10_000))
+        usleep(500_000)  // the reader is now blocked on a reply the server does not read
+        let closed = try EventFD(nonBlocking: true)
+        let closer = Thread { c.close(); try? closed.signal() }
+        closer.start()
+        XCTAssertTrue(try Poll.waitReadable(closed.fd, timeoutMilliseconds: 10_000), "close() returned: the twin reader's send was bounded")
+        while !server.isFinished { usleep(1000) }
+    }
 }

@@ -229,8 +229,10 @@ public final class VFIOUserClient: @unchecked Sendable {
         let cancel = twinCancel
         twinThread = OSThread(name: "vfu-twin") { [weak self, c, cancel] in
             while true {
-                guard let which = try? Poll.waitAnyReadable([c.socket.fd.rawValue, cancel.fd.rawValue], timeoutMilliseconds: -1),
-                      which == 0, let msg = try? c.receive() else { return }
+                // The cancel descriptor first: poll reports the first readable one, and a server
+                // that keeps sending must not keep the reader from stopping.
+                guard let which = try? Poll.waitAnyReadable([cancel.fd.rawValue, c.socket.fd.rawValue], timeoutMilliseconds: -1),
+                      which == 1, let msg = try? c.receive() else { return }
                 guard let self else { return }
                 self.serveServerCommand(msg, on: c)
             }
