@@ -183,4 +183,30 @@ final class ClientTimeoutTests: XCTestCase {
         XCTAssertTrue(try Poll.waitReadable(closed.fd, timeoutMilliseconds: 10_000), "close() returned: the twin reader's send was bounded")
         while !server.isFinished { usleep(1000) }
     }
+
+    /// A reply that stops half-way (a header announcing a payload that never comes): poll
+    /// saw it readable, and the receive is bounded by the socket's receive timeout.
+    func testAReplyThatStopsHalfWayTimesOut() throws {
+        let path = temporarySocketPath("half-msg")
+        let listener = try UnixListener(path: path)
+        defer { listener.close() }
+        let done = try EventFD(nonBlocking: true)
+        let server = Thread {
+            guard let s = try? listener.accept(timeoutMilliseconds: 10_000) else { return }
+            defer { s.close() }
+            guard let v = try? VFIOUserConnection(socket: s).receive() else { return }
+            let h = MessageHeader(messageID: v.header.messageID, command: v.header.command, messageSize: 16 + 100,
+                                  flags: MessageHeader.typeReply, errorNumber: 0)
+            try? s.send(h.bytes)
+            _ = try? Poll.waitReadable(done.fd, timeoutMilliseconds: 20_000)
+        }
+        server.start()
+        let t0 = monotonicNanoseconds()
+        XCTAssertThrowsError(try VFIOUserClient(path: path, options: options(400))) {
+            XCTAssertEqual($0 as? VFIOUserClientError, .timeout(command: .version, seconds: 0.4))
+        }
+        XCTAssertLessThan(Double(monotonicNanoseconds() - t0) / 1e9, 5)
+        try done.signal()
+        while !server.isFinished { usleep(1000) }
+    }
 }
