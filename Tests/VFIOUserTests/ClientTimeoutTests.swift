@@ -209,4 +209,33 @@ final class ClientTimeoutTests: XCTestCase {
         try done.signal()
         while !server.isFinished { usleep(1000) }
     }
+
+    /// A vCPU thread is kicked with a signal every few milliseconds while it waits on the
+    /// device. Each signal used to restart the poll with its whole timeout, so the bound never
+    /// came: the wait must still end at the bound.
+    func testTheBoundHoldsUnderASignalEveryFewMilliseconds() throws {
+        let server = try SilentServer(tag: "kicked")
+        defer { server.close() }
+        signal(SIGUSR2, { _ in })
+        defer { signal(SIGUSR2, SIG_DFL) }
+        let done = try EventFD(nonBlocking: true)
+        nonisolated(unsafe) var tid = pthread_t()
+        let started = try EventFD(nonBlocking: true)
+        nonisolated(unsafe) var failure: Error?
+        let t = Thread {
+            tid = pthread_self()
+            try? started.signal()
+            do { _ = try VFIOUserClient(path: server.path, options: self.options(500)) } catch { failure = error }
+            try? done.signal()
+        }
+        t.start()
+        XCTAssertTrue(try Poll.waitReadable(started.fd, timeoutMilliseconds: 5000))
+        let deadline = monotonicNanoseconds() + 10_000_000_000
+        while (try? Poll.waitReadable(done.fd, timeoutMilliseconds: 20)) != true && monotonicNanoseconds() < deadline {
+            pthread_kill(tid, SIGUSR2)
+        }
+        XCTAssertTrue(try Poll.waitReadable(done.fd, timeoutMilliseconds: 0), "the wait ended although signals kept coming")
+        XCTAssertEqual(failure as? VFIOUserClientError, .timeout(command: .version, seconds: 0.5))
+        while !t.isFinished { usleep(1000) }
+    }
 }
