@@ -14,6 +14,11 @@ let package = Package(
             // The sanitizer flags come from scripts/fuzz.sh (-Xswiftc/-Xcc), so that the libraries
             // under test are instrumented for coverage too, not only this target.
             swiftSettings: [.unsafeFlags(["-parse-as-library"])]),
+        // The stateful fuzzer: a real server and dma-engine driven through command sequences.
+        .executableTarget(
+            name: "ServerFuzz",
+            dependencies: [.product(name: "VFIOUser", package: "vfio-live"), .product(name: "Devices", package: "vfio-live")],
+            swiftSettings: [.unsafeFlags(["-parse-as-library"])]),
     ],
     swiftLanguageModes: [.v5]
 )

@@ -98,17 +98,27 @@ public final class EventFD: @unchecked Sendable {
 public enum Poll {
     /// True when `fd` is readable (or hung up) within the timeout.
     public static func waitReadable(_ fd: FileDescriptor, timeoutMilliseconds: Int32) throws -> Bool {
-        var p = pollfd(fd: fd.rawValue, events: Int16(POLLIN), revents: 0)
-        let n = try syscallRetryingEINTR { poll(&p, 1, timeoutMilliseconds) }
-        return n > 0
+        try waitAnyReadable([fd.rawValue], timeoutMilliseconds: timeoutMilliseconds) != nil
     }
 
     /// Index of the first readable fd among `fds`, or nil on timeout.
     public static func waitAnyReadable(_ fds: [Int32], timeoutMilliseconds: Int32) throws -> Int? {
         var ps = fds.map { pollfd(fd: $0, events: Int16(POLLIN), revents: 0) }
-        let n = try syscallRetryingEINTR { poll(&ps, nfds_t(ps.count), timeoutMilliseconds) }
-        if n == 0 { return nil }
-        return ps.firstIndex { $0.revents != 0 }
+        // After a signal, poll again for what is left of the timeout, not all of it: a thread
+        // that is signalled every few milliseconds (a vCPU being kicked) would never time out.
+        let deadline = timeoutMilliseconds < 0 ? 0 : monotonicNanoseconds() + UInt64(timeoutMilliseconds) * 1_000_000
+        while true {
+            var left = timeoutMilliseconds
+            if timeoutMilliseconds >= 0 {
+                let now = monotonicNanoseconds()
+                left = now >= deadline ? 0 : Int32((deadline - now + 999_999) / 1_000_000)
+            }
+            let n = poll(&ps, nfds_t(ps.count), left)
+            if n == 0 { return nil }
+            if n > 0 { return ps.firstIndex { $0.revents != 0 } }
+            let e = Errno.current
+            if e != .EINTR { throw e }
+        }
     }
 }
 

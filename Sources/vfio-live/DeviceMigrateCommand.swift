@@ -1,4 +1,5 @@
 import ArgumentParser
+import Glibc
 import SystemCalls
 import VFIO
 import VFIOUser
@@ -13,8 +14,9 @@ extension DeviceCommand {
                 goes to STOP_COPY, the rest is copied, the destination loads it (RESUMING→STOP,
                 where the device validates the image) and runs, and the source stops.
                 If anything fails, the source device is returned to RUNNING with its state intact
-                and the destination is reset. Works with any server implementing migration v2;
-                --protocol v1 uses the seed's migration region instead.
+                and the destination is reset. SIGINT (Ctrl-C) or SIGTERM does the same at the next
+                chunk of state, and the command exits 1. Works with any server implementing
+                migration v2; --protocol v1 uses the seed's migration region instead.
 
                 Example:
                   vfio-live device migrate --from /tmp/a.sock --to /tmp/b.sock --precopy
@@ -55,8 +57,23 @@ extension DeviceCommand {
             o.preCopy = precopy
             o.maxPreCopyRounds = maxRounds
             let t = DeviceStateTransfer(source: src, destination: dst, options: o)
-            t.afterPreCopyRound = { round, bytes in print("pre-copy round \(round): \(formatBytes(bytes))") }
-            let r = try t.run()
+            t.afterPreCopyRound = { round, bytes in print("pre-copy round \(round): \(formatBytes(bytes))"); fflush(stdout) }
+            // A signal stops the transfer between two chunks, through its own rollback: the
+            // source back to RUNNING, the destination reset (killing the process mid-way would
+            // leave the source in PRE_COPY or STOP_COPY).
+            let stop = try EventFD(nonBlocking: true)
+            installStopSignals(stop.fd.rawValue)
+            let delay = getenv("VFIO_LIVE_TEST_CHUNK_DELAY_MS").flatMap { UInt32(String(cString: $0)) } ?? 0
+            func checkSignal() throws {
+                if (try? Poll.waitReadable(stop.fd, timeoutMilliseconds: 0)) == true { throw Failure("interrupted by a signal") }
+            }
+            t.beforeDestinationWrite = { _ in
+                if delay > 0 { usleep(delay * 1000) }  // tests only: a transfer slow enough to interrupt
+                try checkSignal()
+            }
+            t.beforeStopCopy = checkSignal
+            let r: DeviceTransferReport
+            do { r = try t.run() } catch { throw Failure("\(error)") }
             print("protocol:          migration \(r.protocolUsed) (source flags \(src.capabilities))")
             print("source path:       \(r.sourcePath.map(\.description).joined(separator: " → "))")
             print("destination path:  \(r.destinationPath.map(\.description).joined(separator: " → "))")

@@ -181,6 +181,10 @@ struct MigrateCommand: ParsableCommand {
         // over meanwhile would also end in "completed", which is not this migration's.
         let pid0 = c.vmmPID()
         let before = try? c.execute("query-migrate")
+        // A migration already under way is not joined: its status would be read as ours.
+        if let st = before?["status"]?.stringValue, ["setup", "active", "device", "pre-switchover", "cancelling", "wait-unplug"].contains(st) {
+            throw Failure("a migration is already in progress on the VM behind \(qmp) (query-migrate: \(st)); not starting another")
+        }
         var params: [(String, JSONValue)] = [("downtime-limit", .number(Double(limit))), ("max-bandwidth", .number(Double(try Self.bandwidth(maxBandwidth))))]
         if let m = maxIterations { params.append(("x-max-iterations", .number(Double(try parseInteger(m, option: "--max-iterations", range: 1...1_000_000))))) }
         do {
@@ -198,7 +202,7 @@ struct MigrateCommand: ParsableCommand {
         while true {
             if (try? Poll.waitReadable(stop.fd, timeoutMilliseconds: 100)) == true {
                 if tty { print("") }
-                try cancel(c)
+                try cancel(c, stop: stop)
             }
             let q: JSONValue
             do { q = try c.execute("query-migrate") } catch {
@@ -252,8 +256,10 @@ struct MigrateCommand: ParsableCommand {
 
     /// SIGINT/SIGTERM: migrate_cancel, then wait (bounded, with progress) until query-migrate
     /// says cancelled. Always ends the command: exit 1, or a thrown failure.
-    func cancel(_ c: QMPClient) throws -> Never {
-        print("signal received: cancelling the migration (migrate_cancel)")
+    /// A second signal meanwhile ends the wait at once.
+    func cancel(_ c: QMPClient, stop: EventFD) throws -> Never {
+        _ = try? stop.consume()
+        print("signal received: cancelling the migration (migrate_cancel); a second signal stops waiting for it")
         fflush(stdout)
         do { _ = try c.execute("migrate_cancel") } catch { throw Failure("migrate_cancel failed: \(error); the migration may still be running") }
         let bound: UInt64 = 15
@@ -282,7 +288,9 @@ struct MigrateCommand: ParsableCommand {
                 print("  still waiting for the migration to cancel: status \(status) after \((lastShown - start) / 1_000_000_000) s")
                 fflush(stdout)
             }
-            usleep(50_000)
+            if (try? Poll.waitReadable(stop.fd, timeoutMilliseconds: 50)) == true {
+                throw Failure("second signal: stopped waiting; migrate_cancel was sent and the migration was \(status)")
+            }
         }
         throw Failure("migrate_cancel was sent, but after \(bound) s the migration is still \(status)")
     }

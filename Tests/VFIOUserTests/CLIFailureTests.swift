@@ -240,4 +240,25 @@ final class CLIFailureTests: XCTestCase {
             XCTAssertFalse(r.output.contains("Usage:"), "\(args): \(r.output)")
         }
     }
+
+    /// SIGINT during `device migrate`: the transfer stops through its rollback, the source
+    /// device is RUNNING again and the destination is out of RESUMING.
+    func testDeviceMigrateInterruptedBySIGINTRollsBack() throws {
+        let a = temporarySocketPath("dm-a"), b = temporarySocketPath("dm-b")
+        let pa = try LiveProcess(["device", "serve", "--socket", a, "--state-size", "16M", "--quiet"])
+        let pb = try LiveProcess(["device", "serve", "--socket", b, "--state-size", "16M", "--quiet"])
+        defer { for p in [pa, pb] { p.process.terminate(); p.wait(killAfter: 5) } }
+        let deadline = monotonicNanoseconds() + 20_000_000_000
+        while (access(a, F_OK) != 0 || access(b, F_OK) != 0) && monotonicNanoseconds() < deadline { usleep(10_000) }
+        let m = try LiveProcess(["device", "migrate", "--from", a, "--to", b, "--precopy"], env: ["VFIO_LIVE_TEST_CHUNK_DELAY_MS": "200"])
+        usleep(700_000)
+        XCTAssertTrue(m.process.isRunning, m.output)
+        m.process.interrupt()
+        XCTAssertEqual(m.wait(killAfter: 10), 1, m.output)
+        XCTAssertTrue(m.output.contains("interrupted by a signal; the source device is back in RUNNING with its state intact"), m.output)
+        let ca = try VFIOUserClient(path: a), cb = try VFIOUserClient(path: b)
+        defer { ca.close(); cb.close() }
+        XCTAssertEqual(try ca.migrationState(), .running)
+        XCTAssertNotEqual(try cb.migrationState(), .resuming)
+    }
 }

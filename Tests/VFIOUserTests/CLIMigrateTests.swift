@@ -190,6 +190,25 @@ final class CLIMigrateTests: XCTestCase {
         }
     }
 
+    /// A second `migrate` while one runs: refused (by the CLI or the VMM), never reported as
+    /// completed; the first one is unaffected and can still be cancelled.
+    func testASecondMigrateWhileOneRunsIsRefused() throws {
+        let src = try rig.vm("src", workload: "dirty-rate=20000,working-set=32M")
+        let port = try freePort(), port2 = try freePort()
+        _ = try rig.vm("dst", incoming: "tcp:127.0.0.1:\(port)")
+        _ = try rig.vm("dst2", incoming: "tcp:127.0.0.1:\(port2)")
+        let first = try rig.start(["migrate", "--qmp", src.qmp, "--to", "tcp:127.0.0.1:\(port)", "--max-bandwidth", "1M"])
+        XCTAssertTrue(first.waitFor("active:"), first.output)
+        let second = try LiveProcess.run(["migrate", "--qmp", src.qmp, "--to", "tcp:127.0.0.1:\(port2)"])
+        XCTAssertEqual(second.status, 1, second.output)
+        XCTAssertFalse(second.output.contains("migration completed"), second.output)
+        XCTAssertTrue(second.output.contains("already in progress"), second.output)
+        XCTAssertTrue(first.process.isRunning, first.output)
+        first.process.interrupt()
+        XCTAssertEqual(first.wait(killAfter: 20), 1, first.output)
+        XCTAssertTrue(first.output.contains("migration cancelled by the signal"), first.output)
+    }
+
     /// The QMP socket answers nothing (a hung VMM): the CLI fails within its bound.
     func testAQMPSocketThatNeverAnswersFailsWithinTheBound() throws {
         let silent = try SilentServer(tag: "qmp-silent")

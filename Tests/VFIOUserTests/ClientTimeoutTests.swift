@@ -139,4 +139,103 @@ final class ClientTimeoutTests: XCTestCase {
         XCTAssertNoThrow(try c.deviceInfo())
         XCTAssertEqual(try c.migrationState(), .running)
     }
+
+    /// A server that sends DMA_READs on the twin socket and never reads the replies: the
+    /// client's replies stop at the send bound, the reader goes on, and close() returns
+    /// (it joins the reader; without the bound it waited for good).
+    func testTwinSocketRepliesToAServerThatNeverReadsAreBounded() throws {
+        let path = temporarySocketPath("twin")
+        let listener = try UnixListener(path: path)
+        defer { listener.close() }
+        let (twinOurs, twinTheirs) = try UnixSocket.pair()
+        defer { twinOurs.close() }
+        let served = try EventFD(nonBlocking: true)
+        let server = Thread {
+            guard let s = try? listener.accept(timeoutMilliseconds: 10_000) else { return }
+            defer { s.close() }
+            let c = VFIOUserConnection(socket: s)
+            guard let v = try? c.receive() else { return }
+            var caps = Capabilities()
+            caps.twinSocket = .init(supported: true, fdIndex: 0)
+            try? c.sendReply(to: v.header, payload: VersionPayload(capabilities: caps).encode(), fds: [twinTheirs.fd.rawValue])
+            twinTheirs.close()
+            guard let m = try? c.receive() else { return }  // DMA_MAP
+            try? c.sendReply(to: m.header)
+            // 1 MiB reads into the mapping; replies are never read.
+            let t = VFIOUserConnection(socket: twinOurs)
+            for _ in 0..<8 {
+                try? t.send(id: t.allocateID(), command: VFIOUserCommand.dmaRead.rawValue, flags: MessageHeader.typeCommand,
+                            payload: DMAAccess(address: 0x10_0000, count: 1 << 20).encode())
+            }
+            try? served.signal()
+            _ = try? Poll.waitReadable(s.fd, timeoutMilliseconds: 20_000)  // until the client goes
+        }
+        server.start()
+        let c = try VFIOUserClient(path: path, options: options(300))
+        XCTAssertTrue(c.twinSocketActive)
+        let ram = try GuestRAM(size: 1 << 20)
+        try c.mapDMA(iova: 0x10_0000, size: ram.size, local: ram.map.base, fd: nil)
+        XCTAssertTrue(try Poll.waitReadable(served.fd, timeoutMilliseconds: 10_000))
+        usleep(500_000)  // the reader is now blocked on a reply the server does not read
+        let closed = try EventFD(nonBlocking: true)
+        let closer = Thread { c.close(); try? closed.signal() }
+        closer.start()
+        XCTAssertTrue(try Poll.waitReadable(closed.fd, timeoutMilliseconds: 10_000), "close() returned: the twin reader's send was bounded")
+        while !server.isFinished { usleep(1000) }
+    }
+
+    /// A reply that stops half-way (a header announcing a payload that never comes): poll
+    /// saw it readable, and the receive is bounded by the socket's receive timeout.
+    func testAReplyThatStopsHalfWayTimesOut() throws {
+        let path = temporarySocketPath("half-msg")
+        let listener = try UnixListener(path: path)
+        defer { listener.close() }
+        let done = try EventFD(nonBlocking: true)
+        let server = Thread {
+            guard let s = try? listener.accept(timeoutMilliseconds: 10_000) else { return }
+            defer { s.close() }
+            guard let v = try? VFIOUserConnection(socket: s).receive() else { return }
+            let h = MessageHeader(messageID: v.header.messageID, command: v.header.command, messageSize: 16 + 100,
+                                  flags: MessageHeader.typeReply, errorNumber: 0)
+            try? s.send(h.bytes)
+            _ = try? Poll.waitReadable(done.fd, timeoutMilliseconds: 20_000)
+        }
+        server.start()
+        let t0 = monotonicNanoseconds()
+        XCTAssertThrowsError(try VFIOUserClient(path: path, options: options(400))) {
+            XCTAssertEqual($0 as? VFIOUserClientError, .timeout(command: .version, seconds: 0.4))
+        }
+        XCTAssertLessThan(Double(monotonicNanoseconds() - t0) / 1e9, 5)
+        try done.signal()
+        while !server.isFinished { usleep(1000) }
+    }
+
+    /// A vCPU thread is kicked with a signal every few milliseconds while it waits on the
+    /// device. Each signal used to restart the poll with its whole timeout, so the bound never
+    /// came: the wait must still end at the bound.
+    func testTheBoundHoldsUnderASignalEveryFewMilliseconds() throws {
+        let server = try SilentServer(tag: "kicked")
+        defer { server.close() }
+        signal(SIGUSR2, { _ in })
+        defer { signal(SIGUSR2, SIG_DFL) }
+        let done = try EventFD(nonBlocking: true)
+        nonisolated(unsafe) var tid = pthread_t()
+        let started = try EventFD(nonBlocking: true)
+        nonisolated(unsafe) var failure: Error?
+        let t = Thread {
+            tid = pthread_self()
+            try? started.signal()
+            do { _ = try VFIOUserClient(path: server.path, options: self.options(500)) } catch { failure = error }
+            try? done.signal()
+        }
+        t.start()
+        XCTAssertTrue(try Poll.waitReadable(started.fd, timeoutMilliseconds: 5000))
+        let deadline = monotonicNanoseconds() + 10_000_000_000
+        while (try? Poll.waitReadable(done.fd, timeoutMilliseconds: 20)) != true && monotonicNanoseconds() < deadline {
+            pthread_kill(tid, SIGUSR2)
+        }
+        XCTAssertTrue(try Poll.waitReadable(done.fd, timeoutMilliseconds: 0), "the wait ended although signals kept coming")
+        XCTAssertEqual(failure as? VFIOUserClientError, .timeout(command: .version, seconds: 0.5))
+        while !t.isFinished { usleep(1000) }
+    }
 }

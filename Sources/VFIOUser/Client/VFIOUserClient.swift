@@ -142,7 +142,13 @@ public final class VFIOUserClient: @unchecked Sendable {
     public private(set) var dmaMessagesServed: UInt64 = 0
     /// Set by a timeout: every later call fails with it (the stream may be out of step).
     private var broken: VFIOUserClientError?
-    private var cancelFD: Int32?
+    /// Under its own lock: it can be changed while a call waits (it is read at every poll).
+    private var cancelStorage: Int32?
+    private let cancelLock = Mutex()
+    private var cancelFD: Int32? {
+        get { cancelLock.withLock { cancelStorage } }
+        set { cancelLock.withLock { cancelStorage = newValue } }
+    }
 
     /// Connect to the server at `path` and negotiate, within `options.timeoutMilliseconds`
     /// each. A connect that times out throws ETIMEDOUT, a cancelled one ECANCELED.
@@ -153,7 +159,7 @@ public final class VFIOUserClient: @unchecked Sendable {
 
     public init(socket: UnixSocket, options: Options = Options()) throws {
         self.options = options
-        cancelFD = options.cancel
+        cancelStorage = options.cancel
         connection = VFIOUserConnection(socket: socket, maxReceiveFDs: Int(options.maxMessageFDs),
                                         maxMessageSize: Int(options.maxDataXferSize) + 64 * 1024 + 64 * 1024 * 1024)
         twinCancel = try EventFD(nonBlocking: true)
@@ -162,8 +168,9 @@ public final class VFIOUserClient: @unchecked Sendable {
     }
 
     /// Watch another cancel descriptor from now on, or none (e.g. once a VM is set up, so that
-    /// its orderly shutdown can still talk to the device).
-    public func setCancel(_ fd: Int32?) { callLock.withLock { cancelFD = fd } }
+    /// its orderly shutdown can still talk to the device). A call already waiting picks it up
+    /// within a poll slice (at most a second).
+    public func setCancel(_ fd: Int32?) { cancelFD = fd }
 
     deinit { close() }
 
@@ -229,8 +236,10 @@ public final class VFIOUserClient: @unchecked Sendable {
         let cancel = twinCancel
         twinThread = OSThread(name: "vfu-twin") { [weak self, c, cancel] in
             while true {
-                guard let which = try? Poll.waitAnyReadable([c.socket.fd.rawValue, cancel.fd.rawValue], timeoutMilliseconds: -1),
-                      which == 0, let msg = try? c.receive() else { return }
+                // The cancel descriptor first: poll reports the first readable one, and a server
+                // that keeps sending must not keep the reader from stopping.
+                guard let which = try? Poll.waitAnyReadable([cancel.fd.rawValue, c.socket.fd.rawValue], timeoutMilliseconds: -1),
+                      which == 1, let msg = try? c.receive() else { return }
                 guard let self else { return }
                 self.serveServerCommand(msg, on: c)
             }
@@ -273,7 +282,7 @@ public final class VFIOUserClient: @unchecked Sendable {
                 if let c = cancelFD { watch.append(c) }
                 let now = monotonicNanoseconds()
                 guard now < deadline else { throw timedOut() }
-                let ms = Int32(min((deadline - now) / 1_000_000 + 1, 1000))
+                let ms = Int32(min((deadline - now) / 1_000_000 + 1, 250))
                 switch try Poll.waitAnyReadable(watch, timeoutMilliseconds: ms) {
                 case nil: continue
                 case 1?:
@@ -693,7 +702,7 @@ public final class VFIOUserClient: @unchecked Sendable {
     public init(adopting socket: UnixSocket, twin: UnixSocket?, state: HandoverState, options: Options = Options(),
                 local: (HandoverState.Mapping) throws -> UnsafeMutableRawPointer) throws {
         self.options = options
-        cancelFD = options.cancel
+        cancelStorage = options.cancel
         twinCancel = try EventFD(nonBlocking: true)
         try socket.setTimeouts(milliseconds: options.timeoutMilliseconds)
         connection = VFIOUserConnection(socket: socket, maxReceiveFDs: Int(options.maxMessageFDs),
