@@ -130,7 +130,7 @@ final class Child {
         process.executableURL = URL(fileURLWithPath: ChildProcess.currentExecutable())
         process.arguments = args
         if let log {
-            FileManager.default.createFile(atPath: log, contents: nil)
+            _ = FileManager.default.createFile(atPath: log, contents: nil)
             let h = FileHandle(forWritingAtPath: log)
             process.standardOutput = h
             process.standardError = h
