@@ -23,6 +23,10 @@ struct UpdateCommand: ParsableCommand {
 
             If anything fails before the new VMM commits (it dies, refuses the state, cannot
             exec), the old one takes the VM back and it keeps running; the reason is printed.
+            What is printed is checked, never assumed: "keeps running in the old VMM" only when
+            QMP answers with the old pid and query-status says running. A VMM that died (the old
+            one killed mid-update, or the binary exec'd in its place exiting) is said to be gone.
+            Progress is shown every 3 s; after --timeout the command fails, saying where the VM is.
 
             Example:
               vfio-live vm run --memory 1G --device vfio-user,socket=/tmp/dma.sock --qmp /tmp/vm.qmp &

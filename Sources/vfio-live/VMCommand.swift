@@ -109,6 +109,19 @@ extension VMCommand {
             let duration = try self.duration.map { try parseSeconds($0, option: "--duration", max: 365 * 86400) }
             let verifyEvery = try parseSeconds(self.verifyEvery, option: "--verify-every", max: 86400)
             let (vm, vmm, update) = try makeVM(cancel: stop)
+            // A device that stopped answering must not hold a stop that a signal (or quit) asked
+            // for: a second after it, the waits on the devices give up (each is bounded anyway,
+            // by --device-timeout, but that can be long). Healthy devices finish well before.
+            let giveUp = try EventFD(nonBlocking: true), finished = try EventFD(nonBlocking: true)
+            for d in vm.devices { d.client.setCancel(giveUp.fd.rawValue) }
+            let watchdog = OSThread(name: "stop-watchdog") {
+                guard (try? Poll.waitAnyReadable([stop.fd.rawValue, finished.fd.rawValue], timeoutMilliseconds: -1)) == 0 else { return }
+                if (try? Poll.waitReadable(finished.fd, timeoutMilliseconds: 1000)) != true {
+                    fputs("vm: a device does not answer: giving up on it to stop now\n", stderr)
+                    try? giveUp.signal()
+                }
+            }
+            defer { try? finished.signal(); watchdog.join() }
             vmm.commandLine = CommandLine.arguments
             for (i, d) in device.enumerated() where !d.liveUpdate { vmm.liveUpdateOptOut[i] = "cpr=off on its --device option" }
             var exitCode: Int32 = 0

@@ -261,4 +261,27 @@ final class CLIFailureTests: XCTestCase {
         XCTAssertEqual(try ca.migrationState(), .running)
         XCTAssertNotEqual(try cb.migrationState(), .resuming)
     }
+
+    /// SIGTERM to a running VM whose device server is stopped (SIGSTOP) mid-run: the VM stops
+    /// within a second or two, not after the 30 s device bound (nor never, as before).
+    func testVMRunStopsOnSIGTERMWhileItsDeviceServerIsStopped() throws {
+        let dev = temporarySocketPath("stopped")
+        let d = try LiveProcess(["device", "serve", "--socket", dev, "--state-size", "1M", "--quiet"])
+        defer { kill(d.process.processIdentifier, SIGCONT); d.process.terminate(); d.wait(killAfter: 5) }
+        let deadline = monotonicNanoseconds() + 20_000_000_000
+        while access(dev, F_OK) != 0 && monotonicNanoseconds() < deadline { usleep(10_000) }
+        let vm = try LiveProcess(["vm", "run", "--memory", "64M", "--device", "vfio-user,socket=\(dev)",
+                                  "--workload", "working-set=8M,dirty-rate=20000,dma-every=1", "--device-timeout", "30"])
+        usleep(2_000_000)  // running, with DMA (its progress lines are buffered in the pipe)
+        XCTAssertTrue(vm.process.isRunning, vm.output)
+        kill(d.process.processIdentifier, SIGSTOP)
+        usleep(1_000_000)  // the vCPU now waits on the device
+        let t0 = monotonicNanoseconds()
+        vm.process.terminate()
+        let status = vm.wait(killAfter: 40)
+        let took = Double(monotonicNanoseconds() - t0) / 1e9
+        XCTAssertLessThan(took, 8, "stopped well within the 30 s device bound: \(vm.output)")
+        XCTAssertNotEqual(status, 128 + SIGKILL, vm.output)
+        XCTAssertTrue(vm.output.contains("a device does not answer: giving up on it to stop now"), vm.output)
+    }
 }
