@@ -384,7 +384,7 @@ public final class VirtualMachineManager: QMPHandler, @unchecked Sendable {
     /// The integrity verifier, serialised with the run-state changes. It is refused while a
     /// live update may be handing the guest to another process (whose writes it would see
     /// half-way) and after the VM went elsewhere.
-    func verify() throws -> VerifierReport {
+    public func verify() throws -> VerifierReport {
         try control.withLock {
             let (s, op) = lock.withLock { (state, operation) }
             if op == .liveUpdate { throw QMPError("x-vfio-live-verify refused: a live update is in progress") }

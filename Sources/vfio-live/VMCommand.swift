@@ -170,7 +170,9 @@ extension VMCommand {
                 if let f = vm.failure { print("vm failed: \(f)"); failed = true; break }
                 if Double(now - lastVerify) / 1e9 >= verifyEvery {
                     lastVerify = now
-                    let r = vm.verify()
+                    // Through the VMM: it refuses while a live update holds the VM (after GO the
+                    // successor writes these pages) and reports a lost device as a violation.
+                    guard let r = try? vmm.verify() else { continue }
                     if !global.quiet || !r.ok { print("  verify: \(r)") }
                     if !r.ok { failed = true; break }
                 }
