@@ -33,4 +33,4 @@ mkdir -p "$scorpus"
 printf '\x03\x01\x00\x01\x00\x00\x10\x02\x04\x00\x00\x04\x01\x00\x00\x05\x02\x00\x01\x04\x03\x04\x0f\x10\x00' > "$scorpus/seed-twin"
 printf '\x02\x01\x01\x01\x00\x01\x04\x00\x00\x04\x01\x00\x00\x05\x02\x00\x01\x04\x03\x00\x08\x01\x01\x01\x01\x00' > "$scorpus/seed-notwin"
 echo "fuzzing the vfio-user server statefully (command sequences over a socket pair) for ${stateful_seconds}s"
-"$bindir/ServerFuzz" -max_total_time="$stateful_seconds" -max_len=2048 -timeout=30 -rss_limit_mb=2048 -print_final_stats=1 "$scorpus" 2>&1 | tail -n 8
+"$bindir/ServerFuzz" -max_total_time="$stateful_seconds" -max_len=2048 -len_control=0 -timeout=30 -rss_limit_mb=2048 -print_final_stats=1 "$scorpus" 2>&1 | tail -n 8

@@ -91,6 +91,22 @@ final class HostileClientTests: XCTestCase {
         try assertStillServing(p)
     }
 
+    /// A client's fd-less mapping of 8 TiB (memory it never backed) got a 256 MiB dirty bitmap
+    /// when logging started; the client logs its message writes itself, so none is kept.
+    func testFDlessMappingGetsNoDirtyBitmap() throws {
+        let p = try RawPeer(path: server.path); defer { p.close() }
+        assertOK(try p.call(.dmaMap, DMAMapRequest(flags: [.read, .write], offset: 0, address: 0, size: 1 << 43).encode()), "8 TiB fd-less")
+        assertOK(try startLogging(p, pageSize: 4096, ranges: []))
+        XCTAssertFalse(server.server.dma.hasDirtyBitmap(iova: 0))
+        assertOK(try p.call(.dmaMap, DMAMapRequest(flags: [.read, .write], offset: 0, address: 1 << 44, size: 1 << 43).encode()), "mapped while logging")
+        XCTAssertFalse(server.server.dma.hasDirtyBitmap(iova: 1 << 44))
+        let r = try feature(p, DeviceFeature.dmaLoggingReport, DeviceFeature.get, data: u64s([0, 1 << 20, 4096]), argsz: 8 + 24 + 32)
+        assertOK(r, "a report over it is all clean"); XCTAssertEqual(Array(r.payload[32...]), [UInt8](repeating: 0, count: 32))
+        let ram = try GuestRAM(size: 1 << 20)
+        try mapRAM(p, ram, iova: 1 << 50)
+        XCTAssertTrue(server.server.dma.hasDirtyBitmap(iova: 1 << 50), "an fd mapping is logged by the server")
+    }
+
     /// Item 14: truncated DEVICE_FEATURE data was answered EIO; it is EINVAL (the kernel's).
     func testTruncatedFeatureDataIsEINVAL() throws {
         let p = try RawPeer(path: server.path); defer { p.close() }

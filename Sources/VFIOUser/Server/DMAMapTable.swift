@@ -103,7 +103,9 @@ public final class DMAMapTable: DMAAccessor, @unchecked Sendable {
                     let o = mappings[i]
                     throw DeviceError(.EEXIST, "DMA_MAP [0x\(String(m.iova, radix: 16)), 0x\(String(m.end, radix: 16))) overlaps the mapping [0x\(String(o.iova, radix: 16)), 0x\(String(o.end, radix: 16)))")
                 }
-                if let ps = loggingPageSize { m.dirty = DirtyBitmap(pageSize: ps, length: m.size) }
+                // An fd-less mapping gets no bitmap: the client logs its message writes itself,
+                // and a bitmap sized from its 8 TiB would be memory it never backed.
+                if let ps = loggingPageSize, m.fd != nil { m.dirty = DirtyBitmap(pageSize: ps, length: m.size) }
                 mappings.insert(m, at: i)
             }
         } catch {
@@ -131,6 +133,9 @@ public final class DMAMapTable: DMAAccessor, @unchecked Sendable {
         let seals = fcntl(n, Seal.getSeals)
         return seals >= 0 && seals & Seal.shrink != 0  // -1: not sealable, so not sealed
     }
+
+    /// Test hook: whether the mapping at `iova` has a dirty bitmap of its own.
+    func hasDirtyBitmap(iova: UInt64) -> Bool { lock.withReadLock { find(iova)?.dirty != nil } }
 
     /// Test hook: whether the mapping at `iova` is served by mmap (sealed fd).
     func isMemoryMapped(iova: UInt64) -> Bool { lock.withReadLock { find(iova)?.memory != nil } }
@@ -209,7 +214,7 @@ public final class DMAMapTable: DMAAccessor, @unchecked Sendable {
                 return
             }
             loggingPageSize = pageSize
-            for m in mappings { m.dirty = DirtyBitmap(pageSize: pageSize, length: m.size) }
+            for m in mappings where m.fd != nil { m.dirty = DirtyBitmap(pageSize: pageSize, length: m.size) }
         }
     }
 

@@ -720,7 +720,8 @@ final class OutboundDMA: DMAMessageChannel, @unchecked Sendable {
                 guard which == 0 else {
                     replies.mutex.withLock { broken = true }
                     conn.socket.shutdown()
-                    throw DeviceError(which == nil ? .ETIMEDOUT : Errno(Glibc.ECANCELED), "\(cmd): the client did not answer on the twin socket within \(timeoutSeconds) s")
+                    if which == nil { throw DeviceError(.ETIMEDOUT, "\(cmd): the client did not answer on the twin socket within \(timeoutSeconds) s") }
+                    throw DeviceError(Errno(Glibc.ECANCELED), "\(cmd): cancelled (the server is stopping or the client went away)")
                 }
                 do { reply = try conn.receive() } catch {
                     replies.mutex.withLock { broken = true }
