@@ -120,7 +120,7 @@ public final class QMPServer: @unchecked Sendable {
             }
             c.queue.append(bytes)
             c.queuedBytes += bytes.count
-            c.cond.signal()
+            c.cond.broadcast()  // the writer, and any flushOutput waiting on the same condition
             return false
         }
         if overflow {
@@ -128,6 +128,22 @@ public final class QMPServer: @unchecked Sendable {
             c.socket.shutdown()
             lock.withLock { slowClientsDisconnected += 1 }
             Log.info("qmp", "a QMP client left more than \(outputLimit) bytes unread: disconnected")
+        }
+    }
+
+    /// Wait, at most `timeoutSeconds`, until every client's queued output has been written. A
+    /// cpr-exec replaces this process: a reply still queued (to the command that started it)
+    /// would be lost, and its client would take the update for refused.
+    public func flushOutput(timeoutSeconds: Double) {
+        let deadline = monotonicNanoseconds() + UInt64(max(timeoutSeconds, 0) * 1e9)
+        for c in lock.withLock({ clients }) {
+            c.cond.mutex.withLock {
+                while c.queuedBytes > 0 && !c.dead && !c.writerDone {
+                    let now = monotonicNanoseconds()
+                    guard now < deadline else { return }
+                    _ = c.cond.wait(timeoutSeconds: Double(deadline - now) / 1e9)
+                }
+            }
         }
     }
 
@@ -147,7 +163,7 @@ public final class QMPServer: @unchecked Sendable {
                 c.socket.shutdown()
                 break
             }
-            c.cond.mutex.withLock { c.queuedBytes -= batch.count }
+            c.cond.mutex.withLock { c.queuedBytes -= batch.count; c.cond.broadcast() }
         }
         c.cond.mutex.withLock { c.writerDone = true; c.cond.broadcast() }
     }

@@ -105,6 +105,9 @@ extension VirtualMachineManager {
                     s.set(.active)
                     Log.info("vmm", "live update (cpr-exec): exec \(argv[0])")
                     fflush(stdout)
+                    // Before the guest pauses: the reply to the command that started this update
+                    // (and the MIGRATION event) must reach QMP clients before exec replaces us.
+                    qmp?.flushOutput(timeoutSeconds: 1)
                     try src.exec(binary: argv[0], argv: argv)
                 }
             } catch {

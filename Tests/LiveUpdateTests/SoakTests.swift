@@ -152,8 +152,10 @@ final class SoakTests: VMMProcessTestCase {
             try check(w, "cycle \(cycles): cpr-exec"); steps += 1
             cycles += 1
             // Counts at the same point of every cycle: the VM on A, after cpr-exec.
+            // pid(w) asks over QMP: take it first, then let that connection's threads end.
+            let vmmPID = try pid(w)
             usleep(300_000)
-            let a = fdAndThreadCount(serverA.processIdentifier), vmmNow = fdAndThreadCount(try pid(w))
+            let a = fdAndThreadCount(serverA.processIdentifier), vmmNow = fdAndThreadCount(vmmPID)
             if baselineA == nil { baselineA = a; baselineVMM = vmmNow }
             if testRun?.failureCount ?? 0 > 0 { break }
         }
@@ -164,7 +166,11 @@ final class SoakTests: VMMProcessTestCase {
         XCTAssertEqual(fdAndThreadCount(serverA.processIdentifier).threads, baselineA?.threads, "device server A's threads")
         XCTAssertEqual(fdAndThreadCount(serverB.processIdentifier).fds, idleB.fds, "device server B's descriptors")
         XCTAssertEqual(fdAndThreadCount(serverB.processIdentifier).threads, idleB.threads, "device server B's threads")
-        let vmmEnd = fdAndThreadCount(try pid(w))
+        // The QMP connection pid(w) used is torn down by its own reader and writer threads: a
+        // leak stays, a connection still closing does not, so the count may take a moment.
+        let vmmPID = try pid(w)
+        var vmmEnd = fdAndThreadCount(vmmPID)
+        _ = waitUntil(5) { vmmEnd = fdAndThreadCount(vmmPID); return vmmEnd.fds == baselineVMM?.fds && vmmEnd.threads == baselineVMM?.threads }
         XCTAssertEqual(vmmEnd.fds, baselineVMM?.fds, "the VMM's descriptors")
         XCTAssertEqual(vmmEnd.threads, baselineVMM?.threads, "the VMM's threads")
         print("soak: \(cycles) cycles, \(steps) steps in \(formatFixed(Double(monotonicNanoseconds() - t0) / 1e9, 1)) s")
