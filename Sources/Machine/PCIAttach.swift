@@ -207,30 +207,26 @@ enum PCIAttach {
             return i
         }
         var refused: [String] = []
-        if let cap = a.capability(PCICapabilityID.msix), irq(VFIOPCIIndex.msix) != nil {
+        /// Wire `eventfd` to `index` and enable it in the capability's message control word
+        /// (`keep` masks the bits left as they are, `set` those turned on).
+        func wireMessage(_ name: String, _ index: UInt32, _ cap: PCICapability, keep: UInt16, set: UInt16) -> Bool {
             do {
-                try d.setIRQs(index: VFIOPCIIndex.msix, start: 0, eventfds: [eventfd])
-                // Message control: enable (bit 15), function mask (bit 14) off.
+                try d.setIRQs(index: index, start: 0, eventfds: [eventfd])
                 let mc: UInt16 = try d.regionLoad(VFIOPCIIndex.config, UInt64(cap.offset) + 2)
-                try d.regionStore(VFIOPCIIndex.config, UInt64(cap.offset) + 2, (mc & ~0x4000) | 0x8000)
-                return .msix(capability: cap.offset)
+                try d.regionStore(VFIOPCIIndex.config, UInt64(cap.offset) + 2, (mc & keep) | set)
+                return true
             } catch {
-                refused.append("MSI-X: \(error)")
-                try? d.disableIRQs(index: VFIOPCIIndex.msix)
+                refused.append("\(name): \(error)")
+                try? d.disableIRQs(index: index)
+                return false
             }
         }
-        if let cap = a.capability(PCICapabilityID.msi), irq(VFIOPCIIndex.msi) != nil {
-            do {
-                try d.setIRQs(index: VFIOPCIIndex.msi, start: 0, eventfds: [eventfd])
-                // Message control: enable (bit 0), one vector (multiple message enable 0).
-                let mc: UInt16 = try d.regionLoad(VFIOPCIIndex.config, UInt64(cap.offset) + 2)
-                try d.regionStore(VFIOPCIIndex.config, UInt64(cap.offset) + 2, (mc & ~0x70) | 1)
-                return .msi(capability: cap.offset)
-            } catch {
-                refused.append("MSI: \(error)")
-                try? d.disableIRQs(index: VFIOPCIIndex.msi)
-            }
-        }
+        // MSI-X message control: enable (bit 15), function mask (bit 14) off.
+        if let cap = a.capability(PCICapabilityID.msix), irq(VFIOPCIIndex.msix) != nil,
+           wireMessage("MSI-X", VFIOPCIIndex.msix, cap, keep: ~0x4000, set: 0x8000) { return .msix(capability: cap.offset) }
+        // MSI message control: enable (bit 0), one vector (multiple message enable 0).
+        if let cap = a.capability(PCICapabilityID.msi), irq(VFIOPCIIndex.msi) != nil,
+           wireMessage("MSI", VFIOPCIIndex.msi, cap, keep: ~0x70, set: 1) { return .msi(capability: cap.offset) }
         if let i = irq(VFIOPCIIndex.intx) {
             do {
                 let pin: UInt8 = try d.regionLoad(VFIOPCIIndex.config, 0x3d)
