@@ -270,7 +270,8 @@ final class RunStateTests: XCTestCase {
         XCTAssertNotEqual(vmm.runState, .running)
         XCTAssertTrue(vm.isPaused, "stopped from the stop on")
         XCTAssertTrue(waitFor(20) { migrationStatus() == "completed" }, "the migration switched over: \(migrationStatus())")
-        XCTAssertEqual(vmm.runState, .postmigrate)
+        // The migration thread sets postmigrate just after the status turns completed.
+        XCTAssertTrue(waitFor(5) { vmm.runState == .postmigrate }, "\(vmm.runState)")
         XCTAssertTrue(waitFor(5) { d.vmm.runState != .inmigrate })
         XCTAssertEqual(d.vmm.runState, .paused)
         XCTAssertTrue(d.vm.verify().ok)
