@@ -204,11 +204,18 @@ public final class QMPServer: @unchecked Sendable {
                 }
             }
         }
-        // The peer closed (or was cut off): what is queued for it gets a moment to go out.
+        // The peer closed (or was cut off): what is queued for it gets up to a second to go out.
+        // The writer broadcasts after every batch, so this waits in a loop for its end, not for
+        // the first wake-up (that cut off answers still queued behind the first batch).
         c.cond.mutex.withLock {
             c.closing = true
             c.cond.broadcast()
-            if !c.writerDone { _ = c.cond.wait(timeoutSeconds: 1) }
+            let deadline = monotonicNanoseconds() + 1_000_000_000
+            while !c.writerDone {
+                let now = monotonicNanoseconds()
+                guard now < deadline else { break }
+                _ = c.cond.wait(timeoutSeconds: Double(deadline - now) / 1e9)
+            }
         }
         c.socket.shutdown()
         writerThread.join()

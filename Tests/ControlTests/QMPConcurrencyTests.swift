@@ -171,12 +171,17 @@ final class QMPConcurrencyTests: XCTestCase {
     }
 
     /// Answers already queued go out before the connection closes, though the client has shut
-    /// down its write side (as `echo CMD | socat` does).
+    /// down its write side (as `echo CMD | socat` does). The server once closed after the first
+    /// batch its writer sent (a clean-clone CI run lost the second of two answers): the race is
+    /// narrow, so it is tried on many connections.
     func testAnswersAreFlushedWhenTheClientShutsDownItsWriteSide() throws {
-        let p = try Peer(path)
-        try p.send(#"{"execute":"query-status","id":1}{"execute":"query-status","id":2}"#)
-        p.s.shutdown(write: true, read: false)
-        XCTAssertEqual(try p.reply()["id"], .number(1))
-        XCTAssertEqual(try p.reply()["id"], .number(2))
+        for round in 0..<40 {
+            let p = try Peer(path)
+            try p.send(#"{"execute":"query-status","id":1}{"execute":"query-status","id":2}"#)
+            p.s.shutdown(write: true, read: false)
+            XCTAssertEqual(try p.reply()["id"], .number(1), "round \(round)")
+            XCTAssertEqual(try p.reply()["id"], .number(2), "round \(round)")
+            if testRun?.hasSucceeded == false { return }
+        }
     }
 }
