@@ -85,7 +85,12 @@ final class ClientDMAMemory: @unchecked Sendable {
 public final class RegionMapping: @unchecked Sendable {
     public let index: UInt32
     public let areas: [(offset: UInt64, size: UInt64, memory: MappedRegion)]
-    init(index: UInt32, areas: [(UInt64, UInt64, MappedRegion)]) { self.index = index; self.areas = areas.map { ($0.0, $0.1, $0.2) } }
+    /// Mapped with PROT_WRITE (the region's WRITE flag). A store through a read-only mapping is
+    /// SIGSEGV, so writes to a read-only region go to the server, which refuses them.
+    public let writable: Bool
+    init(index: UInt32, areas: [(UInt64, UInt64, MappedRegion)], writable: Bool) {
+        self.index = index; self.areas = areas.map { ($0.0, $0.1, $0.2) }; self.writable = writable
+    }
 
     /// A pointer to [offset, offset+count) if it lies inside one mmap'd area.
     public func pointer(offset: UInt64, count: Int) -> UnsafeMutableRawPointer? {
@@ -395,7 +400,7 @@ public final class VFIOUserClient: @unchecked Sendable {
             areas.append((a.offset, a.size, try MappedRegion(fd: fd, offset: info.offset + a.offset, length: Int(a.size),
                                                              writable: info.flags.contains(.write))))
         }
-        let m = RegionMapping(index: index, areas: areas)
+        let m = RegionMapping(index: index, areas: areas, writable: info.flags.contains(.write))
         regionMappings[index] = m
         return m
     }
@@ -429,7 +434,7 @@ public final class VFIOUserClient: @unchecked Sendable {
     }
 
     public func regionWrite(_ index: UInt32, offset: UInt64, from data: UnsafeRawBufferPointer) throws {
-        if let m = regionMappings[index], let p = m.pointer(offset: offset, count: data.count) {
+        if let m = regionMappings[index], m.writable, let p = m.pointer(offset: offset, count: data.count) {
             p.copyMemory(from: data.baseAddress!, byteCount: data.count)
             return
         }
