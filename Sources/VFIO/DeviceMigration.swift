@@ -183,7 +183,8 @@ public final class DeviceMigration {
     /// P2P-capable device to its P2P-quiesced state (stopping: RUNNING_P2P / PRE_COPY_P2P;
     /// starting from STOP: RUNNING_P2P), then each to `target`. Devices without P2P have no
     /// prepare handler in QEMU and go straight to `target`. Returns each device's error (nil:
-    /// it reached `target`); a device that fails stays where it was left, for the caller.
+    /// it reached `target`, or, for STOP_COPY after another device failed, was not taken
+    /// further); a device that fails stays where it was left, for the caller.
     @discardableResult
     public static func transitionAll(_ ms: [DeviceMigration], to target: MigrationState) -> [Error?] {
         var errors = [Error?](repeating: nil, count: ms.count)
@@ -206,6 +207,9 @@ public final class DeviceMigration {
                 }
             }
         }
+        // Going to STOP_COPY, one device that could not quiesce ends the switch-over: no other
+        // device is taken further (the caller rolls every device back to RUNNING).
+        if target == .stopCopy && errors.contains(where: { $0 != nil }) { return errors }
         for (i, m) in ms.enumerated() where errors[i] == nil {
             do { try m.transition(to: target) } catch { errors[i] = error }
         }
