@@ -74,6 +74,8 @@ SIZE(vfio_device_feature_dma_logging_range, 16);
 SIZE(vfio_device_feature_dma_logging_report, 32);
 OFF(vfio_device_feature_dma_logging_report, bitmap, 24);
 SIZE(vfio_device_feature_mig_data_size, 8);
+OFF(vfio_device_feature_mig_state, data_fd, 4);
+OFF(vfio_precopy_info, flags, 4);
 SIZE(vfio_device_migration_info, 32);
 OFF(vfio_device_migration_info, pending_bytes, 8);
 OFF(vfio_device_migration_info, data_offset, 16);

@@ -118,8 +118,16 @@ public final class VirtualMachineManager: QMPHandler, @unchecked Sendable {
     private func holdPauseLocked() { if !holdsPause { vm.pause(); holdsPause = true } }
     private func releasePauseLocked() { if holdsPause { holdsPause = false; vm.resume() } }
 
+    /// Every device (of any transport) to `s` for a pause or a `cont`, in QEMU's order for a
+    /// run-state change: P2P devices to RUNNING_P2P first, then each to `s`
+    /// (DeviceMigration.transitionAll). A device without migration v2 or handed over to a
+    /// successor is left alone.
     private func setDevices(_ s: MigrationState) {
-        for d in vm.devices where !d.client.isHandedOver { try? d.client.setMigrationState(s) }
+        let ms = vm.devices.compactMap { d -> DeviceMigration? in
+            if d.vfioUserClient?.isHandedOver == true { return nil }
+            return try? DeviceMigration(device: d.device, prefer: .v2)
+        }
+        DeviceMigration.transitionAll(ms, to: s)
     }
 
     /// Start running (a fresh VM).

@@ -246,6 +246,7 @@ public final class AssignedKernelDevice: VFIODevice, @unchecked Sendable {
     public func readMigrationData(max: Int) throws -> [UInt8] { try device.readMigrationData(max: max) }
     public func writeMigrationData(_ data: UnsafeRawBufferPointer) throws { try device.writeMigrationData(data) }
     public func migrationDataSize() throws -> UInt64 { try device.migrationDataSize() }
+    public func preCopyInfo() throws -> (initialBytes: UInt64, dirtyBytes: UInt64)? { try device.preCopyInfo() }
     public func resetDevice() throws { try device.reset() }
 }
 

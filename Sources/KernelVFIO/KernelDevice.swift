@@ -161,14 +161,31 @@ public final class KernelDevice: MigrationDeviceHandle, @unchecked Sendable {
         try feature(UInt32(VFIO_DEVICE_FEATURE_MIG_DEVICE_STATE), flags: VFIO_DEVICE_FEATURE_SET, data: &d)
         let dataFD = d.withUnsafeBytes { $0.load(fromByteOffset: 4, as: Int32.self) }
         if dataFD >= 0 { self.dataFD?.close(); self.dataFD = FileDescriptor(adopting: dataFD) }
-        if s == .running || s == .stop || s == .error { self.dataFD?.close(); self.dataFD = nil }
+        // States without a data session end the one held (RUNNING_P2P ends PRE_COPY_P2P's).
+        if s == .running || s == .stop || s == .runningP2P || s == .error { self.dataFD?.close(); self.dataFD = nil }
     }
 
+    /// Up to `max` bytes of the saving stream. In PRE_COPY the kernel answers ENOMSG when the
+    /// pre-copy data is drained for now; QEMU (vfio_save_block) reads that as 0, and so do we.
     public func readMigrationData(max: Int) throws -> [UInt8] {
         guard let d = dataFD else { throw KernelVFIOError.invalid("\(name): no migration data fd (not saving)") }
         var b = [UInt8](repeating: 0, count: max)
-        let n = try b.withUnsafeMutableBytes { try d.read(into: $0) }
+        let n: Int
+        do { n = try b.withUnsafeMutableBytes { try d.read(into: $0) } } catch let e as Errno where e == Errno(ENOMSG) {
+            return []
+        }
         return Array(b[0..<n])
+    }
+
+    /// VFIO_MIG_GET_PRECOPY_INFO on the data fd: the initial image still to read, and what the
+    /// device dirtied since (both estimates, the kernel's words). Valid in PRE_COPY and
+    /// PRE_COPY_P2P only; nil when there is no saving session.
+    public func preCopyInfo() throws -> (initialBytes: UInt64, dirtyBytes: UInt64)? {
+        guard let d = dataFD else { return nil }
+        var info = vfio_precopy_info()
+        info.argsz = UInt32(MemoryLayout<vfio_precopy_info>.size)
+        _ = try check("\(name): VFIO_MIG_GET_PRECOPY_INFO") { try d.ioctl(VL_VFIO_MIG_GET_PRECOPY_INFO, &info) }
+        return (info.initial_bytes, info.dirty_bytes)
     }
 
     public func writeMigrationData(_ data: UnsafeRawBufferPointer) throws {

@@ -42,10 +42,13 @@ public final class MigrationDestination: MigrationSink, @unchecked Sendable {
     /// the one moment the destination's device state equals the source's stopped state.
     public var afterDevicesLoaded: (() -> Void)?
 
+    /// The device migrations, in device order (statesVisited and its sequence, for reports and tests).
+    public var deviceMigrations: [DeviceMigration] { migrations }
+
     public init(vm: MicroVM, from socket: StreamSocket) throws {
         self.vm = vm; self.socket = socket
         for (i, d) in vm.devices.enumerated() {
-            do { migrations.append(try DeviceMigration(device: d.client)) } catch {
+            do { migrations.append(try DeviceMigration(device: d.device)) } catch {
                 throw MigrationError.device(i, "cannot receive migration state: \(error)")
             }
         }
@@ -75,12 +78,12 @@ public final class MigrationDestination: MigrationSink, @unchecked Sendable {
                 }
                 guard go.kind == .go else { throw MigrationError.channel("the source sent \(go.kind) instead of GO") }
             }
-            for (i, m) in migrations.enumerated() {
-                if let cfg = configs[i] { try applyConfig(i, cfg) }
-                // A guest that stays paused keeps its devices in STOP until `cont`.
-                if autostart && sourceWasRunning != false {
-                    do { try m.transition(to: .running) } catch { throw MigrationError.device(i, "\(error)") }
-                }
+            for i in migrations.indices { if let cfg = configs[i] { try applyConfig(i, cfg) } }
+            // A guest that stays paused keeps its devices in STOP until `cont`. Else QEMU's
+            // order at vm_start: every P2P device STOP→RUNNING_P2P, then each to RUNNING.
+            if autostart && sourceWasRunning != false {
+                let errors = DeviceMigration.transitionAll(migrations, to: .running)
+                if let i = errors.firstIndex(where: { $0 != nil }) { throw MigrationError.device(i, "\(errors[i]!)") }
             }
             var summary = "{\"pages\":\(pagesReceived),\"device-bytes\":[\(deviceBytes.map(String.init).joined(separator: ","))]"
             if verifyBeforeResume {
@@ -176,20 +179,21 @@ public final class MigrationDestination: MigrationSink, @unchecked Sendable {
         if n < 0 { throw MigrationError.closedBeforeStream("the connection failed before the stream: \(Errno(errno))") }
     }
 
-    /// The VMM's copy of config space goes back before the device runs; MSI wiring is this
-    /// VM's own eventfd.
+    /// The source's config space goes back before the device runs, in the ranges this device's
+    /// layout carries (`configStateRanges`: command, BARs, interrupt line, the wired
+    /// interrupt's capability); the interrupt is wired to this VM's own eventfd again.
     private func applyConfig(_ i: Int, _ payload: ArraySlice<UInt8>) throws {
         var r = BEReader(payload)
-        guard let n = r.u32(), n == 256, let cfg = r.bytes(Int(n)), let msi = r.bytes(1) else {
-            throw MigrationError.device(i, "CONFIG record is not 256 bytes of config space plus interrupt state")
+        guard let n = r.u32(), n >= 64, n <= 256, let cfg = r.bytes(Int(n)), let wired = r.bytes(1) else {
+            throw MigrationError.device(i, "CONFIG record is not 64 to 256 bytes of config space plus interrupt state")
         }
-        let c = vm.devices[i].client
+        let a = vm.devices[i]
         do {
-            try c.regionWrite(7, offset: 4, Array(cfg[(cfg.startIndex + 4)..<(cfg.startIndex + 6)]))  // command
-            try c.regionWrite(7, offset: 0x3c, [cfg[cfg.startIndex + 0x3c]])                         // interrupt line
-            for bar in [0, 2, 4] { try c.regionWrite(7, offset: UInt64(0x10 + 4 * bar), Array(cfg[(cfg.startIndex + 0x10 + 4 * bar)..<(cfg.startIndex + 0x14 + 4 * bar)])) }
-            try c.regionWrite(7, offset: 0x40, Array(cfg[(cfg.startIndex + 0x40)..<(cfg.startIndex + 0x4e)]))  // MSI capability
-            if msi.first == 1 { try c.setIRQs(index: 1, eventfds: [vm.devices[i].msi]) }
+            for range in a.configStateRanges where range.upperBound <= Int(n) {
+                try a.device.regionWrite(VFIOPCIIndex.config, offset: UInt64(range.lowerBound),
+                                         Array(cfg[(cfg.startIndex + range.lowerBound)..<(cfg.startIndex + range.upperBound)]))
+            }
+            if wired.first == 1 { try a.rewireInterrupt() }
         } catch {
             throw MigrationError.device(i, "restoring config space: \(error)")
         }

@@ -52,7 +52,12 @@ public final class MigrationSource: @unchecked Sendable {
     final class Device {
         let attached: AttachedDevice
         let migration: DeviceMigration
-        var logging = false
+        /// How this device's DMA writes are found (DirtyTrackingChoice): its own DMA logging
+        /// (`logging`), the IOMMU's tracker behind it (`tracker`, shared by a container's
+        /// devices), or neither: all mapped RAM is dirty at stop.
+        var dirtyMethod = DirtyTrackingMethod.deviceLogging
+        var tracker: VFIOIOMMUDirtyTracker?
+        var logging: Bool { dirtyMethod == .deviceLogging }
         var loggingStarted = false
         var initialDataSent = false
         /// What the device was in when the migration began: RUNNING, or STOP for a paused VM
@@ -155,19 +160,51 @@ public final class MigrationSource: @unchecked Sendable {
             let policy = i < policies.count ? policies[i] : .auto
             if policy == .off { throw MigrationError.blocked("device \(i): migration is disabled for this VFIO device (enable-migration=off)") }
             let m: DeviceMigration
-            do { m = try DeviceMigration(device: d.client) } catch {
+            do { m = try DeviceMigration(device: d.device) } catch DeviceMigrationError.notMigratable where d.device.transportName == "kernel VFIO" {
+                // QEMU's words when VFIO_DEVICE_FEATURE MIGRATION answers ENOTTY (a driver
+                // without migration, vfio-pci's edu) and there is no v1 region either.
+                throw MigrationError.blocked("device \(i) (\(d.device.deviceName)): VFIO migration is not supported in kernel (QEMU's words: its driver offers no migration v2, VFIO_DEVICE_FEATURE MIGRATION answers ENOTTY)")
+            } catch {
                 throw MigrationError.blocked("device \(i) does not support migration (\(error))")
             }
-            let canLog = d.client.probeFeature(DeviceFeature.dmaLoggingStart, get: false)
-            if !canLog && !parameters.allowUntrackedDevices {
-                throw MigrationError.blocked("device \(i) supports no dirty tracking of its DMA; set capability x-allow-untracked-devices to treat all its mapped pages as dirty")
+            // QEMU's per-device choice (vfio_migration_realize): the device's DMA logging, else
+            // the IOMMU's dirty tracking; with neither, AUTO blocks and enable-migration=on
+            // only warns (here also x-allow-untracked-devices), and all mapped RAM counts as
+            // dirty at stop.
+            let canLog = d.device.supportsDMALogging
+            let tracker = canLog ? nil : d.device.iommuDirtyTracker
+            let method: DirtyTrackingMethod
+            do {
+                method = try DirtyTrackingMethod.choose(deviceLogging: [canLog], iommuDirtyTracking: tracker != nil,
+                                                        allowUntracked: parameters.allowUntrackedDevices || policy == .on)
+            } catch {
+                throw MigrationError.blocked("device \(i): VFIO device doesn't support device and IOMMU dirty tracking (QEMU's words); set capability x-allow-untracked-devices, or enable-migration=on, to treat all its mapped pages as dirty at stop")
             }
+            if method == .allDirty { Log.warning("migration", "device \(i) (\(d.device.deviceName)): VFIO device doesn't support device and IOMMU dirty tracking; all its mapped RAM is resent at stop") }
             let dev = Device(d, m)
-            dev.logging = canLog
+            dev.dirtyMethod = method
+            dev.tracker = method == .iommu ? tracker : nil
             out.append(dev)
+        }
+        // QEMU's rule (hw/vfio/migration.c, vfio_multiple_devices_migration_is_supported): with
+        // more than one VFIO device, every one must have the P2P states, or none migrates: a
+        // device stopped while another still runs could see its P2P DMA land nowhere.
+        if out.count > 1, let lacking = out.indices.first(where: { !out[$0].migration.supportsP2P }) {
+            throw MigrationError.blocked("device \(lacking): Multiple VFIO devices migration is supported only if all of them support P2P migration (QEMU's words)")
         }
         return out
     }
+
+    /// The device migrations, in device order (statesVisited and its sequence, for reports and tests).
+    public var deviceMigrations: [DeviceMigration] { devices.map(\.migration) }
+
+    /// Each IOMMU tracker once, however many devices share it (one container, many devices).
+    private var trackers: [VFIOIOMMUDirtyTracker] {
+        var seen = Set<ObjectIdentifier>(), out: [VFIOIOMMUDirtyTracker] = []
+        for d in devices { if let t = d.tracker, seen.insert(ObjectIdentifier(t)).inserted { out.append(t) } }
+        return out
+    }
+    private var trackersStarted = false
 
     /// Stop the migration now, in any phase: the channel is shut down (a blocked send or
     /// receive returns at once), and `run()` rolls back and throws `.cancelled`. Returns false
@@ -428,7 +465,10 @@ public final class MigrationSource: @unchecked Sendable {
             try send(.device, records.bytes)
             records = BEWriter(); records.u32(UInt32(i))
         }
-        while true {
+        // Pre-copy with nothing pending (initial and dirty bytes both 0): no read, as QEMU's
+        // iterate reports the device done then.
+        let idle = !final && d.initialDataSent && d.migration.preCopyInfo().map { $0.initialBytes == 0 && $0.dirtyBytes == 0 } == true
+        while !idle {
             try checkCancelled()
             if !final && switchoverRequested { break }
             let data: [UInt8]
@@ -440,7 +480,9 @@ public final class MigrationSource: @unchecked Sendable {
             }
             if data.count < 1 << 20 { break }  // a short read ends the data available now
         }
-        if !final && !d.initialDataSent {
+        // QEMU sends DEV_INIT_DATA_SENT once the kernel's initial_bytes (PRECOPY_INFO) reached
+        // 0 (vfio_save_iterate); a transport without that query: after its first round.
+        if !final && !d.initialDataSent && (d.migration.preCopyInfo()?.initialBytes ?? 0) == 0 {
             d.initialDataSent = true
             records.u64(MigrationStream.VFIOTag.initDataSent.rawValue)
         }
@@ -449,35 +491,55 @@ public final class MigrationSource: @unchecked Sendable {
         return moved
     }
 
-    /// The VMM's copy of the device's config space and interrupt wiring.
+    /// The device's standard config header (up to 256 bytes) and whether its interrupt is
+    /// wired; the destination restores its own `configStateRanges` from it and rewires.
     private func sendDeviceConfig(_ i: Int) throws {
-        let c = devices[i].attached.client
+        let a = devices[i].attached
         let cfg: [UInt8]
-        do { cfg = try c.regionRead(7, offset: 0, count: 256) } catch { throw MigrationError.device(i, "reading config space: \(error)") }
+        do {
+            let size = try a.device.describeRegion(VFIOPCIIndex.config).size
+            cfg = try a.device.regionRead(VFIOPCIIndex.config, offset: 0, count: Int(min(size, 256)))
+        } catch { throw MigrationError.device(i, "reading config space: \(error)") }
         var w = BEWriter()
         w.u32(UInt32(i))
         w.u64(MigrationStream.VFIOTag.configState.rawValue)
         var body = BEWriter()
         body.u32(UInt32(cfg.count)); body.append(cfg)
-        body.append([1, 0])  // MSI vector 0 wired to an eventfd; INTx not wired
+        // Byte 0: the interrupt PCI attach chose (MSI-X, MSI or INTx) is wired to an eventfd.
+        body.append([a.interruptKind.irqIndex != nil ? 1 : 0, 0])
         w.u32(UInt32(body.bytes.count)); w.append(body.bytes)
         w.u64(MigrationStream.VFIOTag.endOfState.rawValue)
         try send(.device, w.bytes)
     }
 
-    /// KVM's log OR every device's DMA log (or all mapped pages for an untracked device).
-    private func harvest() throws -> [UInt64] {
+    /// KVM's log OR every device's DMA log OR each IOMMU tracker's bitmap (once per tracker).
+    /// A device with neither marks all mapped RAM dirty at stop (`final`), as QEMU's
+    /// vfio_container_query_dirty_bitmap does without tracking: what it wrote during pre-copy
+    /// is unknown, so the stop-copy resends it all.
+    private func harvest(final: Bool = false) throws -> [UInt64] {
         var bits = try vm.harvestDirtyPages()
         for (i, d) in devices.enumerated() {
-            if d.logging {
+            switch d.dirtyMethod {
+            case .deviceLogging:
                 let w: [UInt64]
-                do { w = try d.attached.client.dmaLoggingReport(iova: 0, length: vm.memory.size, pageSize: 4096) } catch {
+                do { w = try d.attached.device.dmaLoggingReport(iova: 0, length: vm.memory.size, pageSize: 4096) } catch {
                     throw MigrationError.device(i, "DMA_LOGGING_REPORT failed: \(error)")
                 }
                 for k in 0..<min(w.count, bits.count) { bits[k] |= w[k] }
-            } else {
+            case .iommu: break
+            case .allDirty:
+                guard final, d.attached.pci?.dmaMapped != false else { break }
                 for k in bits.indices { bits[k] = ~0 }
+                let pages = vm.memory.size / 4096
+                if pages % 64 != 0 { bits[bits.count - 1] = (1 << (pages % 64)) - 1 }
             }
+        }
+        for t in trackers {
+            let w: [UInt64]
+            do { w = try t.dirtyBitmap(iova: 0, size: vm.memory.size, pageSize: 4096) } catch {
+                throw MigrationError.channel("reading the IOMMU's dirty bitmap: \(error)")
+            }
+            for k in 0..<min(w.count, bits.count) { bits[k] |= w[k] }
         }
         return bits
     }
@@ -587,7 +649,7 @@ public final class MigrationSource: @unchecked Sendable {
         for (i, d) in devices.enumerated() {
             do { d.initialState = try d.migration.state() } catch { throw MigrationError.device(i, "reading its migration state: \(error)") }
             if d.logging {
-                do { try d.attached.client.startDMALogging(pageSize: 4096, ranges: [(0, vm.memory.size)]) } catch {
+                do { try d.attached.device.startDMALogging(pageSize: 4096, ranges: [(0, vm.memory.size)]) } catch {
                     throw MigrationError.device(i, "DMA_LOGGING_START failed: \(error)")
                 }
                 d.loggingStarted = true
@@ -596,6 +658,13 @@ public final class MigrationSource: @unchecked Sendable {
             if d.migration.capabilities.contains(.preCopy) && d.initialState == .running {
                 do { try d.migration.transition(to: .preCopy) } catch { throw MigrationError.device(i, "\(error)") }
                 d.inPreCopy = true
+            }
+        }
+        if !trackers.isEmpty {
+            // The container's VFIO_IOMMU_DIRTY_PAGES (QEMU: vfio_container_set_dirty_page_tracking).
+            trackersStarted = true
+            for t in trackers {
+                do { try t.startDirtyTracking() } catch { throw MigrationError.blocked("starting the IOMMU's dirty tracking: \(error)") }
             }
         }
         do { try MigrationStream.header(flags: 0).withUnsafeBytes { try sendAll([$0]) } } catch { throw channelError(error, "sending the stream header") }
@@ -671,10 +740,12 @@ public final class MigrationSource: @unchecked Sendable {
         let stopStart = monotonicNanoseconds()
         vm.pause()
         pausedByUs = true
-        for (i, d) in devices.enumerated() {
-            do { try d.migration.transition(to: .stopCopy) } catch { throw MigrationError.device(i, "\(error)") }
-        }
-        let final = try harvest()
+        // QEMU's order at VM stop (vm_state_notify: every prepare handler, then every main
+        // handler): every P2P device to PRE_COPY_P2P / RUNNING_P2P first, then each to
+        // STOP_COPY, so no device stops while another can still start P2P DMA to it.
+        let errors = DeviceMigration.transitionAll(devices.map(\.migration), to: .stopCopy)
+        if let i = errors.firstIndex(where: { $0 != nil }) { throw MigrationError.device(i, "\(errors[i]!)") }
+        let final = try harvest(final: true)
         for k in dirty.indices { dirty[k] |= final[k] }
         try sendPages(dirty)
         for i in devices.indices { try sendDeviceData(i, final: true); try sendDeviceConfig(i) }
@@ -715,8 +786,9 @@ public final class MigrationSource: @unchecked Sendable {
         // Done: off the downtime path, the source's devices end their sessions.
         for d in devices {
             _ = try? d.migration.transition(to: .stop)
-            if d.loggingStarted { try? d.attached.client.stopDMALogging() }
+            if d.loggingStarted { try? d.attached.device.stopDMALogging() }
         }
+        stopTrackers()
         try? vm.setDirtyLogging(false)
         stats.update {
             stats.downtimeMS = downtime
@@ -743,10 +815,17 @@ public final class MigrationSource: @unchecked Sendable {
         control.withLock { finished = true }
         for d in devices {
             _ = try? d.migration.transition(to: .stop)
-            if d.loggingStarted { try? d.attached.client.stopDMALogging() }
+            if d.loggingStarted { try? d.attached.device.stopDMALogging() }
         }
+        stopTrackers()
         try? vm.setDirtyLogging(false)
         vmLeftPaused = pausedByUs
+    }
+
+    private func stopTrackers() {
+        guard trackersStarted else { return }
+        trackersStarted = false
+        for t in trackers { try? t.stopDirtyTracking() }
     }
 
     /// Everything back as it was: devices in their state from before (RUNNING, or STOP for a
@@ -756,16 +835,21 @@ public final class MigrationSource: @unchecked Sendable {
     private func rollback() -> Bool {
         let stopped = control.withLock { () -> Bool in finished = true; return switchoverFlag }
         throttler.set(percent: 0)
-        for (i, d) in devices.enumerated() {
-            let target: MigrationState = stopped || d.initialState == .stop ? .stop : .running
-            if (try? d.migration.state()) != target {
-                if (try? d.migration.transition(to: target)) == nil {
-                    Log.warning("migration", "device \(i) did not return to \(target); resetting it")
-                    try? d.migration.reset()
-                }
+        // Back in QEMU's order for a VM start (every P2P device to RUNNING_P2P, then each to
+        // RUNNING), or STOP for a VM that stays stopped. A device that cannot get there is
+        // reset, as QEMU's vfio_migration_set_state does when the recover state fails too.
+        for target in [MigrationState.running, .stop] {
+            let group = devices.indices.filter { (stopped || devices[$0].initialState == .stop ? MigrationState.stop : .running) == target }
+            let errors = DeviceMigration.transitionAll(group.map { devices[$0].migration }, to: target)
+            for (k, e) in errors.enumerated() where e != nil {
+                let i = group[k]
+                Log.warning("migration", "device \(i) did not return to \(target) (\(e!)); resetting it")
+                try? devices[i].migration.reset()
+                if target == .stop { _ = try? devices[i].migration.transition(to: .stop) }
             }
-            if d.loggingStarted { try? d.attached.client.stopDMALogging() }
         }
+        for d in devices where d.loggingStarted { try? d.attached.device.stopDMALogging() }
+        stopTrackers()
         try? vm.setDirtyLogging(false)
         if pausedByUs { vm.resume(); pausedByUs = false }
         return stopped || vmWasPausedAtStart || devices.contains { $0.initialState == .stop }

@@ -15,6 +15,14 @@ public protocol MigrationDeviceHandle: AnyObject {
     func migrationDataSize() throws -> UInt64
     /// DEVICE_RESET: the only way out of ERROR, and the only way to abort RESUMING.
     func resetDevice() throws
+    /// VFIO_MIG_GET_PRECOPY_INFO on the data session (PRE_COPY and PRE_COPY_P2P only): what is
+    /// left of the initial image and what was dirtied since. Nil when the transport has no
+    /// such query (vfio-user).
+    func preCopyInfo() throws -> (initialBytes: UInt64, dirtyBytes: UInt64)?
+}
+
+extension MigrationDeviceHandle {
+    public func preCopyInfo() throws -> (initialBytes: UInt64, dirtyBytes: UInt64)? { nil }
 }
 
 public enum MigrationProtocol: String, Sendable, CustomStringConvertible {
@@ -50,6 +58,20 @@ public final class DeviceMigration {
     enum V1 { static let deviceState: UInt64 = 0, pendingBytes: UInt64 = 8, dataOffset: UInt64 = 16, dataSize: UInt64 = 24 }
     /// Every state this object moved the device through (for reports).
     public private(set) var statesVisited: [MigrationState] = []
+    /// For each entry of `statesVisited`, its place in one process-wide sequence: the order
+    /// of states across devices (tests check QEMU's P2P order with it).
+    public private(set) var visitSequence: [UInt64] = []
+    private static let sequenceLock = Mutex()
+    nonisolated(unsafe) private static var nextSequence: UInt64 = 0
+    private func record(_ states: ArraySlice<MigrationState>) {
+        for s in states {
+            statesVisited.append(s)
+            visitSequence.append(Self.sequenceLock.withLock { Self.nextSequence += 1; return Self.nextSequence })
+        }
+    }
+
+    /// Whether the device offers the P2P states (RUNNING_P2P, and PRE_COPY_P2P with PRE_COPY).
+    public var supportsP2P: Bool { capabilities.contains(.p2p) }
 
     public init(device: MigrationDeviceHandle, prefer: MigrationProtocol? = nil) throws {
         self.device = device
@@ -105,7 +127,7 @@ public final class DeviceMigration {
                 }
             }
         }
-        statesVisited.append(contentsOf: statesVisited.last == path.first ? Array(path.dropFirst()) : path)
+        record(statesVisited.last == path.first ? path.dropFirst() : path[...])
         return path
     }
 
@@ -137,6 +159,62 @@ public final class DeviceMigration {
     }
 
     public func reset() throws { try device.resetDevice() }
+
+    /// The P2P-quiesced state for a running device, as QEMU's VM-stop *prepare* handler picks
+    /// it (hw/vfio/migration.c, vfio_vmstate_change_prepare): PRE_COPY → PRE_COPY_P2P, else
+    /// RUNNING_P2P. Nil when the device has no P2P states or is not running (STOP stays).
+    public func p2pQuiescedState() throws -> MigrationState? {
+        guard supportsP2P else { return nil }
+        switch try state() {
+        case .preCopy, .preCopyP2P: return .preCopyP2P
+        case .running, .runningP2P: return .runningP2P
+        default: return nil
+        }
+    }
+
+    /// VFIO_MIG_GET_PRECOPY_INFO (v2 kernel devices in a pre-copy state); nil otherwise.
+    public func preCopyInfo() -> (initialBytes: UInt64, dirtyBytes: UInt64)? {
+        guard proto == .v2 else { return nil }
+        return (try? device.preCopyInfo()) ?? nil
+    }
+
+    /// Move every device to `target` in QEMU's order for a VM run-state change
+    /// (vm_state_notify calls every *prepare* handler before any main handler): first every
+    /// P2P-capable device to its P2P-quiesced state (stopping: RUNNING_P2P / PRE_COPY_P2P;
+    /// starting from STOP: RUNNING_P2P), then each to `target`. Devices without P2P have no
+    /// prepare handler in QEMU and go straight to `target`. Returns each device's error (nil:
+    /// it reached `target`, or, for STOP_COPY after another device failed, was not taken
+    /// further); a device that fails stays where it was left, for the caller.
+    @discardableResult
+    public static func transitionAll(_ ms: [DeviceMigration], to target: MigrationState) -> [Error?] {
+        var errors = [Error?](repeating: nil, count: ms.count)
+        if target == .stopCopy || target == .stop || target == .running {
+            for (i, m) in ms.enumerated() where m.supportsP2P {
+                guard let cur = try? m.state(), cur != target else { continue }
+                let p2p: MigrationState?
+                switch (cur, target) {
+                // Stopping (QEMU's prepare handler): PRE_COPY → PRE_COPY_P2P, RUNNING → RUNNING_P2P.
+                case (.preCopy, .stop), (.preCopy, .stopCopy): p2p = .preCopyP2P
+                case (.running, .stop), (.running, .stopCopy): p2p = .runningP2P
+                // Starting (vm_start's prepare): STOP, STOP_COPY (the kernel walks it through
+                // STOP) and PRE_COPY_P2P go to RUNNING_P2P first. PRE_COPY → RUNNING is one arc
+                // (QEMU's MIG_EVENT_PRECOPY_FAILED handler asks for RUNNING directly).
+                case (.stop, .running), (.stopCopy, .running), (.preCopyP2P, .running): p2p = .runningP2P
+                default: p2p = nil
+                }
+                if let p = p2p {
+                    do { try m.transition(to: p) } catch { errors[i] = error }
+                }
+            }
+        }
+        // Going to STOP_COPY, one device that could not quiesce ends the switch-over: no other
+        // device is taken further (the caller rolls every device back to RUNNING).
+        if target == .stopCopy && errors.contains(where: { $0 != nil }) { return errors }
+        for (i, m) in ms.enumerated() where errors[i] == nil {
+            do { try m.transition(to: target) } catch { errors[i] = error }
+        }
+        return errors
+    }
 
     public func stopCopySize() -> UInt64? {
         switch proto {

@@ -27,6 +27,7 @@
 #include "vfio_uapi.h"
 #include "iommufd_uapi.h"
 #include "kvm_uapi.h"
+#include "vfio_mig_uapi.h"
 
 /* The largest fd count one message may carry (SCM_MAX_FD in the kernel is 253). */
 #define VL_MAX_FDS_PER_MESSAGE 253
