@@ -28,6 +28,12 @@ public final class AssignedKernelDevice: VFIODevice, @unchecked Sendable {
         self.device = device; self.dmaSpace = dmaSpace; self.keepAlive = keepAlive
     }
 
+    /// The legacy IOMMU group the device came from (a live update hands its fd over).
+    public var group: Group? { keepAlive.first { $0 is Group } as? Group }
+    /// iommufd: the device's id in the iommufd and the page table it is attached to (a live
+    /// update's CPR record, as QEMU's CprVFIODevice {devid, hwpt_id}).
+    public var iommufdIDs: (device: UInt32, hwpt: UInt32)?
+
     public enum Backend: String, Sendable { case legacy, iommufd }
 
     /// Open a PCI device bound to vfio-pci by its address, as QEMU's
@@ -68,10 +74,12 @@ public final class AssignedKernelDevice: VFIODevice, @unchecked Sendable {
             guard raw >= 0 else { throw KernelVFIOError.unavailable("cannot open \(path): \(Errno.current)") }
             let device = KernelDevice(name: name, fd: FileDescriptor(adopting: raw))
             let iommufd = try IOMMUFD()
-            _ = try device.bind(iommufd)
+            let devid = try device.bind(iommufd)
             let ioas = try iommufd.allocateIOAS()
-            _ = try device.attach(pageTable: ioas)
-            return AssignedKernelDevice(device: device, dmaSpace: .iommufd(iommufd, ioas: ioas))
+            let hwpt = try device.attach(pageTable: ioas)
+            let d = AssignedKernelDevice(device: device, dmaSpace: .iommufd(iommufd, ioas: ioas))
+            d.iommufdIDs = (devid, hwpt)
+            return d
         }
     }
 
