@@ -146,6 +146,7 @@ public final class LiveUpdateSource {
             try t.cprFreeze()
         }
         for p in participants { try p.cprFreeze() }
+        if getenv(DMAInFlightProbe.variable) != nil { DMAInFlightProbe.start(vm) }
         let states = try vm.saveVCPUs()
         var e = MigrationStreamEncoder(flags: MigrationStream.flagLiveUpdate)
         e.section(.config, MigrationStream.configPayload(ramSize: vm.memory.size, vcpus: vm.vcpuCount, devices: vm.devices.count))
@@ -167,6 +168,7 @@ public final class LiveUpdateSource {
         for t in frozenDevices.reversed() { t.cprThaw() }
         frozenDevices = []
         vm.startInterruptCounting()
+        if getenv(DMAInFlightProbe.variable) != nil { DMAInFlightProbe.awaitCompletion(vm) }
         vm.resume()
     }
 
@@ -261,5 +263,45 @@ public final class LiveUpdateSource {
             thaw()
             throw error
         }
+    }
+}
+
+/// Lab fixture (VFIO_LIVE_CPR_TEST_DMA_IN_FLIGHT=1 in the old VMM's environment): once the
+/// vCPUs are paused and the device frozen (legacy: no process holds a valid address), start one
+/// edu DMA job from the device's buffer into guest RAM at `target`, and copy what the buffer
+/// holds (the last round's source, which the paused guest has not touched since) to `expected`
+/// with the CPU. The job runs on across the handoff (QEMU's edu completes a DMA 100 ms after
+/// the command); a test compares the two ranges of the guest RAM memfd afterwards.
+public enum DMAInFlightProbe {
+    public static let variable = "VFIO_LIVE_CPR_TEST_DMA_IN_FLIGHT"
+    public static let target: UInt64 = 0x58000, expected: UInt64 = 0x48000
+
+    static func start(_ vm: MicroVM) {
+        guard let d = vm.devices.first(where: { $0.pci?.isEduCompatible == true && $0.pci?.dmaMapped == true }),
+              let limit = d.pci?.eduTransferLimit else { Log.warning("cpr", "\(variable): no edu device with DMA"); return }
+        let len = min(vm.workload.dmaLength, limit) & ~7
+        guard len > 0, len <= 0x8000 else { return }
+        for k in stride(from: UInt64(0), to: len, by: 8) {
+            vm.memory.store64(target + k, 0)
+            vm.memory.store64(expected + k, vm.memory.load64(GuestLayout.dmaSource + k))
+        }
+        do {
+            let dev = d.device
+            try dev.regionStore(0, 0x80, UInt64(0x40000)); try dev.regionStore(0, 0x88, target)
+            try dev.regionStore(0, 0x90, len); try dev.regionStore(0, 0x98, UInt64(3))
+            Log.info("cpr", "\(variable): edu DMA job of \(len) bytes to \(hex(target)) started in the blackout")
+        } catch { Log.warning("cpr", "\(variable): \(error)") }
+    }
+
+    /// The new VMM, before it resumes the guest (whose next round would reprogram the engine):
+    /// say whether the job was still running when this VMM took the device, and wait for it.
+    static func awaitCompletion(_ vm: MicroVM) {
+        guard let d = vm.devices.first(where: { $0.pci?.isEduCompatible == true }) else { return }
+        let t0 = monotonicNanoseconds()
+        let busy = ((try? d.device.regionLoad(0, 0x98, as: UInt64.self)) ?? 0) & 1 != 0
+        while ((try? d.device.regionLoad(0, 0x98, as: UInt64.self)) ?? 0) & 1 != 0, monotonicNanoseconds() - t0 < 10_000_000_000 { usleep(200) }
+        let ms = Double(monotonicNanoseconds() - t0) / 1e6
+        print("cpr-probe: edu DMA job \(busy ? "still running when this VMM took the device over; it completed \(formatFixed(ms, 1)) ms later" : "had completed before this VMM took the device over")")
+        fflush(stdout)
     }
 }

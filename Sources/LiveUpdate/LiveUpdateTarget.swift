@@ -208,6 +208,7 @@ public final class LiveUpdateTarget: MigrationSink {
     private func run() {
         for (d, n) in zip(vm.devices, interrupts ?? []) { d.continueCount(from: n) }
         vm.startInterruptCounting()
+        if getenv(DMAInFlightProbe.variable) != nil { DMAInFlightProbe.awaitCompletion(vm) }
         vm.resume()
         let now = monotonicNanoseconds()
         report.blackoutNS = now > pausedAt ? now - pausedAt : 0
