@@ -65,6 +65,9 @@ public struct KernelDeviceCPRRecord: Equatable {
     }
     public struct Mapping: Equatable {
         public var iova: UInt64, size: UInt64, ramOffset: UInt64, writable: Bool
+        public init(iova: UInt64, size: UInt64, ramOffset: UInt64, writable: Bool) {
+            self.iova = iova; self.size = size; self.ramOffset = ramOffset; self.writable = writable
+        }
     }
     public var name: String
     public var backend: Backend
