@@ -13,26 +13,27 @@ final class DeviceWatch: @unchecked Sendable {
     private let stopEvent: EventFD
     private var thread: OSThread?
 
-    /// `fds[i]` is device i's socket; `onLost(i, why)` runs once per device, on the watch thread.
-    init(fds: [Int32], onLost: @escaping @Sendable (Int, String) -> Void) throws {
+    /// Each entry is a device's index and its socket; `onLost(device, why)` runs once per
+    /// device, on the watch thread.
+    init(fds: [(device: Int, fd: Int32)], onLost: @escaping @Sendable (Int, String) -> Void) throws {
         let stop = try EventFD(nonBlocking: true)
         stopEvent = stop
         let stopFD = stop.fd.rawValue
         thread = OSThread(name: "device-watch") {
-            var watched = Array(fds.enumerated())
+            var watched = fds
             while !watched.isEmpty {
-                var ps = watched.map { pollfd(fd: $0.element, events: Int16(DeviceWatch.pollRDHUP), revents: 0) }
+                var ps = watched.map { pollfd(fd: $0.fd, events: Int16(DeviceWatch.pollRDHUP), revents: 0) }
                 ps.append(pollfd(fd: stopFD, events: Int16(POLLIN), revents: 0))
                 let n = poll(&ps, nfds_t(ps.count), -1)
                 if n < 0 { if errno == EINTR { continue }; return }
                 if ps[ps.count - 1].revents != 0 { return }
-                var keep: [(offset: Int, element: Int32)] = []
+                var keep: [(device: Int, fd: Int32)] = []
                 for (k, w) in watched.enumerated() {
                     let r = Int32(ps[k].revents)
                     if r & Int32(POLLNVAL) != 0 { continue }
                     if r & (Int32(POLLHUP) | DeviceWatch.pollRDHUP | Int32(POLLERR)) != 0 {
                         let why = r & Int32(POLLERR) != 0 ? "its connection failed (socket error)" : "its server closed the connection (the device server died or hung up)"
-                        onLost(w.offset, why)
+                        onLost(w.device, why)
                         continue
                     }
                     keep.append(w)

@@ -138,19 +138,21 @@ public final class VirtualMachineManager: QMPHandler, @unchecked Sendable {
         watchDevices()
     }
 
-    /// Checksum of each device's memory through its read-only mmap'd view.
+    /// Checksum of each device's memory (BAR4, the dma-engine's) through its mmap'd view; 0
+    /// for a device without one (edu, mtty: nothing there to compare).
     func digestDevices() -> [UInt64] {
         vm.devices.map { d in
-            guard let m = try? d.client.mapRegion(4), let a = m.areas.first else { return 0 }
-            return Checksum.of(UnsafeRawBufferPointer(start: a.memory.base, count: Int(a.size)))
+            guard !d.device.isHandedOver, let m = try? d.device.mapRegionAreas(4), let a = m.areas.first, a.size <= UInt64(Int.max) else { return 0 }
+            return Checksum.of(UnsafeRawBufferPointer(start: a.base, count: Int(a.size)))
         }
     }
 
     // MARK: a device lost
 
-    /// Watch every device connection from now on (a VM that is ours to run).
+    /// Watch every device connection from now on (a VM that is ours to run). Only devices
+    /// that have one (vfio-user) are watched: a kernel device has no peer that can die.
     func watchDevices() {
-        let fds = vm.devices.map { $0.client.connection.socket.fd.rawValue }
+        let fds = vm.devices.enumerated().compactMap { i, d in d.device.lossWatchFD.map { (device: i, fd: $0) } }
         guard deviceWatch == nil, !fds.isEmpty else { return }
         deviceWatch = try? DeviceWatch(fds: fds) { [weak self] i, why in self?.deviceLost(i, why) }
     }
@@ -493,9 +495,15 @@ public final class VirtualMachineManager: QMPHandler, @unchecked Sendable {
         case "x-vfio-live-devices":
             let digests = lock.withLock { deviceDigests }
             return .array(vm.devices.enumerated().map { i, d in
-                let st: String = d.client.isHandedOver ? "handed-over" : ((try? d.client.migrationState()).map { "\($0)" } ?? "unreachable")
+                // A device without migration has no state to report (edu): "none", as it is not
+                // unreachable.
+                let st: String
+                if d.device.isHandedOver { st = "handed-over" }
+                else if let s = try? d.device.migrationState() { st = "\(s)" }
+                else { st = Self.hasNoMigration(d.device) ? "none" : "unreachable" }
                 return .object([("index", .number(Double(i))), ("interrupts", .number(Double(d.interrupts))),
-                                ("digest", .string(i < digests.count ? String(digests[i], radix: 16) : "")), ("state", .string(st))])
+                                ("digest", .string(i < digests.count ? String(digests[i], radix: 16) : "")), ("state", .string(st)),
+                                ("transport", .string(d.device.transportName)), ("name", .string(d.device.deviceName))])
             })
         case "x-vfio-live-pid":
             return .object([("pid", .number(Double(getpid())))])
@@ -515,6 +523,11 @@ public final class VirtualMachineManager: QMPHandler, @unchecked Sendable {
         default:
             throw QMPError("The command \(command) has not been found", class: "CommandNotFound")
         }
+    }
+
+    /// The device answers that it has no migration (as edu), rather than not answering.
+    static func hasNoMigration(_ d: any VFIODevice) -> Bool {
+        do { return try d.migrationCapabilities() == nil } catch { return false }
     }
 
     func queryMigrate() -> JSONValue {

@@ -33,8 +33,16 @@ public final class AssignedKernelDevice: VFIODevice, @unchecked Sendable {
     /// iommufd: the device's id in the iommufd and the page table it is attached to (a live
     /// update's CPR record, as QEMU's CprVFIODevice {devid, hwpt_id}).
     public var iommufdIDs: (device: UInt32, hwpt: UInt32)?
+    /// Set while a live update hands the device to a successor (and for good once it has):
+    /// this process then leaves the device alone.
+    public var handedOverForCPR = false
+    public var isHandedOver: Bool { handedOverForCPR }
 
     public enum Backend: String, Sendable { case legacy, iommufd }
+
+    /// How the device was opened, for reports: "legacy type1 container, VFIO group 12" or
+    /// "iommufd, cdev /dev/vfio/devices/vfio0, IOAS 2".
+    public internal(set) var openedThrough = ""
 
     /// Open a PCI device bound to vfio-pci by its address, as QEMU's
     /// `-device vfio-pci,host=0000:00:04.0[,iommufd=...]`.
@@ -44,42 +52,46 @@ public final class AssignedKernelDevice: VFIODevice, @unchecked Sendable {
 
     /// Open a VFIO device by its sysfs path (a PCI device or an mdev, as QEMU's `sysfsdev=`):
     /// legacy: its IOMMU group in a new type1 container; iommufd: its cdev bound to a new
-    /// iommufd and attached to a new IOAS. Nothing is mapped yet.
+    /// iommufd and attached to a new IOAS. Nothing is mapped yet. Every refusal names its
+    /// cause and the fix (`KernelDeviceDiagnosis`): the host's state is checked first, so
+    /// the kernel's bare errno is only the last resort.
     public static func open(sysfsPath: String, backend: Backend) throws -> AssignedKernelDevice {
-        guard let name = sysfsPath.split(separator: "/").last.map(String.init), access(sysfsPath, F_OK) == 0 else {
-            throw KernelVFIOError.unavailable("no device at \(sysfsPath)")
-        }
+        let d = try KernelDeviceDiagnosis(sysfsPath: sysfsPath, backend: backend)
         switch backend {
         case .legacy:
-            guard let g = PCIDevice.linkName("\(sysfsPath)/iommu_group").flatMap({ Int($0) }) else {
-                throw KernelVFIOError.unavailable("\(name) has no IOMMU group (is an IOMMU enabled, and the device bound to vfio-pci?)")
-            }
+            let group = d.group!
+            try d.checkOpenable("/dev/vfio/vfio", what: "the VFIO container device")
+            try d.checkOpenable("/dev/vfio/\(group)", what: "VFIO group \(group) (\(d.name)'s)")
             let container = try Container()
-            let group = try Group(id: g)
-            try group.setContainer(container)
+            // Opened here rather than by Group(id:): its errno (EBUSY: another process has the
+            // group) is the message.
+            let graw = Glibc.open("/dev/vfio/\(group)", O_RDWR | O_CLOEXEC)
+            guard graw >= 0 else { throw d.explain(Errno.current, doing: "opening /dev/vfio/\(group)") }
+            let g = Group(id: group, adopting: FileDescriptor(adopting: graw))
+            guard g.isViable else { throw KernelVFIOError.unavailable(d.notViable()) }
+            do { try g.setContainer(container) } catch { throw d.explain(error, doing: "joining VFIO group \(group) to a container") }
             try container.setIOMMU()
-            return AssignedKernelDevice(device: try group.device(name), dmaSpace: .container(container), keepAlive: [group])
+            let device: KernelDevice
+            do { device = try g.device(d.name) } catch { throw d.explain(error, doing: "getting the device fd from VFIO group \(group)") }
+            let a = AssignedKernelDevice(device: device, dmaSpace: .container(container), keepAlive: [g])
+            a.openedThrough = "legacy type1 container, VFIO group \(group)"
+            return a
         case .iommufd:
-            guard let dir = opendir("\(sysfsPath)/vfio-dev") else {
-                throw KernelVFIOError.unavailable("\(name) has no VFIO device cdev (\(sysfsPath)/vfio-dev): VFIO_DEVICE_CDEV missing, or not bound to a VFIO driver")
-            }
-            var cdev: String?
-            while let e = readdir(dir) {
-                let n = withUnsafeBytes(of: e.pointee.d_name) { String(cString: $0.bindMemory(to: CChar.self).baseAddress!) }
-                if n.hasPrefix("vfio") { cdev = "/dev/vfio/devices/\(n)" }
-            }
-            closedir(dir)
-            guard let path = cdev else { throw KernelVFIOError.unavailable("\(name): \(sysfsPath)/vfio-dev lists no cdev") }
+            let path = try d.cdev()
+            try d.checkOpenable(path, what: "\(d.name)'s VFIO device cdev")
+            try d.checkOpenable("/dev/iommu", what: "the iommufd device")
             let raw = Glibc.open(path, O_RDWR | O_CLOEXEC)
-            guard raw >= 0 else { throw KernelVFIOError.unavailable("cannot open \(path): \(Errno.current)") }
-            let device = KernelDevice(name: name, fd: FileDescriptor(adopting: raw))
+            guard raw >= 0 else { throw d.explain(KernelVFIOError.unavailable("cannot open \(path): \(Errno.current)"), doing: "opening \(path)") }
+            let device = KernelDevice(name: d.name, fd: FileDescriptor(adopting: raw))
             let iommufd = try IOMMUFD()
-            let devid = try device.bind(iommufd)
+            let devid: UInt32
+            do { devid = try device.bind(iommufd) } catch { throw d.explain(error, doing: "binding \(path) to an iommufd") }
             let ioas = try iommufd.allocateIOAS()
             let hwpt = try device.attach(pageTable: ioas)
-            let d = AssignedKernelDevice(device: device, dmaSpace: .iommufd(iommufd, ioas: ioas))
-            d.iommufdIDs = (devid, hwpt)
-            return d
+            let a = AssignedKernelDevice(device: device, dmaSpace: .iommufd(iommufd, ioas: ioas))
+            a.openedThrough = "iommufd, cdev \(path), IOAS \(ioas)"
+            a.iommufdIDs = (devid, hwpt)
+            return a
         }
     }
 
@@ -247,4 +259,141 @@ public final class AssignedKernelDevice: VFIODevice, @unchecked Sendable {
     public func writeMigrationData(_ data: UnsafeRawBufferPointer) throws { try device.writeMigrationData(data) }
     public func migrationDataSize() throws -> UInt64 { try device.migrationDataSize() }
     public func resetDevice() throws { try device.reset() }
+}
+
+/// What the host says about a device before VFIO is asked, so that a refusal names its cause
+/// and the fix (a bad address, no VFIO or IOMMUFD in the kernel, no IOMMU, the wrong driver, a
+/// group that is not viable, no permission, a device another process holds) rather than a
+/// bare errno from an ioctl.
+struct KernelDeviceDiagnosis {
+    let path: String, name: String
+    let backend: AssignedKernelDevice.Backend
+    /// "pci" or "mdev" (the device's sysfs subsystem).
+    let subsystem: String?
+    let group: Int?
+    var isPCI: Bool { subsystem == "pci" }
+    var kind: String { subsystem == "mdev" ? "mediated device" : (isPCI ? "PCI device" : "device") }
+
+    init(sysfsPath: String, backend: AssignedKernelDevice.Backend) throws {
+        var p = sysfsPath
+        while p.count > 1 && p.hasSuffix("/") { p.removeLast() }
+        path = p
+        name = p.split(separator: "/").last.map(String.init) ?? p
+        self.backend = backend
+        guard !name.isEmpty, access(p, F_OK) == 0 else {
+            if p.hasPrefix("/sys/bus/pci/devices/") {
+                throw KernelVFIOError.unavailable("no PCI device \(name) on this host (\(p) does not exist): `lspci -D` lists the addresses (DDDD:BB:DD.F)")
+            }
+            if p.hasPrefix("/sys/bus/mdev/devices/") {
+                throw KernelVFIOError.unavailable("no mediated device \(name) (\(p) does not exist): create one by writing a UUID to /sys/class/mdev_bus/PARENT/mdev_supported_types/TYPE/create (ls /sys/class/mdev_bus lists the parents)")
+            }
+            throw KernelVFIOError.unavailable("no device at \(p): sysfsdev= takes a device's sysfs directory (/sys/bus/pci/devices/DDDD:BB:DD.F or /sys/bus/mdev/devices/UUID)")
+        }
+        subsystem = PCIDevice.linkName("\(p)/subsystem")
+        guard let sub = subsystem, sub == "pci" || sub == "mdev" else {
+            throw KernelVFIOError.unavailable("\(p) is not a PCI or mediated device's sysfs directory (its subsystem is \(subsystem ?? "none")): sysfsdev= takes /sys/bus/pci/devices/DDDD:BB:DD.F or /sys/bus/mdev/devices/UUID")
+        }
+        switch backend {
+        case .legacy:
+            guard access("/dev/vfio/vfio", F_OK) == 0 else {
+                throw KernelVFIOError.unavailable("no /dev/vfio/vfio: this kernel has no VFIO loaded (modprobe vfio-pci; CONFIG_VFIO), or /dev is not devtmpfs")
+            }
+        case .iommufd:
+            guard access("/dev/iommu", F_OK) == 0 else {
+                throw KernelVFIOError.unavailable("no /dev/iommu: this kernel has no IOMMUFD (modprobe iommufd; CONFIG_IOMMUFD): use the legacy container instead (iommufd=off)")
+            }
+        }
+        group = PCIDevice.linkName("\(p)/iommu_group").flatMap { Int($0) }
+        if group == nil {
+            if sub == "mdev" { throw KernelVFIOError.unavailable("mediated device \(name) has no IOMMU group: its parent driver did not register it with VFIO") }
+            throw KernelVFIOError.unavailable("\(name) has no IOMMU group: this host runs without an IOMMU (turn VT-d / AMD-Vi on in the firmware and boot with intel_iommu=on or amd_iommu=on), so VFIO cannot assign it")
+        }
+        if sub == "pci" {
+            let driver = PCIDevice.linkName("\(p)/driver")
+            if !Self.isVFIODriver(driver) { throw KernelVFIOError.unavailable(Self.notBound(name, path: p, driver: driver)) }
+        }
+    }
+
+    /// vfio-pci, or a vendor's variant driver built on it (mlx5_vfio_pci, hisi_acc_vfio_pci, ...).
+    static func isVFIODriver(_ d: String?) -> Bool { d.map { $0 == "vfio-pci" || $0.hasSuffix("vfio_pci") || $0.hasSuffix("vfio-pci") } ?? false }
+
+    static func notBound(_ name: String, path: String, driver: String?) -> String {
+        var s = "\(name) is bound to \(driver.map { "the \($0) driver" } ?? "no driver"), not to vfio-pci: hand it to vfio-pci (as root) with\n"
+        s += "    echo vfio-pci > \(path)/driver_override\n"
+        if driver != nil { s += "    echo \(name) > \(path)/driver/unbind\n" }
+        s += "    echo \(name) > /sys/bus/pci/drivers_probe"
+        return s
+    }
+
+    /// Not there, or not ours to open (a root-only node, a device cgroup).
+    func checkOpenable(_ node: String, what: String) throws {
+        if access(node, F_OK) != 0 {
+            throw KernelVFIOError.unavailable("no \(node) (\(what)) although \(name) is in IOMMU group \(group ?? -1): is it bound to a VFIO driver, and /dev a devtmpfs?")
+        }
+        if access(node, R_OK | W_OK) != 0 { throw KernelVFIOError.unavailable(permission(node, what: what, Errno.current)) }
+    }
+
+    func permission(_ node: String, what: String, _ e: Errno) -> String {
+        "permission denied opening \(node) (\(what)): \(e): run as root, or give this user the node (chown USER \(node)) and let it lock guest RAM in memory (ulimit -l), as QEMU needs for VFIO too"
+    }
+
+    /// The devices of the group that keep it from being viable: bound to a driver other than
+    /// a VFIO one (pcieport and pci-stub are allowed by the kernel).
+    func blockingDevices() -> [(String, String)] {
+        guard let g = group, let dir = opendir("/sys/kernel/iommu_groups/\(g)/devices") else { return [] }
+        defer { closedir(dir) }
+        var out: [(String, String)] = []
+        while let e = readdir(dir) {
+            let n = withUnsafeBytes(of: e.pointee.d_name) { String(cString: $0.bindMemory(to: CChar.self).baseAddress!) }
+            guard !n.hasPrefix("."), n != name else { continue }
+            guard let d = PCIDevice.linkName("/sys/kernel/iommu_groups/\(g)/devices/\(n)/driver"),
+                  !Self.isVFIODriver(d), d != "pcieport", d != "pci-stub" else { continue }
+            out.append((n, d))
+        }
+        return out.sorted { $0.0 < $1.0 }
+    }
+
+    func notViable() -> String {
+        let g = group ?? -1
+        let others = blockingDevices()
+        guard !others.isEmpty else {
+            return "VFIO group \(g) is not viable: a device in it is bound to a driver other than vfio-pci (ls /sys/kernel/iommu_groups/\(g)/devices)"
+        }
+        return "VFIO group \(g) is not viable: every device in it must be bound to vfio-pci (or to no driver), and "
+            + others.map { "\($0.0) is bound to \($0.1)" }.joined(separator: ", ")
+            + ": hand each to vfio-pci with driver_override as for \(name), or unbind it (echo ADDR > /sys/bus/pci/devices/ADDR/driver/unbind)"
+    }
+
+    /// A kernel refusal, explained by its errno.
+    func explain(_ error: Error, doing: String) -> Error {
+        let e: Errno?
+        switch error {
+        case let KernelVFIOError.ioctl(_, x): e = x
+        case let x as Errno: e = x
+        default: e = nil
+        }
+        switch e {
+        case .EBUSY?:
+            return KernelVFIOError.unavailable("\(doing): \(name) is in use (EBUSY): another process (another VMM) holds it or a device of its IOMMU group")
+        case .EPERM?, .EACCES?:
+            return KernelVFIOError.unavailable("\(doing): \(permission(doing, what: name, e!))")
+        case .EINVAL? where doing.contains("container"):
+            return KernelVFIOError.unavailable("\(doing): EINVAL: \(notViable())")
+        default:
+            return KernelVFIOError.unavailable("\(doing) for \(name): \(error)")
+        }
+    }
+
+    /// The VFIO device cdev (/dev/vfio/devices/vfioN) of a device bound to a VFIO driver.
+    func cdev() throws -> String {
+        guard let dir = opendir("\(path)/vfio-dev") else {
+            throw KernelVFIOError.unavailable("\(name) has no VFIO device cdev (\(path)/vfio-dev): this kernel lacks CONFIG_VFIO_DEVICE_CDEV: use the legacy container (iommufd=off)")
+        }
+        defer { closedir(dir) }
+        while let e = readdir(dir) {
+            let n = withUnsafeBytes(of: e.pointee.d_name) { String(cString: $0.bindMemory(to: CChar.self).baseAddress!) }
+            if n.hasPrefix("vfio") { return "/dev/vfio/devices/\(n)" }
+        }
+        throw KernelVFIOError.unavailable("\(name): \(path)/vfio-dev lists no cdev")
+    }
 }

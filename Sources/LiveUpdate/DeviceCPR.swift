@@ -192,6 +192,7 @@ extension AssignedKernelDevice: CPRDeviceTransport {
     /// page translations and pins stay, so a DMA job in flight goes on into guest RAM. iommufd:
     /// nothing (mappings are by file; the new VMM moves the accounting with CHANGE_PROCESS).
     public func cprFreeze() throws {
+        handedOverForCPR = true
         guard case let .container(c) = dmaSpace else { return }
         do { try c.invalidateVirtualAddresses() } catch { throw CPRError.channel("\(device.name): \(error)") }
     }
@@ -200,6 +201,7 @@ extension AssignedKernelDevice: CPRDeviceTransport {
     /// gets this process's address again, also one a successor already re-addressed before it
     /// died. iommufd: CHANGE_PROCESS back to this process (a no-op when it never moved).
     public func cprThaw() {
+        handedOverForCPR = false
         switch dmaSpace {
         case let .container(c):
             // The recorded addresses are this process's own (a mapping whose address is valid

@@ -199,6 +199,17 @@ public protocol VFIODevice: MigrationDeviceHandle {
     func dmaLoggingReport(iova: UInt64, length: UInt64, pageSize: UInt64) throws -> [UInt64]
     /// The IOMMU's dirty tracking behind this device, when it has one (vfio-user: none).
     var iommuDirtyTracker: VFIOIOMMUDirtyTracker? { get }
+
+    /// A descriptor whose hang-up means the device is gone (a vfio-user server's socket); nil
+    /// when there is none to watch (a kernel device lives as long as its fd).
+    var lossWatchFD: Int32? { get }
+    /// Handed to a successor VMM by a live update: this process must not touch it any more.
+    var isHandedOver: Bool { get }
+}
+
+extension VFIODevice {
+    public var lossWatchFD: Int32? { nil }
+    public var isHandedOver: Bool { false }
 }
 
 extension VFIODevice {

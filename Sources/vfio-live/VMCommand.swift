@@ -1,6 +1,7 @@
 import ArgumentParser
 import Control
 import Glibc
+import KernelVFIO
 import LiveUpdate
 import Migration
 import Machine
@@ -11,28 +12,120 @@ import VFIOUser
 struct VMCommand: ParsableCommand {
     static let configuration = CommandConfiguration(
         commandName: "vm",
-        abstract: "Run a micro-VM with a guest workload and vfio-user devices.",
+        abstract: "Run a micro-VM with a guest workload and VFIO devices (vfio-user, kernel vfio-pci, mdev).",
         subcommands: [Run.self])
 }
 
-/// `--device vfio-user,socket=PATH[,enable-migration=on|off|auto][,cpr=on|off]`
-struct DeviceSpec: ExpressibleByArgument {
-    var socket: String
+/// One `--device`, in QEMU's spelling:
+///   vfio-user,socket=PATH
+///   vfio-pci,host=DDDD:BB:DD.F[,iommufd=on|off]
+///   vfio-pci,sysfsdev=/sys/bus/mdev/devices/UUID (or a PCI device's directory)[,iommufd=on|off]
+/// each with [,enable-migration=on|off|auto][,cpr=on|off]. A wrong one is refused with what
+/// is wrong and the right spelling.
+struct DeviceSpec: ExpressibleByArgument, CustomStringConvertible {
+    enum Transport: Equatable {
+        case vfioUser(socket: String)
+        /// A kernel VFIO device by its sysfs directory; `host` when it was given as host=.
+        case kernel(sysfsPath: String, host: String?, backend: AssignedKernelDevice.Backend)
+    }
+    var transport: Transport
     var policy: DeviceMigrationPolicy = .auto
     var liveUpdate = true
-    init?(argument: String) {
-        let parts = argument.split(separator: ",").map(String.init)
-        guard parts.first == "vfio-user", let s = parts.dropFirst().first(where: { $0.hasPrefix("socket=") }) else { return nil }
-        socket = String(s.dropFirst("socket=".count))
-        if let p = parts.first(where: { $0.hasPrefix("enable-migration=") }) {
-            guard let v = DeviceMigrationPolicy(rawValue: String(p.dropFirst("enable-migration=".count))) else { return nil }
-            policy = v
+    /// The option as given (messages quote it).
+    var text: String
+    var description: String { text }
+    var socket: String? { if case let .vfioUser(s) = transport { return s }; return nil }
+
+    static let spellings = "vfio-user,socket=PATH | vfio-pci,host=DDDD:BB:DD.F[,iommufd=on] | vfio-pci,sysfsdev=/sys/bus/mdev/devices/UUID[,iommufd=on]"
+
+    init?(argument: String) { try? self.init(parsing: argument) }
+    init(socket: String) { transport = .vfioUser(socket: socket); text = "vfio-user,socket=\(socket)" }
+
+    init(parsing argument: String) throws {
+        text = argument
+        let parts = argument.split(separator: ",", omittingEmptySubsequences: false).map(String.init)
+        func bad(_ why: String) -> ValidationError { ValidationError(why) }  // ArgumentParser names the option and value
+        var props: [String: String] = [:]
+        for p in parts.dropFirst() {
+            guard let eq = p.firstIndex(of: "="), eq != p.startIndex else { throw bad("'\(p)' is not KEY=VALUE") }
+            let k = String(p[..<eq]), v = String(p[p.index(after: eq)...])
+            guard props[k] == nil else { throw bad("\(k)= is given twice") }
+            props[k] = v
         }
-        if let p = parts.first(where: { $0.hasPrefix("cpr=") }) {
-            switch p.dropFirst(4) { case "on": liveUpdate = true; case "off": liveUpdate = false; default: return nil }
+        func take(_ k: String) -> String? { props.removeValue(forKey: k) }
+        if let v = take("enable-migration") {
+            guard let m = DeviceMigrationPolicy(rawValue: v) else { throw bad("enable-migration= takes on, off or auto (got '\(v)')") }
+            policy = m
+        }
+        if let v = take("cpr") {
+            switch v { case "on": liveUpdate = true; case "off": liveUpdate = false; default: throw bad("cpr= takes on or off (got '\(v)')") }
+        }
+        switch parts.first {
+        case "vfio-user":
+            guard let s = take("socket"), !s.isEmpty else { throw bad("vfio-user needs socket=PATH (the server's UNIX socket)") }
+            transport = .vfioUser(socket: s)
+        case "vfio-pci":
+            var backend = AssignedKernelDevice.Backend.legacy
+            if let v = take("iommufd") {
+                switch v { case "on": backend = .iommufd; case "off": backend = .legacy
+                default: throw bad("iommufd= takes on (the device's cdev in an iommufd IOAS) or off (a legacy VFIO container; the default), not '\(v)'") }
+            }
+            let host = take("host"), sysfs = take("sysfsdev")
+            switch (host, sysfs) {
+            case let (h?, nil):
+                guard let a = Self.pciAddress(h) else {
+                    throw bad("host=\(h) is not a PCI address: QEMU's spelling is DDDD:BB:DD.F in hex, e.g. 0000:00:04.0 (`lspci -D` lists them)")
+                }
+                transport = .kernel(sysfsPath: "/sys/bus/pci/devices/\(a)", host: a, backend: backend)
+            case let (nil, p?):
+                guard p.hasPrefix("/"), p.count > 1 else { throw bad("sysfsdev= takes an absolute sysfs path (/sys/bus/mdev/devices/UUID or /sys/bus/pci/devices/DDDD:BB:DD.F)") }
+                transport = .kernel(sysfsPath: p, host: nil, backend: backend)
+            case (nil, nil):
+                throw bad("vfio-pci needs host=DDDD:BB:DD.F or sysfsdev=PATH (QEMU: \"No provided host device\")")
+            case (_?, _?):
+                throw bad("give host= or sysfsdev=, not both")
+            }
+        default:
+            throw bad("unknown device type '\(parts.first ?? "")': the spellings are \(Self.spellings)")
+        }
+        if let k = props.keys.sorted().first {
+            let allowed = parts.first == "vfio-user" ? "socket, enable-migration, cpr" : "host, sysfsdev, iommufd, enable-migration, cpr"
+            throw bad("unknown property '\(k)' (\(parts.first!) takes \(allowed))")
         }
     }
+
+    /// `[DDDD:]BB:DD.F` in hex (QEMU takes the domain as optional), normalised to
+    /// 0000:00:04.0 as sysfs names it; nil when it is not one.
+    static func pciAddress(_ s: String) -> String? {
+        var f = s.lowercased().split(separator: ":", omittingEmptySubsequences: false).map(String.init)
+        if f.count == 2 { f.insert("0000", at: 0) }
+        guard f.count == 3 else { return nil }
+        let df = f[2].split(separator: ".", omittingEmptySubsequences: false).map(String.init)
+        guard df.count == 2 else { return nil }
+        let hexDigits = Set("0123456789abcdef")
+        func field(_ t: String, max digits: Int, limit: Int) -> Int? {
+            guard !t.isEmpty, t.count <= digits, t.allSatisfy({ hexDigits.contains($0) }), let v = Int(t, radix: 16), v <= limit else { return nil }
+            return v
+        }
+        guard let dom = field(f[0], max: 4, limit: 0xffff), let bus = field(f[1], max: 2, limit: 0xff),
+              let dev = field(df[0], max: 2, limit: 0x1f), let fn = field(df[1], max: 1, limit: 7) else { return nil }
+        func h(_ v: Int, _ w: Int) -> String { let x = String(v, radix: 16); return String(repeating: "0", count: w - x.count) + x }
+        return "\(h(dom, 4)):\(h(bus, 2)):\(h(dev, 2)).\(fn)"
+    }
+
     static var defaultCompletionKind: CompletionKind { .default }
+}
+
+/// Open the device a --device names: connect to the vfio-user server, or open the kernel
+/// device through its group (legacy) or cdev (iommufd). Errors name the cause and the fix.
+func openDevice(_ spec: DeviceSpec, timeout: DeviceTimeoutOption, cancel: Int32? = nil) throws -> any VFIODevice {
+    switch spec.transport {
+    case let .vfioUser(socket):
+        return try connectDevice(socket, timeout: timeout, cancel: cancel)
+    case let .kernel(path, _, backend):
+        do { return try AssignedKernelDevice.open(sysfsPath: path, backend: backend) }
+        catch { throw Failure("--device \(spec.text): \(error)") }
+    }
 }
 
 extension VMCommand {
@@ -40,29 +133,63 @@ extension VMCommand {
         static let configuration = CommandConfiguration(
             abstract: "Run a micro-VM until SIGINT/SIGTERM (or --duration), verifying the guest's memory.",
             discussion: """
-                Guest RAM is a memfd mapped shared, registered with KVM and DMA-mapped into every
-                device. The guest workload (Sources/CVFIOLive/guest/workload.S) runs at CPL3 on
-                each vCPU, writes pages that each carry a sequence number and checksum, and drives
-                the first device's DMA engine by MMIO. Every --verify-every seconds the VM pauses,
-                the integrity verifier checks every page and the last DMA round trip, and the VM
-                resumes; the command exits non-zero on the first violation.
-                Without /dev/kvm the workload runs on software vCPUs, and says so.
+                Guest RAM is a memfd mapped shared, registered with KVM and DMA-mapped into
+                every device. The guest workload (Sources/CVFIOLive/guest/workload.S) runs at
+                CPL3 on each vCPU, writes pages that each carry a sequence number and
+                checksum, and drives the DMA engine of the first edu-compatible device by
+                MMIO. Every --verify-every seconds the VM pauses, the integrity verifier
+                checks every page and the last DMA round trip, and the VM resumes; the
+                command exits non-zero on the first violation. Without /dev/kvm the
+                workload runs on software vCPUs, and says so.
 
-                Live update: with --incoming cpr:unix:PATH this VMM waits for a running one to hand
-                its VM over (`vfio-live update`, or QMP migrate in mode cpr-transfer). The machine
-                (memory, vCPUs, workload, devices) comes from the handed-over state; the --device
-                options give only the devices' policies. It may be a different build.
+                Devices (--device, QEMU's spelling; repeatable):
+                  vfio-user,socket=PATH            a vfio-user server
+                  vfio-pci,host=DDDD:BB:DD.F       a PCI device bound to vfio-pci
+                  vfio-pci,sysfsdev=PATH           a device by its sysfs directory:
+                                                   /sys/bus/mdev/devices/UUID (an mdev)
+                                                   or /sys/bus/pci/devices/DDDD:BB:DD.F
+                vfio-pci goes through a legacy type1 container, or with iommufd=on
+                through the device's cdev in an iommufd IOAS. Every device also takes
+                enable-migration=on|off|auto and cpr=on|off (off blocks live update).
+                A device with no DMA or no usable interrupt (an mtty mdev) still
+                attaches; one without migration (edu) blocks `migrate` with QEMU's
+                reason. A device that cannot be opened is named with the cause and the
+                fix: not bound to vfio-pci (the driver_override commands), a group that
+                is not viable (the devices in the way), no permission, no VFIO/IOMMUFD.
 
-                Example:
+                Live update: with --incoming cpr:unix:PATH this VMM waits for a running
+                one to hand its VM over (`vfio-live update`, or QMP migrate in mode
+                cpr-transfer). The machine (memory, vCPUs, workload, devices) comes from
+                the handed-over state; the --device options give only the devices'
+                policies. It may be a different build.
+
+                Examples:
                   vfio-live device serve --socket /tmp/dma.sock &
-                  vfio-live vm run --memory 256M --vcpus 2 --device vfio-user,socket=/tmp/dma.sock \\
+                  vfio-live vm run --memory 256M --vcpus 2 \\
+                      --device vfio-user,socket=/tmp/dma.sock \\
                       --workload dirty-rate=50000,working-set=64M --duration 5
+
+                  # QEMU's edu at 0000:00:04.0, handed to vfio-pci, through iommufd:
+                  echo vfio-pci > /sys/bus/pci/devices/0000:00:04.0/driver_override
+                  echo 0000:00:04.0 > /sys/bus/pci/devices/0000:00:04.0/driver/unbind
+                  echo 0000:00:04.0 > /sys/bus/pci/drivers_probe
+                  vfio-live vm run --memory 64M --qmp /tmp/vm.qmp \\
+                      --device vfio-pci,host=0000:00:04.0,iommufd=on \\
+                      --workload working-set=8M,dma-every=2
+
+                  # An mtty mdev (the kernel's sample driver):
+                  u=$(cat /proc/sys/kernel/random/uuid)
+                  echo $u > /sys/class/mdev_bus/mtty/mdev_supported_types/mtty-2/create
+                  vfio-live vm run --memory 64M \\
+                      --device vfio-pci,sysfsdev=/sys/bus/mdev/devices/$u
                 """)
         @Option(parsing: .unconditional, help: "Guest RAM (a multiple of 2 MiB, from 4M up to 16G).")
         var memory = "256M"
         @Option(parsing: .unconditional, help: "vCPUs (1–8); the working set is split between them.")
         var vcpus = "1"
-        @Option(help: "A vfio-user device: vfio-user,socket=PATH[,enable-migration=on|off|auto][,cpr=on|off] (repeatable; the guest drives the first; cpr=off blocks live update).")
+        @Option(help: ArgumentHelp("A VFIO device: vfio-user,socket=PATH | vfio-pci,host=DDDD:BB:DD.F | vfio-pci,sysfsdev=PATH, with [,iommufd=on] (vfio-pci), [,enable-migration=on|off|auto], [,cpr=on|off] (repeatable; see Devices above).",
+                                   valueName: "device"),
+                transform: DeviceSpec.init(parsing:))
         var device: [DeviceSpec] = []
         @Option(help: "dirty-rate=PAGES_PER_S (0 = unlimited), working-set=SIZE, batch=N, dma-every=N, dma-length=SIZE.")
         var workload = "dirty-rate=0,working-set=64M"
@@ -97,7 +224,7 @@ extension VMCommand {
             }
             if let d = duration { _ = try parseSeconds(d, option: "--duration", max: 365 * 86400) }
             _ = try parseSeconds(verifyEvery, option: "--verify-every", max: 86400)
-            for d in device { try checkSocketPath(d.socket, option: "--device socket=") }
+            for d in device { if let s = d.socket { try checkSocketPath(s, option: "--device socket=") } }
             if let q = qmp { try checkSocketPath(q, option: "--qmp") }
             if let i = incoming { try checkUnixURI(i.hasPrefix("cpr:") ? String(i.dropFirst(4)) : i, option: "--incoming") }
         }
@@ -113,7 +240,7 @@ extension VMCommand {
             // for: a second after it, the waits on the devices give up (each is bounded anyway,
             // by --device-timeout, but that can be long). Healthy devices finish well before.
             let giveUp = try EventFD(nonBlocking: true), finished = try EventFD(nonBlocking: true)
-            for d in vm.devices { d.client.setCancel(giveUp.fd.rawValue) }
+            for d in vm.devices { d.vfioUserClient?.setCancel(giveUp.fd.rawValue) }
             let watchdog = OSThread(name: "stop-watchdog") {
                 guard (try? Poll.waitAnyReadable([stop.fd.rawValue, finished.fd.rawValue], timeoutMilliseconds: -1)) == 0 else { return }
                 if (try? Poll.waitReadable(finished.fd, timeoutMilliseconds: 1000)) != true {
@@ -266,8 +393,8 @@ extension VMCommand.Run {
         let mem = try parseSize(memory)
         let w: WorkloadConfig
         do { w = try WorkloadConfig(parsing: workload, parseSize: parseSize) } catch { throw ValidationError("--workload: \(error)") }
-        var clients: [VFIOUserClient] = []
-        for d in device { clients.append(try connectDevice(d.socket, timeout: timeout, cancel: cancel.fd.rawValue)) }
+        var clients: [any VFIODevice] = []
+        for d in device { clients.append(try openDevice(d, timeout: timeout, cancel: cancel.fd.rawValue)) }
         let vm: MicroVM
         do { vm = try MicroVM(memorySize: mem, vcpus: vcpus, workload: w, devices: clients, forceSoftware: softwareVCPUs,
                               populateMemory: incoming != nil || prealloc) }
@@ -279,7 +406,7 @@ extension VMCommand.Run {
             throw Failure("cannot set up the VM: \(error)")
         }
         // From here the VM shuts down in order on a signal, and that still talks to the devices.
-        for c in clients { c.setCancel(nil) }
+        for c in clients { (c as? VFIOUserClient)?.setCancel(nil) }
         return (vm, VirtualMachineManager(vm: vm, policies: policies, incoming: incoming != nil), nil)
     }
 

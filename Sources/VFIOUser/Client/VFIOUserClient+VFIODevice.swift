@@ -63,6 +63,9 @@ extension VFIOUserClient: VFIODevice {
 
     public var supportsDMALogging: Bool { probeFeature(DeviceFeature.dmaLoggingStart, get: false) }
 
+    /// The connection: a server that dies hangs it up.
+    public var lossWatchFD: Int32? { connection.socket.fd.rawValue }
+
     /// vfio-user has no IOMMU of its own: the server logs its DMA or nothing does.
     public var iommuDirtyTracker: VFIOIOMMUDirtyTracker? { nil }
 }
