@@ -16,6 +16,7 @@ final class KernelLiveUpdateTests: XCTestCase {
     var qmpPath = ""
     var pids: [pid_t] = []
     var logs: [String] = []
+    var mdevs: [String] = []
     static var binary: String { ChildProcess.besideCurrentExecutable("vfio-live") }
 
     override func setUpWithError() throws {
@@ -35,12 +36,37 @@ final class KernelLiveUpdateTests: XCTestCase {
     }
 
     override func tearDown() {
-        _ = try? LabQMP(qmpPath).execute("quit")
-        usleep(300_000)
-        for p in pids where ChildProcess.exitStatus(p) == nil { kill(p, SIGKILL); ChildProcess.wait(p) }
         if testRun?.hasSucceeded == false {
             for l in logs { print("---- \(l)\n" + ((try? String(contentsOfFile: l, encoding: .utf8)) ?? "")) }
         }
+        _ = try? LabQMP(qmpPath).execute("quit")
+        // The VMM a successor replaced is not our child: wait for whoever holds the socket.
+        _ = try? waitFor(10, "the VMM to quit") { (try? LabQMP(qmpPath)) == nil }
+        for p in pids where ChildProcess.exitStatus(p) == nil {
+            kill(p, SIGKILL)
+            if (try? waitFor(10, "pid \(p) to die") { ChildProcess.exitStatus(p) != nil }) == nil {
+                print("pid \(p) does not die: " + ((try? String(contentsOfFile: "/proc/\(p)/stack", encoding: .utf8)) ?? ""))
+            }
+        }
+        // Only now: removing an mdev that a process still holds waits until it lets go.
+        for m in mdevs { Self.removeMdev(m) }
+    }
+
+    /// Write "1" to the mdev's remove file, bounded (a holder left behind must not hang the lab).
+    static func removeMdev(_ path: String) {
+        let done = Condition()
+        var finished = false
+        let t = OSThread(name: "mdev-remove") {
+            let r = open("\(path)/remove", O_WRONLY | O_CLOEXEC)
+            if r >= 0 { _ = write(r, "1", 1); close(r) }
+            done.mutex.withLock { finished = true; done.broadcast() }
+        }
+        let ok = done.mutex.withLock { () -> Bool in
+            let deadline = monotonicNanoseconds() + 10_000_000_000
+            while !finished && monotonicNanoseconds() < deadline { _ = done.wait(timeoutSeconds: 0.1) }
+            return finished
+        }
+        if ok { t.join() } else { print("removing \(path) did not finish in 10 s; left behind") }
     }
 
     // MARK: processes
@@ -236,11 +262,7 @@ final class KernelLiveUpdateTests: XCTestCase {
         let fd = open(create, O_WRONLY)
         guard fd >= 0, write(fd, uuid, uuid.utf8.count) == uuid.utf8.count else { close(fd); throw LabQMPError("cannot create mtty \(uuid): \(Errno.current)") }
         close(fd)
-        addTeardownBlock {
-            usleep(500_000)
-            let r = open("/sys/bus/mdev/devices/\(uuid)/remove", O_WRONLY)
-            if r >= 0 { _ = write(r, "1", 1); close(r) }
-        }
+        mdevs.append("/sys/bus/mdev/devices/\(uuid)")
         return "/sys/bus/mdev/devices/\(uuid)"
     }
 
