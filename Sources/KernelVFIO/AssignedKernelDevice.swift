@@ -28,6 +28,16 @@ public final class AssignedKernelDevice: VFIODevice, @unchecked Sendable {
         self.device = device; self.dmaSpace = dmaSpace; self.keepAlive = keepAlive
     }
 
+    /// The legacy IOMMU group the device came from (a live update hands its fd over).
+    public var group: Group? { keepAlive.first { $0 is Group } as? Group }
+    /// iommufd: the device's id in the iommufd and the page table it is attached to (a live
+    /// update's CPR record, as QEMU's CprVFIODevice {devid, hwpt_id}).
+    public var iommufdIDs: (device: UInt32, hwpt: UInt32)?
+    /// Set while a live update hands the device to a successor (and for good once it has):
+    /// this process then leaves the device alone.
+    public var handedOverForCPR = false
+    public var isHandedOver: Bool { handedOverForCPR }
+
     public enum Backend: String, Sendable { case legacy, iommufd }
 
     /// How the device was opened, for reports: "legacy type1 container, VFIO group 12" or
@@ -74,11 +84,13 @@ public final class AssignedKernelDevice: VFIODevice, @unchecked Sendable {
             guard raw >= 0 else { throw d.explain(KernelVFIOError.unavailable("cannot open \(path): \(Errno.current)"), doing: "opening \(path)") }
             let device = KernelDevice(name: d.name, fd: FileDescriptor(adopting: raw))
             let iommufd = try IOMMUFD()
-            do { _ = try device.bind(iommufd) } catch { throw d.explain(error, doing: "binding \(path) to an iommufd") }
+            let devid: UInt32
+            do { devid = try device.bind(iommufd) } catch { throw d.explain(error, doing: "binding \(path) to an iommufd") }
             let ioas = try iommufd.allocateIOAS()
-            _ = try device.attach(pageTable: ioas)
+            let hwpt = try device.attach(pageTable: ioas)
             let a = AssignedKernelDevice(device: device, dmaSpace: .iommufd(iommufd, ioas: ioas))
             a.openedThrough = "iommufd, cdev \(path), IOAS \(ioas)"
+            a.iommufdIDs = (devid, hwpt)
             return a
         }
     }

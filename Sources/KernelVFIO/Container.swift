@@ -168,16 +168,31 @@ public final class Container: @unchecked Sendable {
     /// kernel's. Returns the mappings that failed (none on success). Used by the new process
     /// after a handover, and by the old one to recover (also after a partial UNMAP_ALL, where
     /// mappings that kept their address answer EEXIST and count as restored).
+    ///
+    /// With `takingBack` (the old process of a failed live update) a mapping whose address is
+    /// valid already is invalidated and mapped again with this process's address: a successor
+    /// may have attached its own address (and taken the pinned-page accounting, which MAP with
+    /// VADDR moves to the caller's mm) before it died. The kernel answers EINVAL to MAP with
+    /// VADDR on a mapping whose address is valid.
     @discardableResult
-    public func restoreVirtualAddresses(_ vaddr: (Mapping) -> UnsafeMutableRawPointer) -> [(Mapping, Errno)] {
+    public func restoreVirtualAddresses(takingBack: Bool = false, _ vaddr: (Mapping) -> UnsafeMutableRawPointer) -> [(Mapping, Errno)] {
         var failed: [(Mapping, Errno)] = []
         for (i, m) in mappings.enumerated() {
             let va = UInt64(UInt(bitPattern: vaddr(m)))
-            var req = vfio_iommu_type1_dma_map(argsz: UInt32(MemoryLayout<vfio_iommu_type1_dma_map>.size), flags: VFIO_DMA_MAP_FLAG_VADDR,
-                                               vaddr: va, iova: m.iova, size: m.size)
-            do { _ = try fd.ioctl(VL_VFIO_IOMMU_MAP_DMA, &req); mappings[i].vaddr = va } catch let e as Errno {
-                if e == .EEXIST { continue }
-                failed.append((m, e))
+            func mapVaddr() throws {
+                var req = vfio_iommu_type1_dma_map(argsz: UInt32(MemoryLayout<vfio_iommu_type1_dma_map>.size), flags: VFIO_DMA_MAP_FLAG_VADDR,
+                                                   vaddr: va, iova: m.iova, size: m.size)
+                _ = try fd.ioctl(VL_VFIO_IOMMU_MAP_DMA, &req)
+            }
+            do { try mapVaddr(); mappings[i].vaddr = va } catch let e as Errno {
+                guard e == .EEXIST || e == .EINVAL else { failed.append((m, e)); continue }
+                guard takingBack else { continue }  // valid already: counts as restored
+                var u = unmapRequest(flags: VFIO_DMA_UNMAP_FLAG_VADDR, iova: m.iova, size: m.size)
+                do {
+                    _ = try fd.ioctl(VL_VFIO_IOMMU_UNMAP_DMA, &u)
+                    try mapVaddr()
+                    mappings[i].vaddr = va
+                } catch let e2 as Errno { failed.append((m, e2)) } catch {}
             } catch {}
         }
         return failed

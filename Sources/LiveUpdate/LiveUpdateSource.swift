@@ -69,6 +69,13 @@ public final class LiveUpdateSource {
         var out: [String] = []
         if let why = LiveUpdateSource.guestRAMBlocker(vm.memory.fd) { out.append(why) }
         for (i, why) in optOut.sorted(by: { $0.key < $1.key }) { out.append("device \(i) opts out of live update (\(why))") }
+        for (i, d) in vm.devices.enumerated() {
+            guard let t = DeviceCPR.transport(d) else {
+                out.append("device \(i) (\(d.device.transportName) \(d.device.deviceName)) has no live-update support in its transport")
+                continue
+            }
+            if let why = t.cprBlocker() { out.append("device \(i): \(why)") }
+        }
         for p in participants { if let why = p.cprBlocker() { out.append(why) } }
         if vm.failure != nil { out.append("the VM has failed: \(vm.failure!)") }
         // The migration engine's own claim: a VM being migrated is not handed over meanwhile.
@@ -89,17 +96,22 @@ public final class LiveUpdateSource {
         return nil
     }
 
-    /// The CPR state: guest RAM, each device's socket, twin socket and MSI eventfd, and the
-    /// records a successor needs to adopt them without reconfiguring anything.
+    /// The CPR state: guest RAM; per device its interrupt eventfd, its attach result and
+    /// its transport's descriptors and record (a vfio-user socket and handover record; a
+    /// kernel device's container, group or iommufd and device fd); the records a successor
+    /// needs to adopt them without reconfiguring anything.
     public func buildState() throws -> CPRState {
         var s = CPRState()
         s.save(CPRNames.guestRAM, vm.memory.fd)
         s.saveRecord(MachineRecord.name, MachineRecord(vm: vm).encode())
         for (i, d) in vm.devices.enumerated() {
-            s.save(CPRNames.device(i), d.client.connection.socket.fd)
-            if let t = d.client.twinSocketFD { s.save(CPRNames.twinSocket(i), t) }
+            guard let t = DeviceCPR.transport(d) else { throw CPRError.blocked("device \(i) has no live-update support in its transport") }
+            try t.cprSave(index: i, memory: vm.memory, into: &s)
+            // QEMU preserves the MSI/INTx eventfds ("<dev>_interrupt", vector) so the kernel
+            // (or the server) goes on signalling the same ones: no SET_IRQS in the new VMM.
             s.save(CPRNames.interrupt(i), id: 0, d.msi.fd)
-            s.saveRecord(CPRNames.device(i), d.client.handoverState().encode())
+            s.saveRecord(CPRNames.transport(i), Array(type(of: t).cprTransport.utf8))
+            if let a = d.pci { s.saveRecord(CPRNames.attachment(i), a.encodeRecord()) }
         }
         for p in participants { try p.cprSave(into: &s) }
         s.entries += extraEntries
@@ -114,6 +126,8 @@ public final class LiveUpdateSource {
     // MARK: the blackout
 
     private var frozen = false
+    /// Devices whose transport froze (thawed in reverse on a failure).
+    private var frozenDevices: [CPRDeviceTransport] = []
     private var pausedAt: UInt64 = 0
     private var pauseNS: UInt64 = 0
 
@@ -124,8 +138,15 @@ public final class LiveUpdateSource {
         pauseNS = vm.pause()
         frozen = true
         vm.stopInterruptCounting()
-        for d in vm.devices { d.client.releaseForHandover() }
+        for d in vm.devices {
+            guard let t = DeviceCPR.transport(d) else { continue }
+            // Counted before the call: a legacy UNMAP_ALL may fail half-way, and recovery
+            // must then restore the addresses it did drop.
+            frozenDevices.append(t)
+            try t.cprFreeze()
+        }
         for p in participants { try p.cprFreeze() }
+        if getenv(DMAInFlightProbe.variable) != nil { DMAInFlightProbe.start(vm) }
         let states = try vm.saveVCPUs()
         var e = MigrationStreamEncoder(flags: MigrationStream.flagLiveUpdate)
         e.section(.config, MigrationStream.configPayload(ramSize: vm.memory.size, vcpus: vm.vcpuCount, devices: vm.devices.count))
@@ -144,8 +165,10 @@ public final class LiveUpdateSource {
         guard frozen else { return }
         frozen = false
         for p in participants.reversed() { p.cprThaw() }
-        for d in vm.devices { d.client.reclaimAfterHandover() }
+        for t in frozenDevices.reversed() { t.cprThaw() }
+        frozenDevices = []
         vm.startInterruptCounting()
+        if getenv(DMAInFlightProbe.variable) != nil { DMAInFlightProbe.awaitCompletion(vm) }
         vm.resume()
     }
 
@@ -195,7 +218,12 @@ public final class LiveUpdateSource {
             if let v = j?["pid"]?.uint64 { report.successorPID = Int32(v) }
             report.qmpAdopted = j?["qmp-adopted"]?.boolValue ?? false
         }
-        vm.stop()
+        // QEMU closes its KVM fds (vCPUs, VM, /dev/kvm, the KVM-VFIO device) at
+        // MIG_EVENT_PRECOPY_DONE: the source's part is complete and it never runs the guest
+        // again; a new VMM's irqfd / irq-bypass registration for the same VFIO interrupts
+        // would otherwise fail with EBUSY. The same point here is DONE (or the ambiguous
+        // silence): until then a failed successor gives the VM back, which needs the vCPUs.
+        vm.closeKVM()
         return report
     }
 
@@ -222,6 +250,10 @@ public final class LiveUpdateSource {
             try state.setCloseOnExec(false)
             try fd.setCloseOnExec(false)
             setenv(Self.execStateVariable, "\(fd.rawValue)", 1)
+            // The KVM fds are close-on-exec (/dev/kvm is opened O_CLOEXEC, KVM_CREATE_VM and
+            // KVM_CREATE_VCPU return O_CLOEXEC fds) and the kvm_run mappings go with the old
+            // mm: exec closes them here, where QEMU's cpr.c closes them for cpr-exec too
+            // (precopy done, just before exec).
             let e = ChildProcess.replaceImage(binary, argv)
             throw CPRError.exec("execv \(binary): \(e); the VM runs on here")
         } catch {
@@ -231,5 +263,45 @@ public final class LiveUpdateSource {
             thaw()
             throw error
         }
+    }
+}
+
+/// Lab fixture (VFIO_LIVE_CPR_TEST_DMA_IN_FLIGHT=1 in the old VMM's environment): once the
+/// vCPUs are paused and the device frozen (legacy: no process holds a valid address), start one
+/// edu DMA job from the device's buffer into guest RAM at `target`, and copy what the buffer
+/// holds (the last round's source, which the paused guest has not touched since) to `expected`
+/// with the CPU. The job runs on across the handoff (QEMU's edu completes a DMA 100 ms after
+/// the command); a test compares the two ranges of the guest RAM memfd afterwards.
+public enum DMAInFlightProbe {
+    public static let variable = "VFIO_LIVE_CPR_TEST_DMA_IN_FLIGHT"
+    public static let target: UInt64 = 0x58000, expected: UInt64 = 0x48000
+
+    static func start(_ vm: MicroVM) {
+        guard let d = vm.devices.first(where: { $0.pci?.isEduCompatible == true && $0.pci?.dmaMapped == true }),
+              let limit = d.pci?.eduTransferLimit else { Log.warning("cpr", "\(variable): no edu device with DMA"); return }
+        let len = min(vm.workload.dmaLength, limit) & ~7
+        guard len > 0, len <= 0x8000 else { return }
+        for k in stride(from: UInt64(0), to: len, by: 8) {
+            vm.memory.store64(target + k, 0)
+            vm.memory.store64(expected + k, vm.memory.load64(GuestLayout.dmaSource + k))
+        }
+        do {
+            let dev = d.device
+            try dev.regionStore(0, 0x80, UInt64(0x40000)); try dev.regionStore(0, 0x88, target)
+            try dev.regionStore(0, 0x90, len); try dev.regionStore(0, 0x98, UInt64(3))
+            Log.info("cpr", "\(variable): edu DMA job of \(len) bytes to \(hex(target)) started in the blackout")
+        } catch { Log.warning("cpr", "\(variable): \(error)") }
+    }
+
+    /// The new VMM, before it resumes the guest (whose next round would reprogram the engine):
+    /// say whether the job was still running when this VMM took the device, and wait for it.
+    static func awaitCompletion(_ vm: MicroVM) {
+        guard let d = vm.devices.first(where: { $0.pci?.isEduCompatible == true }) else { return }
+        let t0 = monotonicNanoseconds()
+        let busy = ((try? d.device.regionLoad(0, 0x98, as: UInt64.self)) ?? 0) & 1 != 0
+        while ((try? d.device.regionLoad(0, 0x98, as: UInt64.self)) ?? 0) & 1 != 0, monotonicNanoseconds() - t0 < 10_000_000_000 { usleep(200) }
+        let ms = Double(monotonicNanoseconds() - t0) / 1e6
+        print("cpr-probe: edu DMA job \(busy ? "still running when this VMM took the device over; it completed \(formatFixed(ms, 1)) ms later" : "had completed before this VMM took the device over")")
+        fflush(stdout)
     }
 }

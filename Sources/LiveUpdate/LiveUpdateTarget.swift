@@ -2,6 +2,8 @@ import Glibc
 import Machine
 import Migration
 import SystemCalls
+import KernelVFIO
+import VFIO
 import VFIOUser
 
 /// The new VMM's side of a live update. It builds the VM around the descriptors it was given
@@ -23,6 +25,9 @@ public final class LiveUpdateTarget: MigrationSink {
     /// How long to wait for the old VMM's GO after LOADED: it sends GO at once, so a longer
     /// silence means it hangs or died, and this VMM gives up without running the guest.
     public var goTimeoutMilliseconds: Int32 = 30_000
+    /// Per kernel device: attach this process to its DMA mappings (legacy MAP with VADDR,
+    /// iommufd CHANGE_PROCESS), run once the main stream is in, as QEMU's post_load hooks.
+    private var finishAdoption: [() throws -> Void] = []
 
     /// Build the VM from `state`. On any error every descriptor received is closed (adopted
     /// device connections are released without being shut down: they are still the old VMM's).
@@ -30,6 +35,7 @@ public final class LiveUpdateTarget: MigrationSink {
         self.state = state
         self.mode = mode
         var clients: [VFIOUserClient] = []
+        var finish: [() throws -> Void] = []
         do {
             guard let rec = state.record(MachineRecord.name) else { throw CPRError.malformed("no machine record") }
             machine = try MachineRecord(decoding: rec)
@@ -40,10 +46,25 @@ public final class LiveUpdateTarget: MigrationSink {
             }
             let memory = try GuestMemory(adopting: ram, size: machine.memorySize)
             var msis: [EventFD] = []
+            var devices: [any VFIODevice] = []
+            var attachments: [PCIAttachment?] = []
             for i in 0..<machine.devices {
-                guard let sock = state.find(CPRNames.device(i)), let rec = state.record(CPRNames.device(i)),
-                      let msi = state.find(CPRNames.interrupt(i), id: 0) else {
-                    throw CPRError.malformed("device \(i): its socket, record or interrupt eventfd is missing")
+                guard let msi = state.find(CPRNames.interrupt(i), id: 0) else { throw CPRError.malformed("device \(i): its interrupt eventfd is missing") }
+                // No record: a predecessor from before kernel devices (vfio-user only).
+                let transport = state.record(CPRNames.transport(i)).map { String(decoding: $0, as: UTF8.self) } ?? VFIOUserClient.cprTransport
+                var pci: PCIAttachment?
+                if let b = state.record(CPRNames.attachment(i)) {
+                    do { pci = try PCIAttachment(decodingRecord: b) } catch { throw CPRError.malformed("device \(i): \(error)") }
+                }
+                if transport == AssignedKernelDevice.cprTransport {
+                    let (d, f) = try AssignedKernelDevice.cprAdopt(state, index: i, memory: memory)
+                    devices.append(d); finish.append(f); msis.append(EventFD(adopting: msi))
+                    attachments.append(pci)
+                    continue
+                }
+                guard transport == VFIOUserClient.cprTransport else { throw CPRError.malformed("device \(i): unknown transport '\(transport)'") }
+                guard let sock = state.find(CPRNames.device(i)), let rec = state.record(CPRNames.device(i)) else {
+                    throw CPRError.malformed("device \(i): its socket or record is missing")
                 }
                 let h: VFIOUserClient.HandoverState
                 do { h = try .init(decoding: rec[...]) } catch { throw CPRError.malformed("device \(i): \(error)") }
@@ -55,15 +76,20 @@ public final class LiveUpdateTarget: MigrationSink {
                     return memory.base + Int(off)
                 }
                 clients.append(c)
+                devices.append(c)
                 msis.append(EventFD(adopting: msi))
+                // Its BARs stay where they were, trapped: mmap'ing a vfio-user region would ask
+                // the server for its fds.
+                attachments.append(pci?.allBARsTrapped)
             }
-            vm = try MicroVM(memorySize: machine.memorySize, vcpus: machine.vcpus, workload: machine.workload, devices: clients,
-                             forceSoftware: machine.softwareVCPUs, adoptingMemory: memory, configuredMSI: msis)
+            vm = try MicroVM(memorySize: machine.memorySize, vcpus: machine.vcpus, workload: machine.workload, devices: devices,
+                             forceSoftware: machine.softwareVCPUs, adoptingMemory: memory, configuredMSI: msis, adoptedPCI: attachments)
         } catch {
             for c in clients { c.releaseForHandover() }
             state.closeAll()
             throw error
         }
+        finishAdoption = finish
         report = LiveUpdateReport(mode: mode, handedOver: LiveUpdateSource.describe(state), successorPID: getpid())
         vm.start(countingInterrupts: false)
     }
@@ -71,8 +97,15 @@ public final class LiveUpdateTarget: MigrationSink {
     /// Give up after a failure before the commit: the VM never ran here, and the devices and
     /// memory stay the old VMM's (nothing is shut down, nothing sent).
     public func abandon() {
-        for d in vm.devices { d.client.releaseForHandover() }
+        for d in vm.devices { d.vfioUserClient?.releaseForHandover() }
         vm.stop()
+    }
+
+    /// After the main stream: attach this process to the kernel devices' DMA mappings. Before
+    /// it the old VMM has dropped its addresses (legacy) and no longer runs the guest.
+    private func adoptMappings() throws {
+        try beforeStep?("adopt-mappings")
+        for f in finishAdoption { try f() }
     }
 
     // MARK: cpr-transfer
@@ -134,6 +167,7 @@ public final class LiveUpdateTarget: MigrationSink {
             try decoder.run()
             report.streamBytes = Int(decoder.offset)
             try checkComplete(decoder)
+            try adoptMappings()
             try beforeStep?("commit")
             try CPRMessage.send(socket, .loaded)
             // From here the old VMM may commit at any moment: the one window in which this
@@ -157,6 +191,7 @@ public final class LiveUpdateTarget: MigrationSink {
             try beforeStep?("load")
             try decoder.run()
             try checkComplete(decoder)
+            try adoptMappings()
         } catch {
             abandon()
             throw error
@@ -173,6 +208,7 @@ public final class LiveUpdateTarget: MigrationSink {
     private func run() {
         for (d, n) in zip(vm.devices, interrupts ?? []) { d.continueCount(from: n) }
         vm.startInterruptCounting()
+        if getenv(DMAInFlightProbe.variable) != nil { DMAInFlightProbe.awaitCompletion(vm) }
         vm.resume()
         let now = monotonicNanoseconds()
         report.blackoutNS = now > pausedAt ? now - pausedAt : 0

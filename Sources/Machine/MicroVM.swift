@@ -128,7 +128,7 @@ public final class MicroVM: @unchecked Sendable {
     /// (given here) stay as they are and nothing is sent to them.
     public init(memorySize: UInt64, vcpus: Int = 1, workload: WorkloadConfig, devices: [any VFIODevice] = [],
                 forceSoftware: Bool = false, adoptingMemory: GuestMemory? = nil, populateMemory: Bool = false,
-                configuredMSI: [EventFD]? = nil) throws {
+                configuredMSI: [EventFD]? = nil, adoptedPCI: [PCIAttachment?]? = nil) throws {
         guard vcpus >= 1, vcpus <= GuestLayout.maxVCPUs else { throw KVMError.unavailable("--vcpus must be 1...\(GuestLayout.maxVCPUs)") }
         guard workload.workingSet >= 4096 * UInt64(vcpus), GuestLayout.workingSetBase + workload.workingSet <= memorySize else {
             throw KVMError.unavailable("working set of \(workload.workingSet) bytes does not fit in \(memorySize) bytes of guest RAM (it starts at 1 MiB)")
@@ -169,7 +169,7 @@ public final class MicroVM: @unchecked Sendable {
             for i in 0..<vcpus { software.append(SoftwareVCPU(vm: self, index: i)) }
         }
         if configuredMSI == nil { for d in self.devices { try connect(d) } }
-        else { for d in self.devices { adoptRoutes(d) } }
+        else { for (i, d) in self.devices.enumerated() { adoptRoutes(d, pci: adoptedPCI.flatMap { i < $0.count ? $0[i] : nil }) } }
         if adoptingMemory == nil { configureGuestDMA() }
         installKickHandler()
     }
@@ -269,10 +269,37 @@ public final class MicroVM: @unchecked Sendable {
         }
     }
 
-    /// A device adopted from a predecessor keeps the layout it was given: BAR0 trapped at its
-    /// slot (what every predecessor of this build did).
-    private func adoptRoutes(_ d: AttachedDevice) {
-        routes.append(MMIORoute(base: GuestLayout.deviceBAR0(d.slot), size: 1 << 20, device: d, region: 0, writable: true, mapping: nil))
+    /// A device adopted from a predecessor keeps the layout it was given. With the
+    /// predecessor's attach result (a live update's CPR record): its BARs where it put them,
+    /// mmap'd where the record still lists mappable areas (an mmap writes nothing to the
+    /// device), its interrupt kind; nothing is probed or written. Without one: BAR0 trapped at
+    /// its slot (what predecessors of the device interface did).
+    private func adoptRoutes(_ d: AttachedDevice, pci: PCIAttachment? = nil) {
+        guard let a = pci else {
+            routes.append(MMIORoute(base: GuestLayout.deviceBAR0(d.slot), size: 1 << 20, device: d, region: 0, writable: true, mapping: nil))
+            return
+        }
+        for bar in a.bars {
+            guard let gpa = bar.guestAddress else { continue }
+            var mapping: VFIORegionMapping?
+            if !bar.mappableAreas.isEmpty {
+                mapping = try? d.device.mapRegionAreas(bar.index)
+                if let m = mapping { mapIntoGuest(m, at: gpa, device: d.slot) }
+            }
+            routes.append(MMIORoute(base: gpa, size: bar.size, device: d, region: bar.index, writable: bar.writable, mapping: mapping))
+        }
+        d.pci = a
+    }
+
+    /// Close the KVM descriptors: vCPUs, VM, /dev/kvm (a live update's old VMM, once the new
+    /// one owns the guest; see VMM+LiveUpdate.swift for when). The vCPU threads are stopped
+    /// first; the VM cannot run here again.
+    public func closeKVM() {
+        stop()
+        // The kvm_run mapping holds the vCPU file (and so the VM) open as well.
+        for v in vcpus { v.runMap.unmap(); v.fd.close() }
+        vm?.fd.close()
+        kvm?.fd.close()
     }
 
     /// Point vCPU 0's DMA rounds at the first edu-compatible device with guest RAM mapped, and

@@ -8,11 +8,17 @@ struct UpdateCommand: ParsableCommand {
         commandName: "update",
         abstract: "Live-update the VMM process of a running VM: a new VMM binary takes it over, devices kept live.",
         discussion: """
-            Guest RAM (a memfd), the vfio-user device connections, their interrupt eventfds and
-            the QMP socket are passed to the new VMM as descriptors; no page is copied, no device
-            is reset, reconnected or re-mapped, and device DMA goes on during the handoff. Only
-            vCPU state and the VMM's own device state travel in the stream. The guest is paused
-            for the blackout, which is measured and printed.
+            Guest RAM (a memfd), the devices, their interrupt eventfds and the QMP socket are
+            passed to the new VMM as descriptors: a vfio-user device's connection; a kernel
+            device's fd with its legacy container and group, or its iommufd. No page is copied,
+            no device is reset, reconnected, re-probed or re-mapped, and device DMA goes on
+            during the handoff. A legacy container drops its virtual addresses for the handoff
+            (VFIO_DMA_UNMAP_FLAG_VADDR) and the new VMM gives its own (VFIO_DMA_MAP_FLAG_VADDR);
+            iommufd maps guest RAM by file, so the new VMM only takes the pinned pages over
+            (IOMMU_IOAS_CHANGE_PROCESS). A mediated device (mdev) in a legacy container blocks
+            the update, as in QEMU (its VA must always be valid); attach it with iommufd=on.
+            Only vCPU state and the VMM's own device state travel in the stream. The guest is
+            paused for the blackout, which is measured and printed.
 
               --mode transfer   a second VMM process takes over (QEMU's cpr-transfer). Without
                                 --to, the running VMM starts it itself, with its own command
@@ -32,6 +38,8 @@ struct UpdateCommand: ParsableCommand {
               vfio-live vm run --memory 1G --device vfio-user,socket=/tmp/dma.sock --qmp /tmp/vm.qmp &
               vfio-live update --qmp /tmp/vm.qmp --mode transfer
               vfio-live update --qmp /tmp/vm.qmp --mode exec --binary ./new-build/vfio-live
+              vfio-live vm run --memory 1G --device vfio-pci,host=0000:00:04.0,iommufd=on --qmp /tmp/vm.qmp &
+              vfio-live update --qmp /tmp/vm.qmp --mode transfer
             """)
     enum Mode: String, ExpressibleByArgument { case transfer, exec }
 
