@@ -26,6 +26,7 @@
 
 #include "vfio_uapi.h"
 #include "iommufd_uapi.h"
+#include "iommufd_hwpt_uapi.h"
 #include "kvm_uapi.h"
 
 /* The largest fd count one message may carry (SCM_MAX_FD in the kernel is 253). */
