@@ -23,9 +23,11 @@ public final class AssignedKernelDevice: VFIODevice, @unchecked Sendable {
     private let lock = Mutex()
     /// What must stay open while the device is used (its group).
     private let keepAlive: [AnyObject]
+    /// iommufd: the page table the device is on, and its HWPT dirty tracker or why it has none.
+    public let iommufdAttachment: IOMMUFDAttachment?
 
-    public init(device: KernelDevice, dmaSpace: KernelDMASpace, keepAlive: [AnyObject] = []) {
-        self.device = device; self.dmaSpace = dmaSpace; self.keepAlive = keepAlive
+    public init(device: KernelDevice, dmaSpace: KernelDMASpace, keepAlive: [AnyObject] = [], iommufdAttachment: IOMMUFDAttachment? = nil) {
+        self.device = device; self.dmaSpace = dmaSpace; self.keepAlive = keepAlive; self.iommufdAttachment = iommufdAttachment
     }
 
     /// The legacy IOMMU group the device came from (a live update hands its fd over).
@@ -87,10 +89,11 @@ public final class AssignedKernelDevice: VFIODevice, @unchecked Sendable {
             let devid: UInt32
             do { devid = try device.bind(iommufd) } catch { throw d.explain(error, doing: "binding \(path) to an iommufd") }
             let ioas = try iommufd.allocateIOAS()
-            let hwpt = try device.attach(pageTable: ioas)
-            let a = AssignedKernelDevice(device: device, dmaSpace: .iommufd(iommufd, ioas: ioas))
+            // On a dirty-tracking HWPT when the IOMMU has a dirty bit, else on the IOAS (HWPT.swift).
+            let att = try IOMMUFDAttachment.attach(deviceID: devid, name: d.name, iommufd: iommufd, ioas: ioas) { try device.attach(pageTable: $0) }
+            let a = AssignedKernelDevice(device: device, dmaSpace: .iommufd(iommufd, ioas: ioas), iommufdAttachment: att)
             a.openedThrough = "iommufd, cdev \(path), IOAS \(ioas)"
-            a.iommufdIDs = (devid, hwpt)
+            a.iommufdIDs = (devid, att.pageTableID)
             return a
         }
     }
@@ -243,10 +246,22 @@ public final class AssignedKernelDevice: VFIODevice, @unchecked Sendable {
         return words
     }
 
-    /// The container's type1 dirty tracking. The iommufd HWPT's is not wired up yet.
+    /// The container's type1 dirty tracking, or the iommufd HWPT's when the device is on one.
     public var iommuDirtyTracker: VFIOIOMMUDirtyTracker? {
-        if case let .container(c) = dmaSpace, c.supportsDirtyPageTracking() { return c }
-        return nil
+        switch dmaSpace {
+        case let .container(c): return c.supportsDirtyPageTracking() ? c : nil
+        case .iommufd: return iommufdAttachment?.tracker
+        }
+    }
+
+    /// Why `iommuDirtyTracker` is nil (nil when there is one).
+    public var iommuDirtyTrackerUnavailable: String? {
+        switch dmaSpace {
+        case let .container(c): return c.supportsDirtyPageTracking() ? nil : "the type1 container reports no dirty-page migration capability"
+        case .iommufd:
+            guard let a = iommufdAttachment else { return "device \(device.name) was not attached through IOMMUFDAttachment (adopted from a predecessor?)" }
+            return a.trackerUnavailable
+        }
     }
 
     // MARK: MigrationDeviceHandle (the kernel device's own)

@@ -15,6 +15,8 @@ struct MigrationBench: ParsableCommand {
     var downtimeLimit: UInt64 = 300
     @Flag(help: "Leave out QEMU 11.1's figures even when scripts/qemu11.sh finds it.")
     var noQemu = false
+    @Option(help: "Guest RAM sizes of the scale table (BenchScale.swift), e.g. 256M,1G,4G,8G; a size the machine's memory cannot hold is skipped with the reason; \"\" leaves it out.")
+    var sizes = "256M,1G,4G,8G"
     @OptionGroup var output: BenchOutputOptions
     @OptionGroup var global: GlobalOptions
 
@@ -111,5 +113,6 @@ struct MigrationBench: ParsableCommand {
                        target: "within max(20%, 5 ms) of measured", met: abs(predicted - s.downtimeMS) <= max(0.2 * s.downtimeMS, 5))
             out.figure("iterations at \(rate) pages/s", Double(s.iterations), "iterations")
         }
+        try ScaleBench.run(sizes: sizes, out: out)
     }
 }

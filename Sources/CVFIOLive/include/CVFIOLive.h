@@ -26,6 +26,7 @@
 
 #include "vfio_uapi.h"
 #include "iommufd_uapi.h"
+#include "iommufd_hwpt_uapi.h"
 #include "kvm_uapi.h"
 #include "vfio_mig_uapi.h"
 
