@@ -265,4 +265,124 @@ final class KernelMigrationTests: XCTestCase {
             XCTAssertTrue("\(e)".contains("migration blocked"), "\(e)")
         }
     }
+
+    // MARK: whole VMM processes
+
+    /// A child process of the vfio-live binary, its output collected; killed at the end.
+    final class VMM {
+        let pid: pid_t
+        let log: String
+        init(_ args: [String], log: String) throws {
+            self.log = log
+            pid = try ChildProcess.spawn("/bin/sh", ["sh", "-c", "exec \"$0\" \"$@\" >\(log) 2>&1", KernelVFIOTests.binary] + args)
+        }
+        var output: String { (try? String(contentsOfFile: log, encoding: .utf8)) ?? "" }
+        private var status: Int32?
+        /// The exit status once it exited (waitpid reaps once: the status is kept).
+        var exited: Int32? {
+            if status == nil { status = ChildProcess.exitStatus(pid) }
+            return status
+        }
+        func stop() {
+            if exited == nil { kill(pid, SIGTERM) }
+            let deadline = monotonicNanoseconds() + 10_000_000_000
+            while exited == nil && monotonicNanoseconds() < deadline { usleep(20_000) }
+            if exited == nil { kill(pid, SIGKILL); status = ChildProcess.wait(pid) }
+        }
+    }
+
+    /// One QMP command on a fresh connection (bounded); the "return" object, or the error.
+    static func qmp(_ path: String, _ command: String) throws -> [String: Any] {
+        let s = try UnixSocket.connect(path: path)
+        defer { s.close() }
+        var buf: [UInt8] = []
+        func line() throws -> [String: Any] {
+            while true {
+                if let nl = buf.firstIndex(of: 10) {
+                    let l = Data(buf[..<nl]); buf.removeFirst(nl + 1)
+                    if let o = try JSONSerialization.jsonObject(with: l) as? [String: Any], o["event"] == nil { return o }
+                    continue
+                }
+                guard try Poll.waitReadable(s.fd, timeoutMilliseconds: 20_000) else { throw Errno(ETIMEDOUT) }
+                var chunk = [UInt8](repeating: 0, count: 4096)
+                let n = try chunk.withUnsafeMutableBytes { try s.fd.read(into: $0) }
+                guard n > 0 else { throw Errno.ECONNRESET }
+                buf += chunk[0..<n]
+            }
+        }
+        _ = try line()  // greeting
+        for c in ["qmp_capabilities", command] {
+            try s.send(Array("{\"execute\":\"\(c)\"}".utf8))
+            let r = try line()
+            if let e = r["error"] { throw KernelVFIOError.invalid("QMP \(c): \(e)") }
+            if c == command { return r["return"] as? [String: Any] ?? [:] }
+        }
+        return [:]
+    }
+
+    func waitFor(_ path: String, _ vmm: VMM) throws {
+        let deadline = monotonicNanoseconds() + 60_000_000_000
+        while access(path, F_OK) != 0 {
+            guard monotonicNanoseconds() < deadline, vmm.exited == nil else { throw KernelVFIOError.invalid("\(path) did not appear: \(vmm.output)") }
+            usleep(20_000)
+        }
+    }
+
+    /// Two `vfio-live vm run --device vfio-pci,sysfsdev=...` processes in the guest, each with
+    /// its own mtty, and `vfio-live migrate` over QMP, as a user would. The scratch registers are
+    /// written through the device before the source VMM opens it; after the migration the
+    /// destination VMM runs the VM, and once it has quit its device still holds the values the
+    /// kernel moved.
+    func processMigration(_ backend: AssignedKernelDevice.Backend, over transport: Transport) throws {
+        if backend == .iommufd, access("/dev/iommu", F_OK) != 0 { throw XCTSkip("no /dev/iommu (IOMMUFD is not in this kernel)") }
+        guard access(Self.binaryPath, X_OK) == 0 else { throw XCTSkip("vfio-live is not built at \(Self.binaryPath)") }
+        let srcPath = try createMtty(), dstPath = try createMtty()
+        do {
+            let d = try AssignedKernelDevice.open(sysfsPath: srcPath, backend: .legacy)
+            for port in UInt32(0)..<2 { try d.regionStore(port, 7, Self.scratch(0, port)) }
+            d.device.fd.close()
+            if case let .container(c) = d.dmaSpace { c.fd.close() }
+        }
+        let tag = "/tmp/vl-kmig-\(getpid())-\(UInt32.random(in: 0...UInt32.max))"
+        let iommufd = backend == .iommufd ? ",iommufd=on" : ""
+        let common = ["vm", "run", "--memory", "16M", "--workload", "dirty-rate=5000,working-set=2M,dma-every=0", "--software-vcpus"]
+        let src = try VMM(common + ["--device", "vfio-pci,sysfsdev=\(srcPath)\(iommufd)", "--qmp", "\(tag)-src.qmp"], log: "\(tag)-src.log")
+        defer { src.stop() }
+        let port = UInt16.random(in: 20_000...60_000)
+        let uri = transport == .tcp ? "tcp:127.0.0.1:\(port)" : "unix:\(tag)-mig.sock"
+        let dst = try VMM(common + ["--device", "vfio-pci,sysfsdev=\(dstPath)\(iommufd)", "--qmp", "\(tag)-dst.qmp", "--incoming", uri], log: "\(tag)-dst.log")
+        defer { dst.stop() }
+        try waitFor("\(tag)-src.qmp", src)
+        try waitFor("\(tag)-dst.qmp", dst)
+        if transport == .unix { try waitFor("\(tag)-mig.sock", dst) } else { usleep(500_000) }
+        XCTAssertEqual(try Self.qmp("\(tag)-src.qmp", "query-status")["status"] as? String, "running")
+        var args = ["migrate", "--qmp", "\(tag)-src.qmp", "--to", uri, "--max-iterations", "6", "--qmp-timeout", "30"]
+        if backend == .iommufd { args.append("--allow-untracked-devices") }
+        let t0 = monotonicNanoseconds()
+        let m = try VMM(args, log: "\(tag)-migrate.log")
+        let deadline = monotonicNanoseconds() + 120_000_000_000
+        while m.exited == nil && monotonicNanoseconds() < deadline { usleep(50_000) }
+        let ms = Double(monotonicNanoseconds() - t0) / 1e6
+        if m.exited == nil { m.stop() }
+        XCTAssertEqual(m.exited, 0, "migrate: \(m.output)\nsource: \(src.output)\ndestination: \(dst.output)")
+        XCTAssertTrue(m.output.contains("migration completed"), m.output)
+        XCTAssertEqual(try Self.qmp("\(tag)-dst.qmp", "query-status")["status"] as? String, "running", dst.output)
+        XCTAssertEqual(try Self.qmp("\(tag)-src.qmp", "query-status")["status"] as? String, "postmigrate")
+        let q = try Self.qmp("\(tag)-src.qmp", "query-migrate")
+        print("kmig figures: processes, \(backend), \(transport): migrate command \(String(format: "%.0f", ms)) ms; query-migrate total-time \(q["total-time"] ?? "?") ms, downtime \(q["downtime"] ?? "?") ms, vfio \(q["vfio"] ?? "?")")
+        // The destination VMM goes; its device keeps the state the kernel loaded.
+        _ = try? Self.qmp("\(tag)-dst.qmp", "quit")
+        dst.stop()
+        XCTAssertEqual(dst.exited, 0, dst.output)
+        let d = try AssignedKernelDevice.open(sysfsPath: dstPath, backend: .legacy)
+        opened.append(d)
+        for port in UInt32(0)..<2 {
+            XCTAssertEqual(try d.regionLoad(port, 7, as: UInt8.self), Self.scratch(0, port), "port \(port)'s scratch register came across through the VMM processes")
+        }
+    }
+
+    static var binaryPath: String { KernelVFIOTests.binary }
+
+    func testMttyVMMigratesBetweenTwoVMMProcessesOverUNIXThroughALegacyContainer() throws { try processMigration(.legacy, over: .unix) }
+    func testMttyVMMigratesBetweenTwoVMMProcessesOverTCPThroughIOMMUFD() throws { try processMigration(.iommufd, over: .tcp) }
 }
