@@ -25,6 +25,15 @@ public enum DeviceTransferError: Error, CustomStringConvertible {
     }
 }
 
+/// A transport that can move v2 migration data from its device straight to another device of
+/// the same transport, without handing each piece to the caller (vfio-user: pipelined
+/// MIG_DATA_READ, each reply sent on as a MIG_DATA_WRITE from the buffer it arrived in).
+public protocol MigrationDataRelay: AnyObject {
+    /// Move data until the source's current data ends (a short read); returns the bytes moved,
+    /// or nil when `destination` is not of this transport (the caller copies instead).
+    func relayMigrationData(to destination: MigrationDeviceHandle, chunk: Int, beforeWrite: (() throws -> Void)?) throws -> UInt64?
+}
+
 /// Moves one device's state from a source to a destination: destination to RESUMING, pre-copy
 /// rounds while the source runs, stop-copy, destination RESUMING→STOP (where it validates the
 /// image) →RUNNING, source STOP_COPY→STOP. Any failure before the destination runs puts the
@@ -56,6 +65,18 @@ public final class DeviceStateTransfer {
 
     private func pump(_ bytes: inout UInt64, writes: inout Int) throws -> UInt64 {
         var moved: UInt64 = 0
+        if source.proto == .v2, destination.proto == .v2, let relay = source.device as? MigrationDataRelay {
+            let hook = beforeDestinationWrite
+            var n = writes
+            defer { writes = n }
+            if let m = try relay.relayMigrationData(to: destination.device, chunk: options.chunk, beforeWrite: {
+                try hook?(n)
+                n += 1
+            }) {
+                bytes += m
+                return m
+            }
+        }
         while true {
             let data = try source.read(max: options.chunk)
             if data.isEmpty { return moved }
