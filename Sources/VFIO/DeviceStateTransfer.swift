@@ -11,6 +11,10 @@ public struct DeviceTransferReport: Sendable {
     public var totalNanoseconds: UInt64 = 0
     /// From the source leaving a running state to the destination running: the device's downtime.
     public var stopCopyNanoseconds: UInt64 = 0
+    /// Its parts: the source's move to STOP_COPY, the data, the destination's load and run.
+    public var stopTransitionNanoseconds: UInt64 = 0
+    public var stopCopyDataNanoseconds: UInt64 = 0
+    public var destinationLoadNanoseconds: UInt64 = 0
     public var totalBytes: UInt64 { preCopyBytes + stopCopyBytes }
 }
 
@@ -113,9 +117,14 @@ public final class DeviceStateTransfer {
             try beforeStopCopy?()
             stopStart = monotonicNanoseconds()
             report.sourcePath += try source.transition(to: .stopCopy).dropFirst()
+            let t1 = monotonicNanoseconds()
             _ = try pump(&report.stopCopyBytes, writes: &writes)
+            let t2 = monotonicNanoseconds()
             phase = "destination load"
             report.destinationPath += try destination.transition(to: .running).dropFirst()
+            report.stopTransitionNanoseconds = t1 - stopStart
+            report.stopCopyDataNanoseconds = t2 - t1
+            report.destinationLoadNanoseconds = monotonicNanoseconds() - t2
         } catch {
             var recovered = false
             if let st = try? source.state() {

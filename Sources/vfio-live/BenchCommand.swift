@@ -255,6 +255,7 @@ struct DeviceStateBench: ParsableCommand {
         out.say("device-state transfer               \(pad(gbps(rate), 17)) raw AF_UNIX stream \(pad(gbps(unix), 12)) \(pad(ratioText(rate / unix), 7)) ≥ 0.5×")
         out.say("device-state transfer / memcpy      \(pad(gbps(rate), 17)) memcpy             \(pad(gbps(mc), 12)) \(pad(formatFixed(100 * rate / mc, 0) + "%", 7))")
         out.figure("device-state transfer", rate, "bytes/s", reference: "raw AF_UNIX stream", referenceValue: unix, target: "≥ 0.5×", met: rate >= 0.5 * unix)
+        out.say("  of which: source to STOP_COPY \(formatFixed(Double(r.stopTransitionNanoseconds) / 1e6, 1)) ms, data \(formatFixed(Double(r.stopCopyDataNanoseconds) / 1e6, 1)) ms (\(gbps(Double(r.stopCopyBytes) / (Double(max(r.stopCopyDataNanoseconds, 1)) / 1e9)))), destination load and RUNNING \(formatFixed(Double(r.destinationLoadNanoseconds) / 1e6, 1)) ms")
         out.figure("device-state transfer vs memcpy", rate, "bytes/s", reference: "memcpy", referenceValue: mc)
     }
 }
