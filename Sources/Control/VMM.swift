@@ -449,7 +449,11 @@ public final class VirtualMachineManager: QMPHandler, @unchecked Sendable {
             return queryMigrate()
         case "migrate-set-parameters":
             try lock.withLock {
-                if let v = a?["downtime-limit"] { guard let n = v.uint64, n <= 2_000_000 else { throw QMPError("downtime-limit must be 0..2000000 ms") }; parameters.downtimeLimitMS = n }
+                if let v = a?["downtime-limit"] {
+                    guard let n = v.uint64, n <= 2_000_000 else { throw QMPError("downtime-limit must be 0..2000000 ms") }
+                    parameters.downtimeLimitMS = n
+                    outgoing?.setDowntimeLimit(n)  // a migration in progress takes it at its next decision (as QEMU)
+                }
                 if let v = a?["max-bandwidth"] { guard let n = v.uint64 else { throw QMPError("max-bandwidth must be bytes per second") }; parameters.maxBandwidth = n }
                 if let v = a?["x-max-iterations"] { guard let n = v.uint64, n > 0 else { throw QMPError("x-max-iterations must be positive") }; parameters.maxIterations = n }
                 if let v = a?["cpu-throttle-initial"]?.uint64 { parameters.throttleInitial = min(max(v, 1), 99) }
@@ -538,6 +542,16 @@ public final class VirtualMachineManager: QMPHandler, @unchecked Sendable {
         do { return try d.migrationCapabilities() == nil } catch { return false }
     }
 
+    /// A downtime breakdown in ms, three decimals.
+    static func phasesJSON(_ p: DowntimePhases) -> JSONValue {
+        func ms(_ v: Double) -> JSONValue { .number((v * 1000).rounded() / 1000) }
+        return .object([
+            ("pause", ms(p.pause)), ("ram-remainder", ms(p.ramRemainder)), ("devices", .array(p.devices.map(ms))),
+            ("vcpu-state", ms(p.vcpuState)), ("destination-load", ms(p.destinationLoad)), ("handshake", ms(p.handshake)),
+            ("resume", ms(p.resume)), ("total", ms(p.totalMS)), ("destination-reported", .bool(p.destinationReported)),
+        ])
+    }
+
     func queryMigrate() -> JSONValue {
         let s = lock.withLock { stats }
         return s.snapshot { st in
@@ -561,6 +575,10 @@ public final class VirtualMachineManager: QMPHandler, @unchecked Sendable {
                 ("throttle-percent", .number(Double(st.throttlePercent))), ("forced-switchover", .bool(st.forcedSwitchover)),
                 ("source-outcome", st.status == .failed || st.status == .cancelled ? .string(st.sourceOutcome) : .null),
             ])))
+            // Per-phase downtime (vfio-live's, in QEMU's x- style): measured once completed,
+            // and the prediction behind expected-downtime while it runs.
+            if let b = st.downtimeBreakdown { o.append(("x-downtime-breakdown", Self.phasesJSON(b))) }
+            if let b = st.expectedBreakdown { o.append(("x-expected-downtime-breakdown", Self.phasesJSON(b))) }
             if let e = st.errorDescription { o.append(("error-desc", .string(e))) }
             if let r = liveUpdateReport, let j = try? JSONValue.parse(Array(r.json.utf8)[...]) { o.append(("x-vfio-live-cpr", j)) }
             return .object(o)

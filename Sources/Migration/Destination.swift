@@ -18,6 +18,8 @@ public final class MigrationDestination: MigrationSink, @unchecked Sendable {
     public private(set) var pagesReceived: UInt64 = 0
     public private(set) var deviceBytes: [UInt64] = []
     private var ended = false
+    /// When END arrived: the destination's load runs from here to READY.
+    private var endReceivedAt: UInt64 = 0
     public private(set) var resumedAt: UInt64 = 0
     public let stats = MigrationStats()
     /// How long the source may send nothing (mid-stream, or before GO) before the migration
@@ -69,7 +71,8 @@ public final class MigrationDestination: MigrationSink, @unchecked Sendable {
             guard ended else { throw StreamError.missingEnd }
             if decoder.version >= 2 {
                 // Two-phase switch-over: loaded; the source decides.
-                try Verdict.send(socket, .ready, "")
+                // The load time rides in READY's text (empty from older builds; see DestinationTimes).
+                try Verdict.send(socket, .ready, DestinationTimes.readyText(loadNS: monotonicNanoseconds() - endReceivedAt))
                 let go: Verdict.Message
                 do { go = try Verdict.read(socket) } catch let e as Errno where e == .EAGAIN {
                     throw MigrationError.peerTimeout("the source did not say GO within \(peerTimeoutMS) ms; the guest does not run here")
@@ -78,6 +81,7 @@ public final class MigrationDestination: MigrationSink, @unchecked Sendable {
                 }
                 guard go.kind == .go else { throw MigrationError.channel("the source sent \(go.kind) instead of GO") }
             }
+            let goAt = monotonicNanoseconds()
             for i in migrations.indices { if let cfg = configs[i] { try applyConfig(i, cfg) } }
             // A guest that stays paused keeps its devices in STOP until `cont`. Else QEMU's
             // order at vm_start: every P2P device STOP→RUNNING_P2P, then each to RUNNING.
@@ -99,6 +103,9 @@ public final class MigrationDestination: MigrationSink, @unchecked Sendable {
                 resumed = true
             }
             resumedAt = monotonicNanoseconds()
+            // The resume time for the source's downtime breakdown (an older source ignores it).
+            summary.removeLast()
+            summary += ",\"x-resume-ns\":\(resumedAt - goAt)}"
             Verdict.send(socket, ok: true, summary)
             stats.set(.completed)
         } catch {
@@ -152,6 +159,7 @@ public final class MigrationDestination: MigrationSink, @unchecked Sendable {
     }
 
     public func end(pagesSent: UInt64) throws {
+        endReceivedAt = monotonicNanoseconds()
         guard pagesSent == pagesReceived else {
             throw StreamError.malformed(.end, id: 0, "the source sent \(pagesSent) pages, \(pagesReceived) arrived")
         }

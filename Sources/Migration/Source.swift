@@ -82,6 +82,17 @@ public final class MigrationSource: @unchecked Sendable {
     /// Where RAM sections are assembled (4 MiB of data at most per section).
     private let staging: MappedRegion
     private var sentSinceStart: UInt64 = 0
+    /// Time spent sleeping for max-bandwidth: taken out of the RAM rate the downtime is
+    /// predicted with, as stop-and-copy is not paced.
+    private var pacedNS: UInt64 = 0
+    private var downtimeModel = DowntimeModel()
+    /// migrate-set-parameters downtime-limit while the migration runs (QEMU applies it at once).
+    private var downtimeLimitOverride: UInt64?
+    private var downtimeLimitMS: UInt64 { control.withLock { downtimeLimitOverride } ?? parameters.downtimeLimitMS }
+    public func setDowntimeLimit(_ ms: UInt64) {
+        control.withLock { downtimeLimitOverride = ms }
+        stats.update { stats.downtimeLimitMS = ms }
+    }
     /// Data bytes per RAM section: 4 MiB, or about 50 ms at max-bandwidth, so pacing sleeps are
     /// short and the destination never sees a long silence.
     private let sectionDataLimit: Int
@@ -302,6 +313,7 @@ public final class MigrationSource: @unchecked Sendable {
             if switchoverRequested { return }
             try sampleDirty()
             usleep(UInt32(min(due - now, 20_000_000) / 1000))
+            pacedNS += monotonicNanoseconds() - now
         }
     }
 
@@ -685,8 +697,10 @@ public final class MigrationSource: @unchecked Sendable {
         while true {
             try checkCancelled()
             if switchoverRequested { break }
-            let t0 = monotonicNanoseconds(), b0 = stats.transferredBytes
+            let t0 = monotonicNanoseconds(), b0 = stats.transferredBytes, p0 = pacedNS
             let pass = try sendPages(dirty)
+            let ramNS = monotonicNanoseconds() - t0
+            downtimeModel.noteRAM(bytes: stats.transferredBytes - b0, ns: ramNS - min(pacedNS - p0, ramNS))
             if let stop = pass.stoppedAt {
                 // Switch-over requested mid-pass: pages from `stop` on were not sent yet.
                 for k in dirty.indices {
@@ -696,19 +710,34 @@ public final class MigrationSource: @unchecked Sendable {
                 for k in dirty.indices { dirty[k] |= pendingDirty[k]; pendingDirty[k] = 0 }
                 break
             }
-            for i in devices.indices where devices[i].inPreCopy { try sendDeviceData(i, final: false) }
+            for i in devices.indices where devices[i].inPreCopy {
+                let d0 = monotonicNanoseconds(), q0 = pacedNS
+                let moved = try sendDeviceData(i, final: false)
+                let dt = monotonicNanoseconds() - d0
+                downtimeModel.noteDevice(i, bytes: moved, ns: dt - min(pacedNS - q0, dt))
+            }
             try sampleDirty(force: true)
+            let h0 = monotonicNanoseconds()
             dirty = try harvest()
+            downtimeModel.harvestNS = monotonicNanoseconds() - h0
             for k in dirty.indices { dirty[k] |= pendingDirty[k]; pendingDirty[k] = 0 }
             let now = monotonicNanoseconds()
             let dt = max(now - t0, 1)
             let bytes = stats.transferredBytes - b0
             let dirtyCount = UInt64(dirty.setBitCount)
-            let deviceRemaining = devices.reduce(UInt64(0)) { $0 + ($1.migration.stopCopySize() ?? (1 << 20)) }
-            let remaining = dirtyCount * 4096 + deviceRemaining
+            var deviceSizes: [UInt64?] = []
+            for (i, d) in devices.enumerated() {
+                let r0 = monotonicNanoseconds()
+                deviceSizes.append(d.migration.stopCopySize())
+                downtimeModel.noteRoundTrip(i, ns: monotonicNanoseconds() - r0)
+            }
+            let remaining = dirtyCount * 4096 + deviceSizes.reduce(UInt64(0)) { $0 + ($1 ?? (1 << 20)) }
             // Bandwidth of this iteration (a floor of 1 MB/s keeps the estimate finite).
             let bw = max(Double(bytes) / (Double(dt) / 1e9), 1e6)
-            let expected = Double(remaining) / bw * 1000
+            // Everything inside the stop, from costs measured in this migration (DowntimeModel).
+            let prediction = downtimeModel.predict(dirtyPages: dirtyCount, deviceSizes: deviceSizes, vcpuStateBytes: vm.vcpuCount * 1024,
+                                                   rttNS: DowntimeModel.connectionRoundTripNS(socket.fd.rawValue), fallbackRate: bw)
+            let expected = prediction.totalMS
             // The dirty rate over the last iteration(s), at least 250 ms of them.
             let window = now - windowStartNS
             let rate: UInt64? = window >= 250_000_000 || stats.iterations == 0 ? UInt64(Double(dirtiedInWindow) / (Double(max(window, 1)) / 1e9)) : nil
@@ -717,14 +746,17 @@ public final class MigrationSource: @unchecked Sendable {
                 stats.iterations += 1
                 stats.remainingBytes = remaining
                 stats.bandwidth = bw
-                stats.expectedDowntimeMS = UInt64(expected)
+                stats.expectedDowntimeMS = UInt64(expected.rounded())
+                stats.expectedBreakdown = prediction
                 if let r = rate { stats.dirtyPagesRate = r }
             }
             Log.debug("migration", "iteration \(stats.iterations): \(pass.sent) pages, \(dirtyCount) dirtied meanwhile, expected downtime \(Int(expected)) ms, dirty rate \(stats.dirtyPagesRate) pages/s")
-            if expected <= Double(parameters.downtimeLimitMS) { break }
+            // Switch over only when the whole predicted stop fits the limit.
+            let limit = downtimeLimitMS
+            if expected <= Double(limit) { break }
             if stats.iterations >= parameters.maxIterations {
                 stats.update { stats.forcedSwitchover = true }
-                Log.warning("migration", "not converging after \(stats.iterations) iterations (expected downtime \(Int(expected)) ms > \(parameters.downtimeLimitMS) ms): switching over anyway")
+                Log.warning("migration", "not converging after \(stats.iterations) iterations (expected downtime \(Int(expected)) ms > \(limit) ms): switching over anyway")
                 break
             }
         }
@@ -737,7 +769,9 @@ public final class MigrationSource: @unchecked Sendable {
         }
         stats.set(.device)
         throttler.set(percent: 0)  // first: the throttle thread must not resume after our pause
-        let stopStart = monotonicNanoseconds()
+        // Each phase of the downtime is timed from one boundary to the next, so that the
+        // breakdown sums to the downtime.
+        var clock = DowntimeClock()
         vm.pause()
         pausedByUs = true
         // QEMU's order at VM stop (vm_state_notify: every prepare handler, then every main
@@ -745,13 +779,16 @@ public final class MigrationSource: @unchecked Sendable {
         // STOP_COPY, so no device stops while another can still start P2P DMA to it.
         let errors = DeviceMigration.transitionAll(devices.map(\.migration), to: .stopCopy)
         if let i = errors.firstIndex(where: { $0 != nil }) { throw MigrationError.device(i, "\(errors[i]!)") }
+        clock.mark(\.pause)
         let final = try harvest(final: true)
         for k in dirty.indices { dirty[k] |= final[k] }
         try sendPages(dirty)
-        for i in devices.indices { try sendDeviceData(i, final: true); try sendDeviceConfig(i) }
+        clock.mark(\.ramRemainder)
+        for i in devices.indices { try sendDeviceData(i, final: true); try sendDeviceConfig(i); clock.markDevice() }
         let states: [VCPUState]
         do { states = try vm.saveVCPUs() } catch { throw MigrationError.channel("saving vCPU state: \(error)") }
         try send(.vcpus, MigrationStream.vcpusPayload(states.map { VCPUStateBytes(regs: $0.regs, sregs: $0.sregs, fpu: $0.fpu) }))
+        clock.mark(\.vcpuState)
         // The destination resumes only if the guest was running here: a VM paused before the
         // migration, or stopped during it, stays paused (QEMU's global run state).
         let running = devices.allSatisfy { $0.initialState == .running } && !switchoverRequested && !vmWasPausedAtStart
@@ -760,6 +797,7 @@ public final class MigrationSource: @unchecked Sendable {
         // is it told GO. Until GO the source can still take the VM back (cancel, timeout).
         phase = .handshake
         let ready = try receiveVerdict("waiting for the destination to load the state")
+        let readyWait = clock.lap()
         guard ready.kind == .ready else {
             if ready.kind == .error { throw MigrationError.destination(ready.text) }
             throw MigrationError.channel("the destination answered \(ready.kind) before GO")
@@ -781,7 +819,11 @@ public final class MigrationSource: @unchecked Sendable {
             control.withLock { committed = false }
             throw MigrationError.destination(verdict.text)
         }
-        let downtime = Double(monotonicNanoseconds() - stopStart) / 1e6
+        let ackWait = clock.lap()
+        let downtime = clock.elapsedMS
+        let breakdown = clock.phases(readyWaitNS: readyWait, ackWaitNS: ackWait,
+                                     loadNS: DestinationTimes.value("x-load-ns", in: ready.text),
+                                     resumeNS: DestinationTimes.value("x-resume-ns", in: verdict.text))
         control.withLock { finished = true }
         // Done: off the downtime path, the source's devices end their sessions.
         for d in devices {
@@ -792,6 +834,7 @@ public final class MigrationSource: @unchecked Sendable {
         try? vm.setDirtyLogging(false)
         stats.update {
             stats.downtimeMS = downtime
+            stats.downtimeBreakdown = breakdown
             stats.remainingBytes = 0
             stats.totalTimeMS = Double(monotonicNanoseconds() - stats.startNS) / 1e6
         }

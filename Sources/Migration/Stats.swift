@@ -31,6 +31,11 @@ public final class MigrationStats: @unchecked Sendable {
     /// the prediction.
     public internal(set) var switchoverRequested = false
     public internal(set) var downtimeLimitMS: UInt64 = 0
+    /// Where the measured downtime went (set when the migration completes); the phases sum to
+    /// `downtimeMS`.
+    public internal(set) var downtimeBreakdown: DowntimePhases?
+    /// The prediction behind `expectedDowntimeMS`, phase by phase (updated each iteration).
+    public internal(set) var expectedBreakdown: DowntimePhases?
     /// After a failure: where the guest is ("the VM runs on at the source", or why it stays paused).
     public internal(set) var sourceOutcome = "the VM runs on at the source"
     /// Called on every status change (the MIGRATION event).
@@ -71,6 +76,31 @@ public final class MigrationStats: @unchecked Sendable {
     /// Read several fields together (they are updated under the lock; word-sized reads of a
     /// snapshot in progress are at worst one update stale, which progress reports tolerate).
     public func snapshot<T>(_ body: (MigrationStats) -> T) -> T { body(self) }
+}
+
+/// The downtime, phase by phase, in milliseconds: measured at the source (with the
+/// destination's own times from the handshake), or predicted before switch-over.
+public struct DowntimePhases: Sendable, Equatable {
+    /// vCPUs parked and devices moved to STOP_COPY.
+    public var pause = 0.0
+    /// The last dirty pages: the final harvest and their sending.
+    public var ramRemainder = 0.0
+    /// Each device's remaining state (to the end of its stream) and its config record.
+    public var devices: [Double] = []
+    /// vCPU registers saved and sent.
+    public var vcpuState = 0.0
+    /// The destination's load after END (devices RESUMING→STOP) until READY, as it measured it.
+    public var destinationLoad = 0.0
+    /// The rest of the two handshakes (END→READY, GO→ACK): transit, and the destination
+    /// catching up with what was still queued on the connection.
+    public var handshake = 0.0
+    /// The destination's resume after GO: config restored, devices RUNNING, vCPUs resumed.
+    public var resume = 0.0
+    /// Whether the destination reported its load and resume times (an older destination does
+    /// not: then its load is the whole END→READY wait and its resume the whole GO→ACK wait).
+    public var destinationReported = false
+    public init() {}
+    public var totalMS: Double { pause + ramRemainder + devices.reduce(0, +) + vcpuState + destinationLoad + handshake + resume }
 }
 
 /// A migration's parameters and capabilities (migrate-set-parameters / -capabilities).

@@ -11,6 +11,10 @@ public struct DeviceTransferReport: Sendable {
     public var totalNanoseconds: UInt64 = 0
     /// From the source leaving a running state to the destination running: the device's downtime.
     public var stopCopyNanoseconds: UInt64 = 0
+    /// Its parts: the source's move to STOP_COPY, the data, the destination's load and run.
+    public var stopTransitionNanoseconds: UInt64 = 0
+    public var stopCopyDataNanoseconds: UInt64 = 0
+    public var destinationLoadNanoseconds: UInt64 = 0
     public var totalBytes: UInt64 { preCopyBytes + stopCopyBytes }
 }
 
@@ -23,6 +27,15 @@ public enum DeviceTransferError: Error, CustomStringConvertible {
                 (rec ? "the source device is back in RUNNING with its state intact" : "the source device could NOT be returned to RUNNING")
         }
     }
+}
+
+/// A transport that can move v2 migration data from its device straight to another device of
+/// the same transport, without handing each piece to the caller (vfio-user: pipelined
+/// MIG_DATA_READ, each reply sent on as a MIG_DATA_WRITE from the buffer it arrived in).
+public protocol MigrationDataRelay: AnyObject {
+    /// Move data until the source's current data ends (a short read); returns the bytes moved,
+    /// or nil when `destination` is not of this transport (the caller copies instead).
+    func relayMigrationData(to destination: MigrationDeviceHandle, chunk: Int, beforeWrite: (() throws -> Void)?) throws -> UInt64?
 }
 
 /// Moves one device's state from a source to a destination: destination to RESUMING, pre-copy
@@ -56,6 +69,18 @@ public final class DeviceStateTransfer {
 
     private func pump(_ bytes: inout UInt64, writes: inout Int) throws -> UInt64 {
         var moved: UInt64 = 0
+        if source.proto == .v2, destination.proto == .v2, let relay = source.device as? MigrationDataRelay {
+            let hook = beforeDestinationWrite
+            var n = writes
+            defer { writes = n }
+            if let m = try relay.relayMigrationData(to: destination.device, chunk: options.chunk, beforeWrite: {
+                try hook?(n)
+                n += 1
+            }) {
+                bytes += m
+                return m
+            }
+        }
         while true {
             let data = try source.read(max: options.chunk)
             if data.isEmpty { return moved }
@@ -92,9 +117,14 @@ public final class DeviceStateTransfer {
             try beforeStopCopy?()
             stopStart = monotonicNanoseconds()
             report.sourcePath += try source.transition(to: .stopCopy).dropFirst()
+            let t1 = monotonicNanoseconds()
             _ = try pump(&report.stopCopyBytes, writes: &writes)
+            let t2 = monotonicNanoseconds()
             phase = "destination load"
             report.destinationPath += try destination.transition(to: .running).dropFirst()
+            report.stopTransitionNanoseconds = t1 - stopStart
+            report.stopCopyDataNanoseconds = t2 - t1
+            report.destinationLoadNanoseconds = monotonicNanoseconds() - t2
         } catch {
             var recovered = false
             if let st = try? source.state() {

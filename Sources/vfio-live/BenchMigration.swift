@@ -20,6 +20,17 @@ struct MigrationBench: ParsableCommand {
     @OptionGroup var output: BenchOutputOptions
     @OptionGroup var global: GlobalOptions
 
+    static func phaseList(_ p: DowntimePhases) -> [(String, Double)] {
+        var l = [("pause", p.pause), ("RAM remainder", p.ramRemainder)]
+        for (i, d) in p.devices.enumerated() { l.append(("device \(i)", d)) }
+        l += [("vCPU state", p.vcpuState), ("destination load", p.destinationLoad), ("handshake", p.handshake), ("resume", p.resume)]
+        return l
+    }
+
+    static func phasesText(_ p: DowntimePhases) -> String {
+        phaseList(p).map { "\($0.0) \(formatFixed($0.1, 1))" }.joined(separator: ", ") + " ms"
+    }
+
     /// Raw TCP loopback: one thread sends `bytes` in 4 MiB writes, this one receives them.
     static func rawTCP(bytes: Int) throws -> Double {
         let l = try TCPListener(host: "127.0.0.1", port: 0)
@@ -99,18 +110,27 @@ struct MigrationBench: ParsableCommand {
         }
         out.say("")
         out.say("downtime against downtime-limit \(downtimeLimit) ms (64 MiB working set, 2 vCPUs' worth of writes)")
-        out.say("dirty rate (pages/s)   iterations   downtime (ms)   expected (ms)   within limit")
+        out.say("dirty rate (pages/s)   iterations   downtime (ms)   predicted (ms)   within max(20%, 5 ms)   within limit")
         for rate: UInt64 in [10_000, 50_000, 200_000] {
             var wl = w; wl.dirtyRate = rate
             var p = MigrationParameters(); p.downtimeLimitMS = downtimeLimit
             let s = try Self.migrate(memory: mem, workload: wl, run: true, fill: false, parameters: p)
-            out.say("\(pad(String(rate), 22)) \(pad(String(s.iterations), 12)) \(pad(formatFixed(s.downtimeMS, 1), 15)) \(pad(String(s.expectedDowntimeMS), 15)) \(s.downtimeMS <= Double(downtimeLimit) ? "yes" : "NO")\(s.forcedSwitchover ? " (forced switch-over)" : "")")
+            // Predicted beside measured: the issue-12 goal is within max(20%, 5 ms).
+            let predicted = s.expectedBreakdown?.totalMS ?? Double(s.expectedDowntimeMS)
+            let close = abs(predicted - s.downtimeMS) <= max(0.2 * s.downtimeMS, 5)
+            out.say("\(pad(String(rate), 22)) \(pad(String(s.iterations), 12)) \(pad(formatFixed(s.downtimeMS, 1), 15)) \(pad(formatFixed(predicted, 1), 16)) \(pad(close ? "yes" : "NO", 23)) \(s.downtimeMS <= Double(downtimeLimit) ? "yes" : "NO")\(s.forcedSwitchover ? " (forced switch-over)" : "")")
+            if let m = s.downtimeBreakdown { out.say("    measured:  \(Self.phasesText(m))") }
+            if let e = s.expectedBreakdown { out.say("    predicted: \(Self.phasesText(e))") }
             out.figure("downtime at \(rate) pages/s", s.downtimeMS, "ms", reference: "downtime-limit", referenceValue: Double(downtimeLimit),
                        target: "≤ downtime-limit", met: s.downtimeMS <= Double(downtimeLimit))
-            // Predicted beside measured: the issue-12 goal is within max(20%, 5 ms).
-            let predicted = Double(s.expectedDowntimeMS)
             out.figure("expected downtime at \(rate) pages/s", predicted, "ms", reference: "measured downtime", referenceValue: s.downtimeMS,
-                       target: "within max(20%, 5 ms) of measured", met: abs(predicted - s.downtimeMS) <= max(0.2 * s.downtimeMS, 5))
+                       target: "within max(20%, 5 ms) of measured", met: close)
+            if let m = s.downtimeBreakdown {
+                for (name, v) in Self.phaseList(m) { out.figure("downtime at \(rate) pages/s: \(name)", v, "ms") }
+            }
+            if let e = s.expectedBreakdown {
+                for (name, v) in Self.phaseList(e) { out.figure("expected downtime at \(rate) pages/s: \(name)", v, "ms") }
+            }
             out.figure("iterations at \(rate) pages/s", Double(s.iterations), "iterations")
         }
         try ScaleBench.run(sizes: sizes, out: out)

@@ -239,10 +239,24 @@ struct MigrateCommand: ParsableCommand {
         print("  total time:       \(last["total-time"]?.uint64 ?? 0) ms")
         let over = downtime > limit ? ", exceeded by \(downtime - limit) ms" : ""
         print("  downtime:         \(downtime) ms (limit \(limit) ms\(over))")
+        if let b = last["x-downtime-breakdown"] {
+            print("  downtime phases:  \(Self.phasesText(b))")
+            print("  predicted:        \(last["expected-downtime"]?.uint64 ?? 0) ms at switch-over\(last["x-expected-downtime-breakdown"].map { " (" + Self.phasesText($0) + ")" } ?? "")")
+        }
         print("  iterations:       \(ram?["dirty-sync-count"]?.uint64 ?? 0)")
         print("  transferred:      \(formatBytes(ram?["transferred"]?.uint64 ?? 0)) (\(ram?["normal"]?.uint64 ?? 0) pages, \(ram?["duplicate"]?.uint64 ?? 0) zero pages elided)")
         print("  device state:     \(formatBytes(last["vfio"]?["transferred"]?.uint64 ?? 0))")
         print("  throughput:       \(formatFixed(Double(ram?["mbps"]?.uint64 ?? 0) / 8000, 2)) GB/s (last iteration)")
+    }
+
+    /// "pause 0.2, RAM 1.5, device 0 3.1, vCPUs 0.1, destination load 2.0, handshake 0.4,
+    /// resume 0.9 ms" from query-migrate's x-downtime-breakdown.
+    static func phasesText(_ b: JSONValue) -> String {
+        func ms(_ v: JSONValue?) -> String { if case let .number(d)? = v { return formatFixed(d, 1) }; return "?" }
+        var parts = ["pause \(ms(b["pause"]))", "RAM \(ms(b["ram-remainder"]))"]
+        if case let .array(ds)? = b["devices"] { for (i, d) in ds.enumerated() { parts.append("device \(i) \(ms(d))") } }
+        parts += ["vCPUs \(ms(b["vcpu-state"]))", "destination load \(ms(b["destination-load"]))", "handshake \(ms(b["handshake"]))", "resume \(ms(b["resume"])) ms"]
+        return parts.joined(separator: ", ")
     }
 
     /// What the source VM is doing now, as query-status says (never assumed).

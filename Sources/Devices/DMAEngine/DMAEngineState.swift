@@ -161,17 +161,38 @@ extension DMAEngine: MigratableDevice {
         return chunkRecord(Int(c))
     }
 
+    static var chunkRecordSize: Int { DMAEngineStateFormat.headerSize + 8 + chunkSize }
+
     private func chunkRecord(_ c: Int) -> [UInt8] {
-        // Built in place: header, offset, then one copy of the chunk.
-        let payload = 8 + Self.chunkSize
-        var out = [UInt8](repeating: 0, count: DMAEngineStateFormat.headerSize + payload)
-        out.withUnsafeMutableBytes { o in
-            let p = o.baseAddress! + DMAEngineStateFormat.headerSize
-            p.storeBytes(of: UInt64(c * Self.chunkSize).littleEndian, as: UInt64.self)
-            memcpy(p + 8, memory.base + c * Self.chunkSize, Self.chunkSize)
-            DMAEngineStateFormat.writeHeader(.chunk, payload: UnsafeRawBufferPointer(start: p, count: payload), into: o.baseAddress!)
+        [UInt8](unsafeUninitializedCapacity: Self.chunkRecordSize) { b, n in
+            writeChunkRecord(c, into: UnsafeMutableRawPointer(b.baseAddress!))
+            n = Self.chunkRecordSize
         }
-        return out
+    }
+
+    /// Header, offset, then one copy of the chunk, built where it is to be sent from; the
+    /// checksum then reads the chunk while it is still in cache.
+    private func writeChunkRecord(_ c: Int, into p: UnsafeMutableRawPointer) {
+        let payload = 8 + Self.chunkSize
+        let q = p + DMAEngineStateFormat.headerSize
+        q.storeBytes(of: UInt64(c * Self.chunkSize).littleEndian, as: UInt64.self)
+        memcpy(q + 8, memory.base + c * Self.chunkSize, Self.chunkSize)
+        DMAEngineStateFormat.writeHeader(.chunk, payload: UnsafeRawBufferPointer(start: q, count: payload), into: p)
+    }
+
+    /// The chunk the stream sends next, if the next record is a chunk: the initial chunks in
+    /// order, then dirty ones (its bits cleared before the copy, so that a racing write marks
+    /// it again). The same order as `nextRecord`.
+    private func nextChunk(_ s: SaveSession) -> Int? {
+        guard s.headerSent else { return nil }
+        if s.nextInitialChunk < s.chunkCount {
+            defer { s.nextInitialChunk += 1 }
+            return s.nextInitialChunk
+        }
+        guard let page = memoryDirty.firstDirtyPage() else { return nil }
+        let c = page / Self.pagesPerChunk
+        memoryDirty.clear(firstPage: c * Self.pagesPerChunk, count: Self.pagesPerChunk)
+        return Int(c)
     }
 
     private func registersRecord() -> [UInt8] {
@@ -205,63 +226,106 @@ extension DMAEngine: MigratableDevice {
     }
 
     public func readMigrationData(max: Int) throws -> [UInt8] {
+        try [UInt8](unsafeUninitializedCapacity: Swift.max(max, 0)) { b, n in
+            n = 0
+            n = try readMigrationData(into: UnsafeMutableRawBufferPointer(b))
+        }
+    }
+
+    /// Fills `o` with the next bytes of the stream: a chunk record that fits whole is built in
+    /// `o` itself (the MIG_DATA_READ reply buffer), anything else goes through the outbox.
+    public func readMigrationData(into o: UnsafeMutableRawBufferPointer) throws -> Int {
         guard let s = lock.mutex.withLock({ save }) else {
             throw DeviceError(.EINVAL, "no data session (device is not saving)")
         }
         let stopped = !lock.mutex.withLock { runAllowed }
-        var out = [UInt8](repeating: 0, count: max)
+        let max = o.count
         var filled = 0
-        out.withUnsafeMutableBytes { o in
-            while filled < max {
-                if s.outboxPos == s.outbox.count {
-                    guard let rec = nextRecord(s, stopped: stopped) else { break }
-                    s.outbox = rec; s.outboxPos = 0
-                }
+        while filled < max {
+            if s.outboxPos < s.outbox.count {
                 let n = min(max - filled, s.outbox.count - s.outboxPos)
                 _ = s.outbox.withUnsafeBytes { memcpy(o.baseAddress! + filled, $0.baseAddress! + s.outboxPos, n) }
                 s.outboxPos += n
                 filled += n
+                continue
             }
+            if max - filled >= Self.chunkRecordSize, let c = nextChunk(s) {
+                writeChunkRecord(c, into: o.baseAddress! + filled)
+                filled += Self.chunkRecordSize
+                continue
+            }
+            guard let rec = nextRecord(s, stopped: stopped) else { break }
+            s.outbox = rec; s.outboxPos = 0
         }
-        out.removeLast(max - filled)
-        return out
+        return filled
     }
 
     public func writeMigrationData(_ data: UnsafeRawBufferPointer) throws {
         guard let l = lock.mutex.withLock({ load }) else { throw DeviceError(.EINVAL, "no resuming session") }
-        l.pending.append(contentsOf: data)
-        if corruptNextWriteForTesting, !data.isEmpty {
-            corruptNextWriteForTesting = false
-            l.pending[l.pending.count - data.count / 2 - 1] ^= 0x40
-        }
-        var at = 0
-        defer { if at > 0 { l.pending.removeFirst(at) } }
-        while l.pending.count - at >= DMAEngineStateFormat.headerSize {
-            var r = WireReader(l.pending[at..<(at + DMAEngineStateFormat.headerSize)], context: "record header")
-            let magic = try r.u32(), version = try r.u16(), type = try r.u16(), length = try r.u32(), sum = try r.u64()
-            do {
-                guard magic == DMAEngineStateFormat.magic else { throw DMAEngineStateError.badMagic(magic) }
-                guard version == DMAEngineStateFormat.version else { throw DMAEngineStateError.badVersion(version) }
-                guard let rt = DMAEngineStateFormat.RecordType(rawValue: type) else { throw DMAEngineStateError.badType(type) }
-                guard length <= UInt32(DMAEngineStateFormat.maxPayload) else { throw DMAEngineStateError.badLength(length) }
-                let total = DMAEngineStateFormat.headerSize + Int(length)
-                guard l.pending.count - at >= total else { return }  // wait for the rest
-                let payload = l.pending[(at + DMAEngineStateFormat.headerSize)..<(at + total)]
-                let actual = payload.withUnsafeBytes { Checksum.of($0) }
-                guard actual == sum else { throw DMAEngineStateError.checksumMismatch(type: type, expected: sum, actual: actual) }
-                try apply(rt, payload, to: l)
-                at += total
-            } catch let e as DMAEngineStateError {
-                // A corrupt stream poisons the session: nothing staged will ever be applied.
-                lock.mutex.withLock { load = nil }
-                at = 0
-                l.pending = []
-                throw DeviceError(.EINVAL, "dma-engine state rejected: \(e)")
+        do {
+            if l.pending.isEmpty && !corruptNextWriteForTesting {
+                // The usual case: records are checked and staged straight from the message;
+                // only a record cut by the message boundary waits in `pending`.
+                let at = try consumeRecords(data, l)
+                if at < data.count { l.pending.append(contentsOf: UnsafeRawBufferPointer(rebasing: data[at...])) }
+                return
             }
+            l.pending.append(contentsOf: data)
+            if corruptNextWriteForTesting, !data.isEmpty {
+                corruptNextWriteForTesting = false
+                l.pending[l.pending.count - data.count / 2 - 1] ^= 0x40
+            }
+            let at = try l.pending.withUnsafeBytes { try consumeRecords($0, l) }
+            if at > 0 { l.pending.removeFirst(at) }
+        } catch let e as DMAEngineStateError {
+            // A corrupt stream poisons the session: nothing staged will ever be applied.
+            lock.mutex.withLock { load = nil }
+            l.pending = []
+            throw DeviceError(.EINVAL, "dma-engine state rejected: \(e)")
         }
     }
 
-    private func apply(_ t: DMAEngineStateFormat.RecordType, _ p: ArraySlice<UInt8>, to l: LoadSession) throws {
+    /// Check and stage every whole record at the front of `b`; returns the bytes consumed.
+    private func consumeRecords(_ b: UnsafeRawBufferPointer, _ l: LoadSession) throws -> Int {
+        var at = 0
+        let hs = DMAEngineStateFormat.headerSize
+        while b.count - at >= hs {
+            let p = b.baseAddress! + at
+            let magic = UInt32(littleEndian: p.loadUnaligned(as: UInt32.self))
+            let version = UInt16(littleEndian: p.loadUnaligned(fromByteOffset: 4, as: UInt16.self))
+            let type = UInt16(littleEndian: p.loadUnaligned(fromByteOffset: 6, as: UInt16.self))
+            let length = UInt32(littleEndian: p.loadUnaligned(fromByteOffset: 8, as: UInt32.self))
+            let sum = UInt64(littleEndian: p.loadUnaligned(fromByteOffset: 12, as: UInt64.self))
+            guard magic == DMAEngineStateFormat.magic else { throw DMAEngineStateError.badMagic(magic) }
+            guard version == DMAEngineStateFormat.version else { throw DMAEngineStateError.badVersion(version) }
+            guard let rt = DMAEngineStateFormat.RecordType(rawValue: type) else { throw DMAEngineStateError.badType(type) }
+            guard length <= UInt32(DMAEngineStateFormat.maxPayload) else { throw DMAEngineStateError.badLength(length) }
+            let total = hs + Int(length)
+            guard b.count - at >= total else { break }  // wait for the rest
+            let payload = UnsafeRawBufferPointer(start: p + hs, count: Int(length))
+            let actual = Checksum.of(payload)
+            guard actual == sum else { throw DMAEngineStateError.checksumMismatch(type: type, expected: sum, actual: actual) }
+            try apply(rt, payload, to: l)
+            at += total
+        }
+        return at
+    }
+
+    private func apply(_ t: DMAEngineStateFormat.RecordType, _ payload: UnsafeRawBufferPointer, to l: LoadSession) throws {
+        if t == .chunk {
+            // Straight from the message into staging (a chunk is 64 KiB + 8: no detour).
+            guard !l.sawEnd else { throw DMAEngineStateError.dataAfterEnd }
+            guard l.sawHeader else { throw DMAEngineStateError.headerMissing }
+            guard payload.count >= 8 else { throw DMAEngineStateError.chunkOutOfRange(0) }
+            let off = UInt64(littleEndian: payload.loadUnaligned(as: UInt64.self))
+            guard off % UInt64(Self.chunkSize) == 0, off < memorySize, payload.count - 8 == Self.chunkSize else {
+                throw DMAEngineStateError.chunkOutOfRange(off)
+            }
+            memcpy(l.staging.base + Int(off), payload.baseAddress! + 8, Self.chunkSize)
+            l.received[Int(off) / Self.chunkSize] = true
+            return
+        }
+        let p = Array(payload)[...]
         var r = WireReader(p, context: "record")
         guard !l.sawEnd else { throw DMAEngineStateError.dataAfterEnd }
         if t != .header && !l.sawHeader { throw DMAEngineStateError.headerMissing }
@@ -271,13 +335,7 @@ extension DMAEngine: MigratableDevice {
             guard size == memorySize else { throw DMAEngineStateError.sizeMismatch(sent: size, ours: memorySize) }
             l.sawHeader = true
         case .chunk:
-            let off = try r.u64()
-            let data = r.rest()
-            guard off % UInt64(Self.chunkSize) == 0, off < memorySize, data.count == Self.chunkSize else {
-                throw DMAEngineStateError.chunkOutOfRange(off)
-            }
-            _ = data.withUnsafeBytes { memcpy(l.staging.base + Int(off), $0.baseAddress!, $0.count) }
-            l.received[Int(off) / Self.chunkSize] = true
+            break  // staged above
         case .registers:
             var g = Registers()
             g.liveness = UInt32(truncatingIfNeeded: try r.u64()); g.factorial = UInt32(truncatingIfNeeded: try r.u64())

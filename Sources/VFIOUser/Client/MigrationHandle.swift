@@ -15,3 +15,10 @@ extension VFIOUserClient: MigrationDeviceHandle {
         return nil
     }
 }
+
+extension VFIOUserClient: MigrationDataRelay {
+    public func relayMigrationData(to destination: MigrationDeviceHandle, chunk: Int, beforeWrite: (() throws -> Void)?) throws -> UInt64? {
+        guard let d = destination as? VFIOUserClient else { return nil }
+        return try relayMigrationData(to: d, chunk: chunk, depth: 4, beforeWrite: beforeWrite)
+    }
+}

@@ -135,10 +135,10 @@ public final class VFIOUserClient: @unchecked Sendable {
     /// Stops the twin-socket reader without shutting the socket down (it may be shared with a
     /// successor process).
     private let twinCancel: EventFD
-    private let callLock = Mutex()
+    let callLock = Mutex()
     /// Set while (or after) the connection belongs to a successor process: calls are refused
     /// and `close()` must not shut the shared socket down.
-    private var handedOver = false
+    var handedOver = false
     /// The server's VERSION reply payload, kept for a successor process to adopt.
     private var versionReply: [UInt8] = []
     let dmaMemory = ClientDMAMemory()
@@ -146,11 +146,11 @@ public final class VFIOUserClient: @unchecked Sendable {
     /// Number of DMA_READ/WRITE messages served for the server.
     public private(set) var dmaMessagesServed: UInt64 = 0
     /// Set by a timeout: every later call fails with it (the stream may be out of step).
-    private var broken: VFIOUserClientError?
+    var broken: VFIOUserClientError?
     /// Under its own lock: it can be changed while a call waits (it is read at every poll).
     private var cancelStorage: Int32?
     private let cancelLock = Mutex()
-    private var cancelFD: Int32? {
+    var cancelFD: Int32? {
         get { cancelLock.withLock { cancelStorage } }
         set { cancelLock.withLock { cancelStorage = newValue } }
     }
@@ -324,7 +324,7 @@ public final class VFIOUserClient: @unchecked Sendable {
     }
 
     /// Serve DMA_READ / DMA_WRITE from the server against the memory we mapped.
-    private func serveServerCommand(_ m: Message, on c: VFIOUserConnection) {
+    func serveServerCommand(_ m: Message, on c: VFIOUserConnection) {
         m.closeFDs()
         let h = m.header
         do {
@@ -566,19 +566,18 @@ public final class VFIOUserClient: @unchecked Sendable {
     }
 
     /// MIG_DATA_READ of at most `max` bytes; a short (or empty) result ends the current data.
-    /// Parsed by `size`, never by message size (libvfio-user pads).
+    /// Parsed by `size`, never by message size (libvfio-user pads). The data is received
+    /// straight into the returned array (no zero fill, no second copy).
     public func readMigrationData(max: Int) throws -> [UInt8] {
-        let n = min(max, maxTransfer)
-        var w = WireWriter(); w.u32(UInt32(8 + n)); w.u32(UInt32(n))
-        let r = try call(.migDataRead, w.bytes)
-        let m: MigDataPayload
-        do { m = try MigDataPayload(decoding: r.payload[...], context: "MIG_DATA_READ reply", dataBySize: true) } catch {
-            throw VFIOUserClientError.protocolViolation("\(error)")
+        let n = Swift.max(0, min(max, maxTransfer))
+        return try [UInt8](unsafeUninitializedCapacity: n) { buf, count in
+            count = 0
+            count = try readMigrationData(into: UnsafeMutableRawBufferPointer(buf))
         }
-        guard Int(m.size) <= n else { throw VFIOUserClientError.protocolViolation("MIG_DATA_READ returned \(m.size) bytes for a \(n)-byte read") }
-        return Array(m.data)
     }
 
+    /// MIG_DATA_WRITE of `data`, in messages of at most `maxTransfer` bytes, each sent from
+    /// `data` itself (header and data in one sendmsg).
     public func writeMigrationData(_ data: UnsafeRawBufferPointer) throws {
         var done = 0
         while done < data.count {

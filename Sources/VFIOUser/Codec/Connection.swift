@@ -77,10 +77,25 @@ public final class VFIOUserConnection: @unchecked Sendable {
     /// too large, too small or carries too many fds; throws `Errno` when the stream is broken
     /// (ECONNRESET on a clean EOF between messages).
     public func receive() throws -> Message {
+        let (header, got) = try receiveHeader()
+        return try receiveBody(header, got)
+    }
+
+    /// The first half of `receive()`: the 16-byte header and the fds that came with it. The
+    /// caller either reads the payload itself (the migration-data hot path receives it straight
+    /// into its buffer) or passes both to `receiveBody`.
+    public func receiveHeader() throws -> (MessageHeader, ReceivedFDs) {
         var hdr = [UInt8](repeating: 0, count: MessageHeader.size)
         let got = try hdr.withUnsafeMutableBytes { try socket.receiveExactly(into: $0, maxFDs: maxReceiveFDs) }
         var r = WireReader(hdr, context: "header")
-        let header = try MessageHeader(decoding: &r)
+        do { return (try MessageHeader(decoding: &r), got) } catch {
+            for f in got.fds { f.close() }
+            throw error
+        }
+    }
+
+    /// The second half of `receive()`: the payload of a message whose header was just read.
+    public func receiveBody(_ header: MessageHeader, _ got: ReceivedFDs) throws -> Message {
         var fds = got.fds
         func refuse(_ errno: Errno, _ why: String) -> FramingError {
             for f in fds { f.close() }
@@ -95,15 +110,20 @@ public final class VFIOUserConnection: @unchecked Sendable {
             try drain(payloadSize)
             throw refuse(.E2BIG, "message size \(header.messageSize) exceeds the limit of \(maxMessageSize) bytes")
         }
-        var payload = [UInt8](repeating: 0, count: payloadSize)
-        if payloadSize > 0 {
-            do {
-                let more = try payload.withUnsafeMutableBytes { try socket.receiveExactly(into: $0, maxFDs: 0) }
-                for f in more.fds { f.close() }
-            } catch {
-                for f in fds { f.close() }
-                throw error
+        // Not zero-filled first: recv overwrites every byte, or the stream is broken and the
+        // buffer is dropped (a zero fill was a whole extra pass over each MIG_DATA_WRITE).
+        let payload: [UInt8]
+        do {
+            payload = try [UInt8](unsafeUninitializedCapacity: payloadSize) { buf, count in
+                if payloadSize > 0 {
+                    let more = try socket.receiveExactly(into: UnsafeMutableRawBufferPointer(buf), maxFDs: 0)
+                    for f in more.fds { f.close() }
+                }
+                count = payloadSize
             }
+        } catch {
+            for f in fds { f.close() }
+            throw error
         }
         if got.truncated {
             throw refuse(.EINVAL, "\(header.knownCommand?.description ?? "command \(header.command)") carried more than \(maxReceiveFDs) fds")
@@ -112,7 +132,7 @@ public final class VFIOUserConnection: @unchecked Sendable {
     }
 
     /// Read and discard `count` payload bytes so the next header is found where it should be.
-    private func drain(_ count: Int) throws {
+    public func drain(_ count: Int) throws {
         var left = count
         var scratch = [UInt8](repeating: 0, count: min(count, 64 * 1024))
         while left > 0 {

@@ -79,12 +79,25 @@ public protocol MigratableDevice: AnyObject {
     /// Next bytes of the saving stream, at most `max`. Fewer than `max` (possibly 0) means the
     /// data currently available is exhausted (PRE_COPY) or the stream has ended (STOP_COPY).
     func readMigrationData(max: Int) throws -> [UInt8]
+    /// The same, into `buffer` (at most `buffer.count` bytes); returns the count. The server's
+    /// MIG_DATA_READ reply is sent from that buffer, so a device that fills it in place moves
+    /// its state with a single copy. The default goes through `readMigrationData(max:)`.
+    func readMigrationData(into buffer: UnsafeMutableRawBufferPointer) throws -> Int
     /// Consume bytes of the resuming stream (any segmentation).
     func writeMigrationData(_ data: UnsafeRawBufferPointer) throws
     /// Estimated STOP_COPY bytes (MIG_DATA_SIZE).
     func stopCopySize() -> UInt64
     /// PRE_COPY estimates (initial bytes still unread, dirty bytes known).
     func preCopyInfo() -> (initialBytes: UInt64, dirtyBytes: UInt64)
+}
+
+extension MigratableDevice {
+    public func readMigrationData(into buffer: UnsafeMutableRawBufferPointer) throws -> Int {
+        let data = try readMigrationData(max: buffer.count)
+        guard data.count <= buffer.count else { throw DeviceError(.EIO, "device returned \(data.count) bytes for a \(buffer.count)-byte read") }
+        data.withUnsafeBytes { buffer.copyMemory(from: $0) }
+        return data.count
+    }
 }
 
 public enum MigrationArcError: Error, CustomStringConvertible {

@@ -47,6 +47,15 @@ public final class MigrationEndpoint: @unchecked Sendable {
         }
     }
 
+    public func read(into buffer: UnsafeMutableRawBufferPointer) throws -> Int {
+        try lock.withLock {
+            guard state.isSaving else { throw DeviceError(.EINVAL, "MIG_DATA_READ in state \(state) (only PRE_COPY or STOP_COPY)") }
+            let n = try device.readMigrationData(into: buffer)
+            guard n >= 0, n <= buffer.count else { throw DeviceError(.EIO, "device returned \(n) bytes for a \(buffer.count)-byte read") }
+            return n
+        }
+    }
+
     public func write(_ data: UnsafeRawBufferPointer) throws {
         try lock.withLock {
             guard state == .resuming else { throw DeviceError(.EINVAL, "MIG_DATA_WRITE in state \(state) (only RESUMING)") }

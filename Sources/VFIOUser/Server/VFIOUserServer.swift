@@ -129,7 +129,18 @@ public final class VFIOUserServer: @unchecked Sendable {
         /// Set by a handler whose error ends the connection (an unsupported major version:
         /// the spec says the connection is then closed).
         var closeAfterReply = false
+        /// MIG_DATA_READ replies are filled by the device and sent from here (kept for the
+        /// session: a fresh 1 MiB buffer per reply would cost a page-fault pass each time).
+        private var migrationBuffer: UnsafeMutableRawBufferPointer?
+        func migrationBuffer(_ n: Int) -> UnsafeMutableRawBufferPointer {
+            if let b = migrationBuffer, b.count >= n { return UnsafeMutableRawBufferPointer(rebasing: b[0..<n]) }
+            migrationBuffer?.deallocate()
+            let b = UnsafeMutableRawBufferPointer.allocate(byteCount: max(n, 1), alignment: 64)
+            migrationBuffer = b
+            return UnsafeMutableRawBufferPointer(rebasing: b[0..<n])
+        }
         init(conn: VFIOUserConnection) { self.conn = conn }
+        deinit { migrationBuffer?.deallocate() }
     }
 
     /// Commands whose handler can wait on the device's DMA worker (a STOP arc, a reset) or on
@@ -515,19 +526,20 @@ public final class VFIOUserServer: @unchecked Sendable {
         }
     }
 
-    /// MIG_DATA_READ: the reply's 8-byte header and the data go out in one sendmsg, without
-    /// copying the data into a reply buffer first (this is the device-state hot path).
+    /// MIG_DATA_READ: the device fills the session's buffer in place and the reply's 8-byte
+    /// header and that buffer go out in one sendmsg (this is the device-state hot path: one copy
+    /// of the data in user space, the device's own). Capped at the client's max_data_xfer_size.
     private func replyMigrationData(_ h: MessageHeader, size: UInt32, _ s: Session) throws {
         guard let mig = migration else { throw DeviceError(.EINVAL, "device does not support migration") }
-        let data = try mig.read(max: Int(min(UInt64(size), s.client.maxDataXferSize)))
+        let buffer = s.migrationBuffer(Int(min(UInt64(size), s.client.maxDataXferSize)))
+        let n = try mig.read(into: buffer)
         guard h.wantsReply else { return }
         var w = WireWriter(capacity: 8)
-        w.u32(UInt32(8 + data.count)); w.u32(UInt32(data.count))
+        w.u32(UInt32(8 + n)); w.u32(UInt32(n))
         let head = w.bytes
         try head.withUnsafeBytes { hp in
-            try data.withUnsafeBytes { dp in
-                try s.conn.send(id: h.messageID, command: h.command, flags: MessageHeader.typeReply, payload: [hp, dp])
-            }
+            try s.conn.send(id: h.messageID, command: h.command, flags: MessageHeader.typeReply,
+                            payload: [hp, UnsafeRawBufferPointer(rebasing: buffer[0..<n])])
         }
     }
 

@@ -1,0 +1,135 @@
+import Glibc
+import SystemCalls
+
+/// Times the downtime from the source's pause to the destination's ACK, one phase after the
+/// other: each mark closes the phase that ran since the previous mark, so the phases sum to
+/// the whole.
+struct DowntimeClock {
+    let start = monotonicNanoseconds()
+    private var last: UInt64
+    private(set) var phases = DowntimePhases()
+    init() { last = start }
+
+    private mutating func take() -> UInt64 {
+        let now = monotonicNanoseconds()
+        defer { last = now }
+        return now - last
+    }
+    mutating func mark(_ phase: WritableKeyPath<DowntimePhases, Double>) { phases[keyPath: phase] = Double(take()) / 1e6 }
+    mutating func markDevice() { phases.devices.append(Double(take()) / 1e6) }
+    /// Nanoseconds since the previous mark (for the handshake waits, split afterwards).
+    mutating func lap() -> UInt64 { take() }
+    var elapsedMS: Double { Double(last - start) / 1e6 }
+
+    /// The breakdown once ACK arrived: each wait on the destination is split into the
+    /// destination's own time (as it reported it, never more than the wait) and the rest.
+    func phases(readyWaitNS: UInt64, ackWaitNS: UInt64, loadNS: UInt64?, resumeNS: UInt64?) -> DowntimePhases {
+        var p = phases
+        let load = min(loadNS ?? readyWaitNS, readyWaitNS), resume = min(resumeNS ?? ackWaitNS, ackWaitNS)
+        p.destinationLoad = Double(load) / 1e6
+        p.resume = Double(resume) / 1e6
+        p.handshake = Double((readyWaitNS - load) + (ackWaitNS - resume)) / 1e6
+        p.destinationReported = loadNS != nil && resumeNS != nil
+        return p
+    }
+}
+
+/// The destination's own times in the switch-over handshake. A stream-version-2 destination
+/// of this build puts `{"x-load-ns":N}` in READY's text (which older builds send empty and
+/// read not at all) and adds `"x-resume-ns":N` to ACK's JSON summary (older sources keep the
+/// text without parsing it). From an older destination the values are absent, and the source
+/// counts the whole waits as load and resume.
+enum DestinationTimes {
+    static func readyText(loadNS: UInt64) -> String { "{\"x-load-ns\":\(loadNS)}" }
+
+    /// The unsigned integer after `"key":` in a JSON object's text, if any (nothing else of the
+    /// text is trusted: it is the peer's).
+    static func value(_ key: String, in text: String) -> UInt64? {
+        let b = Array(text.utf8.prefix(64 * 1024))
+        let k = Array("\"\(key)\":".utf8)
+        guard b.count >= k.count else { return nil }
+        var i = 0
+        while i + k.count <= b.count {
+            if b[i] == k[0] && Array(b[i..<(i + k.count)]) == k {
+                var j = i + k.count
+                while j < b.count && b[j] == 0x20 { j += 1 }
+                var v: UInt64 = 0
+                var digits = 0
+                while j < b.count, b[j] >= 0x30, b[j] <= 0x39, digits < 19 {
+                    v = v * 10 + UInt64(b[j] - 0x30); j += 1; digits += 1
+                }
+                return digits > 0 ? v : nil
+            }
+            i += 1
+        }
+        return nil
+    }
+}
+
+/// What the prediction of the downtime is built from, measured in this migration: the RAM
+/// rate without the max-bandwidth pacing (stop-and-copy is not paced), each device's read rate
+/// and round trip, the cost of a dirty-log harvest, the connection's round trip, and the
+/// phases of an earlier switch-over to the same destination when there was one.
+struct DowntimeModel {
+    /// Unpaced RAM bytes per second (last iteration that moved at least 1 MiB).
+    var ramRate: Double?
+    /// Nanoseconds of the last harvest (the stop-copy does one more).
+    var harvestNS: UInt64 = 0
+    /// Per device: pre-copy bytes per second, and the round trip of a MIG_DATA_SIZE query.
+    var deviceRate: [Double?] = []
+    var deviceRoundTripNS: [UInt64] = []
+
+    mutating func noteRAM(bytes: UInt64, ns: UInt64) {
+        guard bytes >= 1 << 20, ns > 0 else { return }
+        ramRate = Double(bytes) / (Double(ns) / 1e9)
+    }
+
+    mutating func noteDevice(_ i: Int, bytes: UInt64, ns: UInt64) {
+        while deviceRate.count <= i { deviceRate.append(nil) }
+        guard bytes >= 64 << 10, ns > 0 else { return }
+        deviceRate[i] = Double(bytes) / (Double(ns) / 1e9)
+    }
+
+    mutating func noteRoundTrip(_ i: Int, ns: UInt64) {
+        while deviceRoundTripNS.count <= i { deviceRoundTripNS.append(0) }
+        deviceRoundTripNS[i] = ns
+    }
+
+    /// The connection's smoothed round trip as the kernel measured it (TCP), 0 for UNIX
+    /// sockets (a local hop).
+    static func connectionRoundTripNS(_ fd: Int32) -> UInt64 {
+        var info = [UInt8](repeating: 0, count: 232)
+        var len = socklen_t(info.count)
+        guard getsockopt(fd, Int32(IPPROTO_TCP), TCP_INFO, &info, &len) == 0, len >= 72 else { return 0 }
+        // struct tcp_info: tcpi_rtt (µs) is the u32 at offset 68.
+        let rtt = info.withUnsafeBytes { $0.loadUnaligned(fromByteOffset: 68, as: UInt32.self) }
+        return UInt64(rtt) * 1000
+    }
+
+    /// The prediction for switching over now with `dirtyPages` left and each device's
+    /// MIG_DATA_SIZE, `vcpus` vCPUs; `rttNS` the connection's round trip.
+    func predict(dirtyPages: UInt64, deviceSizes: [UInt64?], vcpuStateBytes: Int, rttNS: UInt64, fallbackRate: Double) -> DowntimePhases {
+        var p = DowntimePhases()
+        let rate = max(ramRate ?? fallbackRate, 1e6)
+        func ms(_ ns: UInt64) -> Double { Double(ns) / 1e6 }
+        let rtts = deviceRoundTripNS
+        // Pause: the vCPUs park (a kick and a KVM exit each), then one state change per device.
+        p.pause = 0.2 + rtts.reduce(0) { $0 + ms($1) }
+        p.ramRemainder = ms(harvestNS) + Double(dirtyPages * 4096) / rate * 1000
+        for (i, size) in deviceSizes.enumerated() {
+            let r = max((i < deviceRate.count ? deviceRate[i] : nil) ?? rate, 1e6)
+            let rtt = i < rtts.count ? ms(rtts[i]) : 0
+            // The data at its read rate, the read that ends the stream, the config read.
+            p.devices.append(Double(size ?? (1 << 20)) / r * 1000 + 2 * rtt)
+        }
+        p.vcpuState = Double(vcpuStateBytes) / rate * 1000 + 0.05
+        // The destination loads each device (one round trip to its server, plus what is still
+        // queued on the connection to go through) and resumes each (about eight round trips:
+        // config space, interrupt wiring, RUNNING).
+        let deviceRTT = rtts.reduce(0) { $0 + ms($1) }
+        p.destinationLoad = deviceRTT
+        p.resume = 8 * deviceRTT + 0.1
+        p.handshake = 2 * ms(rttNS)
+        return p
+    }
+}
