@@ -270,8 +270,11 @@ public final class LiveUpdateSource {
 /// vCPUs are paused and the device frozen (legacy: no process holds a valid address), start one
 /// edu DMA job from the device's buffer into guest RAM at `target`, and copy what the buffer
 /// holds (the last round's source, which the paused guest has not touched since) to `expected`
-/// with the CPU. The job runs on across the handoff (QEMU's edu completes a DMA 100 ms after
-/// the command); a test compares the two ranges of the guest RAM memfd afterwards.
+/// with the CPU. The job runs while the VM is handed over (QEMU's edu completes a DMA 100 ms
+/// after the command; in the TCG lab that is within the blackout, so it lands while neither
+/// VMM drives the device, and with a legacy container while no process has a valid address);
+/// the new VMM says whether it was still running when it took the device, and a test compares
+/// the two ranges of the guest RAM memfd afterwards.
 public enum DMAInFlightProbe {
     public static let variable = "VFIO_LIVE_CPR_TEST_DMA_IN_FLIGHT"
     public static let target: UInt64 = 0x58000, expected: UInt64 = 0x48000
