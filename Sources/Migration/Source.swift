@@ -115,7 +115,8 @@ public final class MigrationSource: @unchecked Sendable {
         self.vm = vm; self.socket = socket; self.parameters = parameters; self.stats = stats
         let perSection = parameters.maxBandwidth > 0 ? min(max(parameters.maxBandwidth / 20, 64 << 10), 4 << 20) : 4 << 20
         sectionDataLimit = Int(perSection / 4096 * 4096)
-        staging = try MappedRegion(anonymous: (4 << 20) + 256 * 4096, populate: true)
+        // The staging buffer serves only the payload-checksum capability (see flush).
+        staging = try MappedRegion(anonymous: parameters.payloadChecksum ? (4 << 20) + 256 * 4096 : 4096, populate: parameters.payloadChecksum)
         devices = try Self.prepare(vm: vm, parameters: parameters, policies: policies)
         // One migration per VM at a time, claimed in one locked step with the check: two
         // concurrent `migrate`s must never both run and leave the guest on two destinations.
@@ -354,9 +355,19 @@ public final class MigrationSource: @unchecked Sendable {
         mutating func reset() { gpa.removeAll(keepingCapacity: true); count.removeAll(keepingCapacity: true); zero.removeAll(keepingCapacity: true); dataBytes = 0 }
     }
 
-    /// One RAM section from the batch. Live pages change under us: they are copied into the
-    /// staging buffer and checksummed in the same pass; a page written after its copy is dirty
-    /// again and goes in a later iteration.
+    /// One RAM section from the batch, pages straight from guest RAM to the socket (sendmsg
+    /// with one iovec per run; no user-space copy). Live pages change under us, and that is
+    /// safe for pre-copy's own reason: the dirty log this pass came from was harvested (and
+    /// cleared) before any of its pages was read, so a write that lands while a page is being
+    /// sent (even one that tears the copy the socket took) sets the page's bit again in KVM's
+    /// log or the device's DMA log, and the page goes again in a later pass; the last pass runs
+    /// with vCPUs paused and devices in STOP_COPY, so what it sends is final. The destination
+    /// applies passes in order (one channel is one ordered stream), so a newer copy of a page
+    /// always lands after an older one.
+    ///
+    /// With the payload-checksum capability the section is copied into the staging buffer with
+    /// a fused checksum instead: a checksum over live memory would not match what the socket
+    /// took a moment later.
     private func flush(_ b: inout RAMBatch) throws {
         guard !b.isEmpty else { return }
         let base = vm.memory.base
@@ -365,17 +376,28 @@ public final class MigrationSource: @unchecked Sendable {
         for i in b.gpa.indices { table.u64(b.gpa[i]); table.u32(b.count[i]); table.u32(b.zero[i] ? 1 : 0) }
         let t = table.bytes
         var sum = t.withUnsafeBytes { Checksum.update(Checksum.seed, $0) }
-        var at = 0
         var z: UInt64 = 0, n: UInt64 = 0
-        for i in b.gpa.indices {
-            if b.zero[i] { z += UInt64(b.count[i]); continue }
-            let bytes = Int(b.count[i]) * 4096
-            sum = Checksum.copy(sum, from: UnsafeRawBufferPointer(start: base + Int(b.gpa[i]), count: bytes), to: staging.base + at)
-            at += bytes
-            n += UInt64(b.count[i])
+        var runs: [UnsafeRawBufferPointer] = []
+        if parameters.payloadChecksum {
+            var at = 0
+            for i in b.gpa.indices {
+                if b.zero[i] { z += UInt64(b.count[i]); continue }
+                let bytes = Int(b.count[i]) * 4096
+                sum = Checksum.copy(sum, from: UnsafeRawBufferPointer(start: base + Int(b.gpa[i]), count: bytes), to: staging.base + at)
+                at += bytes
+                n += UInt64(b.count[i])
+            }
+            runs = [UnsafeRawBufferPointer(start: staging.base, count: at)]
+        } else {
+            runs.reserveCapacity(b.gpa.count)
+            for i in b.gpa.indices {
+                if b.zero[i] { z += UInt64(b.count[i]); continue }
+                runs.append(UnsafeRawBufferPointer(start: base + Int(b.gpa[i]), count: Int(b.count[i]) * 4096))
+                n += UInt64(b.count[i])
+            }
         }
         try t.withUnsafeBytes { tb in
-            try send(.ram, pieces: [tb, UnsafeRawBufferPointer(start: staging.base, count: at)], checksum: sum)
+            try send(.ram, pieces: [tb] + runs, checksum: sum)
         }
         stats.update { stats.zeroPages += z; stats.normalPages += n; stats.ramBytes += n * 4096 }
         b.reset()
@@ -598,7 +620,8 @@ public final class MigrationSource: @unchecked Sendable {
                 d.inPreCopy = true
             }
         }
-        do { try MigrationStream.header(flags: 0).withUnsafeBytes { try sendAll([$0]) } } catch { throw channelError(error, "sending the stream header") }
+        let streamFlags = parameters.payloadChecksum ? 0 : MigrationStream.flagUncheckedPayload
+        do { try MigrationStream.header(flags: streamFlags).withUnsafeBytes { try sendAll([$0]) } } catch { throw channelError(error, "sending the stream header") }
         try send(.config, MigrationStream.configPayload(ramSize: vm.memory.size, vcpus: vm.vcpuCount, devices: devices.count))
         for i in devices.indices {
             var w = BEWriter(); w.u32(UInt32(i))

@@ -8,7 +8,10 @@ import VFIO
 ///     section := type u8 | 0 u8[3] | id u32 | length u64 | payload[length] | checksum u64
 ///
 /// The checksum is `Checksum.update` chained over the payload's pieces in order: for RAM the
-/// run table, then each run's data; for every other section the whole payload. Sections:
+/// run table, then each run's data; for every other section the whole payload. With header
+/// flag 2 (`flagUncheckedPayload`: the payload-checksum capability is off, QEMU's default) a
+/// RAM section's checksum covers its run count and table only, and its page data travels
+/// unchecked, as in QEMU, which relies on the transport. Sections:
 ///
 ///     CONFIG  ram size u64, vCPUs u32, devices u32, page size u32
 ///     RAM     runs u32, runs × {gpa u64, pages u32, flags u32 (1 = zero pages, no data)}, data
@@ -41,6 +44,10 @@ public enum MigrationStream {
 
     /// Header flag: a live-update stream (no RAM; a LIVE_UPDATE section).
     public static let flagLiveUpdate: UInt32 = 1
+    /// Header flag: RAM page data is not covered by the section checksums (capability
+    /// x-vfio-live-payload-checksum off). Run tables, lengths and every other section still are.
+    public static let flagUncheckedPayload: UInt32 = 2
+    static let knownFlags = flagLiveUpdate | flagUncheckedPayload
 
     public static func header(flags: UInt32) -> [UInt8] {
         var h = BEWriter(); h.append(magic); h.u32(version); h.u32(flags); return h.bytes
@@ -151,6 +158,14 @@ public struct VCPUStateBytes: Sendable, Equatable {
 /// A byte source the decoder reads exactly from (a socket, or memory for the fuzzer).
 public protocol ByteSource: AnyObject {
     func readExactly(_ buffer: UnsafeMutableRawBufferPointer) throws
+    /// Fill every buffer in order (a socket does it with readv, straight into guest pages).
+    func readExactly(vectors: [UnsafeMutableRawBufferPointer]) throws
+}
+
+extension ByteSource {
+    public func readExactly(vectors: [UnsafeMutableRawBufferPointer]) throws {
+        for v in vectors where v.count > 0 { try readExactly(v) }
+    }
 }
 
 /// Decodes a stream from a source into a sink, checking every length, bound and checksum
@@ -196,7 +211,7 @@ public final class MigrationStreamDecoder {
         guard MigrationStream.readableVersions.contains(v) else { throw StreamError.unsupportedVersion(v) }
         version = v
         flags = Self.be32(h[12...])
-        guard flags & ~MigrationStream.flagLiveUpdate == 0 else { throw StreamError.malformed(.config, id: 0, "unknown stream flags \(hex(UInt64(flags)))") }
+        guard flags & ~MigrationStream.knownFlags == 0 else { throw StreamError.malformed(.config, id: 0, "unknown stream flags \(hex(UInt64(flags)))") }
     }
 
     /// Decode sections until END. Returns when the END section was applied.
@@ -263,6 +278,19 @@ public final class MigrationStreamDecoder {
         }
         guard length == 4 + tableBytes + dataBytes else {
             throw bad("length \(length) does not match its runs (\(4 + tableBytes + dataBytes) bytes)")
+        }
+        if flags & MigrationStream.flagUncheckedPayload != 0 {
+            // No payload checksum: one readv puts every run's data at its guest address.
+            var vectors: [UnsafeMutableRawBufferPointer] = []
+            vectors.reserveCapacity(parsed.count)
+            for (gpa, pages, zero) in parsed {
+                if zero { try sink.ramZero(gpa: gpa, pages: pages) } else { vectors.append(try sink.ramDestination(gpa: gpa, pages: pages)) }
+            }
+            do { try source.readExactly(vectors: vectors) } catch let e as Errno where e == .ECONNRESET || e == .EPROTO {
+                throw StreamError.truncated(offset: offset)
+            }
+            offset += dataBytes
+            return sum
         }
         for (gpa, pages, zero) in parsed {
             if zero { try sink.ramZero(gpa: gpa, pages: pages); continue }

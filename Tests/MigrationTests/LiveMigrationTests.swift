@@ -137,7 +137,7 @@ extension LiveMigrationTests {
     func testCorruptStreamIsRejectedByTheDestination() throws {
         startSource()
         let wait = startDestination()
-        let m = try connectSource()
+        let m = try connectSource(Self.checkedPayload)
         m.beforeSection = { t, id in if t == .ram && id == 6 { m.corruptNextSectionForTesting = true } }
         XCTAssertThrowsError(try m.run())
         try assertSourceRunsOn(m, status: .failed, reasonContains: "checksum mismatch")
