@@ -177,7 +177,7 @@ extension QMPSchema {
                                         "return-path", "pause-before-switchover", "multifd", "dirty-bitmaps", "postcopy-blocktime",
                                         "late-block-activate", "x-ignore-shared", "validate-uuid", "background-snapshot", "zero-copy-send",
                                         "postcopy-preempt", "switchover-ack", "dirty-limit", "mapped-ram",
-                                        "x-allow-untracked-devices"]  // vfio-live's
+                                        "x-allow-untracked-devices", "x-vfio-live-payload-checksum"]  // vfio-live's
 
     static let inetSocketAddress: [QAPIMember] = [
         .init("host", .str), .init("port", .str), .init("numeric", .bool, optional: true), .init("to", .uint(bits: 16), optional: true),

@@ -476,7 +476,8 @@ public final class VirtualMachineManager: QMPHandler, @unchecked Sendable {
                     switch name {
                     case "auto-converge": parameters.autoConverge = on
                     case "x-allow-untracked-devices": parameters.allowUntrackedDevices = on
-                    default: throw QMPError("capability '\(name)' is not supported (auto-converge, x-allow-untracked-devices)")
+                    case "x-vfio-live-payload-checksum": parameters.payloadChecksum = on
+                    default: throw QMPError("capability '\(name)' is not supported (auto-converge, x-allow-untracked-devices, x-vfio-live-payload-checksum)")
                     }
                 }
             }
@@ -484,7 +485,8 @@ public final class VirtualMachineManager: QMPHandler, @unchecked Sendable {
         case "query-migrate-capabilities":
             let p = lock.withLock { parameters }
             return .array([.object([("capability", .string("auto-converge")), ("state", .bool(p.autoConverge))]),
-                           .object([("capability", .string("x-allow-untracked-devices")), ("state", .bool(p.allowUntrackedDevices))])])
+                           .object([("capability", .string("x-allow-untracked-devices")), ("state", .bool(p.allowUntrackedDevices))]),
+                           .object([("capability", .string("x-vfio-live-payload-checksum")), ("state", .bool(p.payloadChecksum))])])
         case "x-vfio-live-verify":
             let r = try verify()
             return .object([("ok", .bool(r.ok)), ("pages", .number(Double(r.pagesChecked))), ("page-writes", .number(Double(r.pageWrites))),

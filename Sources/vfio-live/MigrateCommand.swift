@@ -147,6 +147,8 @@ struct MigrateCommand: ParsableCommand {
     var autoConverge = false
     @Flag(help: "Treat all memory mapped by devices without dirty tracking as dirty instead of refusing to migrate.")
     var allowUntrackedDevices = false
+    @Flag(help: "Checksum RAM page data end to end (capability x-vfio-live-payload-checksum; off by default, as QEMU, which relies on the transport; costs a copy at the source and a pass at the destination).")
+    var payloadChecksum = false
     @Option(parsing: .unconditional, help: "Seconds the VM's QMP socket may take to answer any command.")
     var qmpTimeout = "10"
     @OptionGroup var global: GlobalOptions
@@ -192,6 +194,7 @@ struct MigrateCommand: ParsableCommand {
             _ = try c.execute("migrate-set-capabilities", [("capabilities", .array([
                 .object([("capability", .string("auto-converge")), ("state", .bool(autoConverge))]),
                 .object([("capability", .string("x-allow-untracked-devices")), ("state", .bool(allowUntrackedDevices))]),
+                .object([("capability", .string("x-vfio-live-payload-checksum")), ("state", .bool(payloadChecksum))]),
             ]))])
             _ = try c.execute("migrate", [("uri", .string(to))])
         } catch let e as QMPClientError {
