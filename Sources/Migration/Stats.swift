@@ -97,5 +97,9 @@ public struct MigrationParameters: Sendable {
     /// source copies each section into a staging buffer with a fused checksum (a page must not
     /// change between its checksum and its send); off, pages go from guest RAM to the socket.
     public var payloadChecksum = false
+    /// Capability multifd and parameter multifd-channels (QEMU's; default 2 channels): RAM and
+    /// device state travel on that many extra connections beside the main channel.
+    public var multifd = false
+    public var multifdChannels = 2
     public init() {}
 }
