@@ -60,7 +60,7 @@ struct MigrationBench: ParsableCommand {
         }
         src.start(); dst.start()
         if run { src.resume(); usleep(200_000) }
-        let l = try TCPListener(host: "127.0.0.1", port: 0)
+        let l = try TCPListener(host: "127.0.0.1", port: 0, backlog: 16)
         let dthread = OSThread(name: "bench-dst") {
             if let s = try? l.accept(), let d = try? MigrationDestination(vm: dst, from: s) {
                 d.acceptChannel = { ms in try l.accept(timeoutMilliseconds: ms) }

@@ -33,7 +33,9 @@ final class LiveMigrationTests: XCTestCase {
         w.dmaEvery = 4
         src = try Side("mig-src", workload: w)
         dst = try Side("mig-dst", workload: w)
-        listener = try TCPListener(host: "127.0.0.1", port: 0)
+        // Room for a main connection and multifd channels before they are accepted (QEMU sizes
+        // its backlog by multifd-channels too).
+        listener = try TCPListener(host: "127.0.0.1", port: 0, backlog: 16)
     }
 
     override func tearDown() {

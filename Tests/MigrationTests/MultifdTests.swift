@@ -109,7 +109,7 @@ extension LiveMigrationTests {
             }
         }
         XCTAssertThrowsError(try m.run())
-        try assertSourceRunsOn(m, status: .failed, reasonContains: "")
+        try assertSourceRunsOn(m, status: .failed, reasonContains: "multifd channel 1")
         XCTAssertNotNil(wait())
         XCTAssertTrue(dst.vm.isPaused)
         XCTAssertEqual(try dst.client.migrationState(), .running, "the destination device was reset out of RESUMING")
@@ -134,14 +134,14 @@ extension LiveMigrationTests {
         let m = try connectMultifdSource(Self.multifdParameters(2))
         XCTAssertThrowsError(try m.run())
         t.join()
-        try assertSourceRunsOn(m, status: .failed, reasonContains: "")
+        try assertSourceRunsOn(m, status: .failed, reasonContains: "multifd channel")
     }
 
     /// Over UNIX sockets: the channels connect to the same path.
     func testMultifdOverUNIXSockets() throws {
         startSource()
         let path = InProcessServer.temporaryPath("mfd-unix")
-        let ul = try UnixListener(path: path)
+        let ul = try UnixListener(path: path, backlog: 16)
         defer { ul.close(); unlink(path) }
         var result: Error?
         let t = OSThread { [self] in
