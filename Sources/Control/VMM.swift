@@ -260,12 +260,12 @@ public final class VirtualMachineManager: QMPHandler, @unchecked Sendable {
         switch address {
         case let .tcp(host, port):
             let l: TCPListener
-            do { l = try TCPListener(host: host, port: port) } catch { throw QMPError("cannot listen on \(address): \(error)") }
+            do { l = try TCPListener(host: host, port: port, backlog: Int32(Multifd.channelRange.upperBound + 1)) } catch { throw QMPError("cannot listen on \(address): \(error)") }
             accept = { try l.accept() }; close = { l.close() }; shown = "tcp:\(host):\(l.port)"
             acceptChannel = { ms in try l.accept(timeoutMilliseconds: ms) }
         case let .unix(path):
             let l: UnixListener
-            do { l = try UnixListener(path: path) } catch { throw QMPError("cannot listen on \(address): \(error)") }
+            do { l = try UnixListener(path: path, backlog: Int32(Multifd.channelRange.upperBound + 1)) } catch { throw QMPError("cannot listen on \(address): \(error)") }
             accept = { try l.accept() }; close = { l.close() }; shown = "unix:\(path)"
             acceptChannel = { ms in try l.accept(timeoutMilliseconds: ms) }
         }
