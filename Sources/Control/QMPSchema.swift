@@ -177,7 +177,7 @@ extension QMPSchema {
                                         "return-path", "pause-before-switchover", "multifd", "dirty-bitmaps", "postcopy-blocktime",
                                         "late-block-activate", "x-ignore-shared", "validate-uuid", "background-snapshot", "zero-copy-send",
                                         "postcopy-preempt", "switchover-ack", "dirty-limit", "mapped-ram",
-                                        "x-allow-untracked-devices"]  // vfio-live's
+                                        "x-allow-untracked-devices", "x-vfio-live-payload-checksum"]  // vfio-live's
 
     static let inetSocketAddress: [QAPIMember] = [
         .init("host", .str), .init("port", .str), .init("numeric", .bool, optional: true), .init("to", .uint(bits: 16), optional: true),
@@ -222,7 +222,7 @@ extension QMPSchema {
             .init("tls-authz", .strOrNull, optional: true, supported: false),
             .init("max-bandwidth", u64, optional: true), .init("avail-switchover-bandwidth", u64, optional: true, supported: false),
             .init("downtime-limit", u64, optional: true), .init("x-checkpoint-delay", u32, optional: true, supported: false),
-            .init("multifd-channels", u8, optional: true, supported: false), .init("xbzrle-cache-size", u64, optional: true, supported: false),
+            .init("multifd-channels", u8, optional: true), .init("xbzrle-cache-size", u64, optional: true, supported: false),
             .init("max-postcopy-bandwidth", u64, optional: true, supported: false), .init("max-cpu-throttle", u8, optional: true, supported: false),
             .init("multifd-compression", .enumeration(["none", "zlib", "zstd"]), optional: true, supported: false),
             .init("multifd-zlib-level", u8, optional: true, supported: false), .init("multifd-qatzip-level", u8, optional: true, supported: false),

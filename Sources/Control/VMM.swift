@@ -208,6 +208,7 @@ public final class VirtualMachineManager: QMPHandler, @unchecked Sendable {
             throw QMPError("\(error)")
         }
         src.onCompleted = { [weak self] in if let self { self.deviceDigests = self.digestDevices() } }
+        src.openChannel = { try connectStream(address) }  // multifd channels go to the same URI
         lock.withLock { outgoing = src; stats = newStats; resumeState = before }
         migrationThread?.join()
         handedToThread = true
@@ -263,17 +264,20 @@ public final class VirtualMachineManager: QMPHandler, @unchecked Sendable {
         var handedToThread = false
         defer { if !handedToThread { release(.incoming) } }
         let accept: () throws -> StreamSocket?
+        let acceptChannel: (Int32) throws -> StreamSocket?
         let close: () -> Void
         let shown: String
         switch address {
         case let .tcp(host, port):
             let l: TCPListener
-            do { l = try TCPListener(host: host, port: port) } catch { throw QMPError("cannot listen on \(address): \(error)") }
+            do { l = try TCPListener(host: host, port: port, backlog: Int32(Multifd.channelRange.upperBound + 1)) } catch { throw QMPError("cannot listen on \(address): \(error)") }
             accept = { try l.accept() }; close = { l.close() }; shown = "tcp:\(host):\(l.port)"
+            acceptChannel = { ms in try l.accept(timeoutMilliseconds: ms) }
         case let .unix(path):
             let l: UnixListener
-            do { l = try UnixListener(path: path) } catch { throw QMPError("cannot listen on \(address): \(error)") }
+            do { l = try UnixListener(path: path, backlog: Int32(Multifd.channelRange.upperBound + 1)) } catch { throw QMPError("cannot listen on \(address): \(error)") }
             accept = { try l.accept() }; close = { l.close() }; shown = "unix:\(path)"
+            acceptChannel = { ms in try l.accept(timeoutMilliseconds: ms) }
         }
         vm.start()
         set(.inmigrate)
@@ -286,6 +290,7 @@ public final class VirtualMachineManager: QMPHandler, @unchecked Sendable {
                 while true {
                     guard let conn = try accept() else { return }
                     d = try MigrationDestination(vm: vm, from: conn)
+                    d.acceptChannel = acceptChannel
                     d.stats.onStatus = { [weak self] st in self?.migrationEvent(st) }
                     d.afterDevicesLoaded = { [weak self] in if let self { self.deviceDigests = self.digestDevices() } }
                     lock.withLock {
@@ -458,6 +463,10 @@ public final class VirtualMachineManager: QMPHandler, @unchecked Sendable {
                 if let v = a?["x-max-iterations"] { guard let n = v.uint64, n > 0 else { throw QMPError("x-max-iterations must be positive") }; parameters.maxIterations = n }
                 if let v = a?["cpu-throttle-initial"]?.uint64 { parameters.throttleInitial = min(max(v, 1), 99) }
                 if let v = a?["cpu-throttle-increment"]?.uint64 { parameters.throttleIncrement = min(max(v, 1), 99) }
+                if let v = a?["multifd-channels"] {
+                    guard let n = v.uint64, Multifd.channelRange.contains(Int(n)) else { throw QMPError("multifd-channels must be 1..255") }
+                    parameters.multifdChannels = Int(n)
+                }
                 if let v = a?["x-vfio-live-peer-timeout"] {
                     guard let n = v.uint64, n == 0 || (n >= 100 && n <= 3_600_000) else {
                         throw QMPError("x-vfio-live-peer-timeout must be 100..3600000 ms, or 0 for none")
@@ -481,7 +490,8 @@ public final class VirtualMachineManager: QMPHandler, @unchecked Sendable {
             let (p, mode) = lock.withLock { (parameters, cprMode) }
             return .object([("mode", .string(mode?.rawValue ?? "normal")), ("downtime-limit", .number(Double(p.downtimeLimitMS))), ("max-bandwidth", .number(Double(p.maxBandwidth))),
                             ("x-max-iterations", .number(Double(p.maxIterations))), ("cpu-throttle-initial", .number(Double(p.throttleInitial))),
-                            ("cpu-throttle-increment", .number(Double(p.throttleIncrement))), ("x-vfio-live-peer-timeout", .number(Double(p.peerTimeoutMS)))])
+                            ("cpu-throttle-increment", .number(Double(p.throttleIncrement))), ("x-vfio-live-peer-timeout", .number(Double(p.peerTimeoutMS))),
+                            ("multifd-channels", .number(Double(p.multifdChannels)))])
         case "migrate-set-capabilities":
             guard case let .array(list)? = a?["capabilities"] else { throw QMPError("Parameter 'capabilities' is missing") }
             try lock.withLock {
@@ -490,7 +500,9 @@ public final class VirtualMachineManager: QMPHandler, @unchecked Sendable {
                     switch name {
                     case "auto-converge": parameters.autoConverge = on
                     case "x-allow-untracked-devices": parameters.allowUntrackedDevices = on
-                    default: throw QMPError("capability '\(name)' is not supported (auto-converge, x-allow-untracked-devices)")
+                    case "x-vfio-live-payload-checksum": parameters.payloadChecksum = on
+                    case "multifd": parameters.multifd = on
+                    default: throw QMPError("capability '\(name)' is not supported (auto-converge, multifd, x-allow-untracked-devices, x-vfio-live-payload-checksum)")
                     }
                 }
             }
@@ -498,7 +510,9 @@ public final class VirtualMachineManager: QMPHandler, @unchecked Sendable {
         case "query-migrate-capabilities":
             let p = lock.withLock { parameters }
             return .array([.object([("capability", .string("auto-converge")), ("state", .bool(p.autoConverge))]),
-                           .object([("capability", .string("x-allow-untracked-devices")), ("state", .bool(p.allowUntrackedDevices))])])
+                           .object([("capability", .string("x-allow-untracked-devices")), ("state", .bool(p.allowUntrackedDevices))]),
+                           .object([("capability", .string("x-vfio-live-payload-checksum")), ("state", .bool(p.payloadChecksum))]),
+                           .object([("capability", .string("multifd")), ("state", .bool(p.multifd))])])
         case "x-vfio-live-verify":
             let r = try verify()
             return .object([("ok", .bool(r.ok)), ("pages", .number(Double(r.pagesChecked))), ("page-writes", .number(Double(r.pageWrites))),

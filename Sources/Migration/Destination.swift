@@ -47,6 +47,15 @@ public final class MigrationDestination: MigrationSink, @unchecked Sendable {
     /// The device migrations, in device order (statesVisited and its sequence, for reports and tests).
     public var deviceMigrations: [DeviceMigration] { migrations }
 
+    /// Multifd: accepts the next connection on the migration listener within the given ms
+    /// (nil when none came). Without it a source asking for multifd is refused.
+    public var acceptChannel: ((Int32) throws -> StreamSocket?)?
+    private var receiver: MultifdReceiver?
+    private var decoder: MigrationStreamDecoder?
+    private var channelPages: UInt64 = 0
+    private var multifdDone = false
+    private let deviceBytesLock = Mutex()
+
     public init(vm: MicroVM, from socket: StreamSocket) throws {
         self.vm = vm; self.socket = socket
         for (i, d) in vm.devices.enumerated() {
@@ -67,7 +76,9 @@ public final class MigrationDestination: MigrationSink, @unchecked Sendable {
         stats.set(.active)
         do {
             let decoder = MigrationStreamDecoder(source: ChannelSource(socket, timeoutMS: peerTimeoutMS), sink: self)
+            self.decoder = decoder
             try decoder.run()
+            receiver?.stop()
             guard ended else { throw StreamError.missingEnd }
             if decoder.version >= 2 {
                 // Two-phase switch-over: loaded; the source decides.
@@ -109,6 +120,12 @@ public final class MigrationDestination: MigrationSink, @unchecked Sendable {
             Verdict.send(socket, ok: true, summary)
             stats.set(.completed)
         } catch {
+            var error = error
+            if let r = receiver {
+                // A failed channel shut the main read down: its reason is the real one.
+                if let e = r.error, !((e as? MigrationError).map { if case .cancelled = $0 { return true }; return false } ?? false) { error = e }
+                r.stop()
+            }
             Verdict.send(socket, ok: false, "\(error)")
             for m in migrations { try? m.reset() }
             stats.set(.failed, error: "\(error)")
@@ -143,7 +160,7 @@ public final class MigrationDestination: MigrationSink, @unchecked Sendable {
 
     public func deviceData(device: UInt32, _ data: UnsafeRawBufferPointer) throws {
         do { try migrations[Int(device)].write(data) } catch { throw MigrationError.device(Int(device), "loading state: \(error)") }
-        deviceBytes[Int(device)] += UInt64(data.count)
+        deviceBytesLock.withLock { deviceBytes[Int(device)] += UInt64(data.count) }
     }
 
     public func deviceConfig(device: UInt32, _ data: ArraySlice<UInt8>) throws {
@@ -160,6 +177,9 @@ public final class MigrationDestination: MigrationSink, @unchecked Sendable {
 
     public func end(pagesSent: UInt64) throws {
         endReceivedAt = monotonicNanoseconds()
+        if receiver != nil && !multifdDone { throw StreamError.malformed(.end, id: 0, "END before the last multifd SYNC") }
+        pagesReceived += channelPages
+        channelPages = 0
         guard pagesSent == pagesReceived else {
             throw StreamError.malformed(.end, id: 0, "the source sent \(pagesSent) pages, \(pagesReceived) arrived")
         }
@@ -173,6 +193,58 @@ public final class MigrationDestination: MigrationSink, @unchecked Sendable {
 
     public func sourceRunState(running: Bool) throws { sourceWasRunning = running }
 
+    /// MULTIFD: accept the channels (bounded by the peer timeout), check each hello, and start
+    /// a reader per channel. Connections whose hello is not this migration's are closed.
+    public func multifd(channels: UInt32, nonce: UInt64) throws {
+        guard let accept = acceptChannel else {
+            throw MultifdError.setup("the source asks for \(channels) multifd channels, and this destination takes none")
+        }
+        guard receiver == nil else { throw StreamError.malformed(.multifd, id: 0, "a second MULTIFD section") }
+        let n = Int(channels)
+        var socks = [StreamSocket?](repeating: nil, count: n)
+        let deadline = peerTimeoutMS == 0 ? UInt64.max : monotonicNanoseconds() + peerTimeoutMS * 1_000_000
+        do {
+            while socks.contains(where: { $0 == nil }) {
+                let now = monotonicNanoseconds()
+                guard now < deadline else {
+                    throw MultifdError.setup("\(socks.filter { $0 == nil }.count) of \(n) channels did not connect within \(peerTimeoutMS) ms")
+                }
+                let ms = deadline == .max ? Int32(-1) : Int32(clamping: (deadline - now) / 1_000_000 + 1)
+                guard let s = try accept(ms) else { continue }
+                MigrationSource.setPeerTimeout(s, ms: peerTimeoutMS)
+                var hello = [UInt8](repeating: 0, count: Multifd.helloSize)
+                do { try hello.withUnsafeMutableBytes { _ = try s.receiveExactly(into: $0, maxFDs: 0) } } catch {
+                    s.fd.close(); Log.info("migration", "a connection on the migration listener sent no multifd hello (\(error)); closed"); continue
+                }
+                var r = BEReader(hello[8...])
+                guard Multifd.isHello(hello), let idx = r.u32(), let count = r.u32(), let theirs = r.u64(),
+                      theirs == nonce, count == channels, Int(idx) < n, socks[Int(idx)] == nil else {
+                    s.fd.close(); Log.info("migration", "a connection on the migration listener is not a channel of this migration; closed"); continue
+                }
+                socks[Int(idx)] = s
+            }
+        } catch {
+            for case let s? in socks { s.fd.close() }
+            throw error
+        }
+        let main = socket
+        let rcv = MultifdReceiver(sockets: socks.map { $0! }, timeoutMS: peerTimeoutMS) { _ = Glibc.shutdown(main.fd.rawValue, Int32(SHUT_RD)) }
+        receiver = rcv
+        let flags = decoder?.flags ?? 0, ram = vm.memory.size, devs = UInt32(migrations.count), timeout = peerTimeoutMS
+        rcv.start { [unowned self] i in
+            MigrationStreamDecoder(channel: ChannelSource(rcv.sockets[i], timeoutMS: timeout), sink: MultifdChannelSink(self, rcv, i),
+                                   ramSize: ram, devices: devs, flags: flags)
+        }
+    }
+
+    /// SYNC on the main channel: every channel must have reached it before any goes on.
+    public func sync(sequence: UInt64, last: Bool) throws {
+        guard let r = receiver else { throw StreamError.malformed(.sync, id: 0, "SYNC without multifd channels") }
+        guard !multifdDone else { throw StreamError.malformed(.sync, id: 0, "SYNC after the last one") }
+        channelPages = try r.mainReached(sequence)
+        if last { multifdDone = true }
+    }
+
     /// Wait (bounded) for the stream's first byte without consuming it.
     private func awaitFirstByte() throws {
         let ms = peerTimeoutMS == 0 ? Int32(-1) : Int32(clamping: peerTimeoutMS)
@@ -181,8 +253,10 @@ public final class MigrationDestination: MigrationSink, @unchecked Sendable {
             throw MigrationError.closedBeforeStream("polling the connection: \(error)")
         }
         guard readable else { throw MigrationError.closedBeforeStream("the source connected but sent nothing for \(peerTimeoutMS) ms") }
-        var b: UInt8 = 0
-        let n = recv(socket.fd.rawValue, &b, 1, Int32(MSG_PEEK))
+        var b = [UInt8](repeating: 0, count: 8)
+        let n = recv(socket.fd.rawValue, &b, 8, Int32(MSG_PEEK))
+        // A multifd channel of an earlier, failed attempt waited in the listener's queue.
+        if n == 8 && Multifd.isHello(b) { throw MigrationError.closedBeforeStream("a multifd channel of an attempt that gave up, not a migration stream") }
         if n == 0 { throw MigrationError.closedBeforeStream("the source closed the connection before sending anything (it refused the migration, or gave up)") }
         if n < 0 { throw MigrationError.closedBeforeStream("the connection failed before the stream: \(Errno(errno))") }
     }

@@ -114,6 +114,17 @@ public final class MigrationSource: @unchecked Sendable {
     public var corruptNextSectionForTesting = false
     /// Called after each section went out (tests: widen a race).
     public var afterSectionForTesting: ((MigrationStream.SectionType, UInt32) -> Void)?
+    /// Multifd: opens one more connection to the destination (the VMM connects it to the
+    /// migration URI). Needed when `parameters.multifd` is set.
+    public var openChannel: (() throws -> StreamSocket)?
+    /// Called after each section went out on a multifd channel (tests: cut a channel).
+    public var afterChannelSectionForTesting: ((Int, MigrationStream.SectionType) -> Void)?
+    private var multifd: MultifdSender?
+    private var channelStaging: [MappedRegion] = []
+    private var channelSectionIDs: [MultifdReceiver.ManagedCounter] = []
+    private var nextChannel = 0
+    private var syncSequence: UInt64 = 0
+    private var lastMainSendNS: UInt64 = 0
     /// Called after a successful migration, before the status says "completed".
     public var onCompleted: (() -> Void)?
     /// What the destination said on success (a JSON object).
@@ -131,7 +142,8 @@ public final class MigrationSource: @unchecked Sendable {
         self.vm = vm; self.socket = socket; self.parameters = parameters; self.stats = stats
         let perSection = parameters.maxBandwidth > 0 ? min(max(parameters.maxBandwidth / 20, 64 << 10), 4 << 20) : 4 << 20
         sectionDataLimit = Int(perSection / 4096 * 4096)
-        staging = try MappedRegion(anonymous: (4 << 20) + 256 * 4096, populate: true)
+        // The staging buffer serves only the payload-checksum capability (see flush).
+        staging = try MappedRegion(anonymous: parameters.payloadChecksum ? (4 << 20) + 256 * 4096 : 4096, populate: parameters.payloadChecksum)
         devices = try Self.prepare(vm: vm, parameters: parameters, policies: policies)
         // One migration per VM at a time, claimed in one locked step with the check: two
         // concurrent `migrate`s must never both run and leave the guest on two destinations.
@@ -227,6 +239,7 @@ public final class MigrationSource: @unchecked Sendable {
             guard !finished, !committed else { return false }
             cancelFlag = true
             if socketOpen { _ = Glibc.shutdown(socket.fd.rawValue, Int32(SHUT_RDWR)) }
+            multifd?.shutdownSockets()
             return true
         }
     }
@@ -287,6 +300,7 @@ public final class MigrationSource: @unchecked Sendable {
             throw channelError(error, "sending \(type) section \(id)")
         }
         let n = UInt64(length + 24)
+        lastMainSendNS = monotonicNanoseconds()
         stats.update { stats.transferredBytes += n }
         sentSinceStart += n
         afterSectionForTesting?(type, id)
@@ -403,32 +417,176 @@ public final class MigrationSource: @unchecked Sendable {
         mutating func reset() { gpa.removeAll(keepingCapacity: true); count.removeAll(keepingCapacity: true); zero.removeAll(keepingCapacity: true); dataBytes = 0 }
     }
 
-    /// One RAM section from the batch. Live pages change under us: they are copied into the
-    /// staging buffer and checksummed in the same pass; a page written after its copy is dirty
-    /// again and goes in a later iteration.
+    /// One RAM section from the batch, pages straight from guest RAM to the socket (sendmsg
+    /// with one iovec per run; no user-space copy). Live pages change under us, and that is
+    /// safe for pre-copy's own reason: the dirty log this pass came from was harvested (and
+    /// cleared) before any of its pages was read, so a write that lands while a page is being
+    /// sent (even one that tears the copy the socket took) sets the page's bit again in KVM's
+    /// log or the device's DMA log, and the page goes again in a later pass; the last pass runs
+    /// with vCPUs paused and devices in STOP_COPY, so what it sends is final. The destination
+    /// applies passes in order (one channel is one ordered stream), so a newer copy of a page
+    /// always lands after an older one.
+    ///
+    /// With the payload-checksum capability the section is copied into the staging buffer with
+    /// a fused checksum instead: a checksum over live memory would not match what the socket
+    /// took a moment later.
     private func flush(_ b: inout RAMBatch) throws {
         guard !b.isEmpty else { return }
+        if let mf = multifd {
+            // Round robin over the channels; the worker builds and sends the section.
+            let ch = nextChannel
+            nextChannel = (nextChannel + 1) % mf.sockets.count
+            sentSinceStart += UInt64(b.dataBytes)
+            do { try mf.submit(.ram(b), to: ch) } catch { throw multifdFailed(error) }
+            b.reset()
+            try keepMainAlive()
+            try checkDestination()
+            try pace()
+            try sampleDirty()
+            return
+        }
+        try sendRAM(b, staging: staging) { pieces, sum in try send(.ram, pieces: pieces, checksum: sum) }
+        b.reset()
+        try sampleDirty()
+    }
+
+    /// Build one RAM section of `b` (see flush) and hand its pieces and checksum to `emit`.
+    private func sendRAM(_ b: RAMBatch, staging: MappedRegion, _ emit: ([UnsafeRawBufferPointer], UInt64) throws -> Void) throws {
         let base = vm.memory.base
         var table = BEWriter()
         table.u32(UInt32(b.gpa.count))
         for i in b.gpa.indices { table.u64(b.gpa[i]); table.u32(b.count[i]); table.u32(b.zero[i] ? 1 : 0) }
         let t = table.bytes
         var sum = t.withUnsafeBytes { Checksum.update(Checksum.seed, $0) }
-        var at = 0
         var z: UInt64 = 0, n: UInt64 = 0
-        for i in b.gpa.indices {
-            if b.zero[i] { z += UInt64(b.count[i]); continue }
-            let bytes = Int(b.count[i]) * 4096
-            sum = Checksum.copy(sum, from: UnsafeRawBufferPointer(start: base + Int(b.gpa[i]), count: bytes), to: staging.base + at)
-            at += bytes
-            n += UInt64(b.count[i])
+        var runs: [UnsafeRawBufferPointer] = []
+        if parameters.payloadChecksum {
+            var at = 0
+            for i in b.gpa.indices {
+                if b.zero[i] { z += UInt64(b.count[i]); continue }
+                let bytes = Int(b.count[i]) * 4096
+                sum = Checksum.copy(sum, from: UnsafeRawBufferPointer(start: base + Int(b.gpa[i]), count: bytes), to: staging.base + at)
+                at += bytes
+                n += UInt64(b.count[i])
+            }
+            runs = [UnsafeRawBufferPointer(start: staging.base, count: at)]
+        } else {
+            runs.reserveCapacity(b.gpa.count)
+            for i in b.gpa.indices {
+                if b.zero[i] { z += UInt64(b.count[i]); continue }
+                runs.append(UnsafeRawBufferPointer(start: base + Int(b.gpa[i]), count: Int(b.count[i]) * 4096))
+                n += UInt64(b.count[i])
+            }
         }
-        try t.withUnsafeBytes { tb in
-            try send(.ram, pieces: [tb, UnsafeRawBufferPointer(start: staging.base, count: at)], checksum: sum)
-        }
+        try t.withUnsafeBytes { tb in try emit([tb] + runs, sum) }
         stats.update { stats.zeroPages += z; stats.normalPages += n; stats.ramBytes += n * 4096 }
-        b.reset()
-        try sampleDirty()
+    }
+
+    // MARK: multifd (see Multifd.swift)
+
+    /// Connect the channels and say hello on each, before any stream byte goes out: a failure
+    /// here leaves the destination untouched (its main connection closes empty).
+    private func openChannels() throws {
+        guard let open = openChannel else { throw MigrationError.blocked("multifd is on but nothing can open its channels (the VMM connects them to the migration URI)") }
+        let n = parameters.multifdChannels
+        guard Multifd.channelRange.contains(n) else { throw MigrationError.blocked("multifd-channels \(n) is outside \(Multifd.channelRange)") }
+        multifdNonce = UInt64.random(in: 1...UInt64.max)
+        var socks: [StreamSocket] = []
+        do {
+            for i in 0..<n {
+                let s = try open()
+                socks.append(s)
+                Self.setPeerTimeout(s, ms: parameters.peerTimeoutMS, sendSliceMS: max(parameters.peerTimeoutMS / 4, 1))
+                try s.send(Multifd.hello(index: i, channels: n, nonce: multifdNonce))
+            }
+            channelStaging = try (0..<n).map { _ in
+                try MappedRegion(anonymous: parameters.payloadChecksum ? (4 << 20) + 256 * 4096 : 4096, populate: parameters.payloadChecksum)
+            }
+        } catch {
+            for s in socks { s.fd.close() }
+            throw MigrationError.channel("opening multifd channel \(socks.count) of \(n): \(error)")
+        }
+        channelSectionIDs = (0..<n).map { _ in MultifdReceiver.ManagedCounter() }
+        let sender = MultifdSender(sockets: socks)
+        control.withLock { multifd = sender }
+        sender.start { [unowned self] ch, job in try self.perform(ch, job, on: socks[ch]) }
+    }
+    private var multifdNonce: UInt64 = 0
+
+    private func stopChannels() {
+        let mf = control.withLock { () -> MultifdSender? in let m = multifd; multifd = nil; return m }
+        mf?.stop()
+    }
+
+    /// A worker's job on channel `ch` (runs on that channel's thread).
+    private func perform(_ ch: Int, _ job: MultifdSender.Job, on s: StreamSocket) throws {
+        do {
+            switch job {
+            case let .ram(b):
+                try sendRAM(b, staging: channelStaging[ch]) { pieces, sum in try channelSend(ch, s, .ram, pieces, sum) }
+            case let .device(i, final):
+                try sendDeviceData(i, final: final) { bytes in try bytes.withUnsafeBytes { try self.channelSend(ch, s, .device, [$0], nil) } }
+            case let .sync(seq, last):
+                try Multifd.syncPayload(sequence: seq, last: last).withUnsafeBytes { try channelSend(ch, s, .sync, [$0], nil) }
+            }
+        } catch let e as MigrationError {
+            throw e
+        } catch {
+            throw channelError(error, "multifd channel \(ch)")
+        }
+    }
+
+    /// One section on channel `ch` (its own section ids).
+    private func channelSend(_ ch: Int, _ s: StreamSocket, _ type: MigrationStream.SectionType, _ pieces: [UnsafeRawBufferPointer], _ checksum: UInt64?) throws {
+        try checkCancelled()
+        channelSectionIDs[ch].value += 1
+        let id = UInt32(truncatingIfNeeded: channelSectionIDs[ch].value)
+        let length = pieces.reduce(0) { $0 + $1.count }
+        var sum = Checksum.seed
+        if let c = checksum { sum = c } else { for p in pieces { sum = Checksum.update(sum, p) } }
+        var t = BEWriter(); t.u64(sum)
+        let head = MigrationStream.sectionHeader(type, id: id, length: length), tail = t.bytes
+        try head.withUnsafeBytes { hb in try tail.withUnsafeBytes { tb in try sendAll([hb] + pieces + [tb], on: s) } }
+        let n = UInt64(length + 24)
+        stats.update { stats.transferredBytes += n }
+        afterChannelSectionForTesting?(ch, type)
+    }
+
+    /// The end of a pass: SYNC on every channel, then on the main channel once all went out.
+    private func syncPass(last: Bool) throws {
+        guard let mf = multifd else { return }
+        syncSequence += 1
+        do {
+            for ch in mf.sockets.indices { try mf.submit(.sync(syncSequence, last: last), to: ch) }
+            try mf.drain()
+        } catch { throw multifdFailed(error) }
+        try send(.sync, Multifd.syncPayload(sequence: syncSequence, last: last))
+    }
+
+    /// Device data of a pass on its channel (device i always on channel i mod N: its order).
+    private func queueDeviceData(_ i: Int, final: Bool) throws {
+        guard let mf = multifd else { try sendDeviceData(i, final: final); return }
+        do { try mf.submit(.device(i, final: final), to: i % mf.sockets.count) } catch { throw multifdFailed(error) }
+    }
+
+    /// The main channel is silent while the channels carry a pass: a keep-alive SYNC (flag 2,
+    /// no barrier) every quarter of the peer timeout keeps the destination from calling the
+    /// source silent.
+    private func keepMainAlive() throws {
+        let quarter = max(parameters.peerTimeoutMS / 4, 1) * 1_000_000
+        guard parameters.peerTimeoutMS > 0, monotonicNanoseconds() - lastMainSendNS >= quarter else { return }
+        var w = BEWriter(); w.u64(syncSequence); w.u32(2); w.u32(0)
+        try send(.sync, w.bytes)
+    }
+
+    /// What a channel failure means: our cancel, the destination's own refusal (its ERR on the
+    /// main channel), or the channel's error.
+    private func multifdFailed(_ e: Error) -> Error {
+        if isCancelled { return MigrationError.cancelled }
+        if (try? Poll.waitReadable(socket.fd, timeoutMilliseconds: 1000)) == true, let v = Verdict.receive(socket), v.kind == .error {
+            return MigrationError.destination(v.text)
+        }
+        return e
     }
 
     /// Send the pages set in `bitmap` as RAM sections of runs; zero pages travel as run
@@ -467,14 +625,14 @@ public final class MigrationSource: @unchecked Sendable {
     /// Device records in a DEVICE section: everything the device has now (pre-copy), or to the
     /// end of its stream (stop-copy).
     @discardableResult
-    private func sendDeviceData(_ i: Int, final: Bool) throws -> UInt64 {
+    private func sendDeviceData(_ i: Int, final: Bool, emit: (([UInt8]) throws -> Void)? = nil) throws -> UInt64 {
         let d = devices[i]
         var moved: UInt64 = 0
         var records = BEWriter()
         records.u32(UInt32(i))
         func flush() throws {
             records.u64(MigrationStream.VFIOTag.endOfState.rawValue)
-            try send(.device, records.bytes)
+            if let emit { try emit(records.bytes) } else { try send(.device, records.bytes) }
             records = BEWriter(); records.u32(UInt32(i))
         }
         // Pre-copy with nothing pending (initial and dirty bytes both 0): no read, as QEMU's
@@ -574,7 +732,8 @@ public final class MigrationSource: @unchecked Sendable {
     /// a SIGSTOPped peer's kernel still takes a trickle as it collapses its receive queue, so
     /// each call made a little progress and the stall lasted 3x the timeout. The send timeout
     /// is a slice here (a quarter of the window) so the loop looks at the clock.
-    private func sendAll(_ buffers: [UnsafeRawBufferPointer]) throws {
+    private func sendAll(_ buffers: [UnsafeRawBufferPointer], on channel: StreamSocket? = nil) throws {
+        let socket = channel ?? self.socket
         var iovs = buffers.filter { $0.count > 0 }.map { iovec(iov_base: UnsafeMutableRawPointer(mutating: $0.baseAddress), iov_len: $0.count) }
         let window = parameters.peerTimeoutMS * 1_000_000
         var windowStart = monotonicNanoseconds(), windowBytes = 0
@@ -621,6 +780,7 @@ public final class MigrationSource: @unchecked Sendable {
         Self.setPeerTimeout(socket, ms: parameters.peerTimeoutMS, sendSliceMS: max(parameters.peerTimeoutMS / 4, 1))
         // Whatever happens, the channel closes: a destination waiting for more learns it is over.
         defer {
+            stopChannels()
             control.withLock {
                 _ = Glibc.shutdown(socket.fd.rawValue, Int32(SHUT_RDWR))
                 socket.fd.close()
@@ -630,6 +790,7 @@ public final class MigrationSource: @unchecked Sendable {
         do {
             try migrate()
         } catch let error as MigrationError where error.isUnconfirmed {
+            stopChannels()
             // GO went out: the destination may run the guest, so nothing is rolled back.
             finishUnconfirmed()
             stats.update { stats.totalTimeMS = Double(monotonicNanoseconds() - stats.startNS) / 1e6; stats.sourceOutcome = "the source VM stays paused (the destination may run it)" }
@@ -638,6 +799,8 @@ public final class MigrationSource: @unchecked Sendable {
             throw error
         } catch {
             let error = isCancelled ? MigrationError.cancelled : error
+            // The workers first: none may still read a device that goes back to RUNNING.
+            stopChannels()
             let stopped = rollback()
             let cancelled = (error as? MigrationError).map { if case .cancelled = $0 { return true }; return false } ?? false
             let outcome = stopped ? "the VM stays paused at the source, as it was stopped" : "the VM runs on at the source"
@@ -679,8 +842,11 @@ public final class MigrationSource: @unchecked Sendable {
                 do { try t.startDirtyTracking() } catch { throw MigrationError.blocked("starting the IOMMU's dirty tracking: \(error)") }
             }
         }
-        do { try MigrationStream.header(flags: 0).withUnsafeBytes { try sendAll([$0]) } } catch { throw channelError(error, "sending the stream header") }
+        let streamFlags = parameters.payloadChecksum ? 0 : MigrationStream.flagUncheckedPayload
+        if parameters.multifd { try openChannels() }
+        do { try MigrationStream.header(flags: streamFlags | (parameters.multifd ? MigrationStream.flagMultifd : 0)).withUnsafeBytes { try sendAll([$0]) } } catch { throw channelError(error, "sending the stream header") }
         try send(.config, MigrationStream.configPayload(ramSize: vm.memory.size, vcpus: vm.vcpuCount, devices: devices.count))
+        if parameters.multifd { try send(.multifd, Multifd.announcePayload(channels: parameters.multifdChannels, nonce: multifdNonce)) }
         for i in devices.indices {
             var w = BEWriter(); w.u32(UInt32(i))
             w.u64(MigrationStream.VFIOTag.setupState.rawValue); w.u64(MigrationStream.VFIOTag.endOfState.rawValue)
@@ -708,14 +874,22 @@ public final class MigrationSource: @unchecked Sendable {
                     if first + 64 <= stop { dirty[k] = 0 } else if first < stop { dirty[k] &= ~((1 << (stop - first)) - 1) }
                 }
                 for k in dirty.indices { dirty[k] |= pendingDirty[k]; pendingDirty[k] = 0 }
+                try syncPass(last: false)
                 break
             }
-            for i in devices.indices where devices[i].inPreCopy {
-                let d0 = monotonicNanoseconds(), q0 = pacedNS
-                let moved = try sendDeviceData(i, final: false)
-                let dt = monotonicNanoseconds() - d0
-                downtimeModel.noteDevice(i, bytes: moved, ns: dt - min(pacedNS - q0, dt))
+            if multifd != nil {
+                // On the channels, beside RAM: the downtime model keeps the device rates it
+                // measured without multifd (MIG_DATA_SIZE still feeds the prediction).
+                for i in devices.indices where devices[i].inPreCopy { try queueDeviceData(i, final: false) }
+            } else {
+                for i in devices.indices where devices[i].inPreCopy {
+                    let d0 = monotonicNanoseconds(), q0 = pacedNS
+                    let moved = try sendDeviceData(i, final: false)
+                    let dt = monotonicNanoseconds() - d0
+                    downtimeModel.noteDevice(i, bytes: moved, ns: dt - min(pacedNS - q0, dt))
+                }
             }
+            try syncPass(last: false)
             try sampleDirty(force: true)
             let h0 = monotonicNanoseconds()
             dirty = try harvest()
@@ -784,7 +958,15 @@ public final class MigrationSource: @unchecked Sendable {
         for k in dirty.indices { dirty[k] |= final[k] }
         try sendPages(dirty)
         clock.mark(\.ramRemainder)
-        for i in devices.indices { try sendDeviceData(i, final: true); try sendDeviceConfig(i); clock.markDevice() }
+        if multifd != nil {
+            // The channels carry every device's state at once: the breakdown gives that
+            // time to the first device and the config records to each.
+            for i in devices.indices { try queueDeviceData(i, final: true) }
+            try syncPass(last: true)
+            for i in devices.indices { try sendDeviceConfig(i); clock.markDevice() }
+        } else {
+            for i in devices.indices { try sendDeviceData(i, final: true); try sendDeviceConfig(i); clock.markDevice() }
+        }
         let states: [VCPUState]
         do { states = try vm.saveVCPUs() } catch { throw MigrationError.channel("saving vCPU state: \(error)") }
         try send(.vcpus, MigrationStream.vcpusPayload(states.map { VCPUStateBytes(regs: $0.regs, sregs: $0.sregs, fpu: $0.fpu) }))

@@ -122,5 +122,14 @@ public struct MigrationParameters: Sendable {
     /// migration fails with `.peerTimeout` and the source resumes; 0 = wait forever. It
     /// applies in every phase, switch-over included (QMP: x-vfio-live-peer-timeout).
     public var peerTimeoutMS: UInt64 = 5000
+    /// Capability x-vfio-live-payload-checksum: RAM page data carries a checksum the destination
+    /// checks (off by default, as QEMU, which keeps none and relies on the transport). On, the
+    /// source copies each section into a staging buffer with a fused checksum (a page must not
+    /// change between its checksum and its send); off, pages go from guest RAM to the socket.
+    public var payloadChecksum = false
+    /// Capability multifd and parameter multifd-channels (QEMU's; default 2 channels): RAM and
+    /// device state travel on that many extra connections beside the main channel.
+    public var multifd = false
+    public var multifdChannels = 2
     public init() {}
 }

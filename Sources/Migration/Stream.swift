@@ -8,7 +8,10 @@ import VFIO
 ///     section := type u8 | 0 u8[3] | id u32 | length u64 | payload[length] | checksum u64
 ///
 /// The checksum is `Checksum.update` chained over the payload's pieces in order: for RAM the
-/// run table, then each run's data; for every other section the whole payload. Sections:
+/// run table, then each run's data; for every other section the whole payload. With header
+/// flag 2 (`flagUncheckedPayload`: the payload-checksum capability is off, QEMU's default) a
+/// RAM section's checksum covers its run count and table only, and its page data travels
+/// unchecked, as in QEMU, which relies on the transport. Sections:
 ///
 ///     CONFIG  ram size u64, vCPUs u32, devices u32, page size u32
 ///     RAM     runs u32, runs × {gpa u64, pages u32, flags u32 (1 = zero pages, no data)}, data
@@ -18,6 +21,8 @@ import VFIO
 ///     END     pages sent u64; since version 2 also flags u32 (1 = the source VM was running
 ///             at switch-over: the destination resumes; else it stays paused, as QEMU's
 ///             global run state) and 0 u32
+///     MULTIFD channels u32, 0 u32, nonce u64 (multifd only, right after CONFIG)
+///     SYNC    pass u64, flags u32 (1 = last), 0 u32: the end of a pass (main and every channel)
 ///     LIVE_UPDATE  (cpr-transfer / cpr-exec only; no RAM or DEVICE sections then: guest RAM
 ///             and the devices are handed over as descriptors) vCPUs paused at u64 (CLOCK_MONOTONIC
 ///             ns, the same clock in both processes), devices u32, devices × MSIs counted u64
@@ -35,12 +40,18 @@ public enum MigrationStream {
     public static let maxSectionLength: UInt64 = 64 << 20
 
     public enum SectionType: UInt8, CustomStringConvertible {
-        case config = 1, ram = 2, device = 3, vcpus = 4, end = 5, liveUpdate = 6
-        public var description: String { ["", "CONFIG", "RAM", "DEVICE", "VCPUS", "END", "LIVE_UPDATE"][Int(rawValue)] }
+        case config = 1, ram = 2, device = 3, vcpus = 4, end = 5, liveUpdate = 6, multifd = 7, sync = 8
+        public var description: String { ["", "CONFIG", "RAM", "DEVICE", "VCPUS", "END", "LIVE_UPDATE", "MULTIFD", "SYNC"][Int(rawValue)] }
     }
 
     /// Header flag: a live-update stream (no RAM; a LIVE_UPDATE section).
     public static let flagLiveUpdate: UInt32 = 1
+    /// Header flag: RAM page data is not covered by the section checksums (capability
+    /// x-vfio-live-payload-checksum off). Run tables, lengths and every other section still are.
+    public static let flagUncheckedPayload: UInt32 = 2
+    /// Header flag: multifd; a MULTIFD section follows CONFIG (see Multifd).
+    public static let flagMultifd: UInt32 = 4
+    static let knownFlags = flagLiveUpdate | flagUncheckedPayload | flagMultifd
 
     public static func header(flags: UInt32) -> [UInt8] {
         var h = BEWriter(); h.append(magic); h.u32(version); h.u32(flags); return h.bytes
@@ -133,12 +144,22 @@ public protocol MigrationSink: AnyObject {
     func sourceRunState(running: Bool) throws
     /// A live update's VMM-side state (only in live-update streams).
     func liveUpdate(pausedAt: UInt64, interrupts: [UInt64]) throws
+    /// Multifd: `channels` extra connections with this nonce in their hello (MULTIFD section).
+    func multifd(channels: UInt32, nonce: UInt64) throws
+    /// The end of pass `sequence` (SYNC), on the main channel or a multifd channel.
+    func sync(sequence: UInt64, last: Bool) throws
 }
 
 extension MigrationSink {
     public func sourceRunState(running: Bool) throws {}
     public func liveUpdate(pausedAt: UInt64, interrupts: [UInt64]) throws {
         throw StreamError.malformed(.liveUpdate, id: 0, "a LIVE_UPDATE section in a migration stream (start the destination with --incoming cpr:unix:PATH for a live update)")
+    }
+    public func multifd(channels: UInt32, nonce: UInt64) throws {
+        throw StreamError.malformed(.multifd, id: 0, "the source asks for \(channels) multifd channels, which this destination does not take")
+    }
+    public func sync(sequence: UInt64, last: Bool) throws {
+        throw StreamError.malformed(.sync, id: 0, "a SYNC section without multifd")
     }
 }
 
@@ -151,6 +172,14 @@ public struct VCPUStateBytes: Sendable, Equatable {
 /// A byte source the decoder reads exactly from (a socket, or memory for the fuzzer).
 public protocol ByteSource: AnyObject {
     func readExactly(_ buffer: UnsafeMutableRawBufferPointer) throws
+    /// Fill every buffer in order (a socket does it with readv, straight into guest pages).
+    func readExactly(vectors: [UnsafeMutableRawBufferPointer]) throws
+}
+
+extension ByteSource {
+    public func readExactly(vectors: [UnsafeMutableRawBufferPointer]) throws {
+        for v in vectors where v.count > 0 { try readExactly(v) }
+    }
 }
 
 /// Decodes a stream from a source into a sink, checking every length, bound and checksum
@@ -165,6 +194,41 @@ public final class MigrationStreamDecoder {
     private var devices: UInt32 = 0
 
     public init(source: ByteSource, sink: MigrationSink) { self.source = source; self.sink = sink }
+
+    /// A multifd channel's decoder: the main stream's CONFIG and flags, given.
+    init(channel source: ByteSource, sink: MigrationSink, ramSize: UInt64, devices: UInt32, flags: UInt32) {
+        self.source = source; self.sink = sink; self.ramSize = ramSize; self.devices = devices; self.flags = flags
+    }
+
+    /// A multifd channel's sections (RAM, DEVICE, SYNC) until its last SYNC.
+    func runChannel() throws {
+        while true {
+            let start = offset
+            let h = try read(MigrationStream.sectionHeaderSize)
+            guard let type = MigrationStream.SectionType(rawValue: h[0]) else { throw StreamError.unknownSection(h[0], offset: start) }
+            let id = Self.be32(h[4...]), length = Self.be64(h[8...])
+            guard length <= MigrationStream.maxSectionLength else { throw StreamError.sectionTooLarge(type, length) }
+            sectionsRead += 1
+            switch type {
+            case .ram:
+                let sum = try decodeRAM(id: id, length: length)
+                try verify(type, id, start, sum)
+            case .device, .sync:
+                let payload = try read(Int(length))
+                try verify(type, id, start, payload.withUnsafeBytes { Checksum.update(Checksum.seed, $0) })
+                if type == .sync {
+                    var r = BEReader(payload[...])
+                    guard let seq = r.u64(), let f = r.u32(), r.u32() == 0, r.remaining == 0, f & ~1 == 0 else { throw StreamError.malformed(.sync, id: id, "not 16 bytes of pass and flags") }
+                    try sink.sync(sequence: seq, last: f & 1 != 0)
+                    if f & 1 != 0 { return }
+                } else {
+                    try apply(type, id: id, payload)
+                }
+            default:
+                throw StreamError.malformed(type, id: id, "a \(type) section on a multifd channel (only RAM, DEVICE and SYNC travel there)")
+            }
+        }
+    }
 
     private func read(_ n: Int) throws -> [UInt8] {
         var b = [UInt8](repeating: 0, count: n)
@@ -196,7 +260,7 @@ public final class MigrationStreamDecoder {
         guard MigrationStream.readableVersions.contains(v) else { throw StreamError.unsupportedVersion(v) }
         version = v
         flags = Self.be32(h[12...])
-        guard flags & ~MigrationStream.flagLiveUpdate == 0 else { throw StreamError.malformed(.config, id: 0, "unknown stream flags \(hex(UInt64(flags)))") }
+        guard flags & ~MigrationStream.knownFlags == 0 else { throw StreamError.malformed(.config, id: 0, "unknown stream flags \(hex(UInt64(flags)))") }
     }
 
     /// Decode sections until END. Returns when the END section was applied.
@@ -264,6 +328,19 @@ public final class MigrationStreamDecoder {
         guard length == 4 + tableBytes + dataBytes else {
             throw bad("length \(length) does not match its runs (\(4 + tableBytes + dataBytes) bytes)")
         }
+        if flags & MigrationStream.flagUncheckedPayload != 0 {
+            // No payload checksum: one readv puts every run's data at its guest address.
+            var vectors: [UnsafeMutableRawBufferPointer] = []
+            vectors.reserveCapacity(parsed.count)
+            for (gpa, pages, zero) in parsed {
+                if zero { try sink.ramZero(gpa: gpa, pages: pages) } else { vectors.append(try sink.ramDestination(gpa: gpa, pages: pages)) }
+            }
+            do { try source.readExactly(vectors: vectors) } catch let e as Errno where e == .ECONNRESET || e == .EPROTO {
+                throw StreamError.truncated(offset: offset)
+            }
+            offset += dataBytes
+            return sum
+        }
         for (gpa, pages, zero) in parsed {
             if zero { try sink.ramZero(gpa: gpa, pages: pages); continue }
             let dst = try sink.ramDestination(gpa: gpa, pages: pages)
@@ -329,6 +406,15 @@ public final class MigrationStreamDecoder {
             }
             guard r.remaining == 0 else { throw bad("END carries 8 or 16 bytes") }
             try sink.end(pagesSent: pages)
+        case .multifd:
+            guard flags & MigrationStream.flagMultifd != 0 else { throw bad("MULTIFD in a stream whose header does not say multifd") }
+            guard let n = r.u32(), r.u32() == 0, let nonce = r.u64(), r.remaining == 0 else { throw bad("not 16 bytes of channels and nonce") }
+            guard Multifd.channelRange.contains(Int(n)) else { throw bad("\(n) channels (\(Multifd.channelRange.lowerBound)-\(Multifd.channelRange.upperBound))") }
+            try sink.multifd(channels: n, nonce: nonce)
+        case .sync:
+            // Flag 2: a keep-alive of a silent main channel (no barrier).
+            guard let seq = r.u64(), let f = r.u32(), r.u32() == 0, r.remaining == 0, f & ~3 == 0 else { throw bad("not 16 bytes of pass and flags") }
+            if f & 2 == 0 { try sink.sync(sequence: seq, last: f & 1 != 0) }
         case .liveUpdate:
             guard let at = r.u64(), let n = r.u32(), n == devices else { throw bad("truncated, or its device count differs from CONFIG's") }
             var irqs: [UInt64] = []

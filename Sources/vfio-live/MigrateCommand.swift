@@ -147,6 +147,10 @@ struct MigrateCommand: ParsableCommand {
     var autoConverge = false
     @Flag(help: "Treat all memory mapped by devices without dirty tracking as dirty instead of refusing to migrate.")
     var allowUntrackedDevices = false
+    @Flag(help: "Checksum RAM page data end to end (capability x-vfio-live-payload-checksum; off by default, as QEMU, which relies on the transport; costs a copy at the source and a pass at the destination).")
+    var payloadChecksum = false
+    @Option(parsing: .unconditional, help: "Carry RAM and device state on N extra connections to the same URI beside the main one (QEMU's multifd capability with multifd-channels N; 1-255). Example: --multifd-channels 2")
+    var multifdChannels: String?
     @Option(parsing: .unconditional, help: "Seconds the VM's QMP socket may take to answer any command.")
     var qmpTimeout = "10"
     @OptionGroup var global: GlobalOptions
@@ -158,6 +162,7 @@ struct MigrateCommand: ParsableCommand {
         _ = try parseInteger(downtimeLimit, option: "--downtime-limit", range: 0...2_000_000)
         _ = try Self.bandwidth(maxBandwidth)
         if let m = maxIterations { _ = try parseInteger(m, option: "--max-iterations", range: 1...1_000_000) }
+        if let n = multifdChannels { _ = try parseInteger(n, option: "--multifd-channels", range: 1...255) }
         _ = try parseSeconds(qmpTimeout, option: "--qmp-timeout")
     }
 
@@ -187,11 +192,14 @@ struct MigrateCommand: ParsableCommand {
         }
         var params: [(String, JSONValue)] = [("downtime-limit", .number(Double(limit))), ("max-bandwidth", .number(Double(try Self.bandwidth(maxBandwidth))))]
         if let m = maxIterations { params.append(("x-max-iterations", .number(Double(try parseInteger(m, option: "--max-iterations", range: 1...1_000_000))))) }
+        if let n = multifdChannels { params.append(("multifd-channels", .number(Double(try parseInteger(n, option: "--multifd-channels", range: 1...255))))) }
         do {
             _ = try c.execute("migrate-set-parameters", params)
             _ = try c.execute("migrate-set-capabilities", [("capabilities", .array([
                 .object([("capability", .string("auto-converge")), ("state", .bool(autoConverge))]),
                 .object([("capability", .string("x-allow-untracked-devices")), ("state", .bool(allowUntrackedDevices))]),
+                .object([("capability", .string("x-vfio-live-payload-checksum")), ("state", .bool(payloadChecksum))]),
+                .object([("capability", .string("multifd")), ("state", .bool(multifdChannels != nil))]),
             ]))])
             _ = try c.execute("migrate", [("uri", .string(to))])
         } catch let e as QMPClientError {

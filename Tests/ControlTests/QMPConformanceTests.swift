@@ -198,7 +198,7 @@ final class QMPConformanceTests: XCTestCase {
         "{\"execute\":\"migrate-cancel\"}\n": ["return"],
         // QEMU accepts every capability of its enum; vfio-live implements two and says so.
         #"{"execute":"migrate-set-capabilities","arguments":{"capabilities":[{"capability":"xbzrle","state":true}]},"id":"c"}"# + "\n":
-            ["GenericError: capability 'xbzrle' is not supported (auto-converge, x-allow-untracked-devices) id=\"c\""],
+            ["GenericError: capability 'xbzrle' is not supported (auto-converge, multifd, x-allow-untracked-devices, x-vfio-live-payload-checksum) id=\"c\""],
         // Parameters QEMU has and vfio-live does not implement are refused, not silently ignored.
         #"{"execute":"migrate-set-parameters","arguments":{"multifd-compression":"zlib"},"id":1}"# + "\n":
             ["GenericError: Parameter 'multifd-compression' is not supported by vfio-live id=1"],

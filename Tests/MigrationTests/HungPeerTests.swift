@@ -511,7 +511,7 @@ extension LiveMigrationTests {
     func testDestinationTakesANewAttemptAfterAFailedOne() throws {
         startSource()
         var wait = startDestination()
-        let bad = try connectSource()
+        let bad = try connectSource(Self.checkedPayload)
         bad.beforeSection = { t, id in if t == .ram && id == 6 { bad.corruptNextSectionForTesting = true } }
         XCTAssertThrowsError(try bad.run())
         XCTAssertNotNil(wait())

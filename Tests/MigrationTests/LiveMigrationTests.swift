@@ -33,7 +33,9 @@ final class LiveMigrationTests: XCTestCase {
         w.dmaEvery = 4
         src = try Side("mig-src", workload: w)
         dst = try Side("mig-dst", workload: w)
-        listener = try TCPListener(host: "127.0.0.1", port: 0)
+        // Room for a main connection and multifd channels before they are accepted (QEMU sizes
+        // its backlog by multifd-channels too).
+        listener = try TCPListener(host: "127.0.0.1", port: 0, backlog: 16)
     }
 
     override func tearDown() {
@@ -137,7 +139,7 @@ extension LiveMigrationTests {
     func testCorruptStreamIsRejectedByTheDestination() throws {
         startSource()
         let wait = startDestination()
-        let m = try connectSource()
+        let m = try connectSource(Self.checkedPayload)
         m.beforeSection = { t, id in if t == .ram && id == 6 { m.corruptNextSectionForTesting = true } }
         XCTAssertThrowsError(try m.run())
         try assertSourceRunsOn(m, status: .failed, reasonContains: "checksum mismatch")
