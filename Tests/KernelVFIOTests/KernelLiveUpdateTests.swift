@@ -39,9 +39,9 @@ final class KernelLiveUpdateTests: XCTestCase {
         if testRun?.hasSucceeded == false {
             for l in logs { print("---- \(l)\n" + ((try? String(contentsOfFile: l, encoding: .utf8)) ?? "")) }
         }
-        _ = try? LabQMP(qmpPath).execute("quit")
+        _ = try? LabQMPText(qmpPath).execute("quit")
         // The VMM a successor replaced is not our child: wait for whoever holds the socket.
-        _ = try? waitFor(10, "the VMM to quit") { (try? LabQMP(qmpPath)) == nil }
+        _ = try? waitFor(10, "the VMM to quit") { (try? LabQMPText(qmpPath)) == nil }
         for p in pids where ChildProcess.exitStatus(p) == nil {
             kill(p, SIGKILL)
             if (try? waitFor(10, "pid \(p) to die") { ChildProcess.exitStatus(p) != nil }) == nil {
@@ -98,7 +98,7 @@ final class KernelLiveUpdateTests: XCTestCase {
                     "--verify-every", "1", "--quiet"]
         if let d = device { args += ["--device", d] }
         let pid = try start(args, env: env, log: "vm")
-        try waitFor(60, "the VMM's QMP socket") { (try? LabQMP(qmpPath)) != nil || ChildProcess.exitStatus(pid) != nil }
+        try waitFor(60, "the VMM's QMP socket") { (try? LabQMPText(qmpPath)) != nil || ChildProcess.exitStatus(pid) != nil }
         XCTAssertNil(ChildProcess.exitStatus(pid), "the VMM exited at start")
         if dma { try waitFor(60, "DMA round trips") { ((try? verify())?.dma ?? 0) >= 2 } }
         return pid
@@ -107,15 +107,15 @@ final class KernelLiveUpdateTests: XCTestCase {
     struct Verified { var ok: Bool; var pages: UInt64; var dma: UInt64; var text: String }
 
     func verify() throws -> Verified {
-        let r = try LabQMP(qmpPath).execute("x-vfio-live-verify")
-        return Verified(ok: r.contains("\"ok\":true"), pages: LabQMP.number(r, "page-writes") ?? 0, dma: LabQMP.number(r, "dma-round-trips") ?? 0, text: r)
+        let r = try LabQMPText(qmpPath).execute("x-vfio-live-verify")
+        return Verified(ok: r.contains("\"ok\":true"), pages: LabQMPText.number(r, "page-writes") ?? 0, dma: LabQMPText.number(r, "dma-round-trips") ?? 0, text: r)
     }
 
-    func vmmPID() throws -> UInt64 { LabQMP.number(try LabQMP(qmpPath).execute("x-vfio-live-pid"), "pid") ?? 0 }
+    func vmmPID() throws -> UInt64 { LabQMPText.number(try LabQMPText(qmpPath).execute("x-vfio-live-pid"), "pid") ?? 0 }
 
     /// The VM answers on QMP, runs, passes the verifier, and its guest (and DMA) make progress.
     func assertHealthy(_ what: String, dma: Bool = true, file: StaticString = #filePath, line: UInt = #line) throws {
-        let q = try LabQMP(qmpPath)
+        let q = try LabQMPText(qmpPath)
         XCTAssertTrue(try q.execute("query-status").contains("\"status\":\"running\""), what, file: file, line: line)
         let v0 = try verify()
         XCTAssertTrue(v0.ok, "\(what): \(v0.text)", file: file, line: line)
@@ -129,8 +129,8 @@ final class KernelLiveUpdateTests: XCTestCase {
     func awaitUpdate(oldPID: UInt64, exec: Bool) throws -> String {
         var status = ""
         try waitFor(90, "the live update's outcome") {
-            guard let q = try? LabQMP(qmpPath), let m = try? q.execute("query-migrate"), let p = try? q.execute("x-vfio-live-pid") else { return false }
-            let pid = LabQMP.number(p, "pid") ?? 0
+            guard let q = try? LabQMPText(qmpPath), let m = try? q.execute("query-migrate"), let p = try? q.execute("x-vfio-live-pid") else { return false }
+            let pid = LabQMPText.number(p, "pid") ?? 0
             if m.contains("\"status\":\"failed\"") && pid == oldPID { status = "failed: \(m)"; return true }
             if m.contains("\"status\":\"completed\"") && m.contains("x-vfio-live-cpr") && (exec || pid != oldPID) {
                 status = "completed: \(m)"; return true
@@ -220,7 +220,7 @@ final class KernelLiveUpdateTests: XCTestCase {
             let succ = try start(["vm", "run", "--incoming", "cpr:unix:\(path)", "--quiet"], env: ["VFIO_LIVE_CPR_FAULT=\(fault)", "\(DMAInFlightProbe.variable)=1"],
                                  log: "successor-\(fault)")
             try waitFor(60, "the successor's cpr socket") { access(path, F_OK) == 0 || ChildProcess.exitStatus(succ) != nil }
-            _ = try LabQMP(qmpPath).execute("x-vfio-live-update", #"{"mode":"cpr-transfer","to":"unix:\#(path)"}"#)
+            _ = try LabQMPText(qmpPath).execute("x-vfio-live-update", #"{"mode":"cpr-transfer","to":"unix:\#(path)"}"#)
             let outcome = try awaitUpdate(oldPID: first, exec: false)
             XCTAssertTrue(outcome.hasPrefix("failed"), "\(name), successor dying at \(fault): \(outcome)")
             try waitFor(20, "the dead successor") { ChildProcess.exitStatus(succ) != nil }
@@ -230,7 +230,7 @@ final class KernelLiveUpdateTests: XCTestCase {
         }
 
         // cpr-transfer: the old VMM starts the new one with its own command line.
-        _ = try LabQMP(qmpPath).execute("x-vfio-live-update", #"{"mode":"cpr-transfer"}"#)
+        _ = try LabQMPText(qmpPath).execute("x-vfio-live-update", #"{"mode":"cpr-transfer"}"#)
         let t = try awaitUpdate(oldPID: first, exec: false)
         XCTAssertTrue(t.hasPrefix("completed"), "\(name) cpr-transfer: \(t)")
         let second = try vmmPID()
@@ -242,7 +242,7 @@ final class KernelLiveUpdateTests: XCTestCase {
         try waitFor(20, "the old VMM to exit") { ChildProcess.exitStatus(pid_t(first)) != nil || kill(pid_t(first), 0) != 0 }
 
         // cpr-exec: the new VMM re-executes itself in place (same pid).
-        _ = try LabQMP(qmpPath).execute("x-vfio-live-update", #"{"mode":"cpr-exec"}"#)
+        _ = try LabQMPText(qmpPath).execute("x-vfio-live-update", #"{"mode":"cpr-exec"}"#)
         let e = try awaitUpdate(oldPID: second, exec: true)
         XCTAssertTrue(e.hasPrefix("completed") && e.contains("cpr-exec"), "\(name) cpr-exec: \(e)")
         XCTAssertEqual(try vmmPID(), second, "cpr-exec keeps the pid")
@@ -273,7 +273,7 @@ final class KernelLiveUpdateTests: XCTestCase {
         _ = try startVMM(device: "vfio-pci,sysfsdev=\(mdev)", dma: false)
         let pid = try vmmPID()
         for mode in ["cpr-transfer", "cpr-exec"] {
-            XCTAssertThrowsError(try LabQMP(qmpPath).execute("x-vfio-live-update", #"{"mode":"\#(mode)"}"#), mode) { err in
+            XCTAssertThrowsError(try LabQMPText(qmpPath).execute("x-vfio-live-update", #"{"mode":"\#(mode)"}"#), mode) { err in
                 let s = "\(err)"
                 XCTAssertTrue(s.contains("CPR does not support vfio mdev") && s.contains("VA must always be valid"), s)
             }
@@ -288,12 +288,12 @@ final class KernelLiveUpdateTests: XCTestCase {
         let mdev = try makeMtty()
         _ = try startVMM(device: "vfio-pci,sysfsdev=\(mdev),iommufd=on", dma: false)
         let first = try vmmPID()
-        _ = try LabQMP(qmpPath).execute("x-vfio-live-update", #"{"mode":"cpr-transfer"}"#)
+        _ = try LabQMPText(qmpPath).execute("x-vfio-live-update", #"{"mode":"cpr-transfer"}"#)
         let t = try awaitUpdate(oldPID: first, exec: false)
         XCTAssertTrue(t.hasPrefix("completed"), "mdev iommufd cpr-transfer: \(t)")
         try assertHealthy("mdev, iommufd: after cpr-transfer", dma: false)
         let second = try vmmPID()
-        _ = try LabQMP(qmpPath).execute("x-vfio-live-update", #"{"mode":"cpr-exec"}"#)
+        _ = try LabQMPText(qmpPath).execute("x-vfio-live-update", #"{"mode":"cpr-exec"}"#)
         let e = try awaitUpdate(oldPID: second, exec: true)
         XCTAssertTrue(e.hasPrefix("completed"), "mdev iommufd cpr-exec: \(e)")
         try assertHealthy("mdev, iommufd: after cpr-exec", dma: false)
@@ -311,15 +311,15 @@ final class KernelLiveUpdateTests: XCTestCase {
             var out: [Double] = []
             for _ in 0..<n {
                 let old = try vmmPID()
-                _ = try LabQMP(qmpPath).execute("x-vfio-live-update", #"{"mode":"cpr-transfer"}"#)
+                _ = try LabQMPText(qmpPath).execute("x-vfio-live-update", #"{"mode":"cpr-transfer"}"#)
                 let r = try awaitUpdate(oldPID: old, exec: false)
                 XCTAssertTrue(r.hasPrefix("completed"), r)
-                guard let ns = LabQMP.number(r, "blackout-ns") else { XCTFail("no blackout in \(r)"); continue }
+                guard let ns = LabQMPText.number(r, "blackout-ns") else { XCTFail("no blackout in \(r)"); continue }
                 out.append(Double(ns) / 1e6)
                 try assertHealthy("after a measured cpr-transfer", dma: device != nil)
             }
-            _ = try? LabQMP(qmpPath).execute("quit")
-            try waitFor(20, "the VMM to quit") { (try? LabQMP(qmpPath)) == nil }
+            _ = try? LabQMPText(qmpPath).execute("quit")
+            try waitFor(20, "the VMM to quit") { (try? LabQMPText(qmpPath)) == nil }
             return out
         }
         func median(_ v: [Double]) -> Double { let s = v.sorted(); return s.isEmpty ? 0 : s[s.count / 2] }
@@ -342,9 +342,9 @@ struct LabQMPError: Error, CustomStringConvertible {
     init(_ d: String) { description = d }
 }
 
-/// A minimal QMP client (this test target has no JSON library): one command per call, replies
+/// A minimal QMP client answering raw text (KernelVMMProcessTests.LabQMP parses JSON): one command per call, replies
 /// as text; events skipped. Every read is bounded.
-final class LabQMP {
+final class LabQMPText {
     let s: UnixSocket
     var buf: [UInt8] = []
     init(_ path: String) throws {
