@@ -19,8 +19,10 @@ public enum CPRProbe {
     }
 
     /// Run `binary --cpr-probe` (stdin and stderr on /dev/null, stdout read back) and check the
-    /// answer. The probe is killed and reaped if it takes longer than the bound.
-    public static func check(binary: String, timeoutMilliseconds: Int32 = 5_000) throws {
+    /// answer. The probe is killed and reaped if it takes longer than the bound: 15 s, because
+    /// a debug binary started on a loaded machine (the lab's TCG guest, with two VMMs running)
+    /// took more than 5 s to answer, and a refused update costs the operator more than a wait.
+    public static func check(binary: String, timeoutMilliseconds: Int32 = 15_000) throws {
         guard access(binary, X_OK) == 0 else { throw CPRError.blocked("\(binary) is not executable (\(Errno.current))") }
         var p: [Int32] = [-1, -1]
         guard pipe(&p) == 0 else { throw CPRError.blocked("probing \(binary): pipe: \(Errno.current)") }

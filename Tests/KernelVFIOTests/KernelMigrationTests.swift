@@ -366,8 +366,19 @@ final class KernelMigrationTests: XCTestCase {
         if m.exited == nil { m.stop() }
         XCTAssertEqual(m.exited, 0, "migrate: \(m.output)\nsource: \(src.output)\ndestination: \(dst.output)")
         XCTAssertTrue(m.output.contains("migration completed"), m.output)
-        XCTAssertEqual(try Self.qmp("\(tag)-dst.qmp", "query-status")["status"] as? String, "running", dst.output)
-        XCTAssertEqual(try Self.qmp("\(tag)-src.qmp", "query-status")["status"] as? String, "postmigrate")
+        // The VMMs set their run states just after the stream's last handshake: poll, bounded.
+        func status(_ qmp: String, becomes want: String) -> String? {
+            var last: String?
+            let until = monotonicNanoseconds() + 20_000_000_000
+            repeat {
+                last = (try? Self.qmp(qmp, "query-status"))?["status"] as? String
+                if last == want { break }
+                usleep(50_000)
+            } while monotonicNanoseconds() < until
+            return last
+        }
+        XCTAssertEqual(status("\(tag)-dst.qmp", becomes: "running"), "running", dst.output)
+        XCTAssertEqual(status("\(tag)-src.qmp", becomes: "postmigrate"), "postmigrate")
         let q = try Self.qmp("\(tag)-src.qmp", "query-migrate")
         print("kmig figures: processes, \(backend), \(transport): migrate command \(String(format: "%.0f", ms)) ms; query-migrate total-time \(q["total-time"] ?? "?") ms, downtime \(q["downtime"] ?? "?") ms, vfio \(q["vfio"] ?? "?")")
         // The destination VMM goes; its device keeps the state the kernel loaded.
