@@ -114,7 +114,7 @@ timeout "${LAB_TIMEOUT:-900}" "${qemu[@]}" -machine q35,kernel-irqchip=split -ac
     -device intel-iommu,intremap=on,caching-mode=on "${device[@]}" -nodefaults -display none \
     -serial stdio -monitor none -no-reboot -kernel "$kernel" -initrd "$work/initrd.gz" \
     -virtfs local,path=/,mount_tag=hostfs,security_model=none,readonly=on,multidevs=remap \
-    -append "console=ttyS0 rdinit=/init intel_iommu=on iommu=nopt panic=-1 quiet" </dev/null >"$log" 2>&1 &
+    -append "console=ttyS0 rdinit=/init intel_iommu=on iommu=nopt panic=-1 no_timer_check quiet" </dev/null >"$log" 2>&1 &
 qpid=$!
 tail -n +1 --pid=$qpid -f "$log" | grep --line-buffered -Ev '^\[ *[0-9]+\.[0-9]+\]|Test Case .* (started|passed)'
 wait $qpid
