@@ -823,7 +823,7 @@ public final class MigrationSource: @unchecked Sendable {
         let pages = vm.memory.size / 4096
         sendStart = monotonicNanoseconds()
         try checkCancelled()
-        vmWasPausedAtStart = vm.isPaused
+        vmWasPausedAtStart = pausedAtStart ?? vm.isPaused
         // Setup first, before any byte goes out: a failure here leaves the destination
         // untouched (it sees the connection close before the stream: `.closedBeforeStream`).
         // Dirty logging on (vCPUs and devices), running devices to PRE_COPY.
@@ -1038,6 +1038,10 @@ public final class MigrationSource: @unchecked Sendable {
 
     /// Whether the VM was paused (by someone else) when the migration began.
     private var vmWasPausedAtStart = false
+    /// The owner's run state as the migration begins (a VMM's: true once `stop` paused it).
+    /// nil: read from `vm.isPaused`, which also holds during another party's brief pause (the
+    /// integrity verifier's scan), and would then send a running guest as paused.
+    public var pausedAtStart: Bool?
 
     /// One verdict from the destination, bounded by the peer timeout and by cancel.
     private func receiveVerdict(_ what: String) throws -> Verdict.Message {
