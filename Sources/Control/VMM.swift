@@ -208,6 +208,9 @@ public final class VirtualMachineManager: QMPHandler, @unchecked Sendable {
             throw QMPError("\(error)")
         }
         src.onCompleted = { [weak self] in if let self { self.deviceDigests = self.digestDevices() } }
+        // The run state the destination resumes by is this VMM's, not the vCPUs' at the instant
+        // the engine starts: the verifier's scan parks them for a moment too (issue 11's lab bug).
+        src.pausedAtStart = before == .paused
         src.openChannel = { try connectStream(address) }  // multifd channels go to the same URI
         lock.withLock { outgoing = src; stats = newStats; resumeState = before }
         migrationThread?.join()
