@@ -176,6 +176,8 @@ public final class VFIOUserClient: @unchecked Sendable {
     /// its orderly shutdown can still talk to the device). A call already waiting picks it up
     /// within a poll slice (at most a second).
     public func setCancel(_ fd: Int32?) { cancelFD = fd }
+    /// The cancel descriptor watched now (a migration swaps in its own and gives this back).
+    public var cancelDescriptor: Int32? { cancelFD }
 
     deinit { close() }
 
