@@ -238,7 +238,10 @@ public final class VirtualMachineManager: QMPHandler, @unchecked Sendable {
                     return back
                 }
                 release(.migration)
-                if back == .running { qmp?.emit("RESUME") }
+                // A device the rollback could not reach (it hung, and cancel gave up on it).
+                let lost = src.lostDevices.sorted { $0.key < $1.key }
+                if back == .running && lost.isEmpty { qmp?.emit("RESUME") }
+                for (i, why) in lost { deviceLost(i, why) }
             }
         }
     }
