@@ -44,6 +44,30 @@ public indirect enum QMPValue: Equatable {
         case let .object(m): return .object(m.map { ($0.0, $0.1.json) })
         }
     }
+
+    /// A handler's JSONValue answer, integers made exact where a double holds one exactly.
+    public init(_ j: JSONValue) {
+        switch j {
+        case .null: self = .null
+        case let .bool(b): self = .bool(b)
+        case let .number(d):
+            if d == d.rounded(), abs(d) < 9.2e18 { self = .int(Int64(d)) } else { self = .double(d) }
+        case let .string(s): self = .string(s)
+        case let .array(a): self = .array(a.map(QMPValue.init))
+        case let .object(m): self = .object(m.map { ($0.0, QMPValue($0.1)) })
+        }
+    }
+
+    /// A QAPI uint64 as QEMU's input visitor reads it: exact, and a negative int64 taken as
+    /// its two's complement (QEMU accepts negatives "for backward compatibility"). nil for
+    /// anything else (a double, 2^64 and above, a non-number).
+    public var uint64: UInt64? {
+        switch self {
+        case let .uint(u): return u
+        case let .int(i): return UInt64(bitPattern: i)
+        default: return nil
+        }
+    }
 }
 
 /// QEMU's QMP input stream, rebuilt from its observable behaviour (QEMU 11.1): a byte-wise lexer

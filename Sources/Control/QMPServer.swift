@@ -11,6 +11,16 @@ public struct QMPError: Error {
 
 public protocol QMPHandler: AnyObject {
     func execute(_ command: String, arguments: JSONValue?) throws -> JSONValue
+    /// The arguments as parsed, integers exact (JSONValue's doubles cannot hold QEMU's
+    /// "unlimited" 2^64-1, nor any integer above 2^53), and an answer likewise. The default
+    /// goes through `execute(_:arguments:)`.
+    func execute(_ command: String, exactArguments: QMPValue?) throws -> QMPValue
+}
+
+extension QMPHandler {
+    public func execute(_ command: String, exactArguments a: QMPValue?) throws -> QMPValue {
+        QMPValue(try execute(command, arguments: a?.json))
+    }
 }
 
 /// The QMP protocol on a UNIX socket (0600): greeting, capabilities negotiation, commands
@@ -259,8 +269,8 @@ public final class QMPServer: @unchecked Sendable {
         } catch {
             return reply(c, QMPError("\(error)"), id: id)
         }
-        func ok(_ r: JSONValue) {
-            var text = "{\"return\": " + r.description
+        func ok(_ r: QMPValue) {
+            var text = "{\"return\": " + r.compactText
             if let id { text += ", \"id\": " + id.text }
             enqueue(c, text + "}")
         }
@@ -279,7 +289,7 @@ public final class QMPServer: @unchecked Sendable {
         }
         guard let h = handler else { return reply(c, QMPError("the VM is shutting down"), id: id) }
         do {
-            ok(try h.execute(cmd, arguments: arguments?.json))
+            ok(try h.execute(cmd, exactArguments: arguments))
         } catch let e as QMPError {
             reply(c, e, id: id)
         } catch {
@@ -297,6 +307,17 @@ extension QMPValue {
         case let .double(d): return d.isFinite ? JSONValue.number(d).description : (d > 0 ? "1e999" : "-1e999")
         case let .array(a): return "[" + a.map(\.text).joined(separator: ", ") + "]"
         case let .object(m): return "{" + m.map { JSONValue.string($0.0).description + ": " + $0.1.text }.joined(separator: ", ") + "}"
+        default: return json.description
+        }
+    }
+
+    /// JSON text as JSONValue prints it (no spaces), with integers exact.
+    var compactText: String {
+        switch self {
+        case let .int(i): return String(i)
+        case let .uint(u): return String(u)
+        case let .array(a): return "[" + a.map(\.compactText).joined(separator: ",") + "]"
+        case let .object(m): return "{" + m.map { JSONValue.string($0.0).description + ":" + $0.1.compactText }.joined(separator: ",") + "}"
         default: return json.description
         }
     }

@@ -241,7 +241,10 @@ public final class VirtualMachineManager: QMPHandler, @unchecked Sendable {
                     return back
                 }
                 release(.migration)
-                if back == .running { qmp?.emit("RESUME") }
+                // A device the rollback could not reach (it hung, and cancel gave up on it).
+                let lost = src.lostDevices.sorted { $0.key < $1.key }
+                if back == .running && lost.isEmpty { qmp?.emit("RESUME") }
+                for (i, why) in lost { deviceLost(i, why) }
             }
         }
     }
@@ -417,6 +420,55 @@ public final class VirtualMachineManager: QMPHandler, @unchecked Sendable {
 
     // MARK: QMP
 
+    /// The commands whose integers must be exact (max-bandwidth's "unlimited" is 2^64-1);
+    /// the others go through the JSONValue handler.
+    public func execute(_ command: String, exactArguments a: QMPValue?) throws -> QMPValue {
+        switch command {
+        case "migrate-set-parameters":
+            try lock.withLock {
+                if let v = a?["downtime-limit"] {
+                    guard let n = v.uint64, n <= 2_000_000 else { throw QMPError("downtime-limit must be 0..2000000 ms") }
+                    parameters.downtimeLimitMS = n
+                    outgoing?.setDowntimeLimit(n)  // a migration in progress takes it at its next decision (as QEMU)
+                }
+                if let v = a?["max-bandwidth"] { guard let n = v.uint64 else { throw QMPError("max-bandwidth must be bytes per second") }; parameters.maxBandwidth = n }
+                if let v = a?["x-max-iterations"] { guard let n = v.uint64, n > 0 else { throw QMPError("x-max-iterations must be positive") }; parameters.maxIterations = n }
+                if let v = a?["cpu-throttle-initial"]?.uint64 { parameters.throttleInitial = min(max(v, 1), 99) }
+                if let v = a?["cpu-throttle-increment"]?.uint64 { parameters.throttleIncrement = min(max(v, 1), 99) }
+                if let v = a?["multifd-channels"] {
+                    guard let n = v.uint64, n <= 255, Multifd.channelRange.contains(Int(n)) else { throw QMPError("multifd-channels must be 1..255") }
+                    parameters.multifdChannels = Int(n)
+                }
+                if let v = a?["x-vfio-live-peer-timeout"] {
+                    guard let n = v.uint64, n == 0 || (n >= 100 && n <= 3_600_000) else {
+                        throw QMPError("x-vfio-live-peer-timeout must be 100..3600000 ms, or 0 for none")
+                    }
+                    parameters.peerTimeoutMS = n
+                }
+                if case let .string(m)? = a?["mode"] {
+                    if m == "normal" { cprMode = nil } else {
+                        guard let mode = LiveUpdateMode(rawValue: m) else { throw QMPError("mode must be normal, cpr-transfer or cpr-exec") }
+                        cprMode = mode
+                    }
+                }
+                if case let .array(list)? = a?["cpr-exec-command"] {
+                    let argv = list.compactMap { v -> String? in if case let .string(s) = v { return s }; return nil }
+                    guard !argv.isEmpty, argv.count == list.count else { throw QMPError("cpr-exec-command must be a non-empty list of strings") }
+                    cprExecCommand = argv
+                }
+            }
+            return .object([])
+        case "query-migrate-parameters":
+            let (p, mode) = lock.withLock { (parameters, cprMode) }
+            return .object([("mode", .string(mode?.rawValue ?? "normal")), ("downtime-limit", .uint(p.downtimeLimitMS)), ("max-bandwidth", .uint(p.maxBandwidth)),
+                            ("x-max-iterations", .uint(p.maxIterations)), ("cpu-throttle-initial", .uint(UInt64(p.throttleInitial))),
+                            ("cpu-throttle-increment", .uint(UInt64(p.throttleIncrement))), ("x-vfio-live-peer-timeout", .uint(p.peerTimeoutMS)),
+                            ("multifd-channels", .int(Int64(p.multifdChannels)))])
+        default:
+            return QMPValue(try execute(command, arguments: a?.json))
+        }
+    }
+
     public func execute(_ command: String, arguments a: JSONValue?) throws -> JSONValue {
         switch command {
         case "query-status":
@@ -455,46 +507,8 @@ public final class VirtualMachineManager: QMPHandler, @unchecked Sendable {
             return .object([])
         case "query-migrate":
             return queryMigrate()
-        case "migrate-set-parameters":
-            try lock.withLock {
-                if let v = a?["downtime-limit"] {
-                    guard let n = v.uint64, n <= 2_000_000 else { throw QMPError("downtime-limit must be 0..2000000 ms") }
-                    parameters.downtimeLimitMS = n
-                    outgoing?.setDowntimeLimit(n)  // a migration in progress takes it at its next decision (as QEMU)
-                }
-                if let v = a?["max-bandwidth"] { guard let n = v.uint64 else { throw QMPError("max-bandwidth must be bytes per second") }; parameters.maxBandwidth = n }
-                if let v = a?["x-max-iterations"] { guard let n = v.uint64, n > 0 else { throw QMPError("x-max-iterations must be positive") }; parameters.maxIterations = n }
-                if let v = a?["cpu-throttle-initial"]?.uint64 { parameters.throttleInitial = min(max(v, 1), 99) }
-                if let v = a?["cpu-throttle-increment"]?.uint64 { parameters.throttleIncrement = min(max(v, 1), 99) }
-                if let v = a?["multifd-channels"] {
-                    guard let n = v.uint64, Multifd.channelRange.contains(Int(n)) else { throw QMPError("multifd-channels must be 1..255") }
-                    parameters.multifdChannels = Int(n)
-                }
-                if let v = a?["x-vfio-live-peer-timeout"] {
-                    guard let n = v.uint64, n == 0 || (n >= 100 && n <= 3_600_000) else {
-                        throw QMPError("x-vfio-live-peer-timeout must be 100..3600000 ms, or 0 for none")
-                    }
-                    parameters.peerTimeoutMS = n
-                }
-                if case let .string(m)? = a?["mode"] {
-                    if m == "normal" { cprMode = nil } else {
-                        guard let mode = LiveUpdateMode(rawValue: m) else { throw QMPError("mode must be normal, cpr-transfer or cpr-exec") }
-                        cprMode = mode
-                    }
-                }
-                if case let .array(list)? = a?["cpr-exec-command"] {
-                    let argv = list.compactMap { v -> String? in if case let .string(s) = v { return s }; return nil }
-                    guard !argv.isEmpty, argv.count == list.count else { throw QMPError("cpr-exec-command must be a non-empty list of strings") }
-                    cprExecCommand = argv
-                }
-            }
-            return .object([])
-        case "query-migrate-parameters":
-            let (p, mode) = lock.withLock { (parameters, cprMode) }
-            return .object([("mode", .string(mode?.rawValue ?? "normal")), ("downtime-limit", .number(Double(p.downtimeLimitMS))), ("max-bandwidth", .number(Double(p.maxBandwidth))),
-                            ("x-max-iterations", .number(Double(p.maxIterations))), ("cpu-throttle-initial", .number(Double(p.throttleInitial))),
-                            ("cpu-throttle-increment", .number(Double(p.throttleIncrement))), ("x-vfio-live-peer-timeout", .number(Double(p.peerTimeoutMS))),
-                            ("multifd-channels", .number(Double(p.multifdChannels)))])
+        case "migrate-set-parameters", "query-migrate-parameters":
+            return try execute(command, exactArguments: a.map(QMPValue.init)).json
         case "migrate-set-capabilities":
             guard case let .array(list)? = a?["capabilities"] else { throw QMPError("Parameter 'capabilities' is missing") }
             try lock.withLock {

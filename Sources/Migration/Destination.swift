@@ -77,6 +77,7 @@ public final class MigrationDestination: MigrationSink, @unchecked Sendable {
         do {
             let decoder = MigrationStreamDecoder(source: ChannelSource(socket, timeoutMS: peerTimeoutMS), sink: self)
             self.decoder = decoder
+            defer { self.decoder = nil }  // it holds its sink (self): the cycle kept the connection open
             try decoder.run()
             receiver?.stop()
             guard ended else { throw StreamError.missingEnd }
@@ -200,35 +201,10 @@ public final class MigrationDestination: MigrationSink, @unchecked Sendable {
             throw MultifdError.setup("the source asks for \(channels) multifd channels, and this destination takes none")
         }
         guard receiver == nil else { throw StreamError.malformed(.multifd, id: 0, "a second MULTIFD section") }
-        let n = Int(channels)
-        var socks = [StreamSocket?](repeating: nil, count: n)
-        let deadline = peerTimeoutMS == 0 ? UInt64.max : monotonicNanoseconds() + peerTimeoutMS * 1_000_000
-        do {
-            while socks.contains(where: { $0 == nil }) {
-                let now = monotonicNanoseconds()
-                guard now < deadline else {
-                    throw MultifdError.setup("\(socks.filter { $0 == nil }.count) of \(n) channels did not connect within \(peerTimeoutMS) ms")
-                }
-                let ms = deadline == .max ? Int32(-1) : Int32(clamping: (deadline - now) / 1_000_000 + 1)
-                guard let s = try accept(ms) else { continue }
-                MigrationSource.setPeerTimeout(s, ms: peerTimeoutMS)
-                var hello = [UInt8](repeating: 0, count: Multifd.helloSize)
-                do { try hello.withUnsafeMutableBytes { _ = try s.receiveExactly(into: $0, maxFDs: 0) } } catch {
-                    s.fd.close(); Log.info("migration", "a connection on the migration listener sent no multifd hello (\(error)); closed"); continue
-                }
-                var r = BEReader(hello[8...])
-                guard Multifd.isHello(hello), let idx = r.u32(), let count = r.u32(), let theirs = r.u64(),
-                      theirs == nonce, count == channels, Int(idx) < n, socks[Int(idx)] == nil else {
-                    s.fd.close(); Log.info("migration", "a connection on the migration listener is not a channel of this migration; closed"); continue
-                }
-                socks[Int(idx)] = s
-            }
-        } catch {
-            for case let s? in socks { s.fd.close() }
-            throw error
-        }
+        let socks = try Multifd.acceptChannels(Int(channels), nonce: nonce, timeoutMS: peerTimeoutMS, accept: accept)
+        for s in socks { MigrationSource.setPeerTimeout(s, ms: peerTimeoutMS) }
         let main = socket
-        let rcv = MultifdReceiver(sockets: socks.map { $0! }, timeoutMS: peerTimeoutMS) { _ = Glibc.shutdown(main.fd.rawValue, Int32(SHUT_RD)) }
+        let rcv = MultifdReceiver(sockets: socks, timeoutMS: peerTimeoutMS) { _ = Glibc.shutdown(main.fd.rawValue, Int32(SHUT_RD)) }
         receiver = rcv
         let flags = decoder?.flags ?? 0, ram = vm.memory.size, devs = UInt32(migrations.count), timeout = peerTimeoutMS
         rcv.start { [unowned self] i in

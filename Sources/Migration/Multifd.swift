@@ -34,6 +34,67 @@ public enum Multifd {
         var w = BEWriter(); w.u64(sequence); w.u32(last ? 1 : 0); w.u32(0); return w.bytes
     }
     static func isHello(_ b: [UInt8]) -> Bool { b.count >= 8 && Array(b[0..<8]) == helloMagic }
+
+    /// Connections waiting for their hello at once; beyond, the oldest is closed.
+    static let maxPendingHellos = 64
+
+    /// The destination's side of channel setup: accept until `n` channels of migration `nonce`
+    /// said hello, within `timeoutMS` (0 = forever). Every accepted connection's hello is
+    /// awaited at the same time, so that a stray connection that stays silent, or sends half a
+    /// hello, holds no real channel up (reading hellos one after the other, one silent stray
+    /// used up the whole timeout). A connection whose hello is not one of this migration's
+    /// channels (another attempt's nonce, a wrong count, an index out of range or taken, not
+    /// a hello at all, closed before it) is closed, and the reason logged.
+    static func acceptChannels(_ n: Int, nonce: UInt64, timeoutMS: UInt64, accept: (Int32) throws -> StreamSocket?) throws -> [StreamSocket] {
+        var socks = [StreamSocket?](repeating: nil, count: n)
+        var pending: [StreamSocket] = []
+        let deadline = timeoutMS == 0 ? UInt64.max : monotonicNanoseconds() + timeoutMS * 1_000_000
+        func refuse(_ s: StreamSocket, _ why: String) {
+            s.fd.close()
+            Log.info("migration", "a connection on the migration listener is not a channel of this migration (\(why)); closed")
+        }
+        do {
+            while socks.contains(where: { $0 == nil }) {
+                let now = monotonicNanoseconds()
+                guard now < deadline else {
+                    throw MultifdError.setup("\(socks.filter { $0 == nil }.count) of \(n) channels did not connect and say hello within \(timeoutMS) ms")
+                }
+                // Short slices while a hello is awaited: the listener and the hellos are watched in turn.
+                let slice: UInt64 = pending.isEmpty ? 250 : 10
+                if let s = try accept(Int32(clamping: min((deadline - now) / 1_000_000 + 1, slice))) {
+                    if pending.count >= maxPendingHellos { refuse(pending.removeFirst(), "too many connections without a hello") }
+                    pending.append(s)
+                }
+                var waiting: [StreamSocket] = []
+                for s in pending {
+                    var b = [UInt8](repeating: 0, count: helloSize)
+                    let got = recv(s.fd.rawValue, &b, helloSize, Int32(MSG_PEEK | MSG_DONTWAIT))
+                    if got < 0 && (errno == EAGAIN || errno == EWOULDBLOCK || errno == EINTR) { waiting.append(s); continue }
+                    if got <= 0 { refuse(s, got == 0 ? "closed before its hello" : "failed before its hello: \(Errno(errno))"); continue }
+                    if got < helloSize {
+                        if Array(b[0..<min(got, 8)]) != Array(helloMagic[0..<min(got, 8)]) { refuse(s, "not a multifd hello"); continue }
+                        waiting.append(s); continue
+                    }
+                    _ = recv(s.fd.rawValue, &b, helloSize, Int32(MSG_DONTWAIT))  // the 24 bytes peeked
+                    var r = BEReader(b[8...])
+                    let idx = Int(r.u32() ?? 0), count = r.u32() ?? 0, theirs = r.u64() ?? 0
+                    if !isHello(b) { refuse(s, "not a multifd hello") }
+                    else if theirs != nonce { refuse(s, "the nonce of another migration attempt") }
+                    else if count != UInt32(n) { refuse(s, "it says \(count) channels, this migration has \(n)") }
+                    else if idx >= n { refuse(s, "channel index \(idx) of \(n)") }
+                    else if socks[idx] != nil { refuse(s, "channel \(idx) is already connected") }
+                    else { socks[idx] = s }
+                }
+                pending = waiting
+            }
+        } catch {
+            for case let s? in socks { s.fd.close() }
+            for s in pending { s.fd.close() }
+            throw error
+        }
+        for s in pending { refuse(s, "every channel was already connected") }
+        return socks.map { $0! }
+    }
 }
 
 /// Why a multifd channel failed; each case reads as the reason.
@@ -178,6 +239,11 @@ final class MultifdReceiver: @unchecked Sendable {
     /// A channel read SYNC `seq`: wait until the main channel released it.
     func channelReached(_ i: Int, _ seq: UInt64) throws {
         try cond.mutex.withLock {
+            // Passes end one after the other: a SYNC ahead would let the main channel past a
+            // pass this channel has not delivered (an older page copy could land after a newer).
+            guard seq == reached[i] &+ 1 else {
+                throw StreamError.malformed(.sync, id: 0, "pass \(seq) out of order (pass \(reached[i] &+ 1) expected)")
+            }
             reached[i] = seq
             cond.broadcast()
             while released < seq && failure == nil { cond.wait() }
@@ -188,6 +254,8 @@ final class MultifdReceiver: @unchecked Sendable {
     /// The main channel read SYNC `seq`: wait (bounded) until every channel reached it, then
     /// let them go on. Returns the pages the channels received up to it.
     func mainReached(_ seq: UInt64) throws -> UInt64 {
+        let expected = cond.mutex.withLock { released &+ 1 }
+        guard seq == expected else { throw StreamError.malformed(.sync, id: 0, "pass \(seq) out of order on the main channel (pass \(expected) expected)") }
         let deadline = timeoutMS == 0 ? UInt64.max : monotonicNanoseconds() + timeoutMS * 1_000_000
         return try cond.mutex.withLock {
             while failure == nil && reached.contains(where: { $0 < seq }) {

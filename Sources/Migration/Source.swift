@@ -240,6 +240,7 @@ public final class MigrationSource: @unchecked Sendable {
             cancelFlag = true
             if socketOpen { _ = Glibc.shutdown(socket.fd.rawValue, Int32(SHUT_RDWR)) }
             multifd?.shutdownSockets()
+            deviceWaits?.cancel()  // a device server that hangs must not hold the cancel
             return true
         }
     }
@@ -258,6 +259,12 @@ public final class MigrationSource: @unchecked Sendable {
             return true
         }
     }
+
+    /// Cuts a hung device wait after a cancel (see DeviceWaitCancel); set while `run()` runs.
+    private var deviceWaits: DeviceWaitCancel?
+    /// Devices the rollback could not bring back (neither to their state nor by a reset): the
+    /// caller reports them lost.
+    public private(set) var lostDevices: [Int: String] = [:]
 
     private var isCancelled: Bool { control.withLock { cancelFlag } }
     private var switchoverRequested: Bool { control.withLock { switchoverFlag } }
@@ -795,10 +802,14 @@ public final class MigrationSource: @unchecked Sendable {
                 socketOpen = false
             }
         }
+        let waits = try? DeviceWaitCancel(clients: devices.compactMap { $0.attached.vfioUserClient })
+        control.withLock { deviceWaits = waits; if cancelFlag { waits?.cancel() } }
+        defer { waits?.release() }
         do {
             try migrate()
         } catch let error as MigrationError where error.isUnconfirmed {
             stopChannels()
+            waits?.release()
             // GO went out: the destination may run the guest, so nothing is rolled back.
             finishUnconfirmed()
             stats.update { stats.totalTimeMS = Double(monotonicNanoseconds() - stats.startNS) / 1e6; stats.sourceOutcome = "the source VM stays paused (the destination may run it)" }
@@ -809,9 +820,11 @@ public final class MigrationSource: @unchecked Sendable {
             let error = isCancelled ? MigrationError.cancelled : error
             // The workers first: none may still read a device that goes back to RUNNING.
             stopChannels()
+            waits?.release()  // the rollback waits on the devices with their own cancel again
             let stopped = rollback()
             let cancelled = (error as? MigrationError).map { if case .cancelled = $0 { return true }; return false } ?? false
-            let outcome = stopped ? "the VM stays paused at the source, as it was stopped" : "the VM runs on at the source"
+            var outcome = stopped ? "the VM stays paused at the source, as it was stopped" : "the VM runs on at the source"
+            for (i, why) in lostDevices.sorted(by: { $0.key < $1.key }) { outcome += "; device \(i) is lost (\(why))" }
             stats.update { stats.totalTimeMS = Double(monotonicNanoseconds() - stats.startNS) / 1e6; stats.sourceOutcome = outcome }
             stats.set(cancelled ? .cancelled : .failed, error: "\(error)")
             Log.warning("migration", "\(error); \(outcome)")
@@ -1082,7 +1095,10 @@ public final class MigrationSource: @unchecked Sendable {
             for (k, e) in errors.enumerated() where e != nil {
                 let i = group[k]
                 Log.warning("migration", "device \(i) did not return to \(target) (\(e!)); resetting it")
-                try? devices[i].migration.reset()
+                do { try devices[i].migration.reset() } catch {
+                    lostDevices[i] = "it did not return to \(target) (\(e!)), nor could it be reset (\(error))"
+                    Log.error("migration", "device \(i) is lost: \(lostDevices[i]!)")
+                }
                 if target == .stop { _ = try? devices[i].migration.transition(to: .stop) }
             }
         }

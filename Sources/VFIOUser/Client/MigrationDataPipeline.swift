@@ -201,6 +201,12 @@ extension VFIOUserClient {
         return h
     }
 
+    /// Drop `n` payload bytes; a server that stops part-way is a timeout (the stream is out of
+    /// step for good), as in every other receive here.
+    private func drain(_ n: Int, _ cmd: VFIOUserCommand) throws {
+        do { try connection.drain(n) } catch { throw receiveFailed(error, cmd) }
+    }
+
     private func receive(into b: UnsafeMutableRawBufferPointer, _ cmd: VFIOUserCommand) throws {
         guard b.count > 0 else { return }
         do { _ = try connection.socket.receiveExactly(into: b, maxFDs: 0) } catch { throw receiveFailed(error, cmd) }
@@ -214,7 +220,7 @@ extension VFIOUserClient {
         let h = try takeReplyHeader(&pipe, cmd)
         let payload = h.payloadSize
         guard payload >= 8, payload <= 8 + buffer.count else {
-            try connection.drain(payload)
+            try drain(payload, cmd)
             throw VFIOUserClientError.protocolViolation("MIG_DATA_READ reply of \(payload) bytes for a \(buffer.count)-byte read (8 to \(8 + buffer.count) expected)")
         }
         var head = [UInt8](repeating: 0, count: 8)
@@ -222,7 +228,7 @@ extension VFIOUserClient {
         var r = WireReader(head, context: "MIG_DATA_READ reply")
         let argsz = try r.u32(), size = Int(try r.u32())
         guard size <= buffer.count, size <= payload - 8, UInt64(argsz) >= 8 + UInt64(size) else {
-            try connection.drain(payload - 8)
+            try drain(payload - 8, cmd)
             throw VFIOUserClientError.protocolViolation("MIG_DATA_READ returned size \(size) (argsz \(argsz)) in a \(payload)-byte reply to a \(buffer.count)-byte read")
         }
         try receive(into: UnsafeMutableRawBufferPointer(rebasing: buffer[0..<size]), cmd)
@@ -236,7 +242,7 @@ extension VFIOUserClient {
         let cmd = VFIOUserCommand.migDataWrite
         let h = try takeReplyHeader(&pipe, cmd)
         guard h.payloadSize <= 64 * 1024 else {
-            try connection.drain(h.payloadSize)
+            try drain(h.payloadSize, cmd)
             throw VFIOUserClientError.protocolViolation("MIG_DATA_WRITE reply of \(h.payloadSize) bytes")
         }
         if h.payloadSize > 0 { do { try connection.drain(h.payloadSize) } catch { throw receiveFailed(error, cmd) } }

@@ -176,6 +176,8 @@ public final class VFIOUserClient: @unchecked Sendable {
     /// its orderly shutdown can still talk to the device). A call already waiting picks it up
     /// within a poll slice (at most a second).
     public func setCancel(_ fd: Int32?) { cancelFD = fd }
+    /// The cancel descriptor watched now (a migration swaps in its own and gives this back).
+    public var cancelDescriptor: Int32? { cancelFD }
 
     deinit { close() }
 
@@ -589,16 +591,39 @@ public final class VFIOUserClient: @unchecked Sendable {
         }
     }
 
+    /// The granularity the server chose at DMA_LOGGING_START (nil when not logging): REPORT
+    /// asks for bitmaps at it, and the client converts them to the caller's page size.
+    public private(set) var dmaLoggingPageSize: UInt64?
+    /// The page sizes a server may choose: powers of two from a 512-byte sector to 1 GiB (a
+    /// finer one makes a report's bitmap absurdly large, a coarser one every write a GiB).
+    public static let dmaLoggingPageSizes: ClosedRange<UInt64> = 512...(1 << 30)
+
     /// DMA_LOGGING_START over `ranges`; the client also starts logging its own message writes.
+    /// `pageSize` is a hint: the server returns the size it chose (the kernel uAPI's rule;
+    /// libvfio-user returns nothing, and the hint stands).
     public func startDMALogging(pageSize: UInt64, ranges: [(iova: UInt64, length: UInt64)]) throws {
+        guard pageSize > 0, pageSize & (pageSize - 1) == 0 else { throw Errno(EINVAL) }  // the caller's page size
         var w = WireWriter(); w.u64(pageSize); w.u32(UInt32(ranges.count)); w.u32(0)
         for r in ranges { w.u64(r.iova); w.u64(r.length) }
-        _ = try feature(DeviceFeature.dmaLoggingStart, flags: DeviceFeature.set, data: w.bytes)
+        let data = try feature(DeviceFeature.dmaLoggingStart, flags: DeviceFeature.set, data: w.bytes)
+        var chosen = pageSize
+        if !data.isEmpty {
+            var r = WireReader(data, context: "DMA_LOGGING_START reply")
+            let ps = try? r.u64()
+            guard let ps, ps & (ps &- 1) == 0, Self.dmaLoggingPageSizes.contains(ps) else {
+                _ = try? feature(DeviceFeature.dmaLoggingStop, flags: DeviceFeature.set)
+                throw VFIOUserClientError.protocolViolation(ps.map { "DMA_LOGGING_START: the server chose page size \($0), not a power of two from 512 B to 1 GiB" }
+                    ?? "DMA_LOGGING_START reply carries \(data.count) bytes, not a page size")
+            }
+            chosen = ps
+        }
+        dmaLoggingPageSize = chosen
         dmaMemory.startLogging(pageSize: pageSize)
     }
 
     public func stopDMALogging() throws {
         dmaMemory.stopLogging()
+        dmaLoggingPageSize = nil
         _ = try feature(DeviceFeature.dmaLoggingStop, flags: DeviceFeature.set)
     }
 
@@ -606,16 +631,41 @@ public final class VFIOUserClient: @unchecked Sendable {
     /// Checks the reply length (libvfio-user answers a range spanning two mappings with an
     /// empty success).
     public func dmaLoggingReport(iova: UInt64, length: UInt64, pageSize: UInt64) throws -> [UInt64] {
-        let need = DirtyBitmap.byteCount(pages: (length + pageSize - 1) / pageSize)
-        var w = WireWriter(); w.u64(iova); w.u64(length); w.u64(pageSize)
+        guard pageSize > 0, pageSize & (pageSize - 1) == 0 else { throw Errno(EINVAL) }  // the caller's page size
+        guard length > 0, length - 1 <= UInt64.max - iova else { throw Errno(EINVAL) }  // an empty or wrapping range
+        // At the server's granularity; then re-based to the caller's.
+        let ps = dmaLoggingPageSize ?? pageSize
+        let need = DirtyBitmap.byteCount(pages: (length + ps - 1) / ps)
+        var w = WireWriter(); w.u64(iova); w.u64(length); w.u64(ps)
         let data = try feature(DeviceFeature.dmaLoggingReport, flags: DeviceFeature.get, data: w.bytes, replyData: 24 + need)
         guard data.count >= 24 + need else {
             throw VFIOUserClientError.protocolViolation("DMA_LOGGING_REPORT reply carries \(data.count) bytes, \(24 + need) expected")
         }
         var words = [UInt64](littleEndianBitmap: data[(data.startIndex + 24)..<(data.startIndex + 24 + need)])
+        if ps != pageSize { words = Self.rebase(words, from: ps, to: pageSize, length: length) }
         let own = dmaMemory.take(iova: iova, length: length, pageSize: pageSize)
         for i in words.indices where i < own.count { words[i] |= own[i] }
         return words
+    }
+
+    /// A bitmap of `length` bytes at page size `from`, as one at page size `to`: a coarser
+    /// page's bit sets every finer page it covers, finer pages OR into the coarser one.
+    static func rebase(_ words: [UInt64], from: UInt64, to: UInt64, length: UInt64) -> [UInt64] {
+        let pages = (length + to - 1) / to
+        var out = [UInt64](repeating: 0, count: Int((pages + 63) / 64))
+        for (i, word) in words.enumerated() where word != 0 {
+            var bits = word
+            while bits != 0 {
+                let p = UInt64(i * 64 + bits.trailingZeroBitCount)
+                bits &= bits - 1
+                let start = p * from
+                guard start < length else { break }
+                let end = min(start + from, length)
+                var q = start / to
+                while q <= (end - 1) / to { out[Int(q / 64)] |= 1 << (q % 64); q += 1 }
+            }
+        }
+        return out
     }
 
     // MARK: live update (CPR)
