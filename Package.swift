@@ -50,7 +50,7 @@ let package = Package(
         .testTarget(name: "SystemCallsTests", dependencies: ["SystemCalls", "CVFIOLive"]),
         .testTarget(name: "VFIOTests", dependencies: ["VFIO"]),
         .testTarget(name: "MachineTests", dependencies: ["Machine", "Devices", "VFIOUser", "VFIO", "SystemCalls"]),
-        .testTarget(name: "KernelVFIOTests", dependencies: ["KernelVFIO", "LiveUpdate", "Machine", "SystemCalls", "VFIO", "CVFIOLive"]),
+        .testTarget(name: "KernelVFIOTests", dependencies: ["KernelVFIO", "LiveUpdate", "Migration", "Machine", "SystemCalls", "VFIO", "CVFIOLive"]),
         .testTarget(name: "LiveUpdateTests", dependencies: ["LiveUpdate", "Control", "Migration", "Machine", "Devices", "VFIOUser", "VFIO", "SystemCalls"]),
         .testTarget(name: "ControlTests", dependencies: ["Control", "Migration", "Machine", "Devices", "VFIOUser", "VFIO", "SystemCalls"]),
         .testTarget(name: "MigrationTests", dependencies: ["Migration", "Machine", "Devices", "VFIOUser", "VFIO", "SystemCalls"]),
