@@ -53,11 +53,17 @@ enum DestinationTimes {
             if b[i] == k[0] && Array(b[i..<(i + k.count)]) == k {
                 var j = i + k.count
                 while j < b.count && b[j] == 0x20 { j += 1 }
+                // Exactly a JSON unsigned integer that fits in 64 bits; anything else (past
+                // 2^64-1, a fraction, an exponent) is no value rather than a truncated one.
                 var v: UInt64 = 0
                 var digits = 0
-                while j < b.count, b[j] >= 0x30, b[j] <= 0x39, digits < 19 {
-                    v = v * 10 + UInt64(b[j] - 0x30); j += 1; digits += 1
+                while j < b.count, b[j] >= 0x30, b[j] <= 0x39 {
+                    let (m, o1) = v.multipliedReportingOverflow(by: 10)
+                    let (a, o2) = m.addingReportingOverflow(UInt64(b[j] - 0x30))
+                    guard !o1, !o2 else { return nil }
+                    v = a; j += 1; digits += 1
                 }
+                if j < b.count, [UInt8(ascii: "."), UInt8(ascii: "e"), UInt8(ascii: "E")].contains(b[j]) { return nil }
                 return digits > 0 ? v : nil
             }
             i += 1

@@ -1019,6 +1019,10 @@ public final class MigrationSource: @unchecked Sendable {
             throw MigrationError.unconfirmed("the destination was told to take over (GO) but \(error); the source VM stays paused so the guest cannot run twice (check the destination; `cont` here only if it does not run)")
         }
         guard verdict.kind == .ack else {
+            // Neither ACK nor ERR after GO (a second READY, say): whether it runs is unknown.
+            guard verdict.kind == .error else {
+                throw MigrationError.unconfirmed("the destination was told to take over (GO) and answered \(verdict.kind), neither ACK nor ERR; the source VM stays paused so the guest cannot run twice (check the destination; `cont` here only if it does not run)")
+            }
             // An error after GO: the destination failed before resuming, the VM is ours again.
             control.withLock { committed = false }
             throw MigrationError.destination(verdict.text)
