@@ -98,6 +98,16 @@ public final class AssignedKernelDevice: VFIODevice, @unchecked Sendable {
         }
     }
 
+    /// A live update's successor: the device as its predecessor attached it, with the
+    /// attachment rebuilt from the CPR record's ids (`IOMMUFDAttachment.adopted`), so its HWPT
+    /// dirty tracker comes along and the VM can migrate later with IOMMU dirty tracking.
+    public static func adopted(device: KernelDevice, iommufd: IOMMUFD, deviceID: UInt32, ioas: UInt32, pageTableID: UInt32) -> AssignedKernelDevice {
+        let att = IOMMUFDAttachment.adopted(deviceID: deviceID, name: device.name, iommufd: iommufd, ioas: ioas, pageTableID: pageTableID)
+        let a = AssignedKernelDevice(device: device, dmaSpace: .iommufd(iommufd, ioas: ioas), iommufdAttachment: att)
+        a.iommufdIDs = (deviceID, pageTableID)
+        return a
+    }
+
     public var transportName: String { "kernel VFIO" }
     public var deviceName: String { device.name }
 
@@ -259,7 +269,7 @@ public final class AssignedKernelDevice: VFIODevice, @unchecked Sendable {
         switch dmaSpace {
         case let .container(c): return c.supportsDirtyPageTracking() ? nil : "the type1 container reports no dirty-page migration capability"
         case .iommufd:
-            guard let a = iommufdAttachment else { return "device \(device.name) was not attached through IOMMUFDAttachment (adopted from a predecessor?)" }
+            guard let a = iommufdAttachment else { return "device \(device.name) was not attached through IOMMUFDAttachment" }
             return a.trackerUnavailable
         }
     }
@@ -411,5 +421,29 @@ struct KernelDeviceDiagnosis {
             if n.hasPrefix("vfio") { return "/dev/vfio/devices/\(n)" }
         }
         throw KernelVFIOError.unavailable("\(name): \(path)/vfio-dev lists no cdev")
+    }
+}
+
+extension IOMMUFDAttachment {
+    /// The attachment a live update's predecessor made, from the ids its CPR record carries,
+    /// with no BIND, ATTACH or HWPT_ALLOC (the kernel keeps the device on that page table).
+    /// A device on the IOAS itself (an emulated one: mdev) has no HWPT of its own. Otherwise
+    /// the page table is a HWPT, either the dirty-tracking one the predecessor allocated or the
+    /// kernel's automatic domain; IOMMU_HWPT_SET_DIRTY_TRACKING(off) tells them apart without
+    /// changing anything (no migration runs across a live update, so tracking is off; only
+    /// enabling clears the IOMMU's bits), as the kernel refuses it on a domain without a dirty bit.
+    public static func adopted(deviceID: UInt32, name: String, iommufd: IOMMUFD, ioas: UInt32, pageTableID: UInt32) -> IOMMUFDAttachment {
+        guard pageTableID != ioas else {
+            return IOMMUFDAttachment(deviceID: deviceID, ioas: ioas, pageTableID: pageTableID, tracker: nil,
+                                     trackerUnavailable: "\(name) is attached to IOAS \(ioas) itself (no HWPT of its own, as its predecessor attached it): no IOMMU dirty tracking")
+        }
+        let hwpt = HWPT(adopting: pageTableID, iommufd: iommufd, ioas: ioas, dirtyTrackingCapable: true)
+        do {
+            try hwpt.setDirtyTracking(false)
+            return IOMMUFDAttachment(deviceID: deviceID, ioas: ioas, pageTableID: pageTableID, tracker: try HWPTDirtyTracker(hwpt: hwpt), trackerUnavailable: nil)
+        } catch {
+            return IOMMUFDAttachment(deviceID: deviceID, ioas: ioas, pageTableID: pageTableID, tracker: nil,
+                                     trackerUnavailable: "the page table \(name) was handed over on (HWPT \(pageTableID)) has no dirty tracking: \(error)")
+        }
     }
 }

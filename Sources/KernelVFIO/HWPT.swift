@@ -57,6 +57,11 @@ public final class HWPT: @unchecked Sendable {
         self.iommufd = iommufd; self.id = a.out_hwpt_id; self.ioas = ioas; self.dirtyTrackingCapable = dirtyTracking
     }
 
+    /// A HWPT another process allocated in this iommufd (a live update's predecessor): no ioctl.
+    init(adopting id: UInt32, iommufd: IOMMUFD, ioas: UInt32, dirtyTrackingCapable: Bool) {
+        self.iommufd = iommufd; self.id = id; self.ioas = ioas; self.dirtyTrackingCapable = dirtyTrackingCapable
+    }
+
     public func destroy() throws { try iommufd.destroy(id) }
 
     /// IOMMU_HWPT_SET_DIRTY_TRACKING. Enabling clears what the IOMMU had recorded before.

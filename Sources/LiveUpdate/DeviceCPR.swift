@@ -241,8 +241,9 @@ extension AssignedKernelDevice: CPRDeviceTransport {
         case let .iommufd(devid, ioas, hwpt):
             guard let ifd = s.find(iommufdName, id: Int32(i)) else { throw CPRError.malformed("device \(i) (\(r.name)): the iommufd descriptor is missing") }
             let iommufd = IOMMUFD(adopting: ifd)
-            let d = AssignedKernelDevice(device: kd, dmaSpace: .iommufd(iommufd, ioas: ioas))
-            d.iommufdIDs = (devid, hwpt)
+            // The attachment (and its HWPT dirty tracker) from the recorded ids: no new ioctl
+            // but IOMMU_HWPT_SET_DIRTY_TRACKING(off), which asks whether the HWPT has a dirty bit.
+            let d = AssignedKernelDevice.adopted(device: kd, iommufd: iommufd, deviceID: devid, ioas: ioas, pageTableID: hwpt)
             return (d, {
                 // QEMU's "iommufd" post_load: the pinned-page accounting moves to this process.
                 do { try iommufd.changeProcess() } catch {

@@ -95,6 +95,51 @@ final class HWPTDirtyTrackingTests: XCTestCase {
         try i.destroy(probe.stdevID)
     }
 
+    /// A device a live update hands over keeps its HWPT dirty tracker (it had none before: the
+    /// successor knew only the ids). The successor rebuilds the attachment from the CPR
+    /// record's ids (devid, IOAS, HWPT) on its own copy of the iommufd descriptor, with no
+    /// BIND, ATTACH or HWPT_ALLOC, and the tracker harvests what the mock IOMMU marks.
+    func testAnAttachmentRebuiltFromTheCPRRecordsIdsKeepsItsHWPTDirtyTracker() throws {
+        let i = try labIOMMUFD()
+        let (ioas, probe) = try mockOnNewIOAS(i)
+        var attached: MockDevice?
+        let before = try IOMMUFDAttachment.attach(deviceID: probe.idevID, name: "mock", iommufd: i, ioas: ioas) { pt in
+            attached = try i.mockDevice(on: pt)
+            return attached!.hwptID
+        }
+        let original = try XCTUnwrap(before.tracker, before.trackerUnavailable ?? "")
+        let device = try XCTUnwrap(attached)
+        // What the successor holds: the iommufd descriptor as SCM_RIGHTS gives it (a new fd
+        // for the same file) and the record's ids.
+        let handed = IOMMUFD(adopting: try i.fd.duplicate())
+        defer { handed.fd.close() }
+        let after = IOMMUFDAttachment.adopted(deviceID: device.idevID, name: "mock", iommufd: handed, ioas: ioas, pageTableID: before.pageTableID)
+        let tracker = try XCTUnwrap(after.tracker, after.trackerUnavailable ?? "")
+        XCTAssertNil(after.trackerUnavailable)
+        XCTAssertEqual(after.pageTableID, before.pageTableID)
+        XCTAssertEqual(tracker.hwpt.id, original.hwpt.id, "the predecessor's HWPT, not a new one")
+
+        let size = UInt64(pages) * page
+        let buffer = try MappedRegion(anonymous: Int(size), populate: true)
+        try i.map(ioas: ioas, iova: iova, length: size, vaddr: buffer.base)
+        try tracker.startDirtyTracking()
+        let dirty = [2, 64, 131]
+        _ = try i.mockSetDirty(hwpt: tracker.hwpt.id, iova: iova, length: size, pageSize: UInt64(MOCK_PAGE_SIZE),
+                               bitmap: bitmapWords(setting: dirty.map { $0 * 2 }, pages: Int(size / UInt64(MOCK_PAGE_SIZE))))
+        XCTAssertEqual(setBits(try tracker.dirtyBitmap(iova: iova, size: size, pageSize: page)), dirty, "through the rebuilt tracker")
+        try tracker.stopDirtyTracking()
+
+        // A device the predecessor attached to the IOAS itself (an mdev): no tracker, and why.
+        let onIOAS = IOMMUFDAttachment.adopted(deviceID: probe.idevID, name: "mdev", iommufd: handed, ioas: ioas, pageTableID: ioas)
+        XCTAssertNil(onIOAS.tracker)
+        XCTAssertTrue(onIOAS.trackerUnavailable?.contains("IOAS \(ioas) itself") == true, onIOAS.trackerUnavailable ?? "no reason")
+
+        try i.unmap(ioas: ioas, iova: iova, length: size)
+        try i.destroy(device.stdevID)
+        try original.hwpt.destroy()
+        try i.destroy(probe.stdevID)
+    }
+
     /// Ranges the kernel would refuse, or that would size a huge bitmap, are refused by the
     /// tracker before any allocation or ioctl (`invalid`, never `ioctl`).
     func testBadHarvestRangesAreRefusedBeforeTheIoctl() throws {

@@ -36,13 +36,15 @@ final class KernelLiveUpdateTests: XCTestCase {
     }
 
     override func tearDown() {
-        if testRun?.hasSucceeded == false {
+        // hasSucceeded is false until the run stops (after tearDown): count the failures.
+        if (testRun?.totalFailureCount ?? 0) > 0 {
             for l in logs { print("---- \(l)\n" + ((try? String(contentsOfFile: l, encoding: .utf8)) ?? "")) }
         }
-        _ = try? LabQMPText(qmpPath).execute("quit")
+        _ = try? LabQMP(qmpPath).call("quit")
         // The VMM a successor replaced is not our child: wait for whoever holds the socket.
-        _ = try? waitFor(10, "the VMM to quit") { (try? LabQMPText(qmpPath)) == nil }
-        for p in pids where ChildProcess.exitStatus(p) == nil {
+        _ = try? waitFor(10, "the VMM to quit") { (try? LabQMP(qmpPath)) == nil }
+        // A pid reaped earlier (an old VMM waited for after its update) is gone: kill(p, 0) fails.
+        for p in pids where ChildProcess.exitStatus(p) == nil && kill(p, 0) == 0 {
             kill(p, SIGKILL)
             if (try? waitFor(10, "pid \(p) to die") { ChildProcess.exitStatus(p) != nil }) == nil {
                 print("pid \(p) does not die: " + ((try? String(contentsOfFile: "/proc/\(p)/stack", encoding: .utf8)) ?? ""))
@@ -85,7 +87,7 @@ final class KernelLiveUpdateTests: XCTestCase {
     func waitFor(_ seconds: Double, _ what: String, _ cond: () -> Bool) throws {
         let deadline = monotonicNanoseconds() + UInt64(seconds * 1e9)
         while !cond() {
-            guard monotonicNanoseconds() < deadline else { throw LabQMPError("timed out after \(seconds) s waiting for \(what)") }
+            guard monotonicNanoseconds() < deadline else { throw LabError("timed out after \(seconds) s waiting for \(what)") }
             usleep(20_000)
         }
     }
@@ -98,7 +100,7 @@ final class KernelLiveUpdateTests: XCTestCase {
                     "--verify-every", "1", "--quiet"]
         if let d = device { args += ["--device", d] }
         let pid = try start(args, env: env, log: "vm")
-        try waitFor(60, "the VMM's QMP socket") { (try? LabQMPText(qmpPath)) != nil || ChildProcess.exitStatus(pid) != nil }
+        try waitFor(60, "the VMM's QMP socket") { (try? LabQMP(qmpPath)) != nil || ChildProcess.exitStatus(pid) != nil }
         XCTAssertNil(ChildProcess.exitStatus(pid), "the VMM exited at start")
         if dma { try waitFor(60, "DMA round trips") { ((try? verify())?.dma ?? 0) >= 2 } }
         return pid
@@ -106,17 +108,21 @@ final class KernelLiveUpdateTests: XCTestCase {
 
     struct Verified { var ok: Bool; var pages: UInt64; var dma: UInt64; var text: String }
 
+    static func n(_ v: Any?) -> UInt64 { (v as? NSNumber)?.uint64Value ?? 0 }
+
     func verify() throws -> Verified {
-        let r = try LabQMPText(qmpPath).execute("x-vfio-live-verify")
-        return Verified(ok: r.contains("\"ok\":true"), pages: LabQMPText.number(r, "page-writes") ?? 0, dma: LabQMPText.number(r, "dma-round-trips") ?? 0, text: r)
+        let r = try LabQMP(qmpPath).object("x-vfio-live-verify")
+        return Verified(ok: r["ok"] as? Bool == true, pages: Self.n(r["page-writes"]), dma: Self.n(r["dma-round-trips"]), text: "\(r)")
     }
 
-    func vmmPID() throws -> UInt64 { LabQMPText.number(try LabQMPText(qmpPath).execute("x-vfio-live-pid"), "pid") ?? 0 }
+    func vmmPID() throws -> UInt64 { Self.n(try LabQMP(qmpPath).object("x-vfio-live-pid")["pid"]) }
+
+    /// Ask for a live update (x-vfio-live-update with these arguments); a refusal is thrown.
+    func update(_ arguments: String) throws { _ = try LabQMP(qmpPath).call("x-vfio-live-update", arguments).get() }
 
     /// The VM answers on QMP, runs, passes the verifier, and its guest (and DMA) make progress.
     func assertHealthy(_ what: String, dma: Bool = true, file: StaticString = #filePath, line: UInt = #line) throws {
-        let q = try LabQMPText(qmpPath)
-        XCTAssertTrue(try q.execute("query-status").contains("\"status\":\"running\""), what, file: file, line: line)
+        XCTAssertEqual(try LabQMP(qmpPath).object("query-status")["status"] as? String, "running", what, file: file, line: line)
         let v0 = try verify()
         XCTAssertTrue(v0.ok, "\(what): \(v0.text)", file: file, line: line)
         try waitFor(60, "\(what): progress") { ((try? verify()).map { $0.pages > v0.pages && (!dma || $0.dma > v0.dma) }) ?? false }
@@ -124,20 +130,31 @@ final class KernelLiveUpdateTests: XCTestCase {
         XCTAssertTrue(v1.ok, "\(what): \(v1.text)", file: file, line: line)
     }
 
+    /// A live update's outcome: "completed" (from the new VMM) or "failed" (from the old one),
+    /// with the query-migrate answer that said so.
+    struct UpdateOutcome: CustomStringConvertible {
+        var status: String
+        var migrate: [String: Any]
+        /// The VMM's live-update report (x-vfio-live-cpr: mode, blackout-ns, ...).
+        var cpr: [String: Any] { migrate["x-vfio-live-cpr"] as? [String: Any] ?? [:] }
+        var description: String { "\(status): \(migrate)" }
+    }
+
     /// Wait for the live update's outcome on the VMM behind the QMP socket: "completed" from the
     /// new VMM, or "failed" from the old one.
-    func awaitUpdate(oldPID: UInt64, exec: Bool) throws -> String {
-        var status = ""
+    func awaitUpdate(oldPID: UInt64, exec: Bool) throws -> UpdateOutcome {
+        var outcome = UpdateOutcome(status: "", migrate: [:])
         try waitFor(90, "the live update's outcome") {
-            guard let q = try? LabQMPText(qmpPath), let m = try? q.execute("query-migrate"), let p = try? q.execute("x-vfio-live-pid") else { return false }
-            let pid = LabQMPText.number(p, "pid") ?? 0
-            if m.contains("\"status\":\"failed\"") && pid == oldPID { status = "failed: \(m)"; return true }
-            if m.contains("\"status\":\"completed\"") && m.contains("x-vfio-live-cpr") && (exec || pid != oldPID) {
-                status = "completed: \(m)"; return true
+            guard let q = try? LabQMP(qmpPath), let m = try? q.object("query-migrate"), let p = try? q.object("x-vfio-live-pid") else { return false }
+            let pid = Self.n(p["pid"])
+            let status = m["status"] as? String
+            if status == "failed" && pid == oldPID { outcome = UpdateOutcome(status: "failed", migrate: m); return true }
+            if status == "completed" && m["x-vfio-live-cpr"] != nil && (exec || pid != oldPID) {
+                outcome = UpdateOutcome(status: "completed", migrate: m); return true
             }
             return false
         }
-        return status
+        return outcome
     }
 
     // MARK: the device, seen from outside the VMM
@@ -147,23 +164,23 @@ final class KernelLiveUpdateTests: XCTestCase {
     /// mastering and MSI enable, and a redone configuration would show in them too.
     func configSnapshot() throws -> [UInt8] {
         let fd = open("\(edu.path)/config", O_RDONLY)
-        guard fd >= 0 else { throw LabQMPError("cannot read \(edu.path)/config: \(Errno.current)") }
+        guard fd >= 0 else { throw LabError("cannot read \(edu.path)/config: \(Errno.current)") }
         defer { close(fd) }
         var cfg = [UInt8](repeating: 0, count: 256)
-        guard pread(fd, &cfg, 256, 0) == 256 else { throw LabQMPError("short read of config space") }
+        guard pread(fd, &cfg, 256, 0) == 256 else { throw LabError("short read of config space") }
         var at = Int(cfg[0x34]) & ~3, msi = 0, hops = 0
         while at >= 0x40 && at < 0xfc && hops < 48 {
             if cfg[at] == 0x05 { msi = at; break }
             at = Int(cfg[at + 1]) & ~3; hops += 1
         }
-        guard msi != 0 else { throw LabQMPError("edu shows no MSI capability in sysfs config") }
+        guard msi != 0 else { throw LabError("edu shows no MSI capability in sysfs config") }
         return Array(cfg[4..<6]) + Array(cfg[(msi + 2)..<(msi + 14)])
     }
 
     /// The in-flight probe (DMAInFlightProbe): the job the old VMM started in the blackout wrote
     /// the edu buffer into guest RAM; compared in the guest RAM memfd of process `pid`.
     func assertProbeLanded(pid: UInt64, _ what: String, file: StaticString = #filePath, line: UInt = #line) throws {
-        guard let dir = opendir("/proc/\(pid)/fd") else { throw LabQMPError("no /proc/\(pid)/fd") }
+        guard let dir = opendir("/proc/\(pid)/fd") else { throw LabError("no /proc/\(pid)/fd") }
         var ram: String?
         while let e = readdir(dir) {
             let n = withUnsafeBytes(of: e.pointee.d_name) { String(cString: $0.bindMemory(to: CChar.self).baseAddress!) }
@@ -220,9 +237,9 @@ final class KernelLiveUpdateTests: XCTestCase {
             let succ = try start(["vm", "run", "--incoming", "cpr:unix:\(path)", "--quiet"], env: ["VFIO_LIVE_CPR_FAULT=\(fault)", "\(DMAInFlightProbe.variable)=1"],
                                  log: "successor-\(fault)")
             try waitFor(60, "the successor's cpr socket") { access(path, F_OK) == 0 || ChildProcess.exitStatus(succ) != nil }
-            _ = try LabQMPText(qmpPath).execute("x-vfio-live-update", #"{"mode":"cpr-transfer","to":"unix:\#(path)"}"#)
+            try update(#"{"mode":"cpr-transfer","to":"unix:\#(path)"}"#)
             let outcome = try awaitUpdate(oldPID: first, exec: false)
-            XCTAssertTrue(outcome.hasPrefix("failed"), "\(name), successor dying at \(fault): \(outcome)")
+            XCTAssertEqual(outcome.status, "failed", "\(name), successor dying at \(fault): \(outcome)")
             try waitFor(20, "the dead successor") { ChildProcess.exitStatus(succ) != nil }
             XCTAssertEqual(try vmmPID(), first, "\(name): the old VMM keeps the VM")
             try assertHealthy("\(name): rolled back after the successor died at \(fault)")
@@ -230,9 +247,9 @@ final class KernelLiveUpdateTests: XCTestCase {
         }
 
         // cpr-transfer: the old VMM starts the new one with its own command line.
-        _ = try LabQMPText(qmpPath).execute("x-vfio-live-update", #"{"mode":"cpr-transfer"}"#)
+        try update(#"{"mode":"cpr-transfer"}"#)
         let t = try awaitUpdate(oldPID: first, exec: false)
-        XCTAssertTrue(t.hasPrefix("completed"), "\(name) cpr-transfer: \(t)")
+        XCTAssertEqual(t.status, "completed", "\(name) cpr-transfer: \(t)")
         let second = try vmmPID()
         XCTAssertNotEqual(second, first)
         try assertHealthy("\(name): after cpr-transfer")
@@ -242,9 +259,9 @@ final class KernelLiveUpdateTests: XCTestCase {
         try waitFor(20, "the old VMM to exit") { ChildProcess.exitStatus(pid_t(first)) != nil || kill(pid_t(first), 0) != 0 }
 
         // cpr-exec: the new VMM re-executes itself in place (same pid).
-        _ = try LabQMPText(qmpPath).execute("x-vfio-live-update", #"{"mode":"cpr-exec"}"#)
+        try update(#"{"mode":"cpr-exec"}"#)
         let e = try awaitUpdate(oldPID: second, exec: true)
-        XCTAssertTrue(e.hasPrefix("completed") && e.contains("cpr-exec"), "\(name) cpr-exec: \(e)")
+        XCTAssertTrue(e.status == "completed" && e.cpr["mode"] as? String == "cpr-exec", "\(name) cpr-exec: \(e)")
         XCTAssertEqual(try vmmPID(), second, "cpr-exec keeps the pid")
         try assertHealthy("\(name): after cpr-exec")
         XCTAssertEqual(try configSnapshot(), config, "\(name): no reset or reconfiguration across cpr-exec")
@@ -260,7 +277,7 @@ final class KernelLiveUpdateTests: XCTestCase {
         guard access(create, W_OK) == 0 else { throw XCTSkip("no mtty in this kernel (\(create))") }
         let uuid = "83b8f4f2-509f-382f-3c1e-e6bfe0fa\(String(format: "%04x", UInt32.random(in: 0...0xffff)))"
         let fd = open(create, O_WRONLY)
-        guard fd >= 0, write(fd, uuid, uuid.utf8.count) == uuid.utf8.count else { close(fd); throw LabQMPError("cannot create mtty \(uuid): \(Errno.current)") }
+        guard fd >= 0, write(fd, uuid, uuid.utf8.count) == uuid.utf8.count else { close(fd); throw LabError("cannot create mtty \(uuid): \(Errno.current)") }
         close(fd)
         mdevs.append("/sys/bus/mdev/devices/\(uuid)")
         return "/sys/bus/mdev/devices/\(uuid)"
@@ -273,7 +290,7 @@ final class KernelLiveUpdateTests: XCTestCase {
         _ = try startVMM(device: "vfio-pci,sysfsdev=\(mdev)", dma: false)
         let pid = try vmmPID()
         for mode in ["cpr-transfer", "cpr-exec"] {
-            XCTAssertThrowsError(try LabQMPText(qmpPath).execute("x-vfio-live-update", #"{"mode":"\#(mode)"}"#), mode) { err in
+            XCTAssertThrowsError(try update(#"{"mode":"\#(mode)"}"#), mode) { err in
                 let s = "\(err)"
                 XCTAssertTrue(s.contains("CPR does not support vfio mdev") && s.contains("VA must always be valid"), s)
             }
@@ -288,14 +305,14 @@ final class KernelLiveUpdateTests: XCTestCase {
         let mdev = try makeMtty()
         _ = try startVMM(device: "vfio-pci,sysfsdev=\(mdev),iommufd=on", dma: false)
         let first = try vmmPID()
-        _ = try LabQMPText(qmpPath).execute("x-vfio-live-update", #"{"mode":"cpr-transfer"}"#)
+        try update(#"{"mode":"cpr-transfer"}"#)
         let t = try awaitUpdate(oldPID: first, exec: false)
-        XCTAssertTrue(t.hasPrefix("completed"), "mdev iommufd cpr-transfer: \(t)")
+        XCTAssertEqual(t.status, "completed", "mdev iommufd cpr-transfer: \(t)")
         try assertHealthy("mdev, iommufd: after cpr-transfer", dma: false)
         let second = try vmmPID()
-        _ = try LabQMPText(qmpPath).execute("x-vfio-live-update", #"{"mode":"cpr-exec"}"#)
+        try update(#"{"mode":"cpr-exec"}"#)
         let e = try awaitUpdate(oldPID: second, exec: true)
-        XCTAssertTrue(e.hasPrefix("completed"), "mdev iommufd cpr-exec: \(e)")
+        XCTAssertEqual(e.status, "completed", "mdev iommufd cpr-exec: \(e)")
         try assertHealthy("mdev, iommufd: after cpr-exec", dma: false)
     }
 
@@ -311,15 +328,15 @@ final class KernelLiveUpdateTests: XCTestCase {
             var out: [Double] = []
             for _ in 0..<n {
                 let old = try vmmPID()
-                _ = try LabQMPText(qmpPath).execute("x-vfio-live-update", #"{"mode":"cpr-transfer"}"#)
+                try update(#"{"mode":"cpr-transfer"}"#)
                 let r = try awaitUpdate(oldPID: old, exec: false)
-                XCTAssertTrue(r.hasPrefix("completed"), r)
-                guard let ns = LabQMPText.number(r, "blackout-ns") else { XCTFail("no blackout in \(r)"); continue }
+                XCTAssertEqual(r.status, "completed", "\(r)")
+                guard let ns = (r.cpr["blackout-ns"] as? NSNumber)?.uint64Value else { XCTFail("no blackout in \(r)"); continue }
                 out.append(Double(ns) / 1e6)
                 try assertHealthy("after a measured cpr-transfer", dma: device != nil)
             }
-            _ = try? LabQMPText(qmpPath).execute("quit")
-            try waitFor(20, "the VMM to quit") { (try? LabQMPText(qmpPath)) == nil }
+            _ = try? LabQMP(qmpPath).call("quit")
+            try waitFor(20, "the VMM to quit") { (try? LabQMP(qmpPath)) == nil }
             return out
         }
         func median(_ v: [Double]) -> Double { let s = v.sorted(); return s.isEmpty ? 0 : s[s.count / 2] }
@@ -334,52 +351,5 @@ final class KernelLiveUpdateTests: XCTestCase {
         print(line)
         XCTAssertEqual(none.count, 3)
         XCTAssertEqual(legacy.count, 3)
-    }
-}
-
-struct LabQMPError: Error, CustomStringConvertible {
-    var description: String
-    init(_ d: String) { description = d }
-}
-
-/// A minimal QMP client answering raw text (KernelVMMProcessTests.LabQMP parses JSON): one command per call, replies
-/// as text; events skipped. Every read is bounded.
-final class LabQMPText {
-    let s: UnixSocket
-    var buf: [UInt8] = []
-    init(_ path: String) throws {
-        s = try UnixSocket.connect(path: path)
-        try s.setTimeouts(milliseconds: 20_000)
-        _ = try line()
-        _ = try execute("qmp_capabilities")
-    }
-    deinit { s.close() }
-    func line() throws -> String {
-        while true {
-            if let nl = buf.firstIndex(of: 10) {
-                let l = String(decoding: buf[..<nl], as: UTF8.self)
-                buf.removeFirst(nl + 1)
-                return l
-            }
-            var chunk = [UInt8](repeating: 0, count: 4096)
-            let n = try chunk.withUnsafeMutableBytes { try s.fd.read(into: $0) }
-            guard n > 0 else { throw Errno.ECONNRESET }
-            buf += chunk[0..<n]
-        }
-    }
-    func execute(_ cmd: String, _ arguments: String? = nil) throws -> String {
-        try s.send(Array("{\"execute\":\"\(cmd)\"\(arguments.map { ",\"arguments\":\($0)" } ?? "")}\n".utf8))
-        while true {
-            let m = try line()
-            if m.hasPrefix("{\"event\"") { continue }
-            if m.contains("\"error\"") { throw LabQMPError("\(cmd): \(m)") }
-            return m
-        }
-    }
-    /// The first number after "key": in `json`.
-    static func number(_ json: String, _ key: String) -> UInt64? {
-        guard let r = json.range(of: "\"\(key)\":") else { return nil }
-        let digits = json[r.upperBound...].drop { $0 == " " }.prefix { $0.isNumber || $0 == "." }
-        return UInt64(digits.split(separator: ".").first ?? "")
     }
 }

@@ -291,35 +291,6 @@ final class KernelMigrationTests: XCTestCase {
         }
     }
 
-    /// One QMP command on a fresh connection (bounded); the "return" object, or the error.
-    static func qmp(_ path: String, _ command: String) throws -> [String: Any] {
-        let s = try UnixSocket.connect(path: path)
-        defer { s.close() }
-        var buf: [UInt8] = []
-        func line() throws -> [String: Any] {
-            while true {
-                if let nl = buf.firstIndex(of: 10) {
-                    let l = Data(buf[..<nl]); buf.removeFirst(nl + 1)
-                    if let o = try JSONSerialization.jsonObject(with: l) as? [String: Any], o["event"] == nil { return o }
-                    continue
-                }
-                guard try Poll.waitReadable(s.fd, timeoutMilliseconds: 20_000) else { throw Errno(ETIMEDOUT) }
-                var chunk = [UInt8](repeating: 0, count: 4096)
-                let n = try chunk.withUnsafeMutableBytes { try s.fd.read(into: $0) }
-                guard n > 0 else { throw Errno.ECONNRESET }
-                buf += chunk[0..<n]
-            }
-        }
-        _ = try line()  // greeting
-        for c in ["qmp_capabilities", command] {
-            try s.send(Array("{\"execute\":\"\(c)\"}".utf8))
-            let r = try line()
-            if let e = r["error"] { throw KernelVFIOError.invalid("QMP \(c): \(e)") }
-            if c == command { return r["return"] as? [String: Any] ?? [:] }
-        }
-        return [:]
-    }
-
     func waitFor(_ path: String, _ vmm: VMM) throws {
         let deadline = monotonicNanoseconds() + 60_000_000_000
         while access(path, F_OK) != 0 {
@@ -355,7 +326,7 @@ final class KernelMigrationTests: XCTestCase {
         try waitFor("\(tag)-src.qmp", src)
         try waitFor("\(tag)-dst.qmp", dst)
         if transport == .unix { try waitFor("\(tag)-mig.sock", dst) } else { usleep(500_000) }
-        XCTAssertEqual(try Self.qmp("\(tag)-src.qmp", "query-status")["status"] as? String, "running")
+        XCTAssertEqual(try LabQMP("\(tag)-src.qmp").object("query-status")["status"] as? String, "running")
         var args = ["migrate", "--qmp", "\(tag)-src.qmp", "--to", uri, "--max-iterations", "6", "--qmp-timeout", "30"]
         if backend == .iommufd { args.append("--allow-untracked-devices") }
         let t0 = monotonicNanoseconds()
@@ -371,7 +342,7 @@ final class KernelMigrationTests: XCTestCase {
             var last: String?
             let until = monotonicNanoseconds() + 20_000_000_000
             repeat {
-                last = (try? Self.qmp(qmp, "query-status"))?["status"] as? String
+                last = (try? LabQMP(qmp).object("query-status"))?["status"] as? String
                 if last == want { break }
                 usleep(50_000)
             } while monotonicNanoseconds() < until
@@ -379,10 +350,10 @@ final class KernelMigrationTests: XCTestCase {
         }
         XCTAssertEqual(status("\(tag)-dst.qmp", becomes: "running"), "running", dst.output)
         XCTAssertEqual(status("\(tag)-src.qmp", becomes: "postmigrate"), "postmigrate")
-        let q = try Self.qmp("\(tag)-src.qmp", "query-migrate")
+        let q = try LabQMP("\(tag)-src.qmp").object("query-migrate")
         print("kmig figures: processes, \(backend), \(transport): migrate command \(String(format: "%.0f", ms)) ms; query-migrate total-time \(q["total-time"] ?? "?") ms, downtime \(q["downtime"] ?? "?") ms, vfio \(q["vfio"] ?? "?")")
         // The destination VMM goes; its device keeps the state the kernel loaded.
-        _ = try? Self.qmp("\(tag)-dst.qmp", "quit")
+        _ = try? LabQMP("\(tag)-dst.qmp").call("quit")
         dst.stop()
         XCTAssertEqual(dst.exited, 0, dst.output)
         let d = try AssignedKernelDevice.open(sysfsPath: dstPath, backend: .legacy)
