@@ -124,6 +124,28 @@ struct DowntimeModel {
         deviceRoundTripNS[i] = ns
     }
 
+    /// What query-migrate shows of the model.
+    func inputs(catchUpNS: UInt64, answersProbes: Bool) -> DowntimeInputs {
+        var i = DowntimeInputs()
+        i.ramRate = ramRate ?? 0
+        i.harvestMS = Double(harvestNS) / 1e6
+        i.deviceRates = deviceRate
+        i.deviceRoundTripMS = deviceRoundTripNS.map { Double($0) / 1e6 }
+        i.backlogMS = Double(backlogNS) / 1e6
+        i.roundTripMS = probeRoundTripNS.map { Double($0) / 1e6 }
+        i.catchUpMS = Double(catchUpNS) / 1e6
+        i.destinationAnswersProbes = answersProbes
+        return i
+    }
+
+    /// Bytes in a socket's send queue not yet acknowledged by the peer (SIOCOUTQ, which is
+    /// TIOCOUTQ's number), 0 if the ioctl fails.
+    static func sendQueueBytes(_ fd: Int32) -> UInt64 {
+        var n: Int32 = 0
+        guard ioctl(fd, UInt(TIOCOUTQ), &n) == 0, n > 0 else { return 0 }
+        return UInt64(n)
+    }
+
     /// The connection's smoothed round trip as the kernel measured it (TCP), 0 for UNIX
     /// sockets (a local hop).
     static func connectionRoundTripNS(_ fd: Int32) -> UInt64 {

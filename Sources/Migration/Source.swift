@@ -381,8 +381,9 @@ public final class MigrationSource: @unchecked Sendable {
     private func sendProbe(idle: Bool = false) throws {
         probeNumber += 1
         idleProbe = idle
-        try send(.sync, MigrationStream.probePayload(probeNumber))
+        // Before the send: its answer can come back (and be read by send's own check) at once.
         probeSentNS = monotonicNanoseconds()
+        try send(.sync, MigrationStream.probePayload(probeNumber))
     }
 
     /// Wait until the destination answered the last probe: it has applied everything sent
@@ -924,6 +925,9 @@ public final class MigrationSource: @unchecked Sendable {
             w.u64(MigrationStream.VFIOTag.setupState.rawValue); w.u64(MigrationStream.VFIOTag.endOfState.rawValue)
             try send(.device, w.bytes)
         }
+        // A first probe now, with little queued before it: its answer, long before the first
+        // switch-over decision, tells whether this destination answers probes at all.
+        try sendProbe()
         stats.update { stats.setupNS = monotonicNanoseconds() - stats.startNS }
         stats.set(.active)
         phase = .preCopy
@@ -998,7 +1002,9 @@ public final class MigrationSource: @unchecked Sendable {
             // VM runs meanwhile): a stop now would wait for it inside the downtime. Then the
             // prediction again, with what was dirtied during the wait.
             let bound = min(parameters.peerTimeoutMS == 0 ? 5000 : parameters.peerTimeoutMS, 2000)
+            let w0 = monotonicNanoseconds()
             let caughtUp = try awaitProbe(timeoutMS: bound)
+            catchUpNS = monotonicNanoseconds() - w0
             for k in dirty.indices { dirty[k] |= pendingDirty[k]; pendingDirty[k] = 0 }
             if caughtUp {
                 // Once more with nothing queued: the answer's delay is the bare round trip that
@@ -1033,6 +1039,7 @@ public final class MigrationSource: @unchecked Sendable {
         }
         stats.set(.device)
         throttler.set(percent: 0)  // first: the throttle thread must not resume after our pause
+        let caughtUpAtStop = destinationAnswersProbes && probeAnswered == probeNumber
         // Each phase of the downtime is timed from one boundary to the next, so that the
         // breakdown sums to the downtime.
         var clock = DowntimeClock()
@@ -1066,6 +1073,7 @@ public final class MigrationSource: @unchecked Sendable {
         // migration, or stopped during it, stays paused (QEMU's global run state).
         let running = devices.allSatisfy { $0.initialState == .running } && !switchoverRequested && !vmWasPausedAtStart
         try send(.end, MigrationStream.endPayload(pagesSent: stats.normalPages + stats.zeroPages, sourceRunning: running))
+        let queued = DowntimeModel.sendQueueBytes(socket.fd.rawValue)
         // Two-phase switch-over: the destination loads everything and says READY; only then
         // is it told GO. Until GO the source can still take the VM back (cancel, timeout).
         phase = .handshake
@@ -1108,6 +1116,8 @@ public final class MigrationSource: @unchecked Sendable {
         stats.update {
             stats.downtimeMS = downtime
             stats.downtimeBreakdown = breakdown
+            stats.downtimeInputs.sendQueueAtEnd = queued
+            stats.downtimeInputs.caughtUpAtStop = caughtUpAtStop
             stats.remainingBytes = 0
             stats.totalTimeMS = Double(monotonicNanoseconds() - stats.startNS) / 1e6
         }
@@ -1138,8 +1148,13 @@ public final class MigrationSource: @unchecked Sendable {
         return Prediction(phases: phases, dirtyPages: dirtyCount, remainingBytes: remaining)
     }
 
+    /// The last wait before the stop for the destination to catch up.
+    private var catchUpNS: UInt64 = 0
+
     private func publish(_ p: Prediction) {
+        let inputs = downtimeModel.inputs(catchUpNS: catchUpNS, answersProbes: destinationAnswersProbes)
         stats.update {
+            stats.downtimeInputs = inputs
             stats.remainingBytes = p.remainingBytes
             stats.expectedDowntimeMS = UInt64(p.phases.totalMS.rounded())
             stats.expectedBreakdown = p.phases
