@@ -583,6 +583,17 @@ public final class VirtualMachineManager: QMPHandler, @unchecked Sendable {
         ])
     }
 
+    static func inputsJSON(_ i: DowntimeInputs) -> JSONValue {
+        func ms(_ v: Double) -> JSONValue { .number((v * 1000).rounded() / 1000) }
+        return .object([
+            ("ram-rate", .number(i.ramRate.rounded())), ("harvest", ms(i.harvestMS)),
+            ("device-rates", .array(i.deviceRates.map { $0.map { .number($0.rounded()) } ?? .null })),
+            ("device-round-trips", .array(i.deviceRoundTripMS.map(ms))), ("destination-backlog", ms(i.backlogMS)),
+            ("round-trip", i.roundTripMS.map(ms) ?? .null), ("catch-up", ms(i.catchUpMS)),
+            ("destination-answers-probes", .bool(i.destinationAnswersProbes)), ("caught-up-at-stop", .bool(i.caughtUpAtStop)), ("send-queue-at-end", .number(Double(i.sendQueueAtEnd))),
+        ])
+    }
+
     func queryMigrate() -> JSONValue {
         let s = lock.withLock { stats }
         return s.snapshot { st in
@@ -610,6 +621,8 @@ public final class VirtualMachineManager: QMPHandler, @unchecked Sendable {
             // and the prediction behind expected-downtime while it runs.
             if let b = st.downtimeBreakdown { o.append(("x-downtime-breakdown", Self.phasesJSON(b))) }
             if let b = st.expectedBreakdown { o.append(("x-expected-downtime-breakdown", Self.phasesJSON(b))) }
+            // The costs measured in this migration that the prediction is made of.
+            if st.expectedBreakdown != nil { o.append(("x-downtime-inputs", Self.inputsJSON(st.downtimeInputs))) }
             if let e = st.errorDescription { o.append(("error-desc", .string(e))) }
             if let r = liveUpdateReport, let j = try? JSONValue.parse(Array(r.json.utf8)[...]) { o.append(("x-vfio-live-cpr", j)) }
             return .object(o)

@@ -53,12 +53,14 @@ public final class ChannelSource: ByteSource {
 ///     destination → source  RDY  everything is loaded; waiting for GO (text empty)
 ///     source → destination  GO!  take the VM over: run it (text empty)
 ///     destination → source  ACK  resumed (a JSON summary), or ERR (the reason), at any time
+///     destination → source  PRG  everything before probe N is applied (pre-copy; text
+///                                {"x-probe":N}), the answer to a probe (see MigrationStream)
 ///
 /// Until GO the source owns the VM; after it, the destination. A stream of version 1 has no
 /// RDY/GO: the destination resumes and says ACK.
 enum Verdict {
     enum Kind: String, CustomStringConvertible {
-        case ack = "VLMIGACK", error = "VLMIGERR", ready = "VLMIGRDY", go = "VLMIGGO!"
+        case ack = "VLMIGACK", error = "VLMIGERR", ready = "VLMIGRDY", go = "VLMIGGO!", progress = "VLMIGPRG"
         var description: String { String(rawValue.suffix(3)) }
     }
     struct Message { let kind: Kind; let text: String }

@@ -221,6 +221,22 @@ public final class MigrationDestination: MigrationSink, @unchecked Sendable {
         if last { multifdDone = true }
     }
 
+    /// False acts as a build from before probes (tests): keep-alives are ignored.
+    var answersProbes = true
+    /// Called before probe N is answered (tests: a destination that is behind).
+    var beforeProbeAnswerForTesting: ((UInt64) -> Void)?
+
+    /// A probe: everything before it is applied (RAM in guest memory, device data written;
+    /// with multifd the SYNC before it waited for every channel). The source times the answer
+    /// to know how far behind this side is, and switches over only once it caught up.
+    public func probe(_ number: UInt64) throws {
+        guard answersProbes else { return }
+        beforeProbeAnswerForTesting?(number)
+        do { try Verdict.send(socket, .progress, "{\"x-probe\":\(number)}") } catch {
+            throw MigrationError.channel("answering the source's probe \(number): \(error)")
+        }
+    }
+
     /// Wait (bounded) for the stream's first byte without consuming it.
     private func awaitFirstByte() throws {
         let ms = peerTimeoutMS == 0 ? Int32(-1) : Int32(clamping: peerTimeoutMS)

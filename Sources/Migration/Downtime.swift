@@ -84,8 +84,37 @@ struct DowntimeModel {
     /// Per device: pre-copy bytes per second, and the round trip of a MIG_DATA_SIZE query.
     var deviceRate: [Double?] = []
     var deviceRoundTripNS: [UInt64] = []
+    /// How long the destination took to apply what was queued for it when the last answered
+    /// probe went out (its answer's delay): what a stop at that moment would have waited for.
+    var backlogNS: UInt64 = 0
 
+    /// The delay of a probe's answer with nothing queued before it: one round trip to the
+    /// destination's stream reader and back, as END→READY and GO→ACK each take (nil before
+    /// one was timed; then the kernel's TCP round trip stands in).
+    var probeRoundTripNS: UInt64?
+
+    mutating func noteBacklog(ns: UInt64) { backlogNS = ns }
+    mutating func noteRoundTrip(ns: UInt64) { probeRoundTripNS = ns }
+
+    /// The link's rate per RAM section of the current pass (one channel): how fast the socket
+    /// took each section of at least 1 MiB.
+    var sectionRates: [Double] = []
+
+    mutating func noteRAMSection(bytes: UInt64, ns: UInt64) {
+        guard bytes >= 1 << 20, ns > 0 else { return }
+        sectionRates.append(Double(bytes) / (Double(ns) / 1e9))
+    }
+
+    /// The end of a pass: `bytes` in `ns` (pacing taken out). With enough sections timed, the
+    /// rate is their median: the pass's own rate also counts scanning clean and zero pages,
+    /// and the destination's clearing of zero runs slowing its reads, neither of which a
+    /// stop-copy of dirty data pages to a caught-up destination pays.
     mutating func noteRAM(bytes: UInt64, ns: UInt64) {
+        defer { sectionRates.removeAll(keepingCapacity: true) }
+        if sectionRates.count >= 3 {
+            ramRate = sectionRates.sorted()[sectionRates.count / 2]
+            return
+        }
         guard bytes >= 1 << 20, ns > 0 else { return }
         ramRate = Double(bytes) / (Double(ns) / 1e9)
     }
@@ -101,6 +130,28 @@ struct DowntimeModel {
         deviceRoundTripNS[i] = ns
     }
 
+    /// What query-migrate shows of the model.
+    func inputs(catchUpNS: UInt64, answersProbes: Bool) -> DowntimeInputs {
+        var i = DowntimeInputs()
+        i.ramRate = ramRate ?? 0
+        i.harvestMS = Double(harvestNS) / 1e6
+        i.deviceRates = deviceRate
+        i.deviceRoundTripMS = deviceRoundTripNS.map { Double($0) / 1e6 }
+        i.backlogMS = Double(backlogNS) / 1e6
+        i.roundTripMS = probeRoundTripNS.map { Double($0) / 1e6 }
+        i.catchUpMS = Double(catchUpNS) / 1e6
+        i.destinationAnswersProbes = answersProbes
+        return i
+    }
+
+    /// Bytes in a socket's send queue not yet acknowledged by the peer (SIOCOUTQ, which is
+    /// TIOCOUTQ's number), 0 if the ioctl fails.
+    static func sendQueueBytes(_ fd: Int32) -> UInt64 {
+        var n: Int32 = 0
+        guard ioctl(fd, UInt(TIOCOUTQ), &n) == 0, n > 0 else { return 0 }
+        return UInt64(n)
+    }
+
     /// The connection's smoothed round trip as the kernel measured it (TCP), 0 for UNIX
     /// sockets (a local hop).
     static func connectionRoundTripNS(_ fd: Int32) -> UInt64 {
@@ -114,7 +165,8 @@ struct DowntimeModel {
 
     /// The prediction for switching over now with `dirtyPages` left and each device's
     /// MIG_DATA_SIZE, `vcpus` vCPUs; `rttNS` the connection's round trip.
-    func predict(dirtyPages: UInt64, deviceSizes: [UInt64?], vcpuStateBytes: Int, rttNS: UInt64, fallbackRate: Double) -> DowntimePhases {
+    func predict(dirtyPages: UInt64, deviceSizes: [UInt64?], vcpuStateBytes: Int, rttNS: UInt64, fallbackRate: Double,
+                 backlogNS: UInt64 = 0) -> DowntimePhases {
         var p = DowntimePhases()
         let rate = max(ramRate ?? fallbackRate, 1e6)
         func ms(_ ns: UInt64) -> Double { Double(ns) / 1e6 }
@@ -135,7 +187,7 @@ struct DowntimeModel {
         let deviceRTT = rtts.reduce(0) { $0 + ms($1) }
         p.destinationLoad = deviceRTT
         p.resume = 8 * deviceRTT + 0.1
-        p.handshake = 2 * ms(rttNS)
+        p.handshake = 2 * ms(probeRoundTripNS ?? rttNS) + ms(backlogNS)
         return p
     }
 }

@@ -295,13 +295,15 @@ public final class MigrationSource: @unchecked Sendable {
         if corruptNextSectionForTesting { corruptNextSectionForTesting = false; sum ^= 1 }
         var t = BEWriter(); t.u64(sum)
         let head = MigrationStream.sectionHeader(type, id: id, length: length), tail = t.bytes
+        let s0 = monotonicNanoseconds()
         do {
             try head.withUnsafeBytes { hb in try tail.withUnsafeBytes { tb in try sendAll([hb] + pieces + [tb]) } }
+            if type == .ram && phase == .preCopy { downtimeModel.noteRAMSection(bytes: UInt64(length), ns: monotonicNanoseconds() - s0) }
         } catch {
             // The destination usually closed because it found something wrong: say what.
             let timedOut = (error as? Errno) == .EAGAIN
             if !timedOut, !isCancelled, (try? Poll.waitReadable(socket.fd, timeoutMilliseconds: 1000)) == true,
-               let v = Verdict.receive(socket), v.kind == .error {
+               let v = receiveSkippingProgress(), v.kind == .error {
                 throw MigrationError.destination(v.text)
             }
             throw channelError(error, "sending \(type) section \(id)")
@@ -338,12 +340,75 @@ public final class MigrationSource: @unchecked Sendable {
         }
     }
 
-    /// The destination reports a failure as soon as it has one: check without blocking.
+    /// The destination reports a failure as soon as it has one: check without blocking. A
+    /// probe's answer (PRG) is noted and the check goes on.
     private func checkDestination() throws {
-        guard (try? Poll.waitReadable(socket.fd, timeoutMilliseconds: 0)) == true else { return }
-        try checkCancelled()
-        if let v = Verdict.receive(socket), v.kind == .error { throw MigrationError.destination(v.text) }
-        throw MigrationError.channel("the destination closed the connection")
+        while (try? Poll.waitReadable(socket.fd, timeoutMilliseconds: 0)) == true {
+            try checkCancelled()
+            guard let v = Verdict.receive(socket) else { throw MigrationError.channel("the destination closed the connection") }
+            if v.kind == .progress { noteProgress(v.text); continue }
+            if v.kind == .error { throw MigrationError.destination(v.text) }
+            throw MigrationError.channel("the destination sent \(v.kind) before the end of the stream")
+        }
+    }
+
+    /// The next message that is not a probe's answer (those are noted), or nil.
+    private func receiveSkippingProgress() -> Verdict.Message? {
+        while let v = Verdict.receive(socket) {
+            guard v.kind == .progress else { return v }
+            noteProgress(v.text)
+        }
+        return nil
+    }
+
+    // MARK: probes (see MigrationStream's SYNC)
+
+    /// The last probe sent, when it went, and the last one the destination answered.
+    private var probeNumber: UInt64 = 0, probeSentNS: UInt64 = 0, probeAnswered: UInt64 = 0
+    /// Whether this destination answers probes at all (an older build does not).
+    private var destinationAnswersProbes = false
+
+    /// The delay of the last probe's answer.
+    private var probeLagNS: UInt64 = 0
+    /// The probe out is an idle one (nothing queued before it): its delay is a round trip, not
+    /// a backlog.
+    private var idleProbe = false
+
+    private func noteProgress(_ text: String) {
+        guard let n = DestinationTimes.value("x-probe", in: text), n <= probeNumber, n > probeAnswered else { return }
+        probeAnswered = n
+        destinationAnswersProbes = true
+        guard n == probeNumber else { return }
+        probeLagNS = monotonicNanoseconds() - probeSentNS
+        if idleProbe { downtimeModel.noteRoundTrip(ns: probeLagNS) } else { downtimeModel.noteBacklog(ns: probeLagNS) }
+    }
+
+    /// A probe after everything sent so far (on the main channel; with multifd after the
+    /// pass's SYNC, which the destination answers only once every channel reached it).
+    private func sendProbe(idle: Bool = false) throws {
+        probeNumber += 1
+        idleProbe = idle
+        // Before the send: its answer can come back (and be read by send's own check) at once.
+        probeSentNS = monotonicNanoseconds()
+        try send(.sync, MigrationStream.probePayload(probeNumber))
+    }
+
+    /// Wait until the destination answered the last probe: it has applied everything sent
+    /// before it. The VM runs meanwhile, and its writes are sampled into the next pass.
+    /// Returns false when no answer came within `timeoutMS` (or a stop asked for the
+    /// switch-over now).
+    private func awaitProbe(timeoutMS: UInt64) throws -> Bool {
+        let deadline = monotonicNanoseconds() + timeoutMS * 1_000_000
+        while probeAnswered < probeNumber {
+            try checkCancelled()
+            if switchoverRequested { return false }
+            let now = monotonicNanoseconds()
+            guard now < deadline else { return false }
+            let ms = Int32(clamping: min((deadline - now) / 1_000_000 + 1, 5))
+            if (try? Poll.waitReadable(socket.fd, timeoutMilliseconds: ms)) == true { try checkDestination() }
+            try sampleDirty()
+        }
+        return true
     }
 
     /// Pages the vCPUs dirtied since the last look, OR'ed into the next iteration's bitmap.
@@ -590,7 +655,7 @@ public final class MigrationSource: @unchecked Sendable {
     /// main channel), or the channel's error.
     private func multifdFailed(_ e: Error) -> Error {
         if isCancelled { return MigrationError.cancelled }
-        if (try? Poll.waitReadable(socket.fd, timeoutMilliseconds: 1000)) == true, let v = Verdict.receive(socket), v.kind == .error {
+        if (try? Poll.waitReadable(socket.fd, timeoutMilliseconds: 1000)) == true, let v = receiveSkippingProgress(), v.kind == .error {
             return MigrationError.destination(v.text)
         }
         return e
@@ -873,6 +938,9 @@ public final class MigrationSource: @unchecked Sendable {
             w.u64(MigrationStream.VFIOTag.setupState.rawValue); w.u64(MigrationStream.VFIOTag.endOfState.rawValue)
             try send(.device, w.bytes)
         }
+        // A first probe now, with little queued before it: its answer, long before the first
+        // switch-over decision, tells whether this destination answers probes at all.
+        try sendProbe()
         stats.update { stats.setupNS = monotonicNanoseconds() - stats.startNS }
         stats.set(.active)
         phase = .preCopy
@@ -912,6 +980,8 @@ public final class MigrationSource: @unchecked Sendable {
                 }
             }
             try syncPass(last: false)
+            // Everything of this pass is out: the probe's answer says when it is applied.
+            try sendProbe()
             try sampleDirty(force: true)
             let h0 = monotonicNanoseconds()
             dirty = try harvest()
@@ -920,41 +990,58 @@ public final class MigrationSource: @unchecked Sendable {
             let now = monotonicNanoseconds()
             let dt = max(now - t0, 1)
             let bytes = stats.transferredBytes - b0
-            let dirtyCount = UInt64(dirty.setBitCount)
-            var deviceSizes: [UInt64?] = []
-            for (i, d) in devices.enumerated() {
-                let r0 = monotonicNanoseconds()
-                deviceSizes.append(d.migration.stopCopySize())
-                downtimeModel.noteRoundTrip(i, ns: monotonicNanoseconds() - r0)
-            }
-            let remaining = dirtyCount * 4096 + deviceSizes.reduce(UInt64(0)) { $0 + ($1 ?? (1 << 20)) }
             // Bandwidth of this iteration (a floor of 1 MB/s keeps the estimate finite).
             let bw = max(Double(bytes) / (Double(dt) / 1e9), 1e6)
-            // Everything inside the stop, from costs measured in this migration (DowntimeModel).
-            let prediction = downtimeModel.predict(dirtyPages: dirtyCount, deviceSizes: deviceSizes, vcpuStateBytes: vm.vcpuCount * 1024,
-                                                   rttNS: DowntimeModel.connectionRoundTripNS(socket.fd.rawValue), fallbackRate: bw)
-            let expected = prediction.totalMS
+            // Everything inside the stop, from costs measured in this migration (DowntimeModel);
+            // the destination is still applying this pass (its probe is unanswered), which a
+            // stop now would wait for: the backlog the last probe took to drain.
+            var prediction = predictSwitchover(dirty, fallbackRate: bw, caughtUp: false)
             // The dirty rate over the last iteration(s), at least 250 ms of them.
             let window = now - windowStartNS
             let rate: UInt64? = window >= 250_000_000 || stats.iterations == 0 ? UInt64(Double(dirtiedInWindow) / (Double(max(window, 1)) / 1e9)) : nil
             if rate != nil { windowStartNS = now; dirtiedInWindow = 0 }
             stats.update {
                 stats.iterations += 1
-                stats.remainingBytes = remaining
                 stats.bandwidth = bw
-                stats.expectedDowntimeMS = UInt64(expected.rounded())
-                stats.expectedBreakdown = prediction
                 if let r = rate { stats.dirtyPagesRate = r }
             }
-            Log.debug("migration", "iteration \(stats.iterations): \(pass.sent) pages, \(dirtyCount) dirtied meanwhile, expected downtime \(Int(expected)) ms, dirty rate \(stats.dirtyPagesRate) pages/s")
+            publish(prediction)
+            Log.debug("migration", "iteration \(stats.iterations): \(pass.sent) pages, \(prediction.dirtyPages) dirtied meanwhile, expected downtime \(Int(prediction.phases.totalMS)) ms, dirty rate \(stats.dirtyPagesRate) pages/s")
             // Switch over only when the whole predicted stop fits the limit.
-            let limit = downtimeLimitMS
-            if expected <= Double(limit) { break }
-            if stats.iterations >= parameters.maxIterations {
-                stats.update { stats.forcedSwitchover = true }
-                Log.warning("migration", "not converging after \(stats.iterations) iterations (expected downtime \(Int(expected)) ms > \(limit) ms): switching over anyway")
-                break
+            let limit = Double(downtimeLimitMS)
+            let forced = prediction.phases.totalMS > limit && stats.iterations >= parameters.maxIterations
+            if prediction.phases.totalMS > limit && !forced { continue }
+            // Before the stop, the destination catches up with what it has not applied yet (the
+            // VM runs meanwhile): a stop now would wait for it inside the downtime. Then the
+            // prediction again, with what was dirtied during the wait.
+            let bound = min(parameters.peerTimeoutMS == 0 ? 5000 : parameters.peerTimeoutMS, 2000)
+            let w0 = monotonicNanoseconds()
+            let caughtUp = try awaitProbe(timeoutMS: bound)
+            catchUpNS = monotonicNanoseconds() - w0
+            for k in dirty.indices { dirty[k] |= pendingDirty[k]; pendingDirty[k] = 0 }
+            if caughtUp {
+                // Once more with nothing queued: the answer's delay is the bare round trip that
+                // each of the switch-over's two exchanges (END→READY, GO→ACK) takes.
+                try sendProbe(idle: true)
+                _ = try awaitProbe(timeoutMS: bound)
+                for k in dirty.indices { dirty[k] |= pendingDirty[k]; pendingDirty[k] = 0 }
+                prediction = predictSwitchover(dirty, fallbackRate: bw, caughtUp: true)
+                publish(prediction)
+                if prediction.phases.totalMS > limit && !forced {
+                    Log.debug("migration", "the destination caught up, but what was dirtied meanwhile does not fit: one more pass")
+                    continue
+                }
+            } else if !switchoverRequested && destinationAnswersProbes && !forced {
+                Log.debug("migration", "the destination is more than \(bound) ms behind: one more pass")
+                continue
+            } else if !switchoverRequested && !destinationAnswersProbes {
+                Log.info("migration", "the destination does not answer probes (an older build): switching over without knowing its backlog")
             }
+            if forced {
+                stats.update { stats.forcedSwitchover = true }
+                Log.warning("migration", "not converging after \(stats.iterations) iterations (expected downtime \(Int(prediction.phases.totalMS)) ms > \(Int(limit)) ms): switching over anyway")
+            }
+            break
         }
         // Stop-and-copy.
         try checkCancelled()
@@ -965,6 +1052,7 @@ public final class MigrationSource: @unchecked Sendable {
         }
         stats.set(.device)
         throttler.set(percent: 0)  // first: the throttle thread must not resume after our pause
+        let caughtUpAtStop = destinationAnswersProbes && probeAnswered == probeNumber
         // Each phase of the downtime is timed from one boundary to the next, so that the
         // breakdown sums to the downtime.
         var clock = DowntimeClock()
@@ -977,7 +1065,8 @@ public final class MigrationSource: @unchecked Sendable {
         if let i = errors.firstIndex(where: { $0 != nil }) { throw MigrationError.device(i, "\(errors[i]!)") }
         clock.mark(\.pause)
         let final = try harvest(final: true)
-        for k in dirty.indices { dirty[k] |= final[k] }
+        // With what was sampled since the last pass (nothing, normally: merged before the stop).
+        for k in dirty.indices { dirty[k] |= final[k] | (k < pendingDirty.count ? pendingDirty[k] : 0) }
         try sendPages(dirty)
         clock.mark(\.ramRemainder)
         if multifd != nil {
@@ -997,6 +1086,7 @@ public final class MigrationSource: @unchecked Sendable {
         // migration, or stopped during it, stays paused (QEMU's global run state).
         let running = devices.allSatisfy { $0.initialState == .running } && !switchoverRequested && !vmWasPausedAtStart
         try send(.end, MigrationStream.endPayload(pagesSent: stats.normalPages + stats.zeroPages, sourceRunning: running))
+        let queued = DowntimeModel.sendQueueBytes(socket.fd.rawValue)
         // Two-phase switch-over: the destination loads everything and says READY; only then
         // is it told GO. Until GO the source can still take the VM back (cancel, timeout).
         phase = .handshake
@@ -1043,6 +1133,8 @@ public final class MigrationSource: @unchecked Sendable {
         stats.update {
             stats.downtimeMS = downtime
             stats.downtimeBreakdown = breakdown
+            stats.downtimeInputs.sendQueueAtEnd = queued
+            stats.downtimeInputs.caughtUpAtStop = caughtUpAtStop
             stats.remainingBytes = 0
             stats.totalTimeMS = Double(monotonicNanoseconds() - stats.startNS) / 1e6
         }
@@ -1051,6 +1143,39 @@ public final class MigrationSource: @unchecked Sendable {
         onCompleted?()
         stats.set(.completed)
         if stats.forcedSwitchover { Log.warning("migration", stats.summary) } else { Log.info("migration", stats.summary) }
+    }
+
+    /// A prediction with what it was made from.
+    struct Prediction { var phases: DowntimePhases; var dirtyPages: UInt64; var remainingBytes: UInt64 }
+
+    /// The downtime of a switch-over now with `dirty` left (see DowntimeModel.predict). Each
+    /// device's stop-copy size is asked now (its round trip timed for the model).
+    private func predictSwitchover(_ dirty: [UInt64], fallbackRate: Double, caughtUp: Bool) -> Prediction {
+        let dirtyCount = UInt64(dirty.setBitCount)
+        var deviceSizes: [UInt64?] = []
+        for (i, d) in devices.enumerated() {
+            let r0 = monotonicNanoseconds()
+            deviceSizes.append(d.migration.stopCopySize())
+            downtimeModel.noteRoundTrip(i, ns: monotonicNanoseconds() - r0)
+        }
+        let remaining = dirtyCount * 4096 + deviceSizes.reduce(UInt64(0)) { $0 + ($1 ?? (1 << 20)) }
+        let phases = downtimeModel.predict(dirtyPages: dirtyCount, deviceSizes: deviceSizes, vcpuStateBytes: vm.vcpuCount * 1024,
+                                           rttNS: DowntimeModel.connectionRoundTripNS(socket.fd.rawValue), fallbackRate: fallbackRate,
+                                           backlogNS: caughtUp ? 0 : downtimeModel.backlogNS)
+        return Prediction(phases: phases, dirtyPages: dirtyCount, remainingBytes: remaining)
+    }
+
+    /// The last wait before the stop for the destination to catch up.
+    private var catchUpNS: UInt64 = 0
+
+    private func publish(_ p: Prediction) {
+        let inputs = downtimeModel.inputs(catchUpNS: catchUpNS, answersProbes: destinationAnswersProbes)
+        stats.update {
+            stats.downtimeInputs = inputs
+            stats.remainingBytes = p.remainingBytes
+            stats.expectedDowntimeMS = UInt64(p.phases.totalMS.rounded())
+            stats.expectedBreakdown = p.phases
+        }
     }
 
     /// Whether the VM was paused (by someone else) when the migration began.
@@ -1062,7 +1187,14 @@ public final class MigrationSource: @unchecked Sendable {
 
     /// One verdict from the destination, bounded by the peer timeout and by cancel.
     private func receiveVerdict(_ what: String) throws -> Verdict.Message {
-        do { return try Verdict.read(socket) } catch { throw channelError(error, what, receiving: true) }
+        do {
+            while true {
+                let v = try Verdict.read(socket)
+                // A probe's late answer (one that came after the wait for it gave up).
+                if v.kind == .progress { noteProgress(v.text); continue }
+                return v
+            }
+        } catch { throw channelError(error, what, receiving: true) }
     }
 
     /// After GO without confirmation: no rollback, the VM stays paused (see `.unconfirmed`).

@@ -36,6 +36,8 @@ public final class MigrationStats: @unchecked Sendable {
     public internal(set) var downtimeBreakdown: DowntimePhases?
     /// The prediction behind `expectedDowntimeMS`, phase by phase (updated each iteration).
     public internal(set) var expectedBreakdown: DowntimePhases?
+    /// The costs measured in this migration that the prediction is made of.
+    public internal(set) var downtimeInputs = DowntimeInputs()
     /// After a failure: where the guest is ("the VM runs on at the source", or why it stays paused).
     public internal(set) var sourceOutcome = "the VM runs on at the source"
     /// Called on every status change (the MIGRATION event).
@@ -101,6 +103,36 @@ public struct DowntimePhases: Sendable, Equatable {
     public var destinationReported = false
     public init() {}
     public var totalMS: Double { pause + ramRemainder + devices.reduce(0, +) + vcpuState + destinationLoad + handshake + resume }
+}
+
+/// The costs measured in this migration that the downtime prediction is made of.
+public struct DowntimeInputs: Sendable, Equatable {
+    /// RAM bytes per second the socket took in pre-copy (median per section, unpaced).
+    public var ramRate = 0.0
+    /// The last dirty-log harvest (the stop does one more).
+    public var harvestMS = 0.0
+    /// Per device: pre-copy read rate (bytes/s, nil before one was measured) and the round
+    /// trip of its stop-copy size query (ms).
+    public var deviceRates: [Double?] = []
+    public var deviceRoundTripMS: [Double] = []
+    /// The last probe's answer delay: how long the destination took to apply what was queued
+    /// for it at the end of a pass.
+    public var backlogMS = 0.0
+    /// An idle probe's answer delay: each of the switch-over's two exchanges takes one.
+    public var roundTripMS: Double?
+    /// The wait before the stop for the destination to catch up (the VM ran meanwhile).
+    public var catchUpMS = 0.0
+    /// Whether the destination answers probes (an older build does not: then its backlog is
+    /// unknown, and the stop may wait for it).
+    public var destinationAnswersProbes = false
+    /// Whether the destination had applied everything sent before the stop (its last probe
+    /// answered): false for an older destination, a forced switch-over to one that lags, or a
+    /// stop requested by the user.
+    public var caughtUpAtStop = false
+    /// Bytes still in the source's socket send queue (SIOCOUTQ) when END went out: what the
+    /// destination had yet to read at the end of the stop-copy.
+    public var sendQueueAtEnd: UInt64 = 0
+    public init() {}
 }
 
 /// A migration's parameters and capabilities (migrate-set-parameters / -capabilities).

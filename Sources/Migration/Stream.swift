@@ -22,7 +22,12 @@ import VFIO
 ///             at switch-over: the destination resumes; else it stays paused, as QEMU's
 ///             global run state) and 0 u32
 ///     MULTIFD channels u32, 0 u32, nonce u64 (multifd only, right after CONFIG)
-///     SYNC    pass u64, flags u32 (1 = last), 0 u32: the end of a pass (main and every channel)
+///     SYNC    pass u64, flags u32 (1 = last), 0 u32: the end of a pass (main and every channel);
+///             flags 2 on the main channel: a keep-alive, no barrier. A keep-alive whose pass
+///             has bit 63 set is a probe (`probeBit`): once everything before it is applied,
+///             this build's destination answers PRG with the rest of the pass, the probe's
+///             number, on the back channel. Older destinations ignore keep-alives, and no
+///             older source sets the bit, so either side may be older.
 ///     LIVE_UPDATE  (cpr-transfer / cpr-exec only; no RAM or DEVICE sections then: guest RAM
 ///             and the devices are handed over as descriptors) vCPUs paused at u64 (CLOCK_MONOTONIC
 ///             ns, the same clock in both processes), devices u32, devices × MSIs counted u64
@@ -38,6 +43,12 @@ public enum MigrationStream {
     /// Bounds the destination enforces before it reads a payload.
     public static let maxRuns = 65536
     public static let maxSectionLength: UInt64 = 64 << 20
+    /// A keep-alive SYNC's pass with this bit is a probe (see SYNC above).
+    public static let probeBit: UInt64 = 1 << 63
+    /// SYNC flags 2 (a keep-alive) with pass `probeBit | number`.
+    public static func probePayload(_ number: UInt64) -> [UInt8] {
+        var w = BEWriter(); w.u64(probeBit | number); w.u32(2); w.u32(0); return w.bytes
+    }
 
     public enum SectionType: UInt8, CustomStringConvertible {
         case config = 1, ram = 2, device = 3, vcpus = 4, end = 5, liveUpdate = 6, multifd = 7, sync = 8
@@ -148,6 +159,9 @@ public protocol MigrationSink: AnyObject {
     func multifd(channels: UInt32, nonce: UInt64) throws
     /// The end of pass `sequence` (SYNC), on the main channel or a multifd channel.
     func sync(sequence: UInt64, last: Bool) throws
+    /// A probe on the main channel (a keep-alive SYNC with `probeBit`): every section before
+    /// it has been applied.
+    func probe(_ number: UInt64) throws
 }
 
 extension MigrationSink {
@@ -161,6 +175,7 @@ extension MigrationSink {
     public func sync(sequence: UInt64, last: Bool) throws {
         throw StreamError.malformed(.sync, id: 0, "a SYNC section without multifd")
     }
+    public func probe(_ number: UInt64) throws {}
 }
 
 /// vCPU state as it travels (Machine's VCPUState, without depending on Machine).
@@ -203,12 +218,7 @@ public final class MigrationStreamDecoder {
     /// A multifd channel's sections (RAM, DEVICE, SYNC) until its last SYNC.
     func runChannel() throws {
         while true {
-            let start = offset
-            let h = try read(MigrationStream.sectionHeaderSize)
-            guard let type = MigrationStream.SectionType(rawValue: h[0]) else { throw StreamError.unknownSection(h[0], offset: start) }
-            let id = Self.be32(h[4...]), length = Self.be64(h[8...])
-            guard length <= MigrationStream.maxSectionLength else { throw StreamError.sectionTooLarge(type, length) }
-            sectionsRead += 1
+            let (type, id, length, start) = try readSectionHeader()
             switch type {
             case .ram:
                 let sum = try decodeRAM(id: id, length: length)
@@ -228,6 +238,19 @@ public final class MigrationStreamDecoder {
                 throw StreamError.malformed(type, id: id, "a \(type) section on a multifd channel (only RAM, DEVICE and SYNC travel there)")
             }
         }
+    }
+
+    /// One section header, checked before anything of its payload is read: a known type, and a
+    /// length within `maxSectionLength` (the main stream and every multifd channel alike).
+    /// `start` is the header's stream offset, which errors name.
+    private func readSectionHeader() throws -> (type: MigrationStream.SectionType, id: UInt32, length: UInt64, start: UInt64) {
+        let start = offset
+        let h = try read(MigrationStream.sectionHeaderSize)
+        guard let type = MigrationStream.SectionType(rawValue: h[0]) else { throw StreamError.unknownSection(h[0], offset: start) }
+        let id = Self.be32(h[4...]), length = Self.be64(h[8...])
+        guard length <= MigrationStream.maxSectionLength else { throw StreamError.sectionTooLarge(type, length) }
+        sectionsRead += 1
+        return (type, id, length, start)
     }
 
     private func read(_ n: Int) throws -> [UInt8] {
@@ -268,13 +291,8 @@ public final class MigrationStreamDecoder {
         try readHeader()
         var sawConfig = false
         while true {
-            let start = offset
-            let h = try read(MigrationStream.sectionHeaderSize)
-            guard let type = MigrationStream.SectionType(rawValue: h[0]) else { throw StreamError.unknownSection(h[0], offset: start) }
-            let id = Self.be32(h[4...]), length = Self.be64(h[8...])
-            guard length <= MigrationStream.maxSectionLength else { throw StreamError.sectionTooLarge(type, length) }
+            let (type, id, length, start) = try readSectionHeader()
             if type != .config && !sawConfig { throw StreamError.malformed(type, id: id, "the stream must start with CONFIG") }
-            sectionsRead += 1
             var sum = Checksum.seed
             if flags & MigrationStream.flagLiveUpdate != 0, type == .ram || type == .device {
                 throw StreamError.malformed(type, id: id, "a live-update stream carries no \(type) sections (guest RAM and devices are handed over)")
@@ -414,7 +432,7 @@ public final class MigrationStreamDecoder {
         case .sync:
             // Flag 2: a keep-alive of a silent main channel (no barrier).
             guard let seq = r.u64(), let f = r.u32(), r.u32() == 0, r.remaining == 0, f & ~3 == 0 else { throw bad("not 16 bytes of pass and flags") }
-            if f & 2 == 0 { try sink.sync(sequence: seq, last: f & 1 != 0) }
+            if f & 2 == 0 { try sink.sync(sequence: seq, last: f & 1 != 0) } else if seq & MigrationStream.probeBit != 0 { try sink.probe(seq & ~MigrationStream.probeBit) }
         case .liveUpdate:
             guard let at = r.u64(), let n = r.u32(), n == devices else { throw bad("truncated, or its device count differs from CONFIG's") }
             var irqs: [UInt64] = []
