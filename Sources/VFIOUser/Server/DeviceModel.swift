@@ -85,6 +85,13 @@ public protocol MigratableDevice: AnyObject {
     func readMigrationData(into buffer: UnsafeMutableRawBufferPointer) throws -> Int
     /// Consume bytes of the resuming stream (any segmentation).
     func writeMigrationData(_ data: UnsafeRawBufferPointer) throws
+    /// Consume the next `count` bytes of the resuming stream, which `read` receives (each call
+    /// fills the whole buffer it is given, or throws: the connection is lost) into buffers of
+    /// the device's choosing. The server's MIG_DATA_WRITE hot path: a device that points `read`
+    /// at the state's final place saves the copy out of a message buffer. A device that
+    /// refuses the data throws `DeviceError` (the server drains what it did not read). The
+    /// default receives into a buffer and calls `writeMigrationData(_:)`.
+    func writeMigrationData(count: Int, from read: (UnsafeMutableRawBufferPointer) throws -> Void) throws
     /// Estimated STOP_COPY bytes (MIG_DATA_SIZE).
     func stopCopySize() -> UInt64
     /// PRE_COPY estimates (initial bytes still unread, dirty bytes known).
@@ -92,6 +99,14 @@ public protocol MigratableDevice: AnyObject {
 }
 
 extension MigratableDevice {
+    public func writeMigrationData(count: Int, from read: (UnsafeMutableRawBufferPointer) throws -> Void) throws {
+        guard count > 0 else { return try writeMigrationData(UnsafeRawBufferPointer(start: nil, count: 0)) }
+        let b = UnsafeMutableRawBufferPointer.allocate(byteCount: count, alignment: 64)
+        defer { b.deallocate() }
+        try read(b)
+        try writeMigrationData(UnsafeRawBufferPointer(b))
+    }
+
     public func readMigrationData(into buffer: UnsafeMutableRawBufferPointer) throws -> Int {
         let data = try readMigrationData(max: buffer.count)
         guard data.count <= buffer.count else { throw DeviceError(.EIO, "device returned \(data.count) bytes for a \(buffer.count)-byte read") }

@@ -56,6 +56,16 @@ public final class MigrationEndpoint: @unchecked Sendable {
         }
     }
 
+    /// MIG_DATA_WRITE received by the device straight from the socket (see
+    /// `MigratableDevice.writeMigrationData(count:from:)`). Refused before a byte is read when
+    /// the state is wrong.
+    public func write(count: Int, from read: (UnsafeMutableRawBufferPointer) throws -> Void) throws {
+        try lock.withLock {
+            guard state == .resuming else { throw DeviceError(.EINVAL, "MIG_DATA_WRITE in state \(state) (only RESUMING)") }
+            try device.writeMigrationData(count: count, from: read)
+        }
+    }
+
     public func write(_ data: UnsafeRawBufferPointer) throws {
         try lock.withLock {
             guard state == .resuming else { throw DeviceError(.EINVAL, "MIG_DATA_WRITE in state \(state) (only RESUMING)") }
