@@ -400,6 +400,53 @@ extension DMAEngine: MigratableDevice {
         return filled
     }
 
+    /// In STOP_COPY (memory stable: the engine is quiesced and BAR writes are refused) each
+    /// whole chunk record is its 28-byte header in `scratch` and the chunk in device memory,
+    /// checksummed where it lies: the socket's copy is the only one. While the device runs,
+    /// a chunk written during the send would not match its checksum: nil, the copying path.
+    public func readMigrationDataPieces(scratch o: UnsafeMutableRawBufferPointer) throws -> [UnsafeRawBufferPointer]? {
+        guard let s = lock.mutex.withLock({ save }) else {
+            throw DeviceError(.EINVAL, "no data session (device is not saving)")
+        }
+        guard !lock.mutex.withLock({ runAllowed }) else { return nil }  // STOP_COPY: quiesce() has returned
+        let max = o.count
+        let hs = DMAEngineStateFormat.headerSize
+        var pieces: [UnsafeRawBufferPointer] = []
+        var filled = 0, used = 0  // bytes of the reply; bytes of scratch
+        func fromScratch(_ n: Int) {
+            if let last = pieces.last, last.baseAddress == UnsafeRawPointer(o.baseAddress! + used - last.count) {
+                pieces[pieces.count - 1] = UnsafeRawBufferPointer(start: last.baseAddress, count: last.count + n)
+            } else {
+                pieces.append(UnsafeRawBufferPointer(start: o.baseAddress! + used, count: n))
+            }
+            used += n
+            filled += n
+        }
+        while filled < max {
+            if s.outboxPos < s.outbox.count {
+                let n = min(max - filled, s.outbox.count - s.outboxPos)
+                _ = s.outbox.withUnsafeBytes { memcpy(o.baseAddress! + used, $0.baseAddress! + s.outboxPos, n) }
+                s.outboxPos += n
+                fromScratch(n)
+                continue
+            }
+            if max - filled >= Self.chunkRecordSize, let c = nextChunk(s) {
+                let p = o.baseAddress! + used
+                let data = UnsafeRawBufferPointer(start: memory.base + c * Self.chunkSize, count: Self.chunkSize)
+                p.storeBytes(of: UInt64(c * Self.chunkSize).littleEndian, toByteOffset: hs, as: UInt64.self)
+                let sum = DMAEngineStateFormat.chunkChecksum(offsetBytes: UnsafeRawBufferPointer(start: p + hs, count: 8), data: data)
+                DMAEngineStateFormat.writeHeader(.chunk, length: 8 + Self.chunkSize, checksum: sum, into: p)
+                fromScratch(hs + 8)
+                pieces.append(data)
+                filled += Self.chunkSize
+                continue
+            }
+            guard let rec = nextRecord(s, stopped: true) else { break }
+            s.outbox = rec; s.outboxPos = 0
+        }
+        return pieces
+    }
+
     public func writeMigrationData(_ data: UnsafeRawBufferPointer) throws {
         var at = 0
         try writeMigrationData(count: data.count) { b in

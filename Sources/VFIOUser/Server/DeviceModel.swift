@@ -83,6 +83,11 @@ public protocol MigratableDevice: AnyObject {
     /// MIG_DATA_READ reply is sent from that buffer, so a device that fills it in place moves
     /// its state with a single copy. The default goes through `readMigrationData(max:)`.
     func readMigrationData(into buffer: UnsafeMutableRawBufferPointer) throws -> Int
+    /// The same bytes as `readMigrationData(into:)`, as pieces to send in one sendmsg: parts of
+    /// `scratch` and, where the device's state is stable (stopped), its memory itself, so the
+    /// data is not copied before the socket does. The pieces stay valid until the next call
+    /// into the device. nil: not offered now (the server uses `readMigrationData(into:)`).
+    func readMigrationDataPieces(scratch: UnsafeMutableRawBufferPointer) throws -> [UnsafeRawBufferPointer]?
     /// Consume bytes of the resuming stream (any segmentation).
     func writeMigrationData(_ data: UnsafeRawBufferPointer) throws
     /// Consume the next `count` bytes of the resuming stream, which `read` receives (each call
@@ -99,6 +104,8 @@ public protocol MigratableDevice: AnyObject {
 }
 
 extension MigratableDevice {
+    public func readMigrationDataPieces(scratch: UnsafeMutableRawBufferPointer) throws -> [UnsafeRawBufferPointer]? { nil }
+
     public func writeMigrationData(count: Int, from read: (UnsafeMutableRawBufferPointer) throws -> Void) throws {
         guard count > 0 else { return try writeMigrationData(UnsafeRawBufferPointer(start: nil, count: 0)) }
         let b = UnsafeMutableRawBufferPointer.allocate(byteCount: count, alignment: 64)

@@ -540,14 +540,19 @@ public final class VFIOUserServer: @unchecked Sendable {
     private func replyMigrationData(_ h: MessageHeader, size: UInt32, _ s: Session) throws {
         guard let mig = migration else { throw DeviceError(.EINVAL, "device does not support migration") }
         let buffer = s.migrationBuffer(Int(min(UInt64(size), s.client.maxDataXferSize)))
-        let n = try mig.read(into: buffer)
+        // A stopped device's memory goes to the socket as it is (gathered); otherwise the device
+        // builds the data in the buffer.
+        let pieces: [UnsafeRawBufferPointer]
+        if let p = try mig.readPieces(scratch: buffer) { pieces = p } else {
+            pieces = [UnsafeRawBufferPointer(rebasing: buffer[0..<(try mig.read(into: buffer))])]
+        }
         guard h.wantsReply else { return }
+        let n = pieces.reduce(0) { $0 + $1.count }
         var w = WireWriter(capacity: 8)
         w.u32(UInt32(8 + n)); w.u32(UInt32(n))
         let head = w.bytes
         try head.withUnsafeBytes { hp in
-            try s.conn.send(id: h.messageID, command: h.command, flags: MessageHeader.typeReply,
-                            payload: [hp, UnsafeRawBufferPointer(rebasing: buffer[0..<n])])
+            try s.conn.send(id: h.messageID, command: h.command, flags: MessageHeader.typeReply, payload: [hp] + pieces)
         }
     }
 
