@@ -270,6 +270,7 @@ public final class DMAEngine: VFIOUserDeviceModel, @unchecked Sendable {
             regs = Registers()
             runAllowed = true
             save = nil
+            load?.abandon()  // a load into device memory is undone: its zeros come back
             load = nil
             lock.broadcast()
         }

@@ -17,7 +17,9 @@ import VFIOUser
 /// seen a complete, consistent image.
 public enum DMAEngineStateFormat {
     public static let magic: UInt32 = 0x4541_4d44  // "DMAE"
-    public static let version: UInt16 = 1  // record checksums: VFIO.Checksum
+    /// 2: a chunk record's checksum is `chunkChecksum` (offset, then data: the data can be
+    /// received straight into place and checked there). Other records: VFIO.Checksum of the payload.
+    public static let version: UInt16 = 2
     public static let headerSize = 20
     public static let maxPayload = DMAEngine.chunkSize + 8
     public enum RecordType: UInt16 { case header = 0, chunk = 1, registers = 2, end = 3 }
@@ -31,12 +33,20 @@ public enum DMAEngineStateFormat {
         return out
     }
 
+    static func chunkChecksum(offsetBytes: UnsafeRawBufferPointer, data: UnsafeRawBufferPointer) -> UInt64 {
+        Checksum.update(Checksum.of(offsetBytes), data)
+    }
+
     static func writeHeader(_ type: RecordType, payload: UnsafeRawBufferPointer, into p: UnsafeMutableRawPointer) {
+        writeHeader(type, length: payload.count, checksum: Checksum.of(payload), into: p)
+    }
+
+    static func writeHeader(_ type: RecordType, length: Int, checksum: UInt64, into p: UnsafeMutableRawPointer) {
         p.storeBytes(of: magic.littleEndian, toByteOffset: 0, as: UInt32.self)
         p.storeBytes(of: version.littleEndian, toByteOffset: 4, as: UInt16.self)
         p.storeBytes(of: type.rawValue.littleEndian, toByteOffset: 6, as: UInt16.self)
-        p.storeBytes(of: UInt32(payload.count).littleEndian, toByteOffset: 8, as: UInt32.self)
-        p.storeBytes(of: Checksum.of(payload).littleEndian, toByteOffset: 12, as: UInt64.self)
+        p.storeBytes(of: UInt32(length).littleEndian, toByteOffset: 8, as: UInt32.self)
+        p.storeBytes(of: checksum.littleEndian, toByteOffset: 12, as: UInt64.self)
     }
     static func record(_ type: RecordType, _ payload: [UInt8]) -> [UInt8] {
         payload.withUnsafeBytes { record(type, $0) }
@@ -45,7 +55,7 @@ public enum DMAEngineStateFormat {
 
 /// Why a resume was refused. The device is unchanged in every case.
 public enum DMAEngineStateError: Error, CustomStringConvertible {
-    case badMagic(UInt32), badVersion(UInt16), badType(UInt16), badLength(UInt32)
+    case badMagic(UInt32), badVersion(UInt16), badType(UInt16), badLength(UInt32), badChunkLength(UInt32)
     case checksumMismatch(type: UInt16, expected: UInt64, actual: UInt64)
     case headerMissing, sizeMismatch(sent: UInt64, ours: UInt64), chunkOutOfRange(UInt64)
     case dataAfterEnd, incomplete(String)
@@ -56,6 +66,7 @@ public enum DMAEngineStateError: Error, CustomStringConvertible {
         case let .badVersion(v): return "state format version \(v) is not supported (this build reads version \(DMAEngineStateFormat.version))"
         case let .badType(t): return "unknown record type \(t)"
         case let .badLength(l): return "record length \(l) exceeds the \(DMAEngineStateFormat.maxPayload)-byte limit"
+        case let .badChunkLength(l): return "memory chunk record of \(l) bytes (a chunk record is \(8 + DMAEngine.chunkSize))"
         case let .checksumMismatch(t, e, a): return "record type \(t) is corrupt: checksum 0x\(String(a, radix: 16)), expected 0x\(String(e, radix: 16))"
         case .headerMissing: return "state does not start with a header record"
         case let .sizeMismatch(s, o): return "state is from a device with \(s) bytes of memory; this one has \(o) (start it with --state-size \(s))"
@@ -79,17 +90,143 @@ final class SaveSession {
     var initialRemaining: Int { chunkCount - nextInitialChunk }
 }
 
-/// The resuming side: staged, validated, applied only at RESUMING→STOP.
+/// The resuming side: a parser fed piece by piece, which says where the next bytes go (`target`)
+/// so that a chunk's data is received straight into place. Every record is checked when it is
+/// whole. Memory chunks land in device memory itself when it held only zeros at STOP→RESUMING
+/// (a fresh destination: a failed load zeroes what it wrote, which gives back the exact prior
+/// state), in a staging copy applied at RESUMING→STOP otherwise. Registers are applied only at
+/// RESUMING→STOP.
 final class LoadSession {
-    var pending: [UInt8] = []
+    enum Phase { case head, chunkData, body }
     var sawHeader = false
     var sawEnd = false
     var registers: (DMAEngine.Registers, [UInt8])?
-    let staging: MappedRegion
+    let staging: MappedRegion?
+    let base: UnsafeMutableRawPointer
+    let memorySize: UInt64
     var received: [Bool]
-    init(memorySize: UInt64, chunkCount: Int) throws {
-        staging = try MappedRegion(anonymous: Int(memorySize), populate: true)
+    /// Chunks written into device memory (direct mode): what a failed load must zero.
+    var touched: [Bool]
+    // The parser.
+    var phase = Phase.head
+    /// A record header, and for a chunk its offset: 28 bytes at most.
+    var head = [UInt8](repeating: 0, count: DMAEngineStateFormat.headerSize + 8)
+    var headHave = 0
+    var type = DMAEngineStateFormat.RecordType.end
+    var length = 0
+    var sum: UInt64 = 0
+    var body: [UInt8] = []
+    var chunkOffset = 0
+    var chunkHave = 0
+
+    init(memory: MappedRegion, memorySize: UInt64, chunkCount: Int, direct: Bool) throws {
+        self.memorySize = memorySize
+        if direct {
+            staging = nil
+            base = memory.base
+        } else {
+            let s = try MappedRegion(anonymous: Int(memorySize), populate: true)
+            staging = s
+            base = s.base
+        }
         received = [Bool](repeating: false, count: chunkCount)
+        touched = [Bool](repeating: false, count: direct ? chunkCount : 0)
+    }
+
+    var direct: Bool { staging == nil }
+    /// Bytes of partial record held (a stream that ends here is incomplete).
+    var partialBytes: Int { phase == .head ? headHave : 1 }
+
+    /// Where the next at most `max` bytes of the stream go.
+    func target(max: Int) -> UnsafeMutableRawBufferPointer {
+        let hs = DMAEngineStateFormat.headerSize
+        switch phase {
+        case .head:
+            // The offset of a chunk is read with its header; any other record's payload is
+            // longer than 8 bytes except the end record's, which is the last.
+            let want = (headHave < hs ? hs : hs + 8) - headHave
+            return head.withUnsafeMutableBytes { UnsafeMutableRawBufferPointer(rebasing: $0[headHave..<headHave + Swift.min(want, max)]) }
+        case .chunkData:
+            let n = Swift.min(DMAEngine.chunkSize - chunkHave, max)
+            return UnsafeMutableRawBufferPointer(start: base + chunkOffset + chunkHave, count: n)
+        case .body:
+            let have = body.count
+            let n = Swift.min(length - have, max)
+            body.append(contentsOf: repeatElement(0, count: n))
+            return body.withUnsafeMutableBytes { UnsafeMutableRawBufferPointer(rebasing: $0[have..<have + n]) }
+        }
+    }
+
+    /// `n` bytes arrived in the last `target`; check and stage whatever became whole.
+    func consume(_ n: Int, apply: (DMAEngineStateFormat.RecordType, UnsafeRawBufferPointer) throws -> Void) throws {
+        let hs = DMAEngineStateFormat.headerSize
+        switch phase {
+        case .head:
+            headHave += n
+            if headHave == hs {
+                let (t, len, s) = try head.withUnsafeBytes { try Self.parseHeader($0.baseAddress!) }
+                type = t; length = len; sum = s
+                guard t == .chunk else {
+                    body = []
+                    body.reserveCapacity(len)
+                    phase = .body
+                    if len == 0 { try finishBody(apply) }
+                    return
+                }
+                guard len == 8 + DMAEngine.chunkSize else { throw DMAEngineStateError.badChunkLength(UInt32(len)) }
+                guard !sawEnd else { throw DMAEngineStateError.dataAfterEnd }
+                guard sawHeader else { throw DMAEngineStateError.headerMissing }
+            }
+            guard headHave == hs + 8 else { return }
+            let off = head.withUnsafeBytes { UInt64(littleEndian: $0.loadUnaligned(fromByteOffset: hs, as: UInt64.self)) }
+            guard off % UInt64(DMAEngine.chunkSize) == 0, off < memorySize else { throw DMAEngineStateError.chunkOutOfRange(off) }
+            chunkOffset = Int(off)
+            chunkHave = 0
+            if direct { touched[chunkOffset / DMAEngine.chunkSize] = true }
+            phase = .chunkData
+        case .chunkData:
+            chunkHave += n
+            guard chunkHave == DMAEngine.chunkSize else { return }
+            let data = UnsafeRawBufferPointer(start: base + chunkOffset, count: DMAEngine.chunkSize)
+            let actual = head.withUnsafeBytes { DMAEngineStateFormat.chunkChecksum(offsetBytes: UnsafeRawBufferPointer(rebasing: $0[hs..<hs + 8]), data: data) }
+            guard actual == sum else { throw DMAEngineStateError.checksumMismatch(type: type.rawValue, expected: sum, actual: actual) }
+            received[chunkOffset / DMAEngine.chunkSize] = true
+            headHave = 0
+            phase = .head
+        case .body:
+            if body.count == length { try finishBody(apply) }
+        }
+    }
+
+    private func finishBody(_ apply: (DMAEngineStateFormat.RecordType, UnsafeRawBufferPointer) throws -> Void) throws {
+        try body.withUnsafeBytes { b in
+            let actual = Checksum.of(b)
+            guard actual == sum else { throw DMAEngineStateError.checksumMismatch(type: type.rawValue, expected: sum, actual: actual) }
+            try apply(type, b)
+        }
+        body = []
+        headHave = 0
+        phase = .head
+    }
+
+    static func parseHeader(_ p: UnsafeRawPointer) throws -> (DMAEngineStateFormat.RecordType, Int, UInt64) {
+        let magic = UInt32(littleEndian: p.loadUnaligned(as: UInt32.self))
+        let version = UInt16(littleEndian: p.loadUnaligned(fromByteOffset: 4, as: UInt16.self))
+        let type = UInt16(littleEndian: p.loadUnaligned(fromByteOffset: 6, as: UInt16.self))
+        let length = UInt32(littleEndian: p.loadUnaligned(fromByteOffset: 8, as: UInt32.self))
+        let sum = UInt64(littleEndian: p.loadUnaligned(fromByteOffset: 12, as: UInt64.self))
+        guard magic == DMAEngineStateFormat.magic else { throw DMAEngineStateError.badMagic(magic) }
+        guard version == DMAEngineStateFormat.version else { throw DMAEngineStateError.badVersion(version) }
+        guard let rt = DMAEngineStateFormat.RecordType(rawValue: type) else { throw DMAEngineStateError.badType(type) }
+        guard length <= UInt32(DMAEngineStateFormat.maxPayload) else { throw DMAEngineStateError.badLength(length) }
+        return (rt, Int(length), sum)
+    }
+
+    /// A load that will not complete: device memory gets back the zeros it held (direct mode).
+    func abandon() {
+        guard direct else { return }
+        for (c, t) in touched.enumerated() where t { memset(base + c * DMAEngine.chunkSize, 0, DMAEngine.chunkSize) }
+        touched = touched.map { _ in false }
     }
 }
 
@@ -118,7 +255,8 @@ extension DMAEngine: MigratableDevice {
         case (.stopCopy, .stop):
             lock.mutex.withLock { save = nil }
         case (.stop, .resuming):
-            let l = try LoadSession(memorySize: memorySize, chunkCount: chunkCount)
+            // Off the downtime path (a destination enters RESUMING before the source stops).
+            let l = try LoadSession(memory: memory, memorySize: memorySize, chunkCount: chunkCount, direct: memoryIsAllZero())
             lock.mutex.withLock { load = l }
         case (.resuming, .stop):
             try finishLoad()
@@ -177,7 +315,9 @@ extension DMAEngine: MigratableDevice {
         let q = p + DMAEngineStateFormat.headerSize
         q.storeBytes(of: UInt64(c * Self.chunkSize).littleEndian, as: UInt64.self)
         memcpy(q + 8, memory.base + c * Self.chunkSize, Self.chunkSize)
-        DMAEngineStateFormat.writeHeader(.chunk, payload: UnsafeRawBufferPointer(start: q, count: payload), into: p)
+        let sum = DMAEngineStateFormat.chunkChecksum(offsetBytes: UnsafeRawBufferPointer(start: q, count: 8),
+                                                     data: UnsafeRawBufferPointer(start: q + 8, count: Self.chunkSize))
+        DMAEngineStateFormat.writeHeader(.chunk, length: payload, checksum: sum, into: p)
     }
 
     /// The chunk the stream sends next, if the next record is a chunk: the initial chunks in
@@ -260,71 +400,93 @@ extension DMAEngine: MigratableDevice {
         return filled
     }
 
-    public func writeMigrationData(_ data: UnsafeRawBufferPointer) throws {
-        guard let l = lock.mutex.withLock({ load }) else { throw DeviceError(.EINVAL, "no resuming session") }
-        do {
-            if l.pending.isEmpty && !corruptNextWriteForTesting {
-                // The usual case: records are checked and staged straight from the message;
-                // only a record cut by the message boundary waits in `pending`.
-                let at = try consumeRecords(data, l)
-                if at < data.count { l.pending.append(contentsOf: UnsafeRawBufferPointer(rebasing: data[at...])) }
-                return
-            }
-            l.pending.append(contentsOf: data)
-            if corruptNextWriteForTesting, !data.isEmpty {
-                corruptNextWriteForTesting = false
-                l.pending[l.pending.count - data.count / 2 - 1] ^= 0x40
-            }
-            let at = try l.pending.withUnsafeBytes { try consumeRecords($0, l) }
-            if at > 0 { l.pending.removeFirst(at) }
-        } catch let e as DMAEngineStateError {
-            // A corrupt stream poisons the session: nothing staged will ever be applied.
-            lock.mutex.withLock { load = nil }
-            l.pending = []
-            throw DeviceError(.EINVAL, "dma-engine state rejected: \(e)")
+    /// In STOP_COPY (memory stable: the engine is quiesced and BAR writes are refused) each
+    /// whole chunk record is its 28-byte header in `scratch` and the chunk in device memory,
+    /// checksummed where it lies: the socket's copy is the only one. While the device runs,
+    /// a chunk written during the send would not match its checksum: nil, the copying path.
+    public func readMigrationDataPieces(scratch o: UnsafeMutableRawBufferPointer) throws -> [UnsafeRawBufferPointer]? {
+        guard let s = lock.mutex.withLock({ save }) else {
+            throw DeviceError(.EINVAL, "no data session (device is not saving)")
         }
-    }
-
-    /// Check and stage every whole record at the front of `b`; returns the bytes consumed.
-    private func consumeRecords(_ b: UnsafeRawBufferPointer, _ l: LoadSession) throws -> Int {
-        var at = 0
+        guard !lock.mutex.withLock({ runAllowed }) else { return nil }  // STOP_COPY: quiesce() has returned
+        let max = o.count
         let hs = DMAEngineStateFormat.headerSize
-        while b.count - at >= hs {
-            let p = b.baseAddress! + at
-            let magic = UInt32(littleEndian: p.loadUnaligned(as: UInt32.self))
-            let version = UInt16(littleEndian: p.loadUnaligned(fromByteOffset: 4, as: UInt16.self))
-            let type = UInt16(littleEndian: p.loadUnaligned(fromByteOffset: 6, as: UInt16.self))
-            let length = UInt32(littleEndian: p.loadUnaligned(fromByteOffset: 8, as: UInt32.self))
-            let sum = UInt64(littleEndian: p.loadUnaligned(fromByteOffset: 12, as: UInt64.self))
-            guard magic == DMAEngineStateFormat.magic else { throw DMAEngineStateError.badMagic(magic) }
-            guard version == DMAEngineStateFormat.version else { throw DMAEngineStateError.badVersion(version) }
-            guard let rt = DMAEngineStateFormat.RecordType(rawValue: type) else { throw DMAEngineStateError.badType(type) }
-            guard length <= UInt32(DMAEngineStateFormat.maxPayload) else { throw DMAEngineStateError.badLength(length) }
-            let total = hs + Int(length)
-            guard b.count - at >= total else { break }  // wait for the rest
-            let payload = UnsafeRawBufferPointer(start: p + hs, count: Int(length))
-            let actual = Checksum.of(payload)
-            guard actual == sum else { throw DMAEngineStateError.checksumMismatch(type: type, expected: sum, actual: actual) }
-            try apply(rt, payload, to: l)
-            at += total
+        var pieces: [UnsafeRawBufferPointer] = []
+        var filled = 0, used = 0  // bytes of the reply; bytes of scratch
+        func fromScratch(_ n: Int) {
+            if let last = pieces.last, last.baseAddress == UnsafeRawPointer(o.baseAddress! + used - last.count) {
+                pieces[pieces.count - 1] = UnsafeRawBufferPointer(start: last.baseAddress, count: last.count + n)
+            } else {
+                pieces.append(UnsafeRawBufferPointer(start: o.baseAddress! + used, count: n))
+            }
+            used += n
+            filled += n
         }
-        return at
+        while filled < max {
+            if s.outboxPos < s.outbox.count {
+                let n = min(max - filled, s.outbox.count - s.outboxPos)
+                _ = s.outbox.withUnsafeBytes { memcpy(o.baseAddress! + used, $0.baseAddress! + s.outboxPos, n) }
+                s.outboxPos += n
+                fromScratch(n)
+                continue
+            }
+            if max - filled >= Self.chunkRecordSize, let c = nextChunk(s) {
+                let p = o.baseAddress! + used
+                let data = UnsafeRawBufferPointer(start: memory.base + c * Self.chunkSize, count: Self.chunkSize)
+                p.storeBytes(of: UInt64(c * Self.chunkSize).littleEndian, toByteOffset: hs, as: UInt64.self)
+                let sum = DMAEngineStateFormat.chunkChecksum(offsetBytes: UnsafeRawBufferPointer(start: p + hs, count: 8), data: data)
+                DMAEngineStateFormat.writeHeader(.chunk, length: 8 + Self.chunkSize, checksum: sum, into: p)
+                fromScratch(hs + 8)
+                pieces.append(data)
+                filled += Self.chunkSize
+                continue
+            }
+            guard let rec = nextRecord(s, stopped: true) else { break }
+            s.outbox = rec; s.outboxPos = 0
+        }
+        return pieces
     }
 
-    private func apply(_ t: DMAEngineStateFormat.RecordType, _ payload: UnsafeRawBufferPointer, to l: LoadSession) throws {
-        if t == .chunk {
-            // Straight from the message into staging (a chunk is 64 KiB + 8: no detour).
-            guard !l.sawEnd else { throw DMAEngineStateError.dataAfterEnd }
-            guard l.sawHeader else { throw DMAEngineStateError.headerMissing }
-            guard payload.count >= 8 else { throw DMAEngineStateError.chunkOutOfRange(0) }
-            let off = UInt64(littleEndian: payload.loadUnaligned(as: UInt64.self))
-            guard off % UInt64(Self.chunkSize) == 0, off < memorySize, payload.count - 8 == Self.chunkSize else {
-                throw DMAEngineStateError.chunkOutOfRange(off)
-            }
-            memcpy(l.staging.base + Int(off), payload.baseAddress! + 8, Self.chunkSize)
-            l.received[Int(off) / Self.chunkSize] = true
-            return
+    public func writeMigrationData(_ data: UnsafeRawBufferPointer) throws {
+        var at = 0
+        try writeMigrationData(count: data.count) { b in
+            memcpy(b.baseAddress!, data.baseAddress! + at, b.count)
+            at += b.count
         }
+    }
+
+    /// The resuming stream, `count` bytes that `read` delivers into the parser's targets: a
+    /// chunk's data goes straight to device memory (or staging) from the socket.
+    public func writeMigrationData(count: Int, from read: (UnsafeMutableRawBufferPointer) throws -> Void) throws {
+        guard let l = lock.mutex.withLock({ load }) else { throw DeviceError(.EINVAL, "no resuming session") }
+        // Fault injection: flip the byte the old whole-message path flipped (middle of the write).
+        var corruptAt: Int? = nil
+        if corruptNextWriteForTesting, count > 0 { corruptNextWriteForTesting = false; corruptAt = count - count / 2 - 1 }
+        var pos = 0
+        do {
+            while pos < count {
+                let b = l.target(max: count - pos)
+                try read(b)
+                if let c = corruptAt, c >= pos, c < pos + b.count { b[c - pos] ^= 0x40; corruptAt = nil }
+                pos += b.count
+                try l.consume(b.count) { t, p in try apply(t, p, to: l) }
+            }
+        } catch let e as DMAEngineStateError {
+            // A corrupt stream poisons the session: nothing of it will ever be applied.
+            l.abandon()
+            lock.mutex.withLock { if load === l { load = nil } }
+            throw DeviceError(.EINVAL, "dma-engine state rejected: \(e)")
+        } catch {
+            // The bytes stopped coming part-way (the connection is lost): the parser is out of
+            // step with the stream, so this session cannot go on.
+            l.abandon()
+            lock.mutex.withLock { if load === l { load = nil } }
+            throw error
+        }
+    }
+
+    /// Stage a whole non-chunk record.
+    private func apply(_ t: DMAEngineStateFormat.RecordType, _ payload: UnsafeRawBufferPointer, to l: LoadSession) throws {
         let p = Array(payload)[...]
         var r = WireReader(p, context: "record")
         guard !l.sawEnd else { throw DMAEngineStateError.dataAfterEnd }
@@ -335,7 +497,7 @@ extension DMAEngine: MigratableDevice {
             guard size == memorySize else { throw DMAEngineStateError.sizeMismatch(sent: size, ours: memorySize) }
             l.sawHeader = true
         case .chunk:
-            break  // staged above
+            preconditionFailure("chunk records are received in place by LoadSession")
         case .registers:
             var g = Registers()
             g.liveness = UInt32(truncatingIfNeeded: try r.u64()); g.factorial = UInt32(truncatingIfNeeded: try r.u64())
@@ -351,6 +513,20 @@ extension DMAEngine: MigratableDevice {
         }
     }
 
+    /// Device memory holds only zeros (a fresh device): a load may then go straight into it.
+    func memoryIsAllZero() -> Bool {
+        let words = Int(memorySize) / 8
+        let p = UnsafeRawPointer(memory.base).assumingMemoryBound(to: UInt64.self)
+        var i = 0
+        while i < words {
+            var acc: UInt64 = 0
+            let end = Swift.min(i + 8192, words)
+            while i < end { acc |= p[i] | p[i + 1] | p[i + 2] | p[i + 3]; i += 4 }
+            if acc != 0 { return false }
+        }
+        return true
+    }
+
     /// RESUMING→STOP: check the image is whole, then (and only then) load it.
     private func finishLoad() throws {
         guard let l = lock.mutex.withLock({ load }) else {
@@ -361,14 +537,15 @@ extension DMAEngine: MigratableDevice {
         else if !l.sawEnd { why = "the end record never arrived (stream truncated)" }
         else if l.registers == nil { why = "no registers record" }
         else if let missing = l.received.firstIndex(of: false) { why = "memory chunk \(missing) was never sent" }
-        else if !l.pending.isEmpty { why = "\(l.pending.count) bytes of a partial record left over" }
+        else if l.partialBytes > 0 { why = "a partial record left over" }
         if let why {
+            l.abandon()
             lock.mutex.withLock { load = nil }
             throw MigrationArcError.refused("dma-engine state rejected: \(DMAEngineStateError.incomplete(why))")
         }
         let (g, cfg) = l.registers!
         lock.mutex.withLock {
-            memcpy(memory.base, l.staging.base, Int(memorySize))
+            if let st = l.staging { memcpy(memory.base, st.base, Int(memorySize)) }
             regs = g
             config.restore(cfg)
             load = nil

@@ -45,34 +45,104 @@ extension VFIOUserClient {
         let depth = max(1, min(depth, 64))
         let buffer = UnsafeMutableRawBufferPointer.allocate(byteCount: n, alignment: 64)
         defer { buffer.deallocate() }
+        // The data of each reply goes on socket → pipe → socket (splice), never entering user
+        // space; where that is not available it is received into `buffer` and sent from there.
+        var forwarder = options.spliceRelay ? SpliceForwarder() : nil
+        defer { forwarder?.close() }
         return try callLock.withLock {
             try destination.callLock.withLock {
                 try checkUsable()
                 try destination.checkUsable()
                 var reads = ReplyPipe(), writes = ReplyPipe()
                 var moved: UInt64 = 0
+                // Payload bytes of the current reply not yet taken off the source's socket.
+                var unread = 0
                 do {
                     for _ in 0..<depth { reads.expected.append(try sendMigDataRead(size: n)) }
                     var issuing = true
                     while reads.outstanding > 0 {
-                        let got = try receiveMigDataReadReply(&reads, into: buffer)
+                        let (got, padding) = try receiveMigDataReadReplyHead(&reads, capacity: n)
+                        unread = got + padding
                         // A short reply ends the data: no new requests, but the ones in flight
                         // are still answered in order, and whatever they carry is stream data.
                         if got < n { issuing = false } else if issuing { reads.expected.append(try sendMigDataRead(size: n)) }
-                        guard got > 0 else { continue }
-                        try beforeWrite?()
-                        if writes.outstanding >= depth { try destination.receiveMigDataWriteReply(&writes) }
-                        writes.expected.append(try destination.sendMigDataWrite(UnsafeRawBufferPointer(rebasing: buffer[0..<got])))
-                        moved += UInt64(got)
+                        if got > 0 {
+                            try beforeWrite?()
+                            if writes.outstanding >= depth { try destination.receiveMigDataWriteReply(&writes) }
+                            if forwarder != nil {
+                                writes.expected.append(try destination.sendMigDataWriteHead(size: got))
+                                try forward(got, to: destination, via: &forwarder, buffer: buffer)
+                            } else {
+                                try receive(into: UnsafeMutableRawBufferPointer(rebasing: buffer[0..<got]), .migDataRead)
+                                writes.expected.append(try destination.sendMigDataWrite(UnsafeRawBufferPointer(rebasing: buffer[0..<got])))
+                            }
+                            unread -= got
+                            moved += UInt64(got)
+                        }
+                        if unread > 0 { try drain(unread, .migDataRead) }
+                        unread = 0
                     }
                     while writes.outstanding > 0 { try destination.receiveMigDataWriteReply(&writes) }
                 } catch {
+                    // A reply whose payload is still (partly) on the socket: read it off first.
+                    if unread > 0, broken == nil {
+                        do { try connection.drain(unread) } catch { _ = markBroken(.protocolViolation("MIG_DATA_READ reply cut short: \(transportError(error, .migDataRead))")) }
+                    }
                     drainAfterFailure(&reads)
                     destination.drainAfterFailure(&writes)
                     throw error
                 }
                 return moved
             }
+        }
+    }
+
+    /// Move `count` payload bytes from this connection's socket to the destination's, after
+    /// the MIG_DATA_WRITE header went out: spliced, or through `buffer` if splice is refused
+    /// (then `forwarder` is dropped and later messages take the plain path). Either socket
+    /// failing part-way leaves its stream in the middle of a message: both are marked broken.
+    private func forward(_ count: Int, to destination: VFIOUserClient, via forwarder: inout SpliceForwarder?,
+                         buffer: UnsafeMutableRawBufferPointer) throws {
+        var left = count
+        let deadline = replyDeadline()
+        do {
+            while left > 0 {
+                if let f = forwarder {
+                    try awaitReadable(.migDataRead, deadline: deadline)
+                    switch try f.move(from: connection.socket.fd.rawValue, to: destination.connection.socket.fd.rawValue, max: left) {
+                    case let .moved(k):
+                        left -= k
+                    case let .unsupported(sent, stranded):
+                        // Bytes already in the pipe go on by hand; the rest by the plain path.
+                        Log.debug("vfio-user", "splice relay refused by the kernel: receiving into a buffer instead")
+                        forwarder = nil
+                        defer { f.close() }
+                        left -= sent
+                        if stranded > 0 {
+                            let b = UnsafeMutableRawBufferPointer(rebasing: buffer[0..<stranded])
+                            try f.drainPipe(into: b)
+                            try destination.sendRaw(UnsafeRawBufferPointer(b))
+                            left -= stranded
+                        }
+                    }
+                    continue
+                }
+                let k = min(left, buffer.count)
+                let b = UnsafeMutableRawBufferPointer(rebasing: buffer[0..<k])
+                try receive(into: b, .migDataRead)
+                try destination.sendRaw(UnsafeRawBufferPointer(b))
+                left -= k
+            }
+        } catch {
+            var e = error
+            if let f = error as? SpliceForwarder.Failure {
+                e = f.atSource ? transportError(f.errno, .migDataRead) : destination.transportError(f.errno, .migDataWrite)
+            }
+            if broken == nil { _ = markBroken(.protocolViolation("MIG_DATA_READ data stopped part-way (\(count - left) of \(count) bytes relayed): \(e)")) }
+            if destination.broken == nil {
+                _ = destination.markBroken(.protocolViolation("MIG_DATA_WRITE cut part-way (\(count - left) of \(count) bytes sent): \(e)"))
+            }
+            throw e
         }
     }
 
@@ -91,36 +161,12 @@ extension VFIOUserClient {
         if let b = broken { throw b }
     }
 
-    private var seconds: Double { Double(options.timeoutMilliseconds) / 1000 }
-
-    private func sendFailed(_ e: Error, _ cmd: VFIOUserCommand) -> Error {
-        if let e = e as? Errno, e == .EPIPE || e == .ECONNRESET { return VFIOUserClientError.disconnected }
-        if let e = e as? Errno, e == .EAGAIN {
-            let t = VFIOUserClientError.timeout(command: cmd, seconds: seconds)
-            broken = t
-            return t
-        }
-        return e
-    }
-
-    private func receiveFailed(_ e: Error, _ cmd: VFIOUserCommand) -> Error {
-        if let e = e as? Errno, e == .ECONNRESET || e == .EPROTO { return VFIOUserClientError.disconnected }
-        if let e = e as? Errno, e == .EAGAIN {
-            // SO_RCVTIMEO: a message stopped half-way; the stream is out of step for good.
-            let t = VFIOUserClientError.timeout(command: cmd, seconds: seconds)
-            broken = t
-            return t
-        }
-        if let f = e as? FramingError { return VFIOUserClientError.protocolViolation("reply to \(cmd): \(f.reason)") }
-        return e
-    }
-
     private func sendMigDataRead(size n: Int) throws -> UInt16 {
         let id = connection.allocateID()
         var w = WireWriter(capacity: 8); w.u32(UInt32(8 + n)); w.u32(UInt32(n))
         do {
             try w.bytes.withUnsafeBytes { try connection.send(id: id, command: VFIOUserCommand.migDataRead.rawValue, flags: MessageHeader.typeCommand, payload: [$0]) }
-        } catch { throw sendFailed(error, .migDataRead) }
+        } catch { throw transportError(error, .migDataRead) }
         return id
     }
 
@@ -129,38 +175,38 @@ extension VFIOUserClient {
         var w = WireWriter(capacity: 8); w.u32(UInt32(8 + data.count)); w.u32(UInt32(data.count))
         do {
             try w.bytes.withUnsafeBytes { try connection.send(id: id, command: VFIOUserCommand.migDataWrite.rawValue, flags: MessageHeader.typeCommand, payload: [$0, data]) }
-        } catch { throw sendFailed(error, .migDataWrite) }
+        } catch { throw transportError(error, .migDataWrite) }
         return id
+    }
+
+    /// The MIG_DATA_WRITE header and `{argsz, size}`; the caller sends the `size` data bytes.
+    func sendMigDataWriteHead(size: Int) throws -> UInt16 {
+        let id = connection.allocateID()
+        var w = WireWriter(capacity: 8); w.u32(UInt32(8 + size)); w.u32(UInt32(size))
+        let header = MessageHeader(messageID: id, command: VFIOUserCommand.migDataWrite.rawValue,
+                                   messageSize: UInt32(MessageHeader.size + 8 + size), flags: MessageHeader.typeCommand, errorNumber: 0).bytes
+        do { try (header + w.bytes).withUnsafeBytes { try connection.socket.send([$0]) } } catch { throw transportError(error, .migDataWrite) }
+        return id
+    }
+
+    /// Bytes that continue a message already begun on the socket.
+    func sendRaw(_ data: UnsafeRawBufferPointer) throws {
+        do { try connection.socket.send([data]) } catch { throw transportError(error, .migDataWrite) }
     }
 
     /// The header of the next reply on the main socket, within the timeout (restarted by each
     /// server command served meanwhile) and the cancel descriptor. Its payload is not read yet.
     private func awaitReplyHeader(_ cmd: VFIOUserCommand) throws -> (MessageHeader, ReceivedFDs) {
-        var deadline = monotonicNanoseconds() + UInt64(options.timeoutMilliseconds) * 1_000_000
+        var deadline = replyDeadline()
         while true {
-            var watch = [connection.socket.fd.rawValue]
-            if let c = cancelFD { watch.append(c) }
-            let now = monotonicNanoseconds()
-            guard now < deadline else {
-                let t = VFIOUserClientError.timeout(command: cmd, seconds: seconds)
-                broken = t
-                throw t
-            }
-            let ms = Int32(min((deadline - now) / 1_000_000 + 1, 250))
-            switch try Poll.waitAnyReadable(watch, timeoutMilliseconds: ms) {
-            case nil: continue
-            case 1?:
-                broken = .cancelled(command: cmd)
-                throw VFIOUserClientError.cancelled(command: cmd)
-            default: break
-            }
+            try awaitReadable(cmd, deadline: deadline)
             let (h, got): (MessageHeader, ReceivedFDs)
-            do { (h, got) = try connection.receiveHeader() } catch { throw receiveFailed(error, cmd) }
+            do { (h, got) = try connection.receiveHeader() } catch { throw transportError(error, cmd) }
             if h.isCommand {
                 let m: Message
-                do { m = try connection.receiveBody(h, got) } catch { throw receiveFailed(error, cmd) }
+                do { m = try connection.receiveBody(h, got) } catch { throw transportError(error, cmd) }
                 serveServerCommand(m, on: connection)
-                deadline = monotonicNanoseconds() + UInt64(options.timeoutMilliseconds) * 1_000_000
+                deadline = replyDeadline()
                 continue
             }
             return (h, got)
@@ -173,7 +219,7 @@ extension VFIOUserClient {
         do { _ = try connection.receiveBody(h, got) } catch let f as FramingError {
             // Too large (already drained) or too many fds: in step, but a violation.
             throw VFIOUserClientError.protocolViolation("reply to \(cmd): \(f.reason)")
-        } catch { throw receiveFailed(error, cmd) }
+        } catch { throw transportError(error, cmd) }
     }
 
     /// Check the next reply is the one `pipe` expects; errors and violations consume it.
@@ -194,9 +240,7 @@ extension VFIOUserClient {
             throw VFIOUserClientError.remote(command: cmd, errno: Errno(e >= 1 && e <= 4096 ? Int32(e) : EINVAL))
         }
         guard h.messageSize >= UInt32(MessageHeader.size) else {
-            let v = VFIOUserClientError.protocolViolation("\(cmd) reply: message size \(h.messageSize) is smaller than the 16-byte header")
-            broken = v
-            throw v
+            throw markBroken(.protocolViolation("\(cmd) reply: message size \(h.messageSize) is smaller than the 16-byte header"))
         }
         return h
     }
@@ -204,37 +248,42 @@ extension VFIOUserClient {
     /// Drop `n` payload bytes; a server that stops part-way is a timeout (the stream is out of
     /// step for good), as in every other receive here.
     private func drain(_ n: Int, _ cmd: VFIOUserCommand) throws {
-        do { try connection.drain(n) } catch { throw receiveFailed(error, cmd) }
+        do { try connection.drain(n) } catch { throw transportError(error, cmd) }
     }
 
     private func receive(into b: UnsafeMutableRawBufferPointer, _ cmd: VFIOUserCommand) throws {
         guard b.count > 0 else { return }
-        do { _ = try connection.socket.receiveExactly(into: b, maxFDs: 0) } catch { throw receiveFailed(error, cmd) }
+        do { _ = try connection.socket.receiveExactly(into: b, maxFDs: 0) } catch { throw transportError(error, cmd) }
     }
 
-    /// The next MIG_DATA_READ reply, its data received into `buffer` (sized for the request).
-    /// libvfio-user pads the reply to the requested size: the data is `size` bytes, the rest
-    /// is dropped.
-    private func receiveMigDataReadReply(_ pipe: inout ReplyPipe, into buffer: UnsafeMutableRawBufferPointer) throws -> Int {
+    /// The next MIG_DATA_READ reply up to its data: header and `{argsz, size}` checked against
+    /// a read of `capacity` bytes before a byte of data is taken. Returns the data size and the
+    /// padding after it (libvfio-user pads the reply to the requested size), both still on the
+    /// socket. A reply that is refused is consumed whole.
+    private func receiveMigDataReadReplyHead(_ pipe: inout ReplyPipe, capacity: Int) throws -> (size: Int, padding: Int) {
         let cmd = VFIOUserCommand.migDataRead
         let h = try takeReplyHeader(&pipe, cmd)
         let payload = h.payloadSize
-        guard payload >= 8, payload <= 8 + buffer.count else {
+        guard payload >= 8, payload <= 8 + capacity else {
             try drain(payload, cmd)
-            throw VFIOUserClientError.protocolViolation("MIG_DATA_READ reply of \(payload) bytes for a \(buffer.count)-byte read (8 to \(8 + buffer.count) expected)")
+            throw VFIOUserClientError.protocolViolation("MIG_DATA_READ reply of \(payload) bytes for a \(capacity)-byte read (8 to \(8 + capacity) expected)")
         }
         var head = [UInt8](repeating: 0, count: 8)
         try head.withUnsafeMutableBytes { try receive(into: $0, cmd) }
         var r = WireReader(head, context: "MIG_DATA_READ reply")
         let argsz = try r.u32(), size = Int(try r.u32())
-        guard size <= buffer.count, size <= payload - 8, UInt64(argsz) >= 8 + UInt64(size) else {
+        guard size <= capacity, size <= payload - 8, UInt64(argsz) >= 8 + UInt64(size) else {
             try drain(payload - 8, cmd)
-            throw VFIOUserClientError.protocolViolation("MIG_DATA_READ returned size \(size) (argsz \(argsz)) in a \(payload)-byte reply to a \(buffer.count)-byte read")
+            throw VFIOUserClientError.protocolViolation("MIG_DATA_READ returned size \(size) (argsz \(argsz)) in a \(payload)-byte reply to a \(capacity)-byte read")
         }
-        try receive(into: UnsafeMutableRawBufferPointer(rebasing: buffer[0..<size]), cmd)
-        if payload - 8 - size > 0 {
-            do { try connection.drain(payload - 8 - size) } catch { throw receiveFailed(error, cmd) }
-        }
+        return (size, payload - 8 - size)
+    }
+
+    /// The next MIG_DATA_READ reply, its data received into `buffer` (sized for the request).
+    private func receiveMigDataReadReply(_ pipe: inout ReplyPipe, into buffer: UnsafeMutableRawBufferPointer) throws -> Int {
+        let (size, padding) = try receiveMigDataReadReplyHead(&pipe, capacity: buffer.count)
+        try receive(into: UnsafeMutableRawBufferPointer(rebasing: buffer[0..<size]), .migDataRead)
+        if padding > 0 { try drain(padding, .migDataRead) }
         return size
     }
 
@@ -245,7 +294,7 @@ extension VFIOUserClient {
             try drain(h.payloadSize, cmd)
             throw VFIOUserClientError.protocolViolation("MIG_DATA_WRITE reply of \(h.payloadSize) bytes")
         }
-        if h.payloadSize > 0 { do { try connection.drain(h.payloadSize) } catch { throw receiveFailed(error, cmd) } }
+        if h.payloadSize > 0 { try drain(h.payloadSize, cmd) }
     }
 
     /// After a failure part-way through a pipeline: read and drop the replies still owed, so

@@ -38,6 +38,18 @@ extension UnixSocket {
         }
     }
 
+    /// What a vfio-user stream may hold unread in the kernel: device state moves in messages of
+    /// up to max_data_xfer_size (1 MiB), and with the default (about 200 KiB) every such message
+    /// blocks its sender until the peer has read most of it, so the two ends of a pipelined
+    /// relay take turns instead of running at once. The kernel caps it at net.core.wmem_max.
+    public static let streamSendBuffer: Int32 = 4 << 20
+
+    /// SO_SNDBUF (best effort: a smaller cap only costs speed).
+    public func setSendBuffer(bytes: Int32 = UnixSocket.streamSendBuffer) {
+        var v = bytes
+        _ = setsockopt(fd.rawValue, SOL_SOCKET, SO_SNDBUF, &v, socklen_t(MemoryLayout<Int32>.size))
+    }
+
     /// sun_path holds 108 bytes including the terminating NUL.
     public static let maxPathBytes = 108
 }

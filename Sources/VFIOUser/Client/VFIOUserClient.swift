@@ -108,6 +108,9 @@ public final class VFIOUserClient: @unchecked Sendable {
     public struct Options: Sendable {
         public var offerTwinSocket = true
         public var maxMessageFDs: UInt64 = 8
+        /// Relay device state between two servers with splice(2) (the data never enters user
+        /// space); off, or refused by the kernel, it is received into a buffer and sent on.
+        public var spliceRelay = true
         public var maxDataXferSize: UInt64 = Capabilities.defaultMaxDataXferSize
         /// Send libvfio-user's `migration: {pgsize: 4096}` (it accepts the absence as well).
         public var offerMigrationCapability = false
@@ -169,6 +172,7 @@ public final class VFIOUserClient: @unchecked Sendable {
                                         maxMessageSize: Int(options.maxDataXferSize) + 64 * 1024 + 64 * 1024 * 1024)
         twinCancel = try EventFD(nonBlocking: true)
         try socket.setTimeouts(milliseconds: options.timeoutMilliseconds)
+        socket.setSendBuffer()
         try negotiate()
     }
 
@@ -268,46 +272,19 @@ public final class VFIOUserClient: @unchecked Sendable {
             if handedOver { throw VFIOUserClientError.handedOver }
             if let b = broken { throw b }
             let id = connection.allocateID()
-            let seconds = Double(options.timeoutMilliseconds) / 1000
-            func timedOut() -> VFIOUserClientError {
-                let e = VFIOUserClientError.timeout(command: cmd, seconds: seconds)
-                broken = e
-                return e
-            }
             do {
                 try connection.send(id: id, command: cmd.rawValue, flags: MessageHeader.typeCommand, payload: payload, fds: fds)
-            } catch let e as Errno where e == .EPIPE || e == .ECONNRESET {
-                throw VFIOUserClientError.disconnected
-            } catch let e as Errno where e == .EAGAIN {
-                throw timedOut()  // SO_SNDTIMEO: the server stopped reading
-            }
+            } catch { throw transportError(error, cmd) }
             // The bound is on the server's silence: each command it sends us meanwhile (DMA
             // served on the main socket) shows it is working and restarts it.
-            var deadline = monotonicNanoseconds() + UInt64(options.timeoutMilliseconds) * 1_000_000
+            var deadline = replyDeadline()
             while true {
-                var watch = [connection.socket.fd.rawValue]
-                if let c = cancelFD { watch.append(c) }
-                let now = monotonicNanoseconds()
-                guard now < deadline else { throw timedOut() }
-                let ms = Int32(min((deadline - now) / 1_000_000 + 1, 250))
-                switch try Poll.waitAnyReadable(watch, timeoutMilliseconds: ms) {
-                case nil: continue
-                case 1?:
-                    broken = .cancelled(command: cmd)
-                    throw VFIOUserClientError.cancelled(command: cmd)
-                default: break
-                }
+                try awaitReadable(cmd, deadline: deadline)
                 let m: Message
-                do { m = try connection.receive() } catch let e as Errno where e == .ECONNRESET || e == .EPROTO {
-                    throw VFIOUserClientError.disconnected
-                } catch let e as Errno where e == .EAGAIN {
-                    throw timedOut()  // SO_RCVTIMEO: a message stopped half-way
-                } catch let f as FramingError {
-                    throw VFIOUserClientError.protocolViolation("reply to \(cmd): \(f.reason)")
-                }
+                do { m = try connection.receive() } catch { throw transportError(error, cmd) }
                 if m.header.isCommand {
                     serveServerCommand(m, on: connection)
-                    deadline = monotonicNanoseconds() + UInt64(options.timeoutMilliseconds) * 1_000_000
+                    deadline = replyDeadline()
                     continue
                 }
                 guard m.header.messageID == id, m.header.command == cmd.rawValue else {
@@ -323,6 +300,48 @@ public final class VFIOUserClient: @unchecked Sendable {
                 return m
             }
         }
+    }
+
+    // MARK: waiting on the main socket (callLock held), shared by `call` and the migration pipeline
+
+    private var timeoutSeconds: Double { Double(options.timeoutMilliseconds) / 1000 }
+
+    /// When the server's silence turns into a timeout, counted from now.
+    func replyDeadline() -> UInt64 { monotonicNanoseconds() + UInt64(options.timeoutMilliseconds) * 1_000_000 }
+
+    /// Wait until the main socket is readable, in slices of at most 250 ms so that the cancel
+    /// descriptor is honoured, up to `deadline`. Both give-ups leave the connection broken: a
+    /// late reply would be taken for the next request's.
+    func awaitReadable(_ cmd: VFIOUserCommand, deadline: UInt64) throws {
+        while true {
+            var watch = [connection.socket.fd.rawValue]
+            if let c = cancelFD { watch.append(c) }
+            let now = monotonicNanoseconds()
+            guard now < deadline else { throw markBroken(.timeout(command: cmd, seconds: timeoutSeconds)) }
+            let ms = Int32(min((deadline - now) / 1_000_000 + 1, 250))
+            switch try Poll.waitAnyReadable(watch, timeoutMilliseconds: ms) {
+            case nil: continue
+            case 1?: throw markBroken(.cancelled(command: cmd))
+            default: return
+            }
+        }
+    }
+
+    func markBroken(_ e: VFIOUserClientError) -> VFIOUserClientError {
+        broken = e
+        return e
+    }
+
+    /// The one mapping of a send or receive failure on the main socket to what callers see.
+    /// EAGAIN is SO_SNDTIMEO / SO_RCVTIMEO firing part-way through a message (the server
+    /// stopped reading, or stopped sending mid-message): the stream is out of step for good.
+    func transportError(_ e: Error, _ cmd: VFIOUserCommand) -> Error {
+        if let e = e as? Errno {
+            if e == .EPIPE || e == .ECONNRESET || e == .EPROTO { return VFIOUserClientError.disconnected }
+            if e == .EAGAIN { return markBroken(.timeout(command: cmd, seconds: timeoutSeconds)) }
+        }
+        if let f = e as? FramingError { return VFIOUserClientError.protocolViolation("reply to \(cmd): \(f.reason)") }
+        return e
     }
 
     /// Serve DMA_READ / DMA_WRITE from the server against the memory we mapped.
@@ -759,6 +778,7 @@ public final class VFIOUserClient: @unchecked Sendable {
         cancelStorage = options.cancel
         twinCancel = try EventFD(nonBlocking: true)
         try socket.setTimeouts(milliseconds: options.timeoutMilliseconds)
+        socket.setSendBuffer()
         connection = VFIOUserConnection(socket: socket, maxReceiveFDs: Int(options.maxMessageFDs),
                                         maxMessageSize: Int(options.maxDataXferSize) + 64 * 1024 + 64 * 1024 * 1024)
         let v: VersionPayload

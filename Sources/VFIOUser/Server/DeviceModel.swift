@@ -83,8 +83,20 @@ public protocol MigratableDevice: AnyObject {
     /// MIG_DATA_READ reply is sent from that buffer, so a device that fills it in place moves
     /// its state with a single copy. The default goes through `readMigrationData(max:)`.
     func readMigrationData(into buffer: UnsafeMutableRawBufferPointer) throws -> Int
+    /// The same bytes as `readMigrationData(into:)`, as pieces to send in one sendmsg: parts of
+    /// `scratch` and, where the device's state is stable (stopped), its memory itself, so the
+    /// data is not copied before the socket does. The pieces stay valid until the next call
+    /// into the device. nil: not offered now (the server uses `readMigrationData(into:)`).
+    func readMigrationDataPieces(scratch: UnsafeMutableRawBufferPointer) throws -> [UnsafeRawBufferPointer]?
     /// Consume bytes of the resuming stream (any segmentation).
     func writeMigrationData(_ data: UnsafeRawBufferPointer) throws
+    /// Consume the next `count` bytes of the resuming stream, which `read` receives (each call
+    /// fills the whole buffer it is given, or throws: the connection is lost) into buffers of
+    /// the device's choosing. The server's MIG_DATA_WRITE hot path: a device that points `read`
+    /// at the state's final place saves the copy out of a message buffer. A device that
+    /// refuses the data throws `DeviceError` (the server drains what it did not read). The
+    /// default receives into a buffer and calls `writeMigrationData(_:)`.
+    func writeMigrationData(count: Int, from read: (UnsafeMutableRawBufferPointer) throws -> Void) throws
     /// Estimated STOP_COPY bytes (MIG_DATA_SIZE).
     func stopCopySize() -> UInt64
     /// PRE_COPY estimates (initial bytes still unread, dirty bytes known).
@@ -92,6 +104,16 @@ public protocol MigratableDevice: AnyObject {
 }
 
 extension MigratableDevice {
+    public func readMigrationDataPieces(scratch: UnsafeMutableRawBufferPointer) throws -> [UnsafeRawBufferPointer]? { nil }
+
+    public func writeMigrationData(count: Int, from read: (UnsafeMutableRawBufferPointer) throws -> Void) throws {
+        guard count > 0 else { return try writeMigrationData(UnsafeRawBufferPointer(start: nil, count: 0)) }
+        let b = UnsafeMutableRawBufferPointer.allocate(byteCount: count, alignment: 64)
+        defer { b.deallocate() }
+        try read(b)
+        try writeMigrationData(UnsafeRawBufferPointer(b))
+    }
+
     public func readMigrationData(into buffer: UnsafeMutableRawBufferPointer) throws -> Int {
         let data = try readMigrationData(max: buffer.count)
         guard data.count <= buffer.count else { throw DeviceError(.EIO, "device returned \(data.count) bytes for a \(buffer.count)-byte read") }

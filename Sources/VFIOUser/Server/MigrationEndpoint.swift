@@ -56,6 +56,29 @@ public final class MigrationEndpoint: @unchecked Sendable {
         }
     }
 
+    /// MIG_DATA_READ as pieces (see `MigratableDevice.readMigrationDataPieces`); nil when the
+    /// device fills a buffer instead.
+    public func readPieces(scratch: UnsafeMutableRawBufferPointer) throws -> [UnsafeRawBufferPointer]? {
+        try lock.withLock {
+            guard state.isSaving else { throw DeviceError(.EINVAL, "MIG_DATA_READ in state \(state) (only PRE_COPY or STOP_COPY)") }
+            guard let pieces = try device.readMigrationDataPieces(scratch: scratch) else { return nil }
+            guard pieces.reduce(0, { $0 + $1.count }) <= scratch.count else {
+                throw DeviceError(.EIO, "device returned more than the \(scratch.count) bytes asked for")
+            }
+            return pieces
+        }
+    }
+
+    /// MIG_DATA_WRITE received by the device straight from the socket (see
+    /// `MigratableDevice.writeMigrationData(count:from:)`). Refused before a byte is read when
+    /// the state is wrong.
+    public func write(count: Int, from read: (UnsafeMutableRawBufferPointer) throws -> Void) throws {
+        try lock.withLock {
+            guard state == .resuming else { throw DeviceError(.EINVAL, "MIG_DATA_WRITE in state \(state) (only RESUMING)") }
+            try device.writeMigrationData(count: count, from: read)
+        }
+    }
+
     public func write(_ data: UnsafeRawBufferPointer) throws {
         try lock.withLock {
             guard state == .resuming else { throw DeviceError(.EINVAL, "MIG_DATA_WRITE in state \(state) (only RESUMING)") }
