@@ -112,12 +112,14 @@ func memcpyBandwidth(size: Int, rounds: Int = 5) throws -> Double {
 }
 
 /// Raw AF_UNIX stream throughput in bytes/s: one thread sends `total` bytes in `chunk`-byte
-/// writes, another receives them into one buffer (best of `rounds`). Default socket buffers,
-/// as the vfio-user connections have.
+/// writes, another receives them into one buffer (best of `rounds`). The sender gets the same
+/// SO_SNDBUF as the vfio-user connections (`UnixSocket.streamSendBuffer`), so the reference
+/// has every advantage the device-state path has.
 func rawUnixThroughput(total: Int, chunk: Int = 1 << 20, rounds: Int = 3) throws -> Double {
     var best = 0.0
     for _ in 0..<rounds {
         let (a, b) = try UnixSocket.pair()
+        a.setSendBuffer(); b.setSendBuffer()
         let receiver = OSThread(name: "bench-unix-rx") {
             let buf = UnsafeMutableRawBufferPointer.allocate(byteCount: chunk, alignment: 64)
             defer { buf.deallocate() }
