@@ -9,33 +9,8 @@ import XCTest
 /// QMP under concurrency (issue 13, item 9): every client has its own bounded output queue; a
 /// client that pipelines and never reads is disconnected, never waited on; the others keep
 /// getting answers and events; one client's pipelined commands are answered in order.
-final class QMPConcurrencyTests: XCTestCase {
-    var server: InProcessServer!
-    var client: VFIOUserClient!
-    var vm: MicroVM!
-    var vmm: VirtualMachineManager!
-    var qmp: QMPServer!
-    var path: String!
-
-    override func setUpWithError() throws {
-        Log.level = .error
-        signal(SIGPIPE, SIG_IGN)
-        server = try InProcessServer(path: InProcessServer.temporaryPath("qmpc-dev"), stateSize: 1 << 20)
-        client = try VFIOUserClient(path: server.path)
-        var w = WorkloadConfig(); w.workingSet = 4 << 20
-        vm = try MicroVM(memorySize: 32 << 20, workload: w, devices: [client])
-        vmm = VirtualMachineManager(vm: vm, policies: [.auto], incoming: false)
-        path = InProcessServer.temporaryPath("qmpc")
-        qmp = try QMPServer(path: path, handler: vmm)
-        vmm.qmp = qmp
-        qmp.start()
-        vmm.boot()
-    }
-
-    override func tearDown() {
-        qmp?.stop(); vm?.stop(); client?.close(); server?.stop()
-        Log.level = .info
-    }
+final class QMPConcurrencyTests: QMPVMTestCase {
+    override class var socketPrefix: String { "qmpc" }
 
     /// A QMP connection that reads whole messages, with a bound on every wait.
     final class Peer {

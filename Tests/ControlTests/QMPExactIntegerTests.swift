@@ -9,32 +9,8 @@ import XCTest
 /// QMP integers are exact end to end, as QEMU's QNum: the handler used to get JSONValue's
 /// doubles, so 2^64-1 (QEMU's "unlimited" max-bandwidth) was refused, and 2^53+1 came back
 /// as 2^53. The raw reply text is checked, not a parsed double.
-final class QMPExactIntegerTests: XCTestCase {
-    var server: InProcessServer!
-    var client: VFIOUserClient!
-    var vm: MicroVM!
-    var vmm: VirtualMachineManager!
-    var qmp: QMPServer!
-    var path: String!
-
-    override func setUpWithError() throws {
-        Log.level = .error
-        server = try InProcessServer(path: InProcessServer.temporaryPath("qmpint-dev"), stateSize: 1 << 20)
-        client = try VFIOUserClient(path: server.path)
-        var w = WorkloadConfig(); w.workingSet = 4 << 20
-        vm = try MicroVM(memorySize: 32 << 20, workload: w, devices: [client])
-        vmm = VirtualMachineManager(vm: vm, policies: [.auto], incoming: false)
-        path = InProcessServer.temporaryPath("qmpint")
-        qmp = try QMPServer(path: path, handler: vmm)
-        vmm.qmp = qmp
-        qmp.start()
-        vmm.boot()
-    }
-
-    override func tearDown() {
-        qmp?.stop(); vm?.stop(); client?.close(); server?.stop()
-        Log.level = .info
-    }
+final class QMPExactIntegerTests: QMPVMTestCase {
+    override class var socketPrefix: String { "qmpint" }
 
     /// Lines of raw text from the QMP socket.
     final class Lines {

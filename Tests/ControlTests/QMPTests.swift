@@ -9,32 +9,8 @@ import VFIOUser
 import XCTest
 
 /// The QMP protocol over a real socket, and the VMM's run-state rules.
-final class QMPTests: XCTestCase {
-    var server: InProcessServer!
-    var client: VFIOUserClient!
-    var vm: MicroVM!
-    var vmm: VirtualMachineManager!
-    var qmp: QMPServer!
-    var path: String!
-
-    override func setUpWithError() throws {
-        Log.level = .error
-        server = try InProcessServer(path: InProcessServer.temporaryPath("qmp-dev"), stateSize: 1 << 20)
-        client = try VFIOUserClient(path: server.path)
-        var w = WorkloadConfig(); w.workingSet = 4 << 20
-        vm = try MicroVM(memorySize: 32 << 20, workload: w, devices: [client])
-        vmm = VirtualMachineManager(vm: vm, policies: [.auto], incoming: false)
-        path = InProcessServer.temporaryPath("qmp")
-        qmp = try QMPServer(path: path, handler: vmm)
-        vmm.qmp = qmp
-        qmp.start()
-        vmm.boot()
-    }
-
-    override func tearDown() {
-        qmp?.stop(); vm?.stop(); client?.close(); server?.stop()
-        Log.level = .info
-    }
+final class QMPTests: QMPVMTestCase {
+    override class var socketPrefix: String { "qmp" }
 
     /// A raw QMP peer: send text, read newline-terminated JSON messages.
     final class Peer {

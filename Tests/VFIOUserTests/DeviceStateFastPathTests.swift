@@ -141,50 +141,41 @@ final class DeviceStateFastPathTests: XCTestCase {
         }
     }
 
-    func testAReplyLargerThanAskedIsRefusedByTheRelayBeforeAnyDataMoves() throws {
-        let src = try ScriptedServer(tag: "big") { m, c in
+    /// A source server whose every MIG_DATA_READ reply is `size` bytes of data claiming
+    /// `claimedSize`, relayed to a real destination by 4096-byte reads: the relay must refuse it
+    /// with `expected`, leave both connections in step, and bring no data to the destination.
+    private func assertRelayRefusesReply(tag: String, size: Int, claimedSize: Int? = nil, expected: String,
+                                         file: StaticString = #filePath, line: UInt = #line) throws {
+        let src = try ScriptedServer(tag: tag) { m, c in
             if m.header.command == VFIOUserCommand.migDataRead.rawValue {
-                ScriptedServer.readReply(c, to: m.header, size: 8192)  // to a 4096-byte read
+                ScriptedServer.readReply(c, to: m.header, size: size, claimedSize: claimedSize)
             } else {
                 ScriptedServer.stateReply(c, to: m.header, .stopCopy)
             }
         }
         defer { src.close() }
-        let b = try RunningServer(stateSize: 1 << 20, name: "big-dst")
+        let b = try RunningServer(stateSize: 1 << 20, name: "\(tag)-dst")
         defer { b.stop() }
         let ca = try VFIOUserClient(path: src.path, options: options(maxData: 4096, timeoutMS: 2000))
         let cb = try VFIOUserClient(path: b.path, options: options(maxData: 4096, timeoutMS: 2000))
         defer { ca.close(); cb.close() }
         try cb.setMigrationState(.resuming)
-        XCTAssertThrowsError(try ca.relayMigrationData(to: cb, depth: 1)) { e in
-            XCTAssertTrue("\(e)".contains("MIG_DATA_READ reply of 8200 bytes for a 4096-byte read"), "\(e)")
+        XCTAssertThrowsError(try ca.relayMigrationData(to: cb, depth: 1), file: file, line: line) { e in
+            XCTAssertTrue("\(e)".contains(expected), "\(e)", file: file, line: line)
         }
-        XCTAssertEqual(try ca.migrationState(), .stopCopy, "the reply was drained: the source connection is in step")
-        XCTAssertEqual(try cb.migrationState(), .resuming, "nothing was written: the destination connection is in step")
-        XCTAssertEqual(b.device.load?.received.contains(true), false, "no data reached the destination device")
+        XCTAssertEqual(try ca.migrationState(), .stopCopy, "the reply was drained: the source connection is in step", file: file, line: line)
+        XCTAssertEqual(try cb.migrationState(), .resuming, "nothing was written: the destination connection is in step", file: file, line: line)
+        XCTAssertEqual(b.device.load?.received.contains(true) ?? false, false, "no data reached the destination device", file: file, line: line)
+    }
+
+    func testAReplyLargerThanAskedIsRefusedByTheRelayBeforeAnyDataMoves() throws {
+        try assertRelayRefusesReply(tag: "big", size: 8192, expected: "MIG_DATA_READ reply of 8200 bytes for a 4096-byte read")
     }
 
     func testATruncatedReplyWhoseSizeExceedsItsPayloadIsRefused() throws {
         // size says 2000 bytes of data, the message carries 1000.
-        let src = try ScriptedServer(tag: "trunc") { m, c in
-            if m.header.command == VFIOUserCommand.migDataRead.rawValue {
-                ScriptedServer.readReply(c, to: m.header, size: 1000, claimedSize: 2000)
-            } else {
-                ScriptedServer.stateReply(c, to: m.header, .stopCopy)
-            }
-        }
-        defer { src.close() }
-        let b = try RunningServer(stateSize: 1 << 20, name: "trunc-dst")
-        defer { b.stop() }
-        let ca = try VFIOUserClient(path: src.path, options: options(maxData: 4096, timeoutMS: 2000))
-        let cb = try VFIOUserClient(path: b.path, options: options(maxData: 4096, timeoutMS: 2000))
-        defer { ca.close(); cb.close() }
-        try cb.setMigrationState(.resuming)
-        XCTAssertThrowsError(try ca.relayMigrationData(to: cb, depth: 1)) { e in
-            XCTAssertTrue("\(e)".contains("MIG_DATA_READ returned size 2000 (argsz 1008) in a 1008-byte reply to a 4096-byte read"), "\(e)")
-        }
-        XCTAssertEqual(try ca.migrationState(), .stopCopy, "in step")
-        XCTAssertEqual(try cb.migrationState(), .resuming, "in step")
+        try assertRelayRefusesReply(tag: "trunc", size: 1000, claimedSize: 2000,
+                                    expected: "MIG_DATA_READ returned size 2000 (argsz 1008) in a 1008-byte reply to a 4096-byte read")
     }
 
     func testACorruptStreamIntoADestinationThatHeldDataLeavesItUnchanged() throws {

@@ -1,0 +1,42 @@
+import Control
+import Devices
+import Glibc
+import Machine
+import SystemCalls
+import VFIOUser
+import XCTest
+
+/// A running VM behind a real QMP socket: a dma-engine server, a 32 MiB micro-VM with its
+/// workload, the VMM and its QMP listener. The QMP test classes share it; each names its
+/// sockets with its own prefix so that classes never meet on a path.
+class QMPVMTestCase: XCTestCase {
+    var server: InProcessServer!
+    var client: VFIOUserClient!
+    var vm: MicroVM!
+    var vmm: VirtualMachineManager!
+    var qmp: QMPServer!
+    var path: String!
+
+    /// The prefix of this class's socket paths.
+    class var socketPrefix: String { "qmp" }
+
+    override func setUpWithError() throws {
+        Log.level = .error
+        signal(SIGPIPE, SIG_IGN)
+        server = try InProcessServer(path: InProcessServer.temporaryPath("\(Self.socketPrefix)-dev"), stateSize: 1 << 20)
+        client = try VFIOUserClient(path: server.path)
+        var w = WorkloadConfig(); w.workingSet = 4 << 20
+        vm = try MicroVM(memorySize: 32 << 20, workload: w, devices: [client])
+        vmm = VirtualMachineManager(vm: vm, policies: [.auto], incoming: false)
+        path = InProcessServer.temporaryPath(Self.socketPrefix)
+        qmp = try QMPServer(path: path, handler: vmm)
+        vmm.qmp = qmp
+        qmp.start()
+        vmm.boot()
+    }
+
+    override func tearDown() {
+        qmp?.stop(); vm?.stop(); client?.close(); server?.stop()
+        Log.level = .info
+    }
+}
