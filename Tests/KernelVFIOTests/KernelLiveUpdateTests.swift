@@ -117,6 +117,13 @@ final class KernelLiveUpdateTests: XCTestCase {
 
     func vmmPID() throws -> UInt64 { Self.n(try LabQMP(qmpPath).object("x-vfio-live-pid")["pid"]) }
 
+    /// The old VMM waits max(peer timeout, 20 s) for the successor it spawns to listen. In the
+    /// TCG guest (one host thread for both guest CPUs, the old VMM's software vCPUs busy) a
+    /// debug successor once took longer than 20 s to get there (CI, clean clone): give it 60 s.
+    func allowSlowSuccessor() throws {
+        _ = try LabQMP(qmpPath).call("migrate-set-parameters", #"{"x-vfio-live-peer-timeout":60000}"#).get()
+    }
+
     /// Ask for a live update (x-vfio-live-update with these arguments); a refusal is thrown.
     func update(_ arguments: String) throws { _ = try LabQMP(qmpPath).call("x-vfio-live-update", arguments).get() }
 
@@ -305,6 +312,7 @@ final class KernelLiveUpdateTests: XCTestCase {
         let mdev = try makeMtty()
         _ = try startVMM(device: "vfio-pci,sysfsdev=\(mdev),iommufd=on", dma: false)
         let first = try vmmPID()
+        try allowSlowSuccessor()
         try update(#"{"mode":"cpr-transfer"}"#)
         let t = try awaitUpdate(oldPID: first, exec: false)
         XCTAssertEqual(t.status, "completed", "mdev iommufd cpr-transfer: \(t)")
