@@ -15,6 +15,8 @@ struct DowntimeClock {
         defer { last = now }
         return now - last
     }
+    /// When the last phase closed (monotonic ns).
+    var lastMarkNS: UInt64 { last }
     mutating func mark(_ phase: WritableKeyPath<DowntimePhases, Double>) { phases[keyPath: phase] = Double(take()) / 1e6 }
     mutating func markDevice() { phases.devices.append(Double(take()) / 1e6) }
     /// Nanoseconds since the previous mark (for the handshake waits, split afterwards).
@@ -23,12 +25,17 @@ struct DowntimeClock {
 
     /// The breakdown once ACK arrived: each wait on the destination is split into the
     /// destination's own time (as it reported it, never more than the wait) and the rest.
-    func phases(readyWaitNS: UInt64, ackWaitNS: UInt64, loadNS: UInt64?, resumeNS: UInt64?) -> DowntimePhases {
+    /// `ramDrainNS`: how long into the READY wait the destination was still applying the RAM
+    /// remainder (the stop-copy probe's answer says when it was done; the last sends only
+    /// filled the socket buffer). That part is RAM remainder, not handshake.
+    func phases(readyWaitNS: UInt64, ackWaitNS: UInt64, loadNS: UInt64?, resumeNS: UInt64?, ramDrainNS: UInt64 = 0) -> DowntimePhases {
         var p = phases
         let load = min(loadNS ?? readyWaitNS, readyWaitNS), resume = min(resumeNS ?? ackWaitNS, ackWaitNS)
+        let drain = min(ramDrainNS, readyWaitNS - load)
         p.destinationLoad = Double(load) / 1e6
         p.resume = Double(resume) / 1e6
-        p.handshake = Double((readyWaitNS - load) + (ackWaitNS - resume)) / 1e6
+        p.ramRemainder += Double(drain) / 1e6
+        p.handshake = Double((readyWaitNS - load - drain) + (ackWaitNS - resume)) / 1e6
         p.destinationReported = loadNS != nil && resumeNS != nil
         return p
     }
@@ -90,11 +97,45 @@ struct DowntimeModel {
 
     /// The delay of a probe's answer with nothing queued before it: one round trip to the
     /// destination's stream reader and back, as END→READY and GO→ACK each take (nil before
-    /// one was timed; then the kernel's TCP round trip stands in).
-    var probeRoundTripNS: UInt64?
+    /// one was timed; then the kernel's TCP round trip stands in). The median of the last
+    /// three timed: on a loaded machine one sample is a wake-up latency of 0.1 to 4 ms.
+    var probeRoundTripNS: UInt64? {
+        roundTripSamples.isEmpty ? nil : roundTripSamples.sorted()[roundTripSamples.count / 2]
+    }
+    private(set) var roundTripSamples: [UInt64] = []
 
     mutating func noteBacklog(ns: UInt64) { backlogNS = ns }
-    mutating func noteRoundTrip(ns: UInt64) { probeRoundTripNS = ns }
+    mutating func noteRoundTrip(ns: UInt64) {
+        roundTripSamples.append(ns)
+        if roundTripSamples.count > 3 { roundTripSamples.removeFirst() }
+    }
+
+    /// The last pre-copy pass that went to a caught-up destination, end to end: its bytes,
+    /// and the time from its first send until the destination answered the probe after it
+    /// (everything applied), pacing taken out. It is what a stop-copy pays for RAM, measured
+    /// the way the downtime waits for it: per section send rates measure only how fast the
+    /// socket buffer took the data, and under load they missed the stop-copy by 2x.
+    private(set) var caughtUpPass: (bytes: UInt64, ns: UInt64)?
+
+    mutating func noteCaughtUpPass(bytes: UInt64, ns: UInt64) {
+        guard bytes >= Self.minimumTimedPassBytes, ns > 0 else { return }
+        caughtUpPass = (bytes, ns)
+    }
+
+    /// Less than this in a pass is mostly fixed costs (the probe's round trip, wake-ups): its
+    /// rate would say little about a larger remainder.
+    static let minimumTimedPassBytes: UInt64 = 1 << 20
+
+    /// The RAM rate the stop-copy is predicted with: the last caught-up pass end to end (its
+    /// probe answer's way back, half a round trip, taken out), else the pre-copy sections'.
+    var effectiveRAMRate: Double? {
+        if let p = caughtUpPass {
+            let back = (probeRoundTripNS ?? 0) / 2
+            let ns = p.ns > back ? p.ns - back : p.ns
+            return Double(p.bytes) / (Double(ns) / 1e9)
+        }
+        return ramRate
+    }
 
     /// The link's rate per RAM section of the current pass (one channel): how fast the socket
     /// took each section of at least 1 MiB.
@@ -133,7 +174,7 @@ struct DowntimeModel {
     /// What query-migrate shows of the model.
     func inputs(catchUpNS: UInt64, answersProbes: Bool) -> DowntimeInputs {
         var i = DowntimeInputs()
-        i.ramRate = ramRate ?? 0
+        i.ramRate = effectiveRAMRate ?? 0
         i.harvestMS = Double(harvestNS) / 1e6
         i.deviceRates = deviceRate
         i.deviceRoundTripMS = deviceRoundTripNS.map { Double($0) / 1e6 }
@@ -168,7 +209,7 @@ struct DowntimeModel {
     func predict(dirtyPages: UInt64, deviceSizes: [UInt64?], vcpuStateBytes: Int, rttNS: UInt64, fallbackRate: Double,
                  backlogNS: UInt64 = 0) -> DowntimePhases {
         var p = DowntimePhases()
-        let rate = max(ramRate ?? fallbackRate, 1e6)
+        let rate = max(effectiveRAMRate ?? fallbackRate, 1e6)
         func ms(_ ns: UInt64) -> Double { Double(ns) / 1e6 }
         let rtts = deviceRoundTripNS
         // Pause: the vCPUs park (a kick and a KVM exit each), then one state change per device.

@@ -373,13 +373,20 @@ public final class MigrationSource: @unchecked Sendable {
     /// The probe out is an idle one (nothing queued before it): its delay is a round trip, not
     /// a backlog.
     private var idleProbe = false
+    /// When the last probe's answer was read.
+    private var probeAnsweredAtNS: UInt64 = 0
+    /// The probe sent after the stop-copy's RAM (single channel), and when its answer came:
+    /// when the destination had applied the RAM remainder (the breakdown's split).
+    private var stopProbeNumber: UInt64 = 0, stopProbeAnsweredNS: UInt64?
 
     private func noteProgress(_ text: String) {
         guard let n = DestinationTimes.value("x-probe", in: text), n <= probeNumber, n > probeAnswered else { return }
         probeAnswered = n
         destinationAnswersProbes = true
         guard n == probeNumber else { return }
-        probeLagNS = monotonicNanoseconds() - probeSentNS
+        probeAnsweredAtNS = monotonicNanoseconds()
+        if n == stopProbeNumber { stopProbeAnsweredNS = probeAnsweredAtNS; return }
+        probeLagNS = probeAnsweredAtNS - probeSentNS
         if idleProbe { downtimeModel.noteRoundTrip(ns: probeLagNS) } else { downtimeModel.noteBacklog(ns: probeLagNS) }
     }
 
@@ -953,6 +960,10 @@ public final class MigrationSource: @unchecked Sendable {
             try checkCancelled()
             if switchoverRequested { break }
             let t0 = monotonicNanoseconds(), b0 = stats.transferredBytes, p0 = pacedNS
+            // A pass to a destination that has applied everything before it, after the bulk
+            // pass (whose zero runs the destination clears slowly): its end-to-end time is
+            // what the stop-copy's RAM will cost (DowntimeModel.caughtUpPass).
+            let toCaughtUp = bulkPassDone && destinationAnswersProbes && probeAnswered == probeNumber
             let pass = try sendPages(dirty)
             if pass.stoppedAt == nil { bulkPassDone = true }
             let ramNS = monotonicNanoseconds() - t0
@@ -1017,18 +1028,35 @@ public final class MigrationSource: @unchecked Sendable {
             let bound = min(parameters.peerTimeoutMS == 0 ? 5000 : parameters.peerTimeoutMS, 2000)
             let w0 = monotonicNanoseconds()
             let caughtUp = try awaitProbe(timeoutMS: bound)
-            catchUpNS = monotonicNanoseconds() - w0
+            catchUpNS += monotonicNanoseconds() - w0
             for k in dirty.indices { dirty[k] |= pendingDirty[k]; pendingDirty[k] = 0 }
             if caughtUp {
-                // Once more with nothing queued: the answer's delay is the bare round trip that
-                // each of the switch-over's two exchanges (END→READY, GO→ACK) takes.
-                try sendProbe(idle: true)
-                _ = try awaitProbe(timeoutMS: bound)
+                if toCaughtUp {
+                    let paced = pacedNS - p0
+                    let e2e = probeAnsweredAtNS > t0 ? probeAnsweredAtNS - t0 : 0
+                    downtimeModel.noteCaughtUpPass(bytes: stats.transferredBytes - b0, ns: e2e - min(paced, e2e))
+                }
+                // Nothing queued now: each answer's delay is the bare round trip that each of
+                // the switch-over's two exchanges (END→READY, GO→ACK) takes; three of them, as
+                // one is a wake-up latency on a loaded machine.
+                for _ in 0..<3 where !switchoverRequested {
+                    try sendProbe(idle: true)
+                    guard try awaitProbe(timeoutMS: bound) else { break }
+                }
                 for k in dirty.indices { dirty[k] |= pendingDirty[k]; pendingDirty[k] = 0 }
                 prediction = predictSwitchover(dirty, fallbackRate: bw, caughtUp: true)
                 publish(prediction)
                 if prediction.phases.totalMS > limit && !forced {
                     Log.debug("migration", "the destination caught up, but what was dirtied meanwhile does not fit: one more pass")
+                    continue
+                }
+                // The pass before went to a destination that was behind (or was the bulk pass):
+                // what the VM dirtied while it caught up goes now, with the VM running, to a
+                // destination that has nothing queued, timed end to end. The stop then sends
+                // only what this short pass leaves, predicted at the rate it measured. After
+                // this pass the destination is caught up at its start, so there is one such pass.
+                if !toCaughtUp && !forced && !switchoverRequested && prediction.dirtyPages * 4096 >= DowntimeModel.minimumTimedPassBytes {
+                    Log.debug("migration", "the destination caught up: one pass of the \(prediction.dirtyPages) pages dirtied meanwhile, timed end to end, before the stop")
                     continue
                 }
             } else if !switchoverRequested && destinationAnswersProbes && !forced {
@@ -1068,6 +1096,12 @@ public final class MigrationSource: @unchecked Sendable {
         // With what was sampled since the last pass (nothing, normally: merged before the stop).
         for k in dirty.indices { dirty[k] |= final[k] | (k < pendingDirty.count ? pendingDirty[k] : 0) }
         try sendPages(dirty)
+        // One channel: a probe after the RAM, whose answer (read in the READY wait) says when
+        // the destination had applied it, for the breakdown's RAM remainder / handshake split.
+        if multifd == nil && destinationAnswersProbes {
+            try sendProbe()
+            stopProbeNumber = probeNumber
+        }
         clock.mark(\.ramRemainder)
         if multifd != nil {
             // The channels carry every device's state at once: the breakdown gives that
@@ -1082,6 +1116,7 @@ public final class MigrationSource: @unchecked Sendable {
         do { states = try vm.saveVCPUs() } catch { throw MigrationError.channel("saving vCPU state: \(error)") }
         try send(.vcpus, MigrationStream.vcpusPayload(states.map { VCPUStateBytes(regs: $0.regs, sregs: $0.sregs, fpu: $0.fpu) }))
         clock.mark(\.vcpuState)
+        let endSentNS = clock.lastMarkNS
         // The destination resumes only if the guest was running here: a VM paused before the
         // migration, or stopped during it, stays paused (QEMU's global run state).
         let running = devices.allSatisfy { $0.initialState == .running } && !switchoverRequested && !vmWasPausedAtStart
@@ -1119,9 +1154,12 @@ public final class MigrationSource: @unchecked Sendable {
         }
         let ackWait = clock.lap()
         let downtime = clock.elapsedMS
+        // The destination applied the RAM about half a round trip before its answer came.
+        let back = (downtimeModel.probeRoundTripNS ?? 0) / 2
+        let drain = stopProbeAnsweredNS.map { $0 > endSentNS + back ? $0 - back - endSentNS : 0 } ?? 0
         let breakdown = clock.phases(readyWaitNS: readyWait, ackWaitNS: ackWait,
                                      loadNS: DestinationTimes.value("x-load-ns", in: ready.text),
-                                     resumeNS: DestinationTimes.value("x-resume-ns", in: verdict.text))
+                                     resumeNS: DestinationTimes.value("x-resume-ns", in: verdict.text), ramDrainNS: drain)
         control.withLock { finished = true }
         // Done: off the downtime path, the source's devices end their sessions.
         for d in devices {

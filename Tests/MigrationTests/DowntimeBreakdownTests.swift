@@ -78,6 +78,56 @@ extension LiveMigrationTests {
         XCTAssertEqual(q.totalMS, q.pause + 5, accuracy: 1e-9, "the split never changes the sum")
     }
 
+    /// The stop-copy's last RAM sends only filled the socket buffer: the destination applied
+    /// it well into the READY wait (the stop-copy probe's answer says when). That part of the
+    /// wait is RAM remainder; the handshake keeps the rest, and the sum does not change. The
+    /// old split put 0.5 to 2 ms of RAM into the handshake.
+    func testTheRAMStillBeingAppliedInTheReadyWaitCountsAsRAMRemainder() {
+        var c = DowntimeClock()
+        c.mark(\.pause)
+        c.mark(\.ramRemainder)
+        let before = c.phases(readyWaitNS: 3_000_000, ackWaitNS: 1_000_000, loadNS: 500_000, resumeNS: 400_000)
+        let p = c.phases(readyWaitNS: 3_000_000, ackWaitNS: 1_000_000, loadNS: 500_000, resumeNS: 400_000, ramDrainNS: 2_000_000)
+        XCTAssertEqual(p.ramRemainder - before.ramRemainder, 2, accuracy: 1e-9)
+        XCTAssertEqual(p.handshake, (3 - 0.5 - 2) + (1 - 0.4), accuracy: 1e-9)
+        XCTAssertEqual(p.destinationLoad, 0.5, accuracy: 1e-9)
+        XCTAssertEqual(p.totalMS, before.totalMS, accuracy: 1e-9, "the split never changes the sum")
+        // Never more than the wait left after the destination's own load.
+        let q = c.phases(readyWaitNS: 3_000_000, ackWaitNS: 1_000_000, loadNS: 500_000, resumeNS: 400_000, ramDrainNS: 9_000_000)
+        XCTAssertEqual(q.ramRemainder - before.ramRemainder, 2.5, accuracy: 1e-9)
+        XCTAssertEqual(q.handshake, 0.6, accuracy: 1e-9)
+        XCTAssertEqual(q.totalMS, before.totalMS, accuracy: 1e-9)
+    }
+
+    /// In a real migration (one channel) a probe goes right after the stop-copy's RAM, before
+    /// the device state and vCPUs, and the destination answers it; the phases still sum to
+    /// the downtime with the RAM still being applied moved out of the handshake.
+    func testAProbeFollowsTheStopCopysRAMAndThePhasesStillSumToTheDowntime() throws {
+        startSource()
+        let answered = Mutex()
+        var probes: [UInt64] = []
+        let wait = startDestination { d in d.beforeProbeAnswerForTesting = { n in answered.withLock { probes.append(n) } } }
+        var p = MigrationParameters()
+        p.downtimeLimitMS = 2000
+        let m = try connectSource(p)
+        var types: [MigrationStream.SectionType] = []
+        var syncsInTheStop = 0
+        m.beforeSection = { [src] t, _ in
+            types.append(t)
+            if t == .sync && src!.vm.isPaused { syncsInTheStop += 1 }
+        }
+        try m.run()
+        XCTAssertNil(wait())
+        let b = try XCTUnwrap(m.stats.downtimeBreakdown)
+        XCTAssertEqual(b.totalMS, m.stats.downtimeMS, accuracy: 0.001, "the phases sum to the downtime")
+        var k = try XCTUnwrap(types.lastIndex(of: .vcpus)) - 1
+        while k > 0 && types[k] == .device { k -= 1 }
+        XCTAssertEqual(types[k], .sync, "a probe between the stop-copy's RAM and the device state (\(types.suffix(8)))")
+        XCTAssertEqual(syncsInTheStop, 1, "one probe, sent with the VM paused (the stop-copy)")
+        let n = answered.withLock { probes }
+        XCTAssertEqual(n.count, types.filter { $0 == .sync }.count, "one channel: every SYNC is a probe, and each was answered")
+    }
+
     func testTheDestinationsTimesAreReadOnlyAsUnsignedIntegers() {
         XCTAssertEqual(DestinationTimes.value("x-load-ns", in: DestinationTimes.readyText(loadNS: 1234)), 1234)
         XCTAssertEqual(DestinationTimes.value("x-resume-ns", in: "{\"pages\":3,\"x-resume-ns\": 77}"), 77)
