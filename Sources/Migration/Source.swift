@@ -951,6 +951,7 @@ public final class MigrationSource: @unchecked Sendable {
         stats.update { stats.setupNS = monotonicNanoseconds() - stats.startNS }
         stats.set(.active)
         phase = .preCopy
+        vcpuSchedAtStart = (monotonicNanoseconds(), DowntimeModel.threadSchedStats())
         // Iterations.
         var dirty = [UInt64](repeating: ~0, count: Int((pages + 63) / 64))
         if pages % 64 != 0 { dirty[dirty.count - 1] = (1 << (pages % 64)) - 1 }
@@ -1188,8 +1189,13 @@ public final class MigrationSource: @unchecked Sendable {
 
     /// The downtime of a switch-over now with `dirty` left (see DowntimeModel.predict). Each
     /// device's stop-copy size is asked now (its round trip timed for the model).
+    /// The vCPU threads' scheduling when pre-copy began (DowntimeModel.vcpuQueueNS).
+    private var vcpuSchedAtStart: (ns: UInt64, stats: [Int32: DowntimeModel.SchedStat]) = (0, [:])
+
     private func predictSwitchover(_ dirty: [UInt64], fallbackRate: Double, caughtUp: Bool) -> Prediction {
         let dirtyCount = UInt64(dirty.setBitCount)
+        let now = monotonicNanoseconds()
+        downtimeModel.noteVCPUScheduling(from: vcpuSchedAtStart.stats, to: DowntimeModel.threadSchedStats(), ns: now - vcpuSchedAtStart.ns)
         var deviceSizes: [UInt64?] = []
         for (i, d) in devices.enumerated() {
             let r0 = monotonicNanoseconds()

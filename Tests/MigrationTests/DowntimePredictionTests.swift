@@ -94,6 +94,40 @@ final class DowntimeModelTests: XCTestCase {
         XCTAssertEqual(m.inputs(catchUpNS: 0, answersProbes: true).roundTripMS!, 2, accuracy: 1e-9)
     }
 
+    /// Under two busy loops the vCPUs took 2.4 to 6.6 ms to park against a predicted 0.2 ms:
+    /// a vCPU thread waiting in the run queue exits KVM_RUN only when it runs again. The
+    /// pause is predicted from the vCPU threads' own scheduling in this migration (/proc
+    /// schedstat): per thread, the share of time it waited times half its mean wait.
+    func testThePauseCountsTheVCPUThreadsRunQueueWaits() {
+        typealias S = DowntimeModel.SchedStat
+        var m = DowntimeModel()
+        let a: [Int32: S] = [10: S(runNS: 0, waitNS: 0, slices: 0), 11: S(runNS: 0, waitNS: 5_000_000, slices: 4)]
+        let b: [Int32: S] = [10: S(runNS: 50_000_000, waitNS: 50_000_000, slices: 10),   // waited half the time, 5 ms a slice
+                             11: S(runNS: 1_000_000, waitNS: 5_000_000, slices: 9),        // never waited (a sleeping vCPU)
+                             12: S(runNS: 0, waitNS: 90_000_000, slices: 1)]               // not there at the start: unknown
+        m.noteVCPUScheduling(from: a, to: b, ns: 100_000_000)
+        XCTAssertEqual(m.vcpuQueueNS, 1_250_000, "0.5 x 5 ms / 2")
+        let p = m.predict(dirtyPages: 0, deviceSizes: [], vcpuStateBytes: 0, rttNS: 0, fallbackRate: 1e9)
+        XCTAssertEqual(p.pause, 0.2 + 1.25, accuracy: 1e-9, "the old model said 0.2 ms whatever the load")
+        // A quiet machine: no waits, the kick alone.
+        m.noteVCPUScheduling(from: a, to: a, ns: 100_000_000)
+        XCTAssertEqual(m.predict(dirtyPages: 0, deviceSizes: [], vcpuStateBytes: 0, rttNS: 0, fallbackRate: 1e9).pause, 0.2, accuracy: 1e-9)
+    }
+
+    /// The vCPU threads are found by name (vcpuN) in /proc/self/task: a thread of that name
+    /// is listed with its schedstat, a thread whose name only starts alike is not.
+    func testTheVCPUThreadsSchedulingIsReadFromProc() {
+        let quit = Flag()
+        let named = OSThread(name: "vcpu97") { while !quit.value { usleep(1000) } }
+        let other = OSThread(name: "vcpu9x") { while !quit.value { usleep(1000) } }
+        defer { quit.set(); named.join(); other.join() }
+        var found: [Int32: DowntimeModel.SchedStat] = [:]
+        let deadline = monotonicNanoseconds() + 5_000_000_000  // the threads name themselves as they start
+        while found.isEmpty && monotonicNanoseconds() < deadline { usleep(1000); found = DowntimeModel.threadSchedStats(prefix: "vcpu9") }
+        XCTAssertEqual(found.count, 1, "vcpu97 only (\(found))")
+        XCTAssertGreaterThan(found.values.first?.slices ?? 0, 0, "it ran")
+    }
+
     func testInputsCarryWhatThePredictionWasMadeOf() {
         var m = DowntimeModel()
         m.noteRAM(bytes: 1 << 30, ns: 1_000_000_000)
