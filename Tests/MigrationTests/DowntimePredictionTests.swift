@@ -95,20 +95,22 @@ final class DowntimeModelTests: XCTestCase {
     }
 
     /// Under two busy loops the vCPUs took 2.4 to 6.6 ms to park against a predicted 0.2 ms:
-    /// a vCPU thread waiting in the run queue exits KVM_RUN only when it runs again. The
-    /// pause is predicted from the vCPU threads' own scheduling in this migration (/proc
-    /// schedstat): per thread, the share of time it waited times half its mean wait.
+    /// a vCPU thread exits KVM_RUN only when it runs, and it waits for a CPU. The pause is
+    /// predicted from the vCPU threads' own scheduling in this migration (/proc schedstat):
+    /// per thread, half its mean wait for the share of time it waited, a whole one for the
+    /// share it slept (the kick wakes it).
     func testThePauseCountsTheVCPUThreadsRunQueueWaits() {
         typealias S = DowntimeModel.SchedStat
         var m = DowntimeModel()
         let a: [Int32: S] = [10: S(runNS: 0, waitNS: 0, slices: 0), 11: S(runNS: 0, waitNS: 5_000_000, slices: 4)]
-        let b: [Int32: S] = [10: S(runNS: 50_000_000, waitNS: 50_000_000, slices: 10),   // waited half the time, 5 ms a slice
-                             11: S(runNS: 1_000_000, waitNS: 5_000_000, slices: 9),        // never waited (a sleeping vCPU)
+        let b: [Int32: S] = [10: S(runNS: 50_000_000, waitNS: 50_000_000, slices: 10),   // never slept, waited half the time, 5 ms a slice
+                             11: S(runNS: 1_000_000, waitNS: 7_000_000, slices: 24),       // asleep 97%, woke 20 times, 0.1 ms wait each
                              12: S(runNS: 0, waitNS: 90_000_000, slices: 1)]               // not there at the start: unknown
         m.noteVCPUScheduling(from: a, to: b, ns: 100_000_000)
-        XCTAssertEqual(m.vcpuQueueNS, 1_250_000, "0.5 x 5 ms / 2")
+        XCTAssertEqual(Double(m.vcpuQueueNS), 0.5 * 5e6 / 2 + (0.02 * 0.1e6 / 2 + 0.97 * 0.1e6), accuracy: 1)
         let p = m.predict(dirtyPages: 0, deviceSizes: [], vcpuStateBytes: 0, rttNS: 0, fallbackRate: 1e9)
-        XCTAssertEqual(p.pause, 0.2 + 1.25, accuracy: 1e-9, "the old model said 0.2 ms whatever the load")
+        XCTAssertEqual(p.pause, 0.2 + Double(m.vcpuQueueNS) / 1e6, accuracy: 1e-9)
+        XCTAssertGreaterThan(p.pause, 1.3, "the old model said 0.2 ms whatever the load")
         // A quiet machine: no waits, the kick alone.
         m.noteVCPUScheduling(from: a, to: a, ns: 100_000_000)
         XCTAssertEqual(m.predict(dirtyPages: 0, deviceSizes: [], vcpuStateBytes: 0, rttNS: 0, fallbackRate: 1e9).pause, 0.2, accuracy: 1e-9)
