@@ -107,7 +107,9 @@ public struct DowntimePhases: Sendable, Equatable {
 
 /// The costs measured in this migration that the downtime prediction is made of.
 public struct DowntimeInputs: Sendable, Equatable {
-    /// RAM bytes per second the socket took in pre-copy (median per section, unpaced).
+    /// RAM bytes per second the stop-copy is predicted with: the last pre-copy pass to a
+    /// caught-up destination, end to end (first send to its probe's answer), else the median
+    /// per-section send rate (unpaced).
     public var ramRate = 0.0
     /// The last dirty-log harvest (the stop does one more).
     public var harvestMS = 0.0
@@ -120,7 +122,8 @@ public struct DowntimeInputs: Sendable, Equatable {
     public var backlogMS = 0.0
     /// An idle probe's answer delay: each of the switch-over's two exchanges takes one.
     public var roundTripMS: Double?
-    /// The wait before the stop for the destination to catch up (the VM ran meanwhile).
+    /// The waits before the stop for the destination to catch up, all of them (the VM ran
+    /// meanwhile).
     public var catchUpMS = 0.0
     /// Whether the destination answers probes (an older build does not: then its backlog is
     /// unknown, and the stop may wait for it).
