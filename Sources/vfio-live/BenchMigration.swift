@@ -21,6 +21,8 @@ struct MigrationBench: ParsableCommand {
     var downtimeOnly = false
     @Option(help: "Migrations per dirty rate in the downtime table.")
     var runs = 1
+    @Option(help: "The guest's working set in the downtime table (a larger one leaves a larger stop-copy remainder at 200 K pages/s), e.g. `--downtime-only --working-set 256M`.")
+    var workingSet = "64M"
     @OptionGroup var output: BenchOutputOptions
     @OptionGroup var global: GlobalOptions
 
@@ -96,7 +98,7 @@ struct MigrationBench: ParsableCommand {
         global.apply()
         if !global.verbose { Log.level = .error }
         let mem = try parseSize(memory)
-        var w = WorkloadConfig(); w.workingSet = 64 << 20; w.dmaEvery = 0
+        var w = WorkloadConfig(); w.workingSet = try parseSize(workingSet); w.dmaEvery = 0
         let out = BenchOutput("migration", output)
         if downtimeOnly {
             out.say("vfio-live bench migration (\(KVMSystem.unavailableReason == nil ? "KVM" : "software vCPUs"), \(formatBytes(mem)) guest RAM, loopback TCP)")
@@ -156,7 +158,7 @@ struct MigrationBench: ParsableCommand {
 
     /// Downtime against the limit, predicted beside measured, with both breakdowns.
     func downtimeTable(mem: UInt64, workload w: WorkloadConfig, out: BenchOutput) throws {
-        out.say("downtime against downtime-limit \(downtimeLimit) ms (64 MiB working set, 2 vCPUs' worth of writes)")
+        out.say("downtime against downtime-limit \(downtimeLimit) ms (\(formatBytes(w.workingSet)) working set, 2 vCPUs' worth of writes)")
         out.say("dirty rate (pages/s)   iterations   downtime (ms)   predicted (ms)   within max(20%, 5 ms)   within limit")
         for rate: UInt64 in [10_000, 50_000, 200_000] {
             for _ in 0..<max(runs, 1) {
