@@ -19,14 +19,15 @@ class QMPVMTestCase: XCTestCase {
 
     /// The prefix of this class's socket paths.
     class var socketPrefix: String { "qmp" }
+    /// The guest's workload (a class that needs more dirtying or DMA says so).
+    class var workload: WorkloadConfig { var w = WorkloadConfig(); w.workingSet = 4 << 20; return w }
 
     override func setUpWithError() throws {
         Log.level = .error
         signal(SIGPIPE, SIG_IGN)
         server = try InProcessServer(path: InProcessServer.temporaryPath("\(Self.socketPrefix)-dev"), stateSize: 1 << 20)
         client = try VFIOUserClient(path: server.path)
-        var w = WorkloadConfig(); w.workingSet = 4 << 20
-        vm = try MicroVM(memorySize: 32 << 20, workload: w, devices: [client])
+        vm = try MicroVM(memorySize: 32 << 20, workload: Self.workload, devices: [client])
         vmm = VirtualMachineManager(vm: vm, policies: [.auto], incoming: false)
         path = InProcessServer.temporaryPath(Self.socketPrefix)
         qmp = try QMPServer(path: path, handler: vmm)
@@ -36,6 +37,7 @@ class QMPVMTestCase: XCTestCase {
     }
 
     override func tearDown() {
+        vmm?.stopPeriodicVerification()
         qmp?.stop(); vm?.stop(); client?.close(); server?.stop()
         Log.level = .info
     }
