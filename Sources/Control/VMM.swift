@@ -180,19 +180,27 @@ public final class VirtualMachineManager: QMPHandler, @unchecked Sendable {
     /// cont is refused. A migration in progress is cancelled (its device is gone); once the VM
     /// has gone to a destination or a successor, the loss is no longer this VMM's concern.
     func deviceLost(_ index: Int, _ why: String) {
-        let reason = "device \(index) lost: \(why)"
-        let (act, op) = control.withLock { () -> (Bool, Operation?) in
-            let (s, op) = lock.withLock { (state, operation) }
-            guard s != .postmigrate, s != .internalError else { return (false, op) }
-            holdPauseLocked()
-            lock.withLock { state = .internalError; lostReason = reason; resumeState = .internalError }
-            return (true, op)
-        }
+        let (act, op) = control.withLock { (enterInternalErrorLocked(index, why), lock.withLock { operation }) }
         guard act else { return }
-        Log.error("vmm", "\(reason); the VM stops in internal-error (QEMU's rule for an unrecoverable device error)")
         if op == .migration { lock.withLock { outgoing }?.cancel() }
+        announceLost([(index, why)])
+    }
+
+    /// The VM stops in internal-error for device `index`; the caller holds `control`. False
+    /// when the VM is no longer this VMM's to stop (postmigrate) or is stopped so already.
+    private func enterInternalErrorLocked(_ index: Int, _ why: String) -> Bool {
+        let s = lock.withLock { state }
+        guard s != .postmigrate, s != .internalError else { return false }
+        holdPauseLocked()
+        lock.withLock { state = .internalError; lostReason = "device \(index) lost: \(why)"; resumeState = .internalError }
+        return true
+    }
+
+    /// Say that the VM stopped for the devices `lost`: STOP, then an event per device.
+    private func announceLost(_ lost: [(Int, String)]) {
+        for (i, why) in lost { Log.error("vmm", "device \(i) lost: \(why); the VM stops in internal-error (QEMU's rule for an unrecoverable device error)") }
         qmp?.emit("STOP")
-        qmp?.emit("X_VFIO_LIVE_DEVICE_LOST", data: .object([("device", .number(Double(index))), ("reason", .string(why))]))
+        for (i, why) in lost { qmp?.emit("X_VFIO_LIVE_DEVICE_LOST", data: .object([("device", .number(Double(i))), ("reason", .string(why))])) }
     }
 
     // MARK: migration
@@ -239,21 +247,24 @@ public final class VirtualMachineManager: QMPHandler, @unchecked Sendable {
                 // paused after a stop meanwhile, or stays in internal-error after a device was
                 // lost. After GO without an answer the engine keeps the guest paused (it may
                 // run at the destination): that pause becomes this VMM's, and the state paused.
-                let back = control.withLock { () -> RunState in
+                // A device the rollback could not reach (it hung, and cancel gave up on it) stops
+                // the VM in internal-error in the same step, before the claim ends: it is never
+                // seen running (nor sent to STOP) over a device it lost.
+                let lost = src.lostDevices.sorted { $0.key < $1.key }.map { ($0.key, $0.value) }
+                let (back, stopped) = control.withLock { () -> (RunState, Bool) in
                     var back = lock.withLock { lostReason != nil ? RunState.internalError : resumeState }
                     if src.vmLeftPaused {
                         if holdsPause { vm.resume() } else { holdsPause = true }
                         if back == .running { back = .paused }
                     }
-                    if back == .paused { setDevices(.stop) }
+                    if back == .paused && lost.isEmpty { setDevices(.stop) }
                     lock.withLock { state = back; outgoing = nil }
-                    return back
+                    if let (i, why) = lost.first, enterInternalErrorLocked(i, why) { return (.internalError, true) }
+                    return (back, false)
                 }
                 release(.migration)
-                // A device the rollback could not reach (it hung, and cancel gave up on it).
-                let lost = src.lostDevices.sorted { $0.key < $1.key }
-                if back == .running && lost.isEmpty { qmp?.emit("RESUME") }
-                for (i, why) in lost { deviceLost(i, why) }
+                if back == .running { qmp?.emit("RESUME") }
+                if stopped { announceLost(lost) }
             }
         }
     }

@@ -26,7 +26,7 @@ class QMPVMTestCase: XCTestCase {
         Log.level = .error
         signal(SIGPIPE, SIG_IGN)
         server = try InProcessServer(path: InProcessServer.temporaryPath("\(Self.socketPrefix)-dev"), stateSize: 1 << 20)
-        client = try VFIOUserClient(path: server.path)
+        client = try connectDevice(to: server.path)
         vm = try MicroVM(memorySize: 32 << 20, workload: Self.workload, devices: [client])
         vmm = VirtualMachineManager(vm: vm, policies: [.auto], incoming: false)
         path = InProcessServer.temporaryPath(Self.socketPrefix)
@@ -35,6 +35,9 @@ class QMPVMTestCase: XCTestCase {
         qmp.start()
         vmm.boot()
     }
+
+    /// The VM's device connection (a class can put something between it and the server).
+    func connectDevice(to serverPath: String) throws -> VFIOUserClient { try VFIOUserClient(path: serverPath) }
 
     override func tearDown() {
         vmm?.stopPeriodicVerification()
