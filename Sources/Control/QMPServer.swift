@@ -312,7 +312,7 @@ extension QMPValue {
     }
 
     /// JSON text as JSONValue prints it (no spaces), with integers exact.
-    var compactText: String {
+    public var compactText: String {
         switch self {
         case let .int(i): return String(i)
         case let .uint(u): return String(u)

@@ -1,4 +1,5 @@
 import ArgumentParser
+import Control
 import Glibc
 import SystemCalls
 import VFIOUser
@@ -69,10 +70,21 @@ final class QMPClient {
 
     /// Run a command; events that arrive meanwhile are passed to `onEvent`.
     func execute(_ cmd: String, _ args: [(String, JSONValue)] = [], onEvent: ((JSONValue) -> Void)? = nil) throws -> JSONValue {
+        try execute(cmd, argumentsText: args.isEmpty ? nil : JSONValue.object(args).description, onEvent: onEvent)
+    }
+
+    /// Run a command whose integers must arrive exactly, as QEMU's QNum takes them: JSONValue
+    /// holds doubles, which round above 2^53 and print 2^64-1 (max-bandwidth's "unlimited") as
+    /// a float that QEMU's uint64 visitor refuses.
+    func execute(_ cmd: String, exact args: [(String, QMPValue)]) throws -> JSONValue {
+        try execute(cmd, argumentsText: args.isEmpty ? nil : QMPValue.object(args).compactText, onEvent: nil)
+    }
+
+    private func execute(_ cmd: String, argumentsText: String?, onEvent: ((JSONValue) -> Void)?) throws -> JSONValue {
         nextID += 1
-        var o: [(String, JSONValue)] = [("execute", .string(cmd)), ("id", .number(Double(nextID)))]
-        if !args.isEmpty { o.append(("arguments", .object(args))) }
-        do { try socket.send(Array(JSONValue.object(o).description.utf8)) } catch { throw QMPClientError.closed(path: path) }
+        var text = JSONValue.object([("execute", .string(cmd)), ("id", .number(Double(nextID)))]).description
+        if let a = argumentsText { text = String(text.dropLast()) + #","arguments":"# + a + "}" }
+        do { try socket.send(Array(text.utf8)) } catch { throw QMPClientError.closed(path: path) }
         while true {
             let m = try readMessage(waitingFor: cmd)
             if m["event"] != nil { onEvent?(m); continue }
@@ -190,11 +202,12 @@ struct MigrateCommand: ParsableCommand {
         if let st = before?["status"]?.stringValue, ["setup", "active", "device", "pre-switchover", "cancelling", "wait-unplug"].contains(st) {
             throw Failure("a migration is already in progress on the VM behind \(qmp) (query-migrate: \(st)); not starting another")
         }
-        var params: [(String, JSONValue)] = [("downtime-limit", .number(Double(limit))), ("max-bandwidth", .number(Double(try Self.bandwidth(maxBandwidth))))]
-        if let m = maxIterations { params.append(("x-max-iterations", .number(Double(try parseInteger(m, option: "--max-iterations", range: 1...1_000_000))))) }
-        if let n = multifdChannels { params.append(("multifd-channels", .number(Double(try parseInteger(n, option: "--multifd-channels", range: 1...255))))) }
+        // Exact integers: --max-bandwidth 18446744073709551615 (QEMU's unlimited) must not round.
+        var params: [(String, QMPValue)] = [("downtime-limit", .uint(limit)), ("max-bandwidth", .uint(try Self.bandwidth(maxBandwidth)))]
+        if let m = maxIterations { params.append(("x-max-iterations", .int(Int64(try parseInteger(m, option: "--max-iterations", range: 1...1_000_000))))) }
+        if let n = multifdChannels { params.append(("multifd-channels", .int(Int64(try parseInteger(n, option: "--multifd-channels", range: 1...255))))) }
         do {
-            _ = try c.execute("migrate-set-parameters", params)
+            _ = try c.execute("migrate-set-parameters", exact: params)
             _ = try c.execute("migrate-set-capabilities", [("capabilities", .array([
                 .object([("capability", .string("auto-converge")), ("state", .bool(autoConverge))]),
                 .object([("capability", .string("x-allow-untracked-devices")), ("state", .bool(allowUntrackedDevices))]),

@@ -19,14 +19,15 @@ class QMPVMTestCase: XCTestCase {
 
     /// The prefix of this class's socket paths.
     class var socketPrefix: String { "qmp" }
+    /// The guest's workload (a class that needs more dirtying or DMA says so).
+    class var workload: WorkloadConfig { var w = WorkloadConfig(); w.workingSet = 4 << 20; return w }
 
     override func setUpWithError() throws {
         Log.level = .error
         signal(SIGPIPE, SIG_IGN)
         server = try InProcessServer(path: InProcessServer.temporaryPath("\(Self.socketPrefix)-dev"), stateSize: 1 << 20)
-        client = try VFIOUserClient(path: server.path)
-        var w = WorkloadConfig(); w.workingSet = 4 << 20
-        vm = try MicroVM(memorySize: 32 << 20, workload: w, devices: [client])
+        client = try connectDevice(to: server.path)
+        vm = try MicroVM(memorySize: 32 << 20, workload: Self.workload, devices: [client])
         vmm = VirtualMachineManager(vm: vm, policies: [.auto], incoming: false)
         path = InProcessServer.temporaryPath(Self.socketPrefix)
         qmp = try QMPServer(path: path, handler: vmm)
@@ -35,7 +36,11 @@ class QMPVMTestCase: XCTestCase {
         vmm.boot()
     }
 
+    /// The VM's device connection (a class can put something between it and the server).
+    func connectDevice(to serverPath: String) throws -> VFIOUserClient { try VFIOUserClient(path: serverPath) }
+
     override func tearDown() {
+        vmm?.stopPeriodicVerification()
         qmp?.stop(); vm?.stop(); client?.close(); server?.stop()
         Log.level = .info
     }

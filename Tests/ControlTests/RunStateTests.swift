@@ -13,34 +13,18 @@ import XCTest
 /// runs in two places, the run state always says what the vCPUs do, a conflicting operation is
 /// refused with an error naming what holds the VM, and a device server that dies is reported.
 /// Real device servers over real sockets, the guest on KVM (or software vCPUs).
-final class RunStateTests: XCTestCase {
-    var server: InProcessServer!
-    var client: VFIOUserClient!
-    var vm: MicroVM!
-    var vmm: VirtualMachineManager!
-    var qmp: QMPServer!
-    var qmpPath: String!
-    var others: [() -> Void] = []
-
-    override func setUpWithError() throws {
-        Log.level = .error
-        server = try InProcessServer(path: InProcessServer.temporaryPath("rs-dev"), stateSize: 1 << 20)
-        client = try VFIOUserClient(path: server.path)
-        var w = WorkloadConfig(); w.workingSet = 4 << 20; w.dirtyRate = 20_000; w.dmaEvery = 2
-        vm = try MicroVM(memorySize: 32 << 20, workload: w, devices: [client])
-        vmm = VirtualMachineManager(vm: vm, policies: [.auto], incoming: false)
-        qmpPath = InProcessServer.temporaryPath("rs-qmp")
-        qmp = try QMPServer(path: qmpPath, handler: vmm)
-        vmm.qmp = qmp
-        qmp.start()
-        vmm.boot()
+final class RunStateTests: QMPVMTestCase {
+    override class var socketPrefix: String { "rs" }
+    override class var workload: WorkloadConfig {
+        var w = WorkloadConfig(); w.workingSet = 4 << 20; w.dirtyRate = 20_000; w.dmaEvery = 2; return w
     }
+    /// What each test set up beside the VM (destinations, peers), undone last first.
+    var others: [() -> Void] = []
 
     override func tearDown() {
         for f in others.reversed() { f() }
         others = []
-        qmp?.stop(); vm?.stop(); client?.close(); server?.stop()
-        Log.level = .info
+        super.tearDown()
     }
 
     // MARK: helpers
@@ -51,13 +35,12 @@ final class RunStateTests: XCTestCase {
         init() throws {
             server = try InProcessServer(path: InProcessServer.temporaryPath("rs-dest-dev"), stateSize: 1 << 20)
             client = try VFIOUserClient(path: server.path)
-            var w = WorkloadConfig(); w.workingSet = 4 << 20; w.dirtyRate = 20_000; w.dmaEvery = 2
-            vm = try MicroVM(memorySize: 32 << 20, workload: w, devices: [client])
+            vm = try MicroVM(memorySize: 32 << 20, workload: RunStateTests.workload, devices: [client])
             vmm = VirtualMachineManager(vm: vm, policies: [.auto], incoming: true)
             uri = "unix:\(InProcessServer.temporaryPath("rs-mig"))"
             try vmm.startIncoming(uri: uri)
         }
-        func close() { vm.stop(); client.close(); server.stop() }
+        func close() { vmm.stopPeriodicVerification(); vm.stop(); client.close(); server.stop() }
     }
 
     func destination() throws -> Destination {
@@ -310,7 +293,7 @@ final class RunStateTests: XCTestCase {
     /// QEMU's rule for an unrecoverable device error (vm_stop to internal-error): STOP, an event
     /// naming the device, query-status internal-error, and cont/migrate/live update refused.
     func testADeviceServerThatDiesStopsTheVMInInternalErrorAndSaysSo() throws {
-        let p = try QMPTests.Peer(qmpPath)
+        let p = try QMPTests.Peer(path)
         _ = try p.next()
         try p.send(#"{"execute":"qmp_capabilities"}"#); _ = try p.reply()
         server.stop()

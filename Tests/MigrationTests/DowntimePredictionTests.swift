@@ -152,24 +152,6 @@ final class DowntimeModelTests: XCTestCase {
 
 /// The probe on the wire: a keep-alive SYNC whose pass has bit 63 (MigrationStream's SYNC).
 final class ProbeStreamTests: XCTestCase {
-    final class Sink: MigrationSink {
-        var events: [String] = []
-        var ram = [UInt8](repeating: 0, count: ZeroCopyStreamTests.ramSize)
-        func config(ramSize: UInt64, vcpus: UInt32, devices: UInt32) throws { events.append("config") }
-        func ramDestination(gpa: UInt64, pages: UInt32) throws -> UnsafeMutableRawBufferPointer {
-            events.append("ram")
-            return ram.withUnsafeMutableBytes { UnsafeMutableRawBufferPointer(rebasing: $0[Int(gpa)..<(Int(gpa) + Int(pages) * 4096)]) }
-        }
-        func ramZero(gpa: UInt64, pages: UInt32) throws { events.append("zero") }
-        func deviceSetup(device: UInt32) throws {}
-        func deviceData(device: UInt32, _ data: UnsafeRawBufferPointer) throws {}
-        func deviceConfig(device: UInt32, _ data: ArraySlice<UInt8>) throws {}
-        func deviceInitialDataSent(device: UInt32) throws {}
-        func vcpus(_ states: [VCPUStateBytes]) throws {}
-        func end(pagesSent: UInt64) throws { events.append("end") }
-        func probe(_ number: UInt64) throws { events.append("probe \(number)") }
-    }
-
     final class MemorySource: ByteSource {
         var bytes: [UInt8], at = 0
         init(_ b: [UInt8]) { bytes = b }

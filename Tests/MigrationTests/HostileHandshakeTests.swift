@@ -6,23 +6,6 @@ import SystemCalls
 import VFIO
 import XCTest
 
-/// Decodes a real source's stream and keeps nothing (the hostile destination's ears).
-final class DiscardingSink: MigrationSink {
-    let scratch = UnsafeMutableRawBufferPointer.allocate(byteCount: 64 << 20, alignment: 4096)
-    deinit { scratch.deallocate() }
-    func config(ramSize: UInt64, vcpus: UInt32, devices: UInt32) throws {}
-    func ramDestination(gpa: UInt64, pages: UInt32) throws -> UnsafeMutableRawBufferPointer {
-        UnsafeMutableRawBufferPointer(rebasing: scratch[Int(gpa)..<(Int(gpa) + Int(pages) * 4096)])
-    }
-    func ramZero(gpa: UInt64, pages: UInt32) throws {}
-    func deviceSetup(device: UInt32) throws {}
-    func deviceData(device: UInt32, _ data: UnsafeRawBufferPointer) throws {}
-    func deviceConfig(device: UInt32, _ data: ArraySlice<UInt8>) throws {}
-    func deviceInitialDataSent(device: UInt32) throws {}
-    func vcpus(_ states: [VCPUStateBytes]) throws {}
-    func end(pagesSent: UInt64) throws {}
-}
-
 /// The switch-over handshake from a destination that lies: the READY/ACK timing fields
 /// (x-load-ns, x-resume-ns) near and past 2^64, negative, fractional, missing, not JSON; and
 /// READY sent twice. The source's breakdown stays within its own measured waits, and after

@@ -421,19 +421,6 @@ extension LiveMigrationTests {
 
     /// A version-1 END (8 bytes) still decodes, without a run state; unknown flags are refused.
     func testEndSectionRunStateDecoding() throws {
-        final class Sink: MigrationSink {
-            var running: Bool?, ended = false
-            func config(ramSize: UInt64, vcpus: UInt32, devices: UInt32) throws {}
-            func ramDestination(gpa: UInt64, pages: UInt32) throws -> UnsafeMutableRawBufferPointer { fatalError() }
-            func ramZero(gpa: UInt64, pages: UInt32) throws {}
-            func deviceSetup(device: UInt32) throws {}
-            func deviceData(device: UInt32, _ data: UnsafeRawBufferPointer) throws {}
-            func deviceConfig(device: UInt32, _ data: ArraySlice<UInt8>) throws {}
-            func deviceInitialDataSent(device: UInt32) throws {}
-            func vcpus(_ states: [VCPUStateBytes]) throws {}
-            func end(pagesSent: UInt64) throws { ended = true }
-            func sourceRunState(running: Bool) throws { self.running = running }
-        }
         final class Bytes: ByteSource {
             var b: [UInt8], at = 0
             init(_ b: [UInt8]) { self.b = b }
@@ -443,11 +430,11 @@ extension LiveMigrationTests {
                 at += buffer.count
             }
         }
-        func decode(_ end: [UInt8]) throws -> Sink {
+        func decode(_ end: [UInt8]) throws -> NullMigrationSink {
             var e = MigrationStreamEncoder(flags: 0)
             e.section(.config, MigrationStream.configPayload(ramSize: 1 << 20, vcpus: 1, devices: 0))
             e.section(.end, end)
-            let s = Sink()
+            let s = NullMigrationSink(size: 1 << 20)
             try MigrationStreamDecoder(source: Bytes(e.bytes), sink: s).run()
             return s
         }

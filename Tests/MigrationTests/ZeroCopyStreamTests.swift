@@ -74,22 +74,8 @@ extension LiveMigrationTests {
 
 /// The decoder on hand-made streams through a real socket pair (the readv path).
 final class ZeroCopyStreamTests: XCTestCase {
-    final class Sink: MigrationSink {
-        var ram: [UInt8]
-        var zeroed = 0, ended = false
-        init(size: Int) { ram = [UInt8](repeating: 0xee, count: size) }
-        func config(ramSize: UInt64, vcpus: UInt32, devices: UInt32) throws {}
-        func ramDestination(gpa: UInt64, pages: UInt32) throws -> UnsafeMutableRawBufferPointer {
-            ram.withUnsafeMutableBytes { UnsafeMutableRawBufferPointer(rebasing: $0[Int(gpa)..<(Int(gpa) + Int(pages) * 4096)]) }
-        }
-        func ramZero(gpa: UInt64, pages: UInt32) throws { zeroed += Int(pages) }
-        func deviceSetup(device: UInt32) throws {}
-        func deviceData(device: UInt32, _ data: UnsafeRawBufferPointer) throws {}
-        func deviceConfig(device: UInt32, _ data: ArraySlice<UInt8>) throws {}
-        func deviceInitialDataSent(device: UInt32) throws {}
-        func vcpus(_ states: [VCPUStateBytes]) throws {}
-        func end(pagesSent: UInt64) throws { ended = true }
-    }
+    /// Guest RAM of `ramSize` bytes of 0xee, so that a page the decoder never wrote shows.
+    static func sink() -> NullMigrationSink { NullMigrationSink(size: ramSize, fill: 0xee) }
 
     static let ramSize = 16 * 4096
 
@@ -121,7 +107,7 @@ final class ZeroCopyStreamTests: XCTestCase {
     }
 
     /// Decode `bytes` written into a socket pair (the writer closes after `limit` bytes).
-    static func decode(_ bytes: [UInt8], limit: Int? = nil, sink: Sink) throws {
+    static func decode(_ bytes: [UInt8], limit: Int? = nil, sink: NullMigrationSink) throws {
         let (a, b) = try UnixSocket.pair()
         let n = min(limit ?? bytes.count, bytes.count)
         let writer = OSThread(name: "writer") {
@@ -134,7 +120,7 @@ final class ZeroCopyStreamTests: XCTestCase {
     }
 
     func testPagesLandAtTheirAddressesThroughReadv() throws {
-        let sink = Sink(size: Self.ramSize)
+        let sink = Self.sink()
         try Self.decode(Self.stream(runs: [(0, 2, false), (2 * 4096, 3, true), (8 * 4096, 4, false)], checked: false), sink: sink)
         XCTAssertTrue(sink.ended)
         XCTAssertEqual(sink.zeroed, 3)
@@ -147,15 +133,15 @@ final class ZeroCopyStreamTests: XCTestCase {
     /// in it is applied; with the capability the same flip is refused, naming the section.
     func testPayloadChecksumCatchesAFlippedPageByteOnlyWhenOn() throws {
         let flip: (inout [UInt8]) -> Void = { $0[4100] ^= 0x40 }
-        XCTAssertNoThrow(try Self.decode(Self.stream(runs: [(0, 2, false)], checked: false, tamper: flip), sink: Sink(size: Self.ramSize)))
-        XCTAssertThrowsError(try Self.decode(Self.stream(runs: [(0, 2, false)], checked: true, tamper: flip), sink: Sink(size: Self.ramSize))) {
+        XCTAssertNoThrow(try Self.decode(Self.stream(runs: [(0, 2, false)], checked: false, tamper: flip), sink: Self.sink()))
+        XCTAssertThrowsError(try Self.decode(Self.stream(runs: [(0, 2, false)], checked: true, tamper: flip), sink: Self.sink())) {
             XCTAssertEqual($0 as? StreamError, .checksumMismatch(.ram, id: 2, offset: 60))
         }
     }
 
     /// Run tables are checked before any data is read, with or without payload checksums.
     func testARunOutsideGuestRAMIsRefusedWithoutPayloadChecksum() throws {
-        let sink = Sink(size: Self.ramSize)
+        let sink = Self.sink()
         XCTAssertThrowsError(try Self.decode(Self.stream(runs: [(15 * 4096, 2, false)], checked: false), sink: sink)) {
             XCTAssertTrue("\($0)".contains("lies outside guest RAM"), "\($0)")
         }
@@ -167,7 +153,7 @@ final class ZeroCopyStreamTests: XCTestCase {
         // The RAM section's length field (after header 16 + CONFIG 16+20+8): one byte more.
         let at = 16 + 44 + 8 + 7
         s[at] &+= 1
-        XCTAssertThrowsError(try Self.decode(s, sink: Sink(size: Self.ramSize))) {
+        XCTAssertThrowsError(try Self.decode(s, sink: Self.sink())) {
             XCTAssertTrue("\($0)".contains("does not match its runs"), "\($0)")
         }
     }
@@ -175,7 +161,7 @@ final class ZeroCopyStreamTests: XCTestCase {
     /// The writer stops in the middle of a run's data: a truncated stream at a precise offset.
     func testAStreamCutInsidePageDataIsTruncated() throws {
         let s = Self.stream(runs: [(0, 4, false)], checked: false)
-        XCTAssertThrowsError(try Self.decode(s, limit: 16 + 44 + 16 + 20 + 5000, sink: Sink(size: Self.ramSize))) {
+        XCTAssertThrowsError(try Self.decode(s, limit: 16 + 44 + 16 + 20 + 5000, sink: Self.sink())) {
             XCTAssertEqual($0 as? StreamError, .truncated(offset: 16 + 44 + 16 + 20))
         }
     }
@@ -183,7 +169,7 @@ final class ZeroCopyStreamTests: XCTestCase {
     func testAnUnknownHeaderFlagIsRefused() throws {
         var s = Self.stream(runs: [(0, 1, false)], checked: false)
         s[15] |= 0x80
-        XCTAssertThrowsError(try Self.decode(s, sink: Sink(size: Self.ramSize))) {
+        XCTAssertThrowsError(try Self.decode(s, sink: Self.sink())) {
             XCTAssertTrue("\($0)".contains("unknown stream flags"), "\($0)")
         }
     }
