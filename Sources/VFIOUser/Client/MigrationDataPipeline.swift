@@ -108,7 +108,8 @@ extension VFIOUserClient {
         do {
             while left > 0 {
                 if let f = forwarder {
-                    try awaitReadable(.migDataRead, deadline: deadline)
+                    // Part-way through a message: a give-up leaves the stream out of step.
+                    do { try awaitReadable(.migDataRead, deadline: deadline) } catch let e as VFIOUserClientError { throw markBroken(e) }
                     switch try f.move(from: connection.socket.fd.rawValue, to: destination.connection.socket.fd.rawValue, max: left) {
                     case let .moved(k):
                         left -= k
@@ -159,6 +160,7 @@ extension VFIOUserClient {
     func checkUsable() throws {
         if handedOver { throw VFIOUserClientError.handedOver }
         if let b = broken { throw b }
+        try settleOwedReplies()
     }
 
     private func sendMigDataRead(size n: Int) throws -> UInt16 {
@@ -303,12 +305,19 @@ extension VFIOUserClient {
     func drainAfterFailure(_ pipe: inout ReplyPipe) {
         guard broken == nil else { return }
         while pipe.outstanding > 0 {
-            _ = pipe.next()
+            // A wait given up (timeout, cancel): the rest are owed, dropped when they come.
+            if cutWait != nil {
+                owedReplies += pipe.expected[pipe.head...]
+                pipe.head = pipe.expected.count
+                return
+            }
+            let id = pipe.next()
             do {
                 let (h, got) = try awaitReplyHeader(.migDataRead)
                 try discardReply(h, got, .migDataRead)
             } catch let e as VFIOUserClientError {
                 if case .protocolViolation = e { continue }  // consumed, still in step
+                if cutWait != nil { owedReplies.append(id); continue }
                 if broken == nil { broken = e }
                 return
             } catch {
