@@ -32,12 +32,14 @@ extension VFIOUserClient {
     /// data available now in PRE_COPY, the end of the stream in STOP_COPY), keeping `depth`
     /// MIG_DATA_READ requests in flight and at most `depth` MIG_DATA_WRITE replies outstanding.
     /// Messages carry up to `chunk` bytes, within both servers' `max_data_xfer_size`.
-    /// `beforeWrite` runs before each MIG_DATA_WRITE (fault injection in tests).
+    /// `beforeWrite` runs before each MIG_DATA_WRITE (fault injection in tests). No request is
+    /// sent past `maxBytes`: data that has not ended by then (every reply full) is an error, so
+    /// that a server whose replies are never short cannot keep the relay going forever.
     ///
     /// On failure both connections are brought back in step (the outstanding replies are read
     /// and dropped) so that the caller can still move the devices back; if that fails too, the
     /// connection is marked broken and every later call says why.
-    public func relayMigrationData(to destination: VFIOUserClient, chunk: Int = Int.max, depth: Int = 4,
+    public func relayMigrationData(to destination: VFIOUserClient, chunk: Int = Int.max, depth: Int = 4, maxBytes: UInt64 = .max,
                                    beforeWrite: (() throws -> Void)? = nil) throws -> UInt64 {
         precondition(destination !== self, "relay to the same connection")
         let n = min(chunk, maxTransfer, destination.maxTransfer)
@@ -58,14 +60,17 @@ extension VFIOUserClient {
                 // Payload bytes of the current reply not yet taken off the source's socket.
                 var unread = 0
                 do {
-                    for _ in 0..<depth { reads.expected.append(try sendMigDataRead(size: n)) }
+                    var asked: UInt64 = 0
+                    for _ in 0..<depth where asked < maxBytes { reads.expected.append(try sendMigDataRead(size: n)); asked += UInt64(n) }
                     var issuing = true
                     while reads.outstanding > 0 {
                         let (got, padding) = try receiveMigDataReadReplyHead(&reads, capacity: n)
                         unread = got + padding
                         // A short reply ends the data: no new requests, but the ones in flight
                         // are still answered in order, and whatever they carry is stream data.
-                        if got < n { issuing = false } else if issuing { reads.expected.append(try sendMigDataRead(size: n)) }
+                        if got < n { issuing = false } else if issuing && asked < maxBytes {
+                            reads.expected.append(try sendMigDataRead(size: n)); asked += UInt64(n)
+                        }
                         if got > 0 {
                             try beforeWrite?()
                             if writes.outstanding >= depth { try destination.receiveMigDataWriteReply(&writes) }
@@ -83,6 +88,8 @@ extension VFIOUserClient {
                         unread = 0
                     }
                     while writes.outstanding > 0 { try destination.receiveMigDataWriteReply(&writes) }
+                    // Every reply was full up to the bound: the data did not end.
+                    if issuing { throw DeviceMigrationError.dataDidNotEnd(moved: moved, bound: maxBytes) }
                 } catch {
                     // A reply whose payload is still (partly) on the socket: read it off first.
                     if unread > 0, broken == nil {
