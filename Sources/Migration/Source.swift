@@ -718,6 +718,8 @@ public final class MigrationSource: @unchecked Sendable {
         // Pre-copy with nothing pending (initial and dirty bytes both 0): no read, as QEMU's
         // iterate reports the device done then.
         let idle = !final && d.initialDataSent && d.migration.preCopyInfo().map { $0.initialBytes == 0 && $0.dirtyBytes == 0 } == true
+        // A device whose reads are never short would keep this loop (and the VM's pause) forever.
+        var budget = DeviceMigration.DataBudget()
         while !idle {
             try checkCancelled()
             if !final && switchoverRequested { break }
@@ -727,6 +729,7 @@ public final class MigrationSource: @unchecked Sendable {
                 records.u64(MigrationStream.VFIOTag.dataState.rawValue); records.u64(UInt64(data.count)); records.append(data)
                 moved += UInt64(data.count)
                 if records.bytes.count >= 4 << 20 { try flush() }
+                do { try budget.check(moved: moved, device: d.migration) } catch { throw MigrationError.device(i, "reading migration data: \(error)") }
             }
             if data.count < 1 << 20 { break }  // a short read ends the data available now
         }
