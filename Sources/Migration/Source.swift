@@ -343,7 +343,11 @@ public final class MigrationSource: @unchecked Sendable {
     /// The destination reports a failure as soon as it has one: check without blocking. A
     /// probe's answer (PRG) is noted and the check goes on.
     private func checkDestination() throws {
-        while (try? Poll.waitReadable(socket.fd, timeoutMilliseconds: 0)) == true {
+        // At most a few messages per check: a destination that floods PRG must not keep the
+        // source here (the stream would stop, and no timeout fires while messages come).
+        var budget = 64
+        while budget > 0, (try? Poll.waitReadable(socket.fd, timeoutMilliseconds: 0)) == true {
+            budget -= 1
             try checkCancelled()
             guard let v = Verdict.receive(socket) else { throw MigrationError.channel("the destination closed the connection") }
             if v.kind == .progress { noteProgress(v.text); continue }
@@ -354,7 +358,9 @@ public final class MigrationSource: @unchecked Sendable {
 
     /// The next message that is not a probe's answer (those are noted), or nil.
     private func receiveSkippingProgress() -> Verdict.Message? {
-        while let v = Verdict.receive(socket) {
+        // Bounded: a destination that floods PRG has no verdict to give.
+        for _ in 0..<1024 {
+            guard let v = Verdict.receive(socket) else { return nil }
             guard v.kind == .progress else { return v }
             noteProgress(v.text)
         }
