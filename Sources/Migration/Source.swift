@@ -1196,14 +1196,21 @@ public final class MigrationSource: @unchecked Sendable {
 
     /// One verdict from the destination, bounded by the peer timeout and by cancel.
     private func receiveVerdict(_ what: String) throws -> Verdict.Message {
-        do {
-            while true {
-                let v = try Verdict.read(socket)
-                // A probe's late answer (one that came after the wait for it gave up).
-                if v.kind == .progress { noteProgress(v.text); continue }
-                return v
+        // Progress messages do not restart the peer timeout: a destination that sends only PRG
+        // (a flood, answers to probes never sent) has given no verdict, as one that is silent.
+        let (span, over) = parameters.peerTimeoutMS.multipliedReportingOverflow(by: 1_000_000)
+        let deadline = parameters.peerTimeoutMS == 0 || over ? UInt64.max : monotonicNanoseconds() &+ span
+        while true {
+            let v: Verdict.Message
+            do { v = try Verdict.read(socket) } catch { throw channelError(error, what, receiving: true) }
+            guard v.kind == .progress else { return v }
+            // A probe's late answer (one that came after the wait for it gave up).
+            noteProgress(v.text)
+            try checkCancelled()
+            if monotonicNanoseconds() >= deadline {
+                throw MigrationError.peerTimeout("destination sent only progress messages for \(parameters.peerTimeoutMS) ms during \(phase.rawValue) (\(what))")
             }
-        } catch { throw channelError(error, what, receiving: true) }
+        }
     }
 
     /// After GO without confirmation: no rollback, the VM stays paused (see `.unconfirmed`).
