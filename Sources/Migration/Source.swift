@@ -1041,8 +1041,14 @@ public final class MigrationSource: @unchecked Sendable {
                     continue
                 }
             } else if !switchoverRequested && destinationAnswersProbes && !forced {
-                Log.debug("migration", "the destination is more than \(bound) ms behind: one more pass")
-                continue
+                // Bounded by maxIterations too: a destination that answers a first probe and
+                // then never again (or always late) would otherwise keep pre-copy going forever.
+                if stats.iterations < parameters.maxIterations {
+                    Log.debug("migration", "the destination is more than \(bound) ms behind: one more pass")
+                    continue
+                }
+                Log.warning("migration", "the destination is still more than \(bound) ms behind after \(stats.iterations) iterations: switching over anyway")
+                stats.update { stats.forcedSwitchover = true }
             } else if !switchoverRequested && !destinationAnswersProbes {
                 Log.info("migration", "the destination does not answer probes (an older build): switching over without knowing its backlog")
             }
