@@ -1120,7 +1120,13 @@ public final class MigrationSource: @unchecked Sendable {
             throw MigrationError.channel("sending GO: \(error)")
         }
         let verdict: Verdict.Message
-        do { verdict = try receiveVerdict("waiting for the destination to resume the guest") } catch {
+        // The destination brings its devices to RUNNING now: a hung one costs it up to its
+        // device timeout (per device) before it says ERR and the VM is ours again. Waiting only
+        // the peer timeout (5 s against 10 s) left both sides paused, the outcome unknown.
+        let deviceBoundMS = devices.reduce(UInt64(2000)) { sum, d in
+            sum + ((d.attached.device as? VFIOUserClient).map { UInt64(max($0.options.timeoutMilliseconds, 0)) } ?? 0)
+        }
+        do { verdict = try receiveVerdict("waiting for the destination to resume the guest", atLeastMS: deviceBoundMS) } catch {
             throw MigrationError.unconfirmed("the destination was told to take over (GO) but \(error); the source VM stays paused so the guest cannot run twice (check the destination; `cont` here only if it does not run)")
         }
         guard verdict.kind == .ack else {
@@ -1201,12 +1207,23 @@ public final class MigrationSource: @unchecked Sendable {
     public var pausedAtStart: Bool?
 
     /// One verdict from the destination, bounded by the peer timeout and by cancel.
-    private func receiveVerdict(_ what: String) throws -> Verdict.Message {
+    /// `atLeastMS`: wait that long even if the peer timeout is shorter (after GO: the
+    /// destination may take its device timeout per device before it can say ERR).
+    private func receiveVerdict(_ what: String, atLeastMS: UInt64 = 0) throws -> Verdict.Message {
         // Progress messages do not restart the peer timeout: a destination that sends only PRG
         // (a flood, answers to probes never sent) has given no verdict, as one that is silent.
-        let (span, over) = parameters.peerTimeoutMS.multipliedReportingOverflow(by: 1_000_000)
-        let deadline = parameters.peerTimeoutMS == 0 || over ? UInt64.max : monotonicNanoseconds() &+ span
+        let longer = parameters.peerTimeoutMS > 0 && atLeastMS > parameters.peerTimeoutMS
+        let ms = longer ? atLeastMS : parameters.peerTimeoutMS
+        let (span, over) = ms.multipliedReportingOverflow(by: 1_000_000)
+        let deadline = ms == 0 || over ? UInt64.max : monotonicNanoseconds() &+ span
         while true {
+            // Longer than the socket's own timeout: poll first (a read cut by SO_RCVTIMEO
+            // part-way through a message would lose its start).
+            while longer {
+                let now = monotonicNanoseconds()
+                guard now < deadline else { throw MigrationError.peerTimeout("destination did not answer for \(ms) ms during \(phase.rawValue) (\(what))") }
+                if (try? Poll.waitReadable(socket.fd, timeoutMilliseconds: Int32(clamping: min((deadline - now) / 1_000_000 + 1, 250)))) == true { break }
+            }
             let v: Verdict.Message
             do { v = try Verdict.read(socket) } catch { throw channelError(error, what, receiving: true) }
             guard v.kind == .progress else { return v }
