@@ -76,12 +76,13 @@ extension VFIOUserClient {
                             if writes.outstanding >= depth { try destination.receiveMigDataWriteReply(&writes) }
                             if forwarder != nil {
                                 writes.expected.append(try destination.sendMigDataWriteHead(size: got))
-                                try forward(got, to: destination, via: &forwarder, buffer: buffer)
+                                try forward(got, to: destination, via: &forwarder, buffer: buffer, unread: &unread)
                             } else {
                                 try receive(into: UnsafeMutableRawBufferPointer(rebasing: buffer[0..<got]), .migDataRead)
+                                // Taken off the source: a failed send below must not drain them again.
+                                unread -= got
                                 writes.expected.append(try destination.sendMigDataWrite(UnsafeRawBufferPointer(rebasing: buffer[0..<got])))
                             }
-                            unread -= got
                             moved += UInt64(got)
                         }
                         if unread > 0 { try drain(unread, .migDataRead) }
@@ -106,12 +107,20 @@ extension VFIOUserClient {
 
     /// Move `count` payload bytes from this connection's socket to the destination's, after
     /// the MIG_DATA_WRITE header went out: spliced, or through `buffer` if splice is refused
-    /// (then `forwarder` is dropped and later messages take the plain path). Either socket
-    /// failing part-way leaves its stream in the middle of a message: both are marked broken.
+    /// (then `forwarder` is dropped and later messages take the plain path). `unread` (the
+    /// reply's bytes still on the source) goes down by `count` once they are all off it.
+    /// The destination failing part-way leaves its stream mid-message (broken); the source's
+    /// rest of the data is then read off and dropped, so that the source device can still be
+    /// moved back to RUNNING (a destination that stopped reading cost the source its device).
+    /// The source failing part-way breaks both.
     private func forward(_ count: Int, to destination: VFIOUserClient, via forwarder: inout SpliceForwarder?,
-                         buffer: UnsafeMutableRawBufferPointer) throws {
+                         buffer: UnsafeMutableRawBufferPointer, unread: inout Int) throws {
         var left = count
+        // Bytes of `count` taken off the source; whether the failure is the destination's.
+        var taken = 0
+        var atDestination = false
         let deadline = replyDeadline()
+        defer { if taken == count { unread -= count } }
         do {
             while left > 0 {
                 if let f = forwarder {
@@ -120,7 +129,9 @@ extension VFIOUserClient {
                     switch try f.move(from: connection.socket.fd.rawValue, to: destination.connection.socket.fd.rawValue, max: left) {
                     case let .moved(k):
                         left -= k
+                        taken += k
                     case let .unsupported(sent, stranded):
+                        taken += sent + stranded
                         // Bytes already in the pipe go on by hand; the rest by the plain path.
                         Log.debug("vfio-user", "splice relay refused by the kernel: receiving into a buffer instead")
                         forwarder = nil
@@ -129,7 +140,9 @@ extension VFIOUserClient {
                         if stranded > 0 {
                             let b = UnsafeMutableRawBufferPointer(rebasing: buffer[0..<stranded])
                             try f.drainPipe(into: b)
+                            atDestination = true
                             try destination.sendRaw(UnsafeRawBufferPointer(b))
+                            atDestination = false
                             left -= stranded
                         }
                     }
@@ -138,15 +151,24 @@ extension VFIOUserClient {
                 let k = min(left, buffer.count)
                 let b = UnsafeMutableRawBufferPointer(rebasing: buffer[0..<k])
                 try receive(into: b, .migDataRead)
+                taken += k
+                atDestination = true
                 try destination.sendRaw(UnsafeRawBufferPointer(b))
+                atDestination = false
                 left -= k
             }
         } catch {
             var e = error
             if let f = error as? SpliceForwarder.Failure {
+                if !f.atSource { atDestination = true; taken += f.taken }
                 e = f.atSource ? transportError(f.errno, .migDataRead) : destination.transportError(f.errno, .migDataWrite)
             }
-            if broken == nil { _ = markBroken(.protocolViolation("MIG_DATA_READ data stopped part-way (\(count - left) of \(count) bytes relayed): \(e)")) }
+            if atDestination, broken == nil {
+                do { try connection.drain(count - taken); taken = count } catch {
+                    _ = markBroken(.protocolViolation("MIG_DATA_READ data could not be read off after the destination failed: \(transportError(error, .migDataRead))"))
+                }
+            }
+            if broken == nil, !atDestination { _ = markBroken(.protocolViolation("MIG_DATA_READ data stopped part-way (\(count - left) of \(count) bytes relayed): \(e)")) }
             if destination.broken == nil {
                 _ = destination.markBroken(.protocolViolation("MIG_DATA_WRITE cut part-way (\(count - left) of \(count) bytes sent): \(e)"))
             }
