@@ -343,7 +343,11 @@ public final class MigrationSource: @unchecked Sendable {
     /// The destination reports a failure as soon as it has one: check without blocking. A
     /// probe's answer (PRG) is noted and the check goes on.
     private func checkDestination() throws {
-        while (try? Poll.waitReadable(socket.fd, timeoutMilliseconds: 0)) == true {
+        // At most a few messages per check: a destination that floods PRG must not keep the
+        // source here (the stream would stop, and no timeout fires while messages come).
+        var budget = 64
+        while budget > 0, (try? Poll.waitReadable(socket.fd, timeoutMilliseconds: 0)) == true {
+            budget -= 1
             try checkCancelled()
             guard let v = Verdict.receive(socket) else { throw MigrationError.channel("the destination closed the connection") }
             if v.kind == .progress { noteProgress(v.text); continue }
@@ -354,7 +358,9 @@ public final class MigrationSource: @unchecked Sendable {
 
     /// The next message that is not a probe's answer (those are noted), or nil.
     private func receiveSkippingProgress() -> Verdict.Message? {
-        while let v = Verdict.receive(socket) {
+        // Bounded: a destination that floods PRG has no verdict to give.
+        for _ in 0..<1024 {
+            guard let v = Verdict.receive(socket) else { return nil }
             guard v.kind == .progress else { return v }
             noteProgress(v.text)
         }
@@ -725,6 +731,8 @@ public final class MigrationSource: @unchecked Sendable {
         // Pre-copy with nothing pending (initial and dirty bytes both 0): no read, as QEMU's
         // iterate reports the device done then.
         let idle = !final && d.initialDataSent && d.migration.preCopyInfo().map { $0.initialBytes == 0 && $0.dirtyBytes == 0 } == true
+        // A device whose reads are never short would keep this loop (and the VM's pause) forever.
+        var budget = DeviceMigration.DataBudget()
         while !idle {
             try checkCancelled()
             if !final && switchoverRequested { break }
@@ -734,6 +742,7 @@ public final class MigrationSource: @unchecked Sendable {
                 records.u64(MigrationStream.VFIOTag.dataState.rawValue); records.u64(UInt64(data.count)); records.append(data)
                 moved += UInt64(data.count)
                 if records.bytes.count >= 4 << 20 { try flush() }
+                do { try budget.check(moved: moved, device: d.migration) } catch { throw MigrationError.device(i, "reading migration data: \(error)") }
             }
             if data.count < 1 << 20 { break }  // a short read ends the data available now
         }
@@ -1061,8 +1070,14 @@ public final class MigrationSource: @unchecked Sendable {
                     continue
                 }
             } else if !switchoverRequested && destinationAnswersProbes && !forced {
-                Log.debug("migration", "the destination is more than \(bound) ms behind: one more pass")
-                continue
+                // Bounded by maxIterations too: a destination that answers a first probe and
+                // then never again (or always late) would otherwise keep pre-copy going forever.
+                if stats.iterations < parameters.maxIterations {
+                    Log.debug("migration", "the destination is more than \(bound) ms behind: one more pass")
+                    continue
+                }
+                Log.warning("migration", "the destination is still more than \(bound) ms behind after \(stats.iterations) iterations: switching over anyway")
+                stats.update { stats.forcedSwitchover = true }
             } else if !switchoverRequested && !destinationAnswersProbes {
                 Log.info("migration", "the destination does not answer probes (an older build): switching over without knowing its backlog")
             }
@@ -1141,7 +1156,13 @@ public final class MigrationSource: @unchecked Sendable {
             throw MigrationError.channel("sending GO: \(error)")
         }
         let verdict: Verdict.Message
-        do { verdict = try receiveVerdict("waiting for the destination to resume the guest") } catch {
+        // The destination brings its devices to RUNNING now: a hung one costs it up to its
+        // device timeout (per device) before it says ERR and the VM is ours again. Waiting only
+        // the peer timeout (5 s against 10 s) left both sides paused, the outcome unknown.
+        let deviceBoundMS = devices.reduce(UInt64(2000)) { sum, d in
+            sum + ((d.attached.device as? VFIOUserClient).map { UInt64(max($0.options.timeoutMilliseconds, 0)) } ?? 0)
+        }
+        do { verdict = try receiveVerdict("waiting for the destination to resume the guest", atLeastMS: deviceBoundMS) } catch {
             throw MigrationError.unconfirmed("the destination was told to take over (GO) but \(error); the source VM stays paused so the guest cannot run twice (check the destination; `cont` here only if it does not run)")
         }
         guard verdict.kind == .ack else {
@@ -1230,15 +1251,33 @@ public final class MigrationSource: @unchecked Sendable {
     public var pausedAtStart: Bool?
 
     /// One verdict from the destination, bounded by the peer timeout and by cancel.
-    private func receiveVerdict(_ what: String) throws -> Verdict.Message {
-        do {
-            while true {
-                let v = try Verdict.read(socket)
-                // A probe's late answer (one that came after the wait for it gave up).
-                if v.kind == .progress { noteProgress(v.text); continue }
-                return v
+    /// `atLeastMS`: wait that long even if the peer timeout is shorter (after GO: the
+    /// destination may take its device timeout per device before it can say ERR).
+    private func receiveVerdict(_ what: String, atLeastMS: UInt64 = 0) throws -> Verdict.Message {
+        // Progress messages do not restart the peer timeout: a destination that sends only PRG
+        // (a flood, answers to probes never sent) has given no verdict, as one that is silent.
+        let longer = parameters.peerTimeoutMS > 0 && atLeastMS > parameters.peerTimeoutMS
+        let ms = longer ? atLeastMS : parameters.peerTimeoutMS
+        let (span, over) = ms.multipliedReportingOverflow(by: 1_000_000)
+        let deadline = ms == 0 || over ? UInt64.max : monotonicNanoseconds() &+ span
+        while true {
+            // Longer than the socket's own timeout: poll first (a read cut by SO_RCVTIMEO
+            // part-way through a message would lose its start).
+            while longer {
+                let now = monotonicNanoseconds()
+                guard now < deadline else { throw MigrationError.peerTimeout("destination did not answer for \(ms) ms during \(phase.rawValue) (\(what))") }
+                if (try? Poll.waitReadable(socket.fd, timeoutMilliseconds: Int32(clamping: min((deadline - now) / 1_000_000 + 1, 250)))) == true { break }
             }
-        } catch { throw channelError(error, what, receiving: true) }
+            let v: Verdict.Message
+            do { v = try Verdict.read(socket) } catch { throw channelError(error, what, receiving: true) }
+            guard v.kind == .progress else { return v }
+            // A probe's late answer (one that came after the wait for it gave up).
+            noteProgress(v.text)
+            try checkCancelled()
+            if monotonicNanoseconds() >= deadline {
+                throw MigrationError.peerTimeout("destination sent only progress messages for \(parameters.peerTimeoutMS) ms during \(phase.rawValue) (\(what))")
+            }
+        }
     }
 
     /// After GO without confirmation: no rollback, the VM stays paused (see `.unconfirmed`).

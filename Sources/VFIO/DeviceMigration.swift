@@ -35,6 +35,9 @@ public enum DeviceMigrationError: Error, CustomStringConvertible {
     case protocolUnavailable(MigrationProtocol)
     case refused(from: MigrationState, to: MigrationState, reason: String)
     case v1(String)
+    /// Every read came back full past `bound` bytes: a device whose data never ends (a read
+    /// that is never short) would keep pre-copy or stop-copy going forever.
+    case dataDidNotEnd(moved: UInt64, bound: UInt64)
 
     public var description: String {
         switch self {
@@ -42,6 +45,9 @@ public enum DeviceMigrationError: Error, CustomStringConvertible {
         case let .protocolUnavailable(p): return "device does not offer migration \(p)"
         case let .refused(f, t, r): return "device refused \(f)→\(t): \(r)"
         case let .v1(s): return "migration v1: \(s)"
+        case let .dataDidNotEnd(m, b):
+            return "the device's migration data did not end: \(m) bytes read with every read full, past the bound of \(b) bytes " +
+                "(twice the size it announced plus \(DeviceMigration.dataSlack >> 20) MiB; \(DeviceMigration.unannouncedDataBound >> 30) GiB if it announces none)"
         }
     }
 }
@@ -214,6 +220,40 @@ public final class DeviceMigration {
             do { try m.transition(to: target) } catch { errors[i] = error }
         }
         return errors
+    }
+
+    /// What one read of the data to its end (a pre-copy round, or stop-copy) may move beyond
+    /// the device's announced size (MIG_DATA_SIZE / pending_bytes, an estimate): below it no
+    /// size is asked for at all.
+    public static let dataSlack: UInt64 = 256 << 20
+    /// The bound when the device announces no size.
+    public static let unannouncedDataBound: UInt64 = 16 << 30
+
+    /// The most one read of the data to its end may move, from the size the device announced
+    /// (nil: none): twice it plus `dataSlack` (saturating), so that an estimate that is low is
+    /// not an error, while a device whose reads are never short ends the migration (QEMU has
+    /// no such bound: its save loop reads until a read returns 0).
+    public static func dataBound(announced: UInt64?) -> UInt64 {
+        guard let a = announced else { return unannouncedDataBound }
+        let (twice, o1) = a.multipliedReportingOverflow(by: 2)
+        let (b, o2) = twice.addingReportingOverflow(dataSlack)
+        return o1 || o2 ? .max : b
+    }
+
+    /// Bounds one read of the data to its end. The size is asked for only once `dataSlack`
+    /// was moved (never on a normal device's downtime path), then counted from there.
+    public struct DataBudget {
+        private var bound: UInt64?
+        public init() {}
+        public mutating func check(moved: UInt64, device: DeviceMigration) throws {
+            guard moved > DeviceMigration.dataSlack else { return }
+            if bound == nil {
+                let (b, o) = moved.addingReportingOverflow(DeviceMigration.dataBound(announced: device.stopCopySize()))
+                bound = o ? .max : b
+            }
+            guard let b = bound, moved > b else { return }
+            throw DeviceMigrationError.dataDidNotEnd(moved: moved, bound: b)
+        }
     }
 
     public func stopCopySize() -> UInt64? {

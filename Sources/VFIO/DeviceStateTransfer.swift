@@ -34,8 +34,9 @@ public enum DeviceTransferError: Error, CustomStringConvertible {
 /// MIG_DATA_READ, each reply sent on as a MIG_DATA_WRITE from the buffer it arrived in).
 public protocol MigrationDataRelay: AnyObject {
     /// Move data until the source's current data ends (a short read); returns the bytes moved,
-    /// or nil when `destination` is not of this transport (the caller copies instead).
-    func relayMigrationData(to destination: MigrationDeviceHandle, chunk: Int, beforeWrite: (() throws -> Void)?) throws -> UInt64?
+    /// or nil when `destination` is not of this transport (the caller copies instead). Data
+    /// that has not ended after `maxBytes` is an error (`DeviceMigrationError.dataDidNotEnd`).
+    func relayMigrationData(to destination: MigrationDeviceHandle, chunk: Int, maxBytes: UInt64, beforeWrite: (() throws -> Void)?) throws -> UInt64?
 }
 
 /// Moves one device's state from a source to a destination: destination to RESUMING, pre-copy
@@ -67,13 +68,17 @@ public final class DeviceStateTransfer {
         self.source = source; self.destination = destination; self.options = options
     }
 
-    private func pump(_ bytes: inout UInt64, writes: inout Int) throws -> UInt64 {
+    /// A source whose reads are never short would pump forever: each pump is bounded by what
+    /// the source announces (asked for before a stop-copy's downtime starts, not inside it).
+    private func dataBound() -> UInt64 { DeviceMigration.dataBound(announced: source.stopCopySize()) }
+
+    private func pump(_ bytes: inout UInt64, writes: inout Int, bound: UInt64) throws -> UInt64 {
         var moved: UInt64 = 0
         if source.proto == .v2, destination.proto == .v2, let relay = source.device as? MigrationDataRelay {
             let hook = beforeDestinationWrite
             var n = writes
             defer { writes = n }
-            if let m = try relay.relayMigrationData(to: destination.device, chunk: options.chunk, beforeWrite: {
+            if let m = try relay.relayMigrationData(to: destination.device, chunk: options.chunk, maxBytes: bound, beforeWrite: {
                 try hook?(n)
                 n += 1
             }) {
@@ -89,6 +94,7 @@ public final class DeviceStateTransfer {
             try data.withUnsafeBytes { try destination.write($0) }
             moved += UInt64(data.count)
             bytes += UInt64(data.count)
+            if moved > bound { throw DeviceMigrationError.dataDidNotEnd(moved: moved, bound: bound) }
             // A short read ends the currently available data (v2); v1 returns one chunk per read.
             if source.proto == .v2 && data.count < options.chunk { return moved }
         }
@@ -107,18 +113,19 @@ public final class DeviceStateTransfer {
                 phase = "pre-copy"
                 report.sourcePath += try source.transition(to: .preCopy).dropFirst()
                 while report.preCopyRounds < options.maxPreCopyRounds {
-                    let n = try pump(&report.preCopyBytes, writes: &writes)
+                    let n = try pump(&report.preCopyBytes, writes: &writes, bound: dataBound())
                     report.preCopyRounds += 1
                     afterPreCopyRound?(report.preCopyRounds, n)
                     if n <= options.convergedBytes { break }
                 }
             }
             phase = "stop-copy"
+            let bound = dataBound()
             try beforeStopCopy?()
             stopStart = monotonicNanoseconds()
             report.sourcePath += try source.transition(to: .stopCopy).dropFirst()
             let t1 = monotonicNanoseconds()
-            _ = try pump(&report.stopCopyBytes, writes: &writes)
+            _ = try pump(&report.stopCopyBytes, writes: &writes, bound: bound)
             let t2 = monotonicNanoseconds()
             phase = "destination load"
             report.destinationPath += try destination.transition(to: .running).dropFirst()

@@ -79,7 +79,8 @@ final class ClientTimeoutTests: XCTestCase {
         XCTAssertThrowsError(try c.deviceInfo()) {
             XCTAssertEqual($0 as? VFIOUserClientError, .timeout(command: .deviceGetInfo, seconds: 0.3))
         }
-        // A late reply would be taken for the next request's: the connection is not used again.
+        // The reply is still owed: later calls fail at once with the cause (they recover once
+        // it came, LateReplyTests), rather than wait again on a server that does not answer.
         let t0 = monotonicNanoseconds()
         XCTAssertThrowsError(try c.reset()) {
             XCTAssertEqual($0 as? VFIOUserClientError, .timeout(command: .deviceGetInfo, seconds: 0.3))

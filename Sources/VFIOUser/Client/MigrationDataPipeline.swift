@@ -32,12 +32,14 @@ extension VFIOUserClient {
     /// data available now in PRE_COPY, the end of the stream in STOP_COPY), keeping `depth`
     /// MIG_DATA_READ requests in flight and at most `depth` MIG_DATA_WRITE replies outstanding.
     /// Messages carry up to `chunk` bytes, within both servers' `max_data_xfer_size`.
-    /// `beforeWrite` runs before each MIG_DATA_WRITE (fault injection in tests).
+    /// `beforeWrite` runs before each MIG_DATA_WRITE (fault injection in tests). No request is
+    /// sent past `maxBytes`: data that has not ended by then (every reply full) is an error, so
+    /// that a server whose replies are never short cannot keep the relay going forever.
     ///
     /// On failure both connections are brought back in step (the outstanding replies are read
     /// and dropped) so that the caller can still move the devices back; if that fails too, the
     /// connection is marked broken and every later call says why.
-    public func relayMigrationData(to destination: VFIOUserClient, chunk: Int = Int.max, depth: Int = 4,
+    public func relayMigrationData(to destination: VFIOUserClient, chunk: Int = Int.max, depth: Int = 4, maxBytes: UInt64 = .max,
                                    beforeWrite: (() throws -> Void)? = nil) throws -> UInt64 {
         precondition(destination !== self, "relay to the same connection")
         let n = min(chunk, maxTransfer, destination.maxTransfer)
@@ -58,31 +60,37 @@ extension VFIOUserClient {
                 // Payload bytes of the current reply not yet taken off the source's socket.
                 var unread = 0
                 do {
-                    for _ in 0..<depth { reads.expected.append(try sendMigDataRead(size: n)) }
+                    var asked: UInt64 = 0
+                    for _ in 0..<depth where asked < maxBytes { reads.expected.append(try sendMigDataRead(size: n)); asked += UInt64(n) }
                     var issuing = true
                     while reads.outstanding > 0 {
                         let (got, padding) = try receiveMigDataReadReplyHead(&reads, capacity: n)
                         unread = got + padding
                         // A short reply ends the data: no new requests, but the ones in flight
                         // are still answered in order, and whatever they carry is stream data.
-                        if got < n { issuing = false } else if issuing { reads.expected.append(try sendMigDataRead(size: n)) }
+                        if got < n { issuing = false } else if issuing && asked < maxBytes {
+                            reads.expected.append(try sendMigDataRead(size: n)); asked += UInt64(n)
+                        }
                         if got > 0 {
                             try beforeWrite?()
                             if writes.outstanding >= depth { try destination.receiveMigDataWriteReply(&writes) }
                             if forwarder != nil {
                                 writes.expected.append(try destination.sendMigDataWriteHead(size: got))
-                                try forward(got, to: destination, via: &forwarder, buffer: buffer)
+                                try forward(got, to: destination, via: &forwarder, buffer: buffer, unread: &unread)
                             } else {
                                 try receive(into: UnsafeMutableRawBufferPointer(rebasing: buffer[0..<got]), .migDataRead)
+                                // Taken off the source: a failed send below must not drain them again.
+                                unread -= got
                                 writes.expected.append(try destination.sendMigDataWrite(UnsafeRawBufferPointer(rebasing: buffer[0..<got])))
                             }
-                            unread -= got
                             moved += UInt64(got)
                         }
                         if unread > 0 { try drain(unread, .migDataRead) }
                         unread = 0
                     }
                     while writes.outstanding > 0 { try destination.receiveMigDataWriteReply(&writes) }
+                    // Every reply was full up to the bound: the data did not end.
+                    if issuing { throw DeviceMigrationError.dataDidNotEnd(moved: moved, bound: maxBytes) }
                 } catch {
                     // A reply whose payload is still (partly) on the socket: read it off first.
                     if unread > 0, broken == nil {
@@ -99,20 +107,31 @@ extension VFIOUserClient {
 
     /// Move `count` payload bytes from this connection's socket to the destination's, after
     /// the MIG_DATA_WRITE header went out: spliced, or through `buffer` if splice is refused
-    /// (then `forwarder` is dropped and later messages take the plain path). Either socket
-    /// failing part-way leaves its stream in the middle of a message: both are marked broken.
+    /// (then `forwarder` is dropped and later messages take the plain path). `unread` (the
+    /// reply's bytes still on the source) goes down by `count` once they are all off it.
+    /// The destination failing part-way leaves its stream mid-message (broken); the source's
+    /// rest of the data is then read off and dropped, so that the source device can still be
+    /// moved back to RUNNING (a destination that stopped reading cost the source its device).
+    /// The source failing part-way breaks both.
     private func forward(_ count: Int, to destination: VFIOUserClient, via forwarder: inout SpliceForwarder?,
-                         buffer: UnsafeMutableRawBufferPointer) throws {
+                         buffer: UnsafeMutableRawBufferPointer, unread: inout Int) throws {
         var left = count
+        // Bytes of `count` taken off the source; whether the failure is the destination's.
+        var taken = 0
+        var atDestination = false
         let deadline = replyDeadline()
+        defer { if taken == count { unread -= count } }
         do {
             while left > 0 {
                 if let f = forwarder {
-                    try awaitReadable(.migDataRead, deadline: deadline)
+                    // Part-way through a message: a give-up leaves the stream out of step.
+                    do { try awaitReadable(.migDataRead, deadline: deadline) } catch let e as VFIOUserClientError { throw markBroken(e) }
                     switch try f.move(from: connection.socket.fd.rawValue, to: destination.connection.socket.fd.rawValue, max: left) {
                     case let .moved(k):
                         left -= k
+                        taken += k
                     case let .unsupported(sent, stranded):
+                        taken += sent + stranded
                         // Bytes already in the pipe go on by hand; the rest by the plain path.
                         Log.debug("vfio-user", "splice relay refused by the kernel: receiving into a buffer instead")
                         forwarder = nil
@@ -121,7 +140,9 @@ extension VFIOUserClient {
                         if stranded > 0 {
                             let b = UnsafeMutableRawBufferPointer(rebasing: buffer[0..<stranded])
                             try f.drainPipe(into: b)
+                            atDestination = true
                             try destination.sendRaw(UnsafeRawBufferPointer(b))
+                            atDestination = false
                             left -= stranded
                         }
                     }
@@ -130,15 +151,24 @@ extension VFIOUserClient {
                 let k = min(left, buffer.count)
                 let b = UnsafeMutableRawBufferPointer(rebasing: buffer[0..<k])
                 try receive(into: b, .migDataRead)
+                taken += k
+                atDestination = true
                 try destination.sendRaw(UnsafeRawBufferPointer(b))
+                atDestination = false
                 left -= k
             }
         } catch {
             var e = error
             if let f = error as? SpliceForwarder.Failure {
+                if !f.atSource { atDestination = true; taken += f.taken }
                 e = f.atSource ? transportError(f.errno, .migDataRead) : destination.transportError(f.errno, .migDataWrite)
             }
-            if broken == nil { _ = markBroken(.protocolViolation("MIG_DATA_READ data stopped part-way (\(count - left) of \(count) bytes relayed): \(e)")) }
+            if atDestination, broken == nil {
+                do { try connection.drain(count - taken); taken = count } catch {
+                    _ = markBroken(.protocolViolation("MIG_DATA_READ data could not be read off after the destination failed: \(transportError(error, .migDataRead))"))
+                }
+            }
+            if broken == nil, !atDestination { _ = markBroken(.protocolViolation("MIG_DATA_READ data stopped part-way (\(count - left) of \(count) bytes relayed): \(e)")) }
             if destination.broken == nil {
                 _ = destination.markBroken(.protocolViolation("MIG_DATA_WRITE cut part-way (\(count - left) of \(count) bytes sent): \(e)"))
             }
@@ -159,6 +189,7 @@ extension VFIOUserClient {
     func checkUsable() throws {
         if handedOver { throw VFIOUserClientError.handedOver }
         if let b = broken { throw b }
+        try settleOwedReplies()
     }
 
     private func sendMigDataRead(size n: Int) throws -> UInt16 {
@@ -303,12 +334,19 @@ extension VFIOUserClient {
     func drainAfterFailure(_ pipe: inout ReplyPipe) {
         guard broken == nil else { return }
         while pipe.outstanding > 0 {
-            _ = pipe.next()
+            // A wait given up (timeout, cancel): the rest are owed, dropped when they come.
+            if cutWait != nil {
+                owedReplies += pipe.expected[pipe.head...]
+                pipe.head = pipe.expected.count
+                return
+            }
+            let id = pipe.next()
             do {
                 let (h, got) = try awaitReplyHeader(.migDataRead)
                 try discardReply(h, got, .migDataRead)
             } catch let e as VFIOUserClientError {
                 if case .protocolViolation = e { continue }  // consumed, still in step
+                if cutWait != nil { owedReplies.append(id); continue }
                 if broken == nil { broken = e }
                 return
             } catch {

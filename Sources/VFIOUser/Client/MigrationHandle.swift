@@ -17,8 +17,8 @@ extension VFIOUserClient: MigrationDeviceHandle {
 }
 
 extension VFIOUserClient: MigrationDataRelay {
-    public func relayMigrationData(to destination: MigrationDeviceHandle, chunk: Int, beforeWrite: (() throws -> Void)?) throws -> UInt64? {
+    public func relayMigrationData(to destination: MigrationDeviceHandle, chunk: Int, maxBytes: UInt64, beforeWrite: (() throws -> Void)?) throws -> UInt64? {
         guard let d = destination as? VFIOUserClient else { return nil }
-        return try relayMigrationData(to: d, chunk: chunk, depth: 4, beforeWrite: beforeWrite)
+        return try relayMigrationData(to: d, chunk: chunk, depth: 4, maxBytes: maxBytes, beforeWrite: beforeWrite)
     }
 }

@@ -16,6 +16,8 @@ struct SpliceForwarder {
     struct Failure: Error {
         var errno: Errno
         var atSource: Bool
+        /// Bytes this step took off the source before the destination failed.
+        var taken = 0
     }
 
     // glibc's splice and pipe2 are GNU extensions the Glibc module does not import: looked up once.
@@ -75,9 +77,9 @@ struct SpliceForwarder {
                 let e = errno
                 if e == EINTR { continue }
                 if Self.isUnsupported(e) { return .unsupported(moved: out, stranded: n - out) }
-                throw Failure(errno: Errno(e), atSource: false)
+                throw Failure(errno: Errno(e), atSource: false, taken: n)
             }
-            if k == 0 { throw Failure(errno: .EPIPE, atSource: false) }
+            if k == 0 { throw Failure(errno: .EPIPE, atSource: false, taken: n) }
             out += k
         }
         return .moved(n)

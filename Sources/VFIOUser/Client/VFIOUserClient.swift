@@ -13,8 +13,9 @@ public enum VFIOUserClientError: Error, CustomStringConvertible, Equatable {
     /// The connection was handed over to another VMM process (live update).
     case handedOver
     /// The server sent nothing for `seconds` while we waited for its reply to `command` (or it
-    /// did not drain what we sent). The connection is unusable afterwards: a late reply would
-    /// be taken for the next one's.
+    /// did not drain what we sent). Given up between messages, later calls fail with it until
+    /// the server's late reply came (then it is dropped and the connection works again); given
+    /// up part-way through a message, the connection is out of step for good.
     case timeout(command: VFIOUserCommand, seconds: Double)
     /// The wait for `command` was given up because the cancel descriptor became readable.
     case cancelled(command: VFIOUserCommand)
@@ -148,8 +149,17 @@ public final class VFIOUserClient: @unchecked Sendable {
     private var regionMappings: [UInt32: RegionMapping] = [:]
     /// Number of DMA_READ/WRITE messages served for the server.
     public private(set) var dmaMessagesServed: UInt64 = 0
-    /// Set by a timeout: every later call fails with it (the stream may be out of step).
+    /// Set when the stream is out of step (a message cut part-way, a reply that cannot be
+    /// read off): every later call fails with it, for good.
     var broken: VFIOUserClientError?
+    /// A wait given up between messages (timeout, cancel), and the ids whose replies the
+    /// server still owes. As QEMU's vfio-user proxy does (hw/vfio-user/proxy.c: a timed-out
+    /// request leaves the pending list, a reply to it is an "unexpected reply" that is dropped,
+    /// and the connection stays up), such a reply is dropped when it comes; until then every
+    /// call fails at once with `cutWait` (a hung server is not waited for again by each call of
+    /// a rollback), and once the server has answered all it owes the connection works again.
+    var cutWait: VFIOUserClientError?
+    var owedReplies: [UInt16] = []
     /// Under its own lock: it can be changed while a call waits (it is read at every poll).
     private var cancelStorage: Int32?
     private let cancelLock = Mutex()
@@ -271,6 +281,7 @@ public final class VFIOUserClient: @unchecked Sendable {
         try callLock.withLock {
             if handedOver { throw VFIOUserClientError.handedOver }
             if let b = broken { throw b }
+            try settleOwedReplies()
             let id = connection.allocateID()
             do {
                 try connection.send(id: id, command: cmd.rawValue, flags: MessageHeader.typeCommand, payload: payload, fds: fds)
@@ -279,7 +290,10 @@ public final class VFIOUserClient: @unchecked Sendable {
             // served on the main socket) shows it is working and restarts it.
             var deadline = replyDeadline()
             while true {
-                try awaitReadable(cmd, deadline: deadline)
+                do { try awaitReadable(cmd, deadline: deadline) } catch {
+                    if cutWait != nil { owedReplies.append(id) }
+                    throw error
+                }
                 let m: Message
                 do { m = try connection.receive() } catch { throw transportError(error, cmd) }
                 if m.header.isCommand {
@@ -310,21 +324,54 @@ public final class VFIOUserClient: @unchecked Sendable {
     func replyDeadline() -> UInt64 { monotonicNanoseconds() + UInt64(options.timeoutMilliseconds) * 1_000_000 }
 
     /// Wait until the main socket is readable, in slices of at most 250 ms so that the cancel
-    /// descriptor is honoured, up to `deadline`. Both give-ups leave the connection broken: a
-    /// late reply would be taken for the next request's.
+    /// descriptor is honoured, up to `deadline`. A give-up sets `cutWait`: the caller adds the
+    /// ids it is owed to `owedReplies` (between messages the stream is still in step; a caller
+    /// waiting part-way through a message marks the connection broken instead).
     func awaitReadable(_ cmd: VFIOUserCommand, deadline: UInt64) throws {
         while true {
             var watch = [connection.socket.fd.rawValue]
             if let c = cancelFD { watch.append(c) }
             let now = monotonicNanoseconds()
-            guard now < deadline else { throw markBroken(.timeout(command: cmd, seconds: timeoutSeconds)) }
+            guard now < deadline else { throw cut(.timeout(command: cmd, seconds: timeoutSeconds)) }
             let ms = Int32(min((deadline - now) / 1_000_000 + 1, 250))
             switch try Poll.waitAnyReadable(watch, timeoutMilliseconds: ms) {
             case nil: continue
-            case 1?: throw markBroken(.cancelled(command: cmd))
+            case 1?: throw cut(.cancelled(command: cmd))
             default: return
             }
         }
+    }
+
+    private func cut(_ e: VFIOUserClientError) -> VFIOUserClientError {
+        if cutWait == nil { cutWait = e }
+        return e
+    }
+
+    /// Before a new request: read off the late replies to requests whose wait was given up,
+    /// without waiting for any (a server that still owes one fails the call at once with the
+    /// give-up's error). Server commands among them are served; a reply nobody asked for is
+    /// dropped, as QEMU's proxy does. Reading part of a message bounds the rest by
+    /// SO_RCVTIMEO; a failure there leaves the stream out of step (broken).
+    func settleOwedReplies() throws {
+        guard let cutError = cutWait else { return }
+        while !owedReplies.isEmpty {
+            guard (try? Poll.waitReadable(connection.socket.fd, timeoutMilliseconds: 0)) == true else { throw cutError }
+            let m: Message
+            do { m = try connection.receive() } catch {
+                if let e = error as? Errno, e == .EPIPE || e == .ECONNRESET || e == .EPROTO { throw markBroken(.disconnected) }
+                throw markBroken(.protocolViolation("reading the server's late reply (after: \(cutError)): \(error)"))
+            }
+            if m.header.isCommand { serveServerCommand(m, on: connection); continue }
+            m.closeFDs()
+            if let i = owedReplies.firstIndex(of: m.header.messageID) {
+                owedReplies.remove(at: i)
+                Log.debug("vfio-user", "dropped the late reply to id \(m.header.messageID) (command \(m.header.command)) after \(cutError)")
+            } else {
+                Log.warning("vfio-user", "dropped a reply to id \(m.header.messageID) (command \(m.header.command)) that no request is waiting for")
+            }
+        }
+        cutWait = nil
+        Log.info("vfio-user", "the server answered what it owed after \(cutError): the connection works again")
     }
 
     func markBroken(_ e: VFIOUserClientError) -> VFIOUserClientError {
