@@ -1,3 +1,4 @@
+import CVFIOLive
 import Glibc
 import SystemCalls
 import VFIO
@@ -17,9 +18,11 @@ import VFIOUser
 /// seen a complete, consistent image.
 public enum DMAEngineStateFormat {
     public static let magic: UInt32 = 0x4541_4d44  // "DMAE"
-    /// 2: a chunk record's checksum is `chunkChecksum` (offset, then data: the data can be
-    /// received straight into place and checked there). Other records: VFIO.Checksum of the payload.
-    public static let version: UInt16 = 2
+    /// 3: every record's checksum is `recordChecksum` (three CRC32C lanes: SSE4.2's `crc32`
+    /// runs at about twice the speed of version 2's multiply-xor), a chunk's seeded by its
+    /// offset so its data can be received straight into place and checked there. A stream of
+    /// another version is refused by its number.
+    public static let version: UInt16 = 3
     public static let headerSize = 20
     public static let maxPayload = DMAEngine.chunkSize + 8
     public enum RecordType: UInt16 { case header = 0, chunk = 1, registers = 2, end = 3 }
@@ -33,12 +36,19 @@ public enum DMAEngineStateFormat {
         return out
     }
 
-    static func chunkChecksum(offsetBytes: UnsafeRawBufferPointer, data: UnsafeRawBufferPointer) -> UInt64 {
-        Checksum.update(Checksum.of(offsetBytes), data)
+    /// The checksum of a non-chunk record's payload.
+    public static func recordChecksum(_ payload: UnsafeRawBufferPointer) -> UInt64 {
+        vl_crc3x64(Checksum.seed, payload.baseAddress, payload.count)
+    }
+
+    /// A chunk record's checksum: its data, seeded by its offset (so a chunk sent for another
+    /// offset fails too).
+    public static func chunkChecksum(offset: UInt64, data: UnsafeRawBufferPointer) -> UInt64 {
+        vl_crc3x64(Checksum.seed ^ (offset &* 0x9e37_79b9_7f4a_7c15), data.baseAddress, data.count)
     }
 
     static func writeHeader(_ type: RecordType, payload: UnsafeRawBufferPointer, into p: UnsafeMutableRawPointer) {
-        writeHeader(type, length: payload.count, checksum: Checksum.of(payload), into: p)
+        writeHeader(type, length: payload.count, checksum: recordChecksum(payload), into: p)
     }
 
     static func writeHeader(_ type: RecordType, length: Int, checksum: UInt64, into p: UnsafeMutableRawPointer) {
@@ -188,7 +198,7 @@ final class LoadSession {
             chunkHave += n
             guard chunkHave == DMAEngine.chunkSize else { return }
             let data = UnsafeRawBufferPointer(start: base + chunkOffset, count: DMAEngine.chunkSize)
-            let actual = head.withUnsafeBytes { DMAEngineStateFormat.chunkChecksum(offsetBytes: UnsafeRawBufferPointer(rebasing: $0[hs..<hs + 8]), data: data) }
+            let actual = DMAEngineStateFormat.chunkChecksum(offset: UInt64(chunkOffset), data: data)
             guard actual == sum else { throw DMAEngineStateError.checksumMismatch(type: type.rawValue, expected: sum, actual: actual) }
             received[chunkOffset / DMAEngine.chunkSize] = true
             headHave = 0
@@ -200,7 +210,7 @@ final class LoadSession {
 
     private func finishBody(_ apply: (DMAEngineStateFormat.RecordType, UnsafeRawBufferPointer) throws -> Void) throws {
         try body.withUnsafeBytes { b in
-            let actual = Checksum.of(b)
+            let actual = DMAEngineStateFormat.recordChecksum(b)
             guard actual == sum else { throw DMAEngineStateError.checksumMismatch(type: type.rawValue, expected: sum, actual: actual) }
             try apply(type, b)
         }
@@ -315,8 +325,7 @@ extension DMAEngine: MigratableDevice {
         let q = p + DMAEngineStateFormat.headerSize
         q.storeBytes(of: UInt64(c * Self.chunkSize).littleEndian, as: UInt64.self)
         memcpy(q + 8, memory.base + c * Self.chunkSize, Self.chunkSize)
-        let sum = DMAEngineStateFormat.chunkChecksum(offsetBytes: UnsafeRawBufferPointer(start: q, count: 8),
-                                                     data: UnsafeRawBufferPointer(start: q + 8, count: Self.chunkSize))
+        let sum = DMAEngineStateFormat.chunkChecksum(offset: UInt64(c * Self.chunkSize), data: UnsafeRawBufferPointer(start: q + 8, count: Self.chunkSize))
         DMAEngineStateFormat.writeHeader(.chunk, length: payload, checksum: sum, into: p)
     }
 
@@ -434,7 +443,7 @@ extension DMAEngine: MigratableDevice {
                 let p = o.baseAddress! + used
                 let data = UnsafeRawBufferPointer(start: memory.base + c * Self.chunkSize, count: Self.chunkSize)
                 p.storeBytes(of: UInt64(c * Self.chunkSize).littleEndian, toByteOffset: hs, as: UInt64.self)
-                let sum = DMAEngineStateFormat.chunkChecksum(offsetBytes: UnsafeRawBufferPointer(start: p + hs, count: 8), data: data)
+                let sum = DMAEngineStateFormat.chunkChecksum(offset: UInt64(c * Self.chunkSize), data: data)
                 DMAEngineStateFormat.writeHeader(.chunk, length: 8 + Self.chunkSize, checksum: sum, into: p)
                 fromScratch(hs + 8)
                 pieces.append(data)
