@@ -7,7 +7,7 @@ import VFIOUser
 /// The dma-engine migration stream: a sequence of self-checking records.
 ///
 ///     record := magic u32 "DMAE" | version u16 | type u16 | length u32 | checksum u64 | payload
-///     types  := 0 header {memory size u64, chunk size u32, reserved u32}
+///     types  := 0 header {memory size u64, chunk size u32, flags u32 (bit 0: chunks checksummed)}
 ///               1 memory chunk {offset u64, bytes}
 ///               2 registers {14 × u64, PCI config space 256 bytes}
 ///               3 end
@@ -26,6 +26,8 @@ public enum DMAEngineStateFormat {
     public static let headerSize = 20
     public static let maxPayload = DMAEngine.chunkSize + 8
     public enum RecordType: UInt16 { case header = 0, chunk = 1, registers = 2, end = 3 }
+    /// Header flag: memory chunk records carry `chunkChecksum` (otherwise their checksum is 0).
+    public static let flagChunkChecksums: UInt32 = 1
 
     static func record(_ type: RecordType, _ payload: UnsafeRawBufferPointer) -> [UInt8] {
         var out = [UInt8](repeating: 0, count: headerSize + payload.count)
@@ -68,7 +70,7 @@ public enum DMAEngineStateError: Error, CustomStringConvertible {
     case badMagic(UInt32), badVersion(UInt16), badType(UInt16), badLength(UInt32), badChunkLength(UInt32)
     case checksumMismatch(type: UInt16, expected: UInt64, actual: UInt64)
     case headerMissing, sizeMismatch(sent: UInt64, ours: UInt64), chunkOutOfRange(UInt64)
-    case dataAfterEnd, incomplete(String)
+    case dataAfterEnd, incomplete(String), badFlags(UInt32), undeclaredChecksum(UInt64)
 
     public var description: String {
         switch self {
@@ -83,6 +85,8 @@ public enum DMAEngineStateError: Error, CustomStringConvertible {
         case let .chunkOutOfRange(o): return "memory chunk at offset 0x\(String(o, radix: 16)) lies outside device memory"
         case .dataAfterEnd: return "data after the end record"
         case let .incomplete(why): return "state is incomplete: \(why)"
+        case let .badFlags(f): return "header record flags 0x\(String(f, radix: 16)) include unknown bits (this build knows 0x\(String(DMAEngineStateFormat.flagChunkChecksums, radix: 16)))"
+        case let .undeclaredChecksum(o): return "memory chunk at offset 0x\(String(o, radix: 16)) has a checksum, but the header declared none"
         }
     }
 }
@@ -96,7 +100,9 @@ final class SaveSession {
     var registersSent = false
     var endSent = false
     let chunkCount: Int
-    init(chunkCount: Int) { self.chunkCount = chunkCount }
+    /// Chunk records carry checksums (declared in the header record).
+    let checksums: Bool
+    init(chunkCount: Int, checksums: Bool) { self.chunkCount = chunkCount; self.checksums = checksums }
     var initialRemaining: Int { chunkCount - nextInitialChunk }
 }
 
@@ -109,6 +115,8 @@ final class SaveSession {
 final class LoadSession {
     enum Phase { case head, chunkData, body }
     var sawHeader = false
+    /// The header declared chunk checksums.
+    var chunkChecksums = false
     var sawEnd = false
     var registers: (DMAEngine.Registers, [UInt8])?
     let staging: MappedRegion?
@@ -197,9 +205,13 @@ final class LoadSession {
         case .chunkData:
             chunkHave += n
             guard chunkHave == DMAEngine.chunkSize else { return }
-            let data = UnsafeRawBufferPointer(start: base + chunkOffset, count: DMAEngine.chunkSize)
-            let actual = DMAEngineStateFormat.chunkChecksum(offset: UInt64(chunkOffset), data: data)
-            guard actual == sum else { throw DMAEngineStateError.checksumMismatch(type: type.rawValue, expected: sum, actual: actual) }
+            if chunkChecksums {
+                let data = UnsafeRawBufferPointer(start: base + chunkOffset, count: DMAEngine.chunkSize)
+                let actual = DMAEngineStateFormat.chunkChecksum(offset: UInt64(chunkOffset), data: data)
+                guard actual == sum else { throw DMAEngineStateError.checksumMismatch(type: type.rawValue, expected: sum, actual: actual) }
+            } else if sum != 0 {
+                throw DMAEngineStateError.undeclaredChecksum(UInt64(chunkOffset))
+            }
             received[chunkOffset / DMAEngine.chunkSize] = true
             headHave = 0
             phase = .head
@@ -278,7 +290,7 @@ extension DMAEngine: MigratableDevice {
     private func openSave() {
         // Everything is "initial" now; writes from here on mark chunks dirty again.
         _ = memoryDirty.takeWords()
-        lock.mutex.withLock { save = SaveSession(chunkCount: chunkCount) }
+        lock.mutex.withLock { save = SaveSession(chunkCount: chunkCount, checksums: stateChecksums) }
     }
 
     public func stopCopySize() -> UInt64 {
@@ -302,30 +314,30 @@ extension DMAEngine: MigratableDevice {
 
     /// Take the first dirty chunk (clearing its bits before copying, so that a write racing the
     /// copy marks it again) and return its record.
-    private func nextDirtyChunkRecord() -> [UInt8]? {
+    private func nextDirtyChunkRecord(_ s: SaveSession) -> [UInt8]? {
         guard let page = memoryDirty.firstDirtyPage() else { return nil }
         let c = page / Self.pagesPerChunk
         memoryDirty.clear(firstPage: c * Self.pagesPerChunk, count: Self.pagesPerChunk)
-        return chunkRecord(Int(c))
+        return chunkRecord(Int(c), s)
     }
 
     static var chunkRecordSize: Int { DMAEngineStateFormat.headerSize + 8 + chunkSize }
 
-    private func chunkRecord(_ c: Int) -> [UInt8] {
+    private func chunkRecord(_ c: Int, _ s: SaveSession) -> [UInt8] {
         [UInt8](unsafeUninitializedCapacity: Self.chunkRecordSize) { b, n in
-            writeChunkRecord(c, into: UnsafeMutableRawPointer(b.baseAddress!))
+            writeChunkRecord(c, s, into: UnsafeMutableRawPointer(b.baseAddress!))
             n = Self.chunkRecordSize
         }
     }
 
     /// Header, offset, then one copy of the chunk, built where it is to be sent from; the
     /// checksum then reads the chunk while it is still in cache.
-    private func writeChunkRecord(_ c: Int, into p: UnsafeMutableRawPointer) {
+    private func writeChunkRecord(_ c: Int, _ s: SaveSession, into p: UnsafeMutableRawPointer) {
         let payload = 8 + Self.chunkSize
         let q = p + DMAEngineStateFormat.headerSize
         q.storeBytes(of: UInt64(c * Self.chunkSize).littleEndian, as: UInt64.self)
         memcpy(q + 8, memory.base + c * Self.chunkSize, Self.chunkSize)
-        let sum = DMAEngineStateFormat.chunkChecksum(offset: UInt64(c * Self.chunkSize), data: UnsafeRawBufferPointer(start: q + 8, count: Self.chunkSize))
+        let sum = s.checksums ? DMAEngineStateFormat.chunkChecksum(offset: UInt64(c * Self.chunkSize), data: UnsafeRawBufferPointer(start: q + 8, count: Self.chunkSize)) : 0
         DMAEngineStateFormat.writeHeader(.chunk, length: payload, checksum: sum, into: p)
     }
 
@@ -360,14 +372,15 @@ extension DMAEngine: MigratableDevice {
     private func nextRecord(_ s: SaveSession, stopped: Bool) -> [UInt8]? {
         if !s.headerSent {
             s.headerSent = true
-            var w = WireWriter(); w.u64(memorySize); w.u32(UInt32(Self.chunkSize)); w.u32(0)
+            var w = WireWriter(); w.u64(memorySize); w.u32(UInt32(Self.chunkSize))
+            w.u32(s.checksums ? DMAEngineStateFormat.flagChunkChecksums : 0)
             return DMAEngineStateFormat.record(.header, w.bytes)
         }
         if s.nextInitialChunk < s.chunkCount {
             defer { s.nextInitialChunk += 1 }
-            return chunkRecord(s.nextInitialChunk)
+            return chunkRecord(s.nextInitialChunk, s)
         }
-        if let d = nextDirtyChunkRecord() { return d }
+        if let d = nextDirtyChunkRecord(s) { return d }
         guard stopped else { return nil }
         if !s.registersSent { s.registersSent = true; return registersRecord() }
         if !s.endSent { s.endSent = true; return DMAEngineStateFormat.record(.end, []) }
@@ -399,7 +412,7 @@ extension DMAEngine: MigratableDevice {
                 continue
             }
             if max - filled >= Self.chunkRecordSize, let c = nextChunk(s) {
-                writeChunkRecord(c, into: o.baseAddress! + filled)
+                writeChunkRecord(c, s, into: o.baseAddress! + filled)
                 filled += Self.chunkRecordSize
                 continue
             }
@@ -443,7 +456,7 @@ extension DMAEngine: MigratableDevice {
                 let p = o.baseAddress! + used
                 let data = UnsafeRawBufferPointer(start: memory.base + c * Self.chunkSize, count: Self.chunkSize)
                 p.storeBytes(of: UInt64(c * Self.chunkSize).littleEndian, toByteOffset: hs, as: UInt64.self)
-                let sum = DMAEngineStateFormat.chunkChecksum(offset: UInt64(c * Self.chunkSize), data: data)
+                let sum = s.checksums ? DMAEngineStateFormat.chunkChecksum(offset: UInt64(c * Self.chunkSize), data: data) : 0
                 DMAEngineStateFormat.writeHeader(.chunk, length: 8 + Self.chunkSize, checksum: sum, into: p)
                 fromScratch(hs + 8)
                 pieces.append(data)
@@ -504,6 +517,10 @@ extension DMAEngine: MigratableDevice {
         case .header:
             let size = try r.u64()
             guard size == memorySize else { throw DMAEngineStateError.sizeMismatch(sent: size, ours: memorySize) }
+            _ = try r.u32()  // chunk size: fixed by the chunk record's length check
+            let flags = try r.u32()
+            guard flags & ~DMAEngineStateFormat.flagChunkChecksums == 0 else { throw DMAEngineStateError.badFlags(flags) }
+            l.chunkChecksums = flags & DMAEngineStateFormat.flagChunkChecksums != 0
             l.sawHeader = true
         case .chunk:
             preconditionFailure("chunk records are received in place by LoadSession")
