@@ -130,6 +130,16 @@ final class DeviceStateFormatTests: XCTestCase {
         XCTAssertTrue(DMAEngineStateError.badFlags(2).description.contains("unknown bits"))
     }
 
+    func testBytesAfterTheEndRecordInTheSameWriteAreRefusedAtOnce() throws {
+        // A header is received with the 8 bytes after it (one receive per chunk record fewer):
+        // after the end record those bytes are data after the end, refused by that write.
+        let (a, b, ca, cb) = try pair("after-end", checksums: false)
+        defer { ca.close(); cb.close(); a.stop(); b.stop() }
+        let all = try stream(ca) + [UInt8](repeating: 0xee, count: 8)
+        XCTAssertTrue(refusal(all, cb).contains("EINVAL"))
+        XCTAssertTrue(b.device.memoryIsAllZero(), "nothing of the stream was kept")
+    }
+
     /// The relay of a stopped source whose replies are spliced by reference; `refuse` makes the
     /// kernel step fail so the bytes already in the pipe go by hand and the rest by sendmsg.
     func relay(refuse: Bool) throws {

@@ -160,9 +160,10 @@ final class LoadSession {
         let hs = DMAEngineStateFormat.headerSize
         switch phase {
         case .head:
-            // The offset of a chunk is read with its header; any other record's payload is
-            // longer than 8 bytes except the end record's, which is the last.
-            let want = (headHave < hs ? hs : hs + 8) - headHave
+            // A header and the 8 bytes after it in one receive: a chunk's offset, or the start
+            // of another record's payload (every payload is 8 bytes or more except the end
+            // record's, which is the last: bytes after it are refused).
+            let want = hs + 8 - headHave
             return head.withUnsafeMutableBytes { UnsafeMutableRawBufferPointer(rebasing: $0[headHave..<headHave + Swift.min(want, max)]) }
         case .chunkData:
             let n = Swift.min(DMAEngine.chunkSize - chunkHave, max)
@@ -180,15 +181,21 @@ final class LoadSession {
         let hs = DMAEngineStateFormat.headerSize
         switch phase {
         case .head:
+            let before = headHave
             headHave += n
-            if headHave == hs {
+            if before < hs && headHave >= hs {
                 let (t, len, s) = try head.withUnsafeBytes { try Self.parseHeader($0.baseAddress!) }
                 type = t; length = len; sum = s
                 guard t == .chunk else {
-                    body = []
+                    let extra = headHave - hs
+                    if extra > len {
+                        if t == .end { throw DMAEngineStateError.dataAfterEnd }
+                        throw DMAEngineStateError.incomplete("a type \(t.rawValue) record of \(len) bytes is shorter than any record of that type")
+                    }
+                    body = Array(head[hs..<hs + extra])
                     body.reserveCapacity(len)
                     phase = .body
-                    if len == 0 { try finishBody(apply) }
+                    if body.count == len { try finishBody(apply) }
                     return
                 }
                 guard len == 8 + DMAEngine.chunkSize else { throw DMAEngineStateError.badChunkLength(UInt32(len)) }
