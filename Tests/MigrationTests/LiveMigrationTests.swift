@@ -187,6 +187,7 @@ extension LiveMigrationTests {
 
     func testDestinationDeviceRefusingToLoadFailsCleanly() throws {
         startSource()
+        src.server.device.stateChecksums = true  // declared in the stream: the corrupt chunk is seen
         dst.server.device.corruptNextWriteForTesting = true
         let wait = startDestination()
         let m = try connectSource()

@@ -162,6 +162,7 @@ final class DeviceMigrationTests: XCTestCase {
         try prepareSource()
         let digest = a.device.stateDigest()
         let destDigest = b.device.stateDigest()
+        a.device.stateChecksums = true  // declared in the stream: the destination checks each chunk
         let t = try transfer(.v2)
         // Flip one byte in the middle of the second write: the destination's record checksum fails.
         t.beforeDestinationWrite = { [self] n in

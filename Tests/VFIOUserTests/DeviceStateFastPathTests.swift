@@ -21,6 +21,7 @@ final class DeviceStateFastPathTests: XCTestCase {
 
     override func tearDown() {
         SpliceForwarder.refuseSendForTesting = false
+        SpliceSender.refuseSendForTesting = false
         Log.sink = nil
         Log.level = .info
     }
@@ -185,6 +186,7 @@ final class DeviceStateFastPathTests: XCTestCase {
         defer { a.stop(); b.stop() }
         let ca = try VFIOUserClient(path: a.path), cb = try VFIOUserClient(path: b.path)
         defer { ca.close(); cb.close() }
+        a.device.stateChecksums = true  // the stream declares chunk checksums: corruption is seen
         try fill(ca, size: 2 << 20, seed: 1)
         try fill(cb, size: 2 << 20, seed: 2)
         let before = b.device.stateDigest()
@@ -205,6 +207,7 @@ final class DeviceStateFastPathTests: XCTestCase {
         defer { a.stop(); b.stop() }
         let ca = try VFIOUserClient(path: a.path), cb = try VFIOUserClient(path: b.path)
         defer { ca.close(); cb.close() }
+        a.device.stateChecksums = true
         try fill(ca, size: 2 << 20, seed: 3)
         let before = b.device.stateDigest()
         try cb.setMigrationState(.resuming)

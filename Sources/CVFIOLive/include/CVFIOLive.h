@@ -29,6 +29,7 @@
 #include "iommufd_hwpt_uapi.h"
 #include "kvm_uapi.h"
 #include "vfio_mig_uapi.h"
+#include "vl_checksum.h"
 
 /* The largest fd count one message may carry (SCM_MAX_FD in the kernel is 253). */
 #define VL_MAX_FDS_PER_MESSAGE 253

@@ -96,3 +96,167 @@ struct SpliceForwarder {
         }
     }
 }
+
+/// The source server's side of the device-state path: a MIG_DATA_READ reply whose data lies in
+/// memory that stays unchanged until the peer has read it (a stopped device's memory, see
+/// `MigratableDevice.readMigrationDataPieces`) goes to the socket by reference: vmsplice puts
+/// its pages in a pipe and splice hands them to the socket (MSG_SPLICE_PAGES), so the kernel
+/// does not copy them; the bytes on the wire are the same. Everything else (headers, scratch)
+/// is written into the pipe, which copies it, so its buffer may be reused at once.
+final class SpliceSender {
+    enum Piece {
+        /// Copied into the pipe: the caller may reuse the buffer on return.
+        case copy(UnsafeRawBufferPointer)
+        /// Sent by reference: must not change until the peer has received it.
+        case reference(UnsafeRawBufferPointer)
+        var bytes: UnsafeRawBufferPointer { switch self { case let .copy(b), let .reference(b): return b } }
+    }
+
+    private typealias VmspliceFunction = @convention(c) (Int32, UnsafePointer<iovec>?, Int, UInt32) -> Int
+    private typealias SpliceFunction = @convention(c) (Int32, UnsafeMutablePointer<Int64>?, Int32, UnsafeMutablePointer<Int64>?, Int, UInt32) -> Int
+    private typealias Pipe2Function = @convention(c) (UnsafeMutablePointer<Int32>?, Int32) -> Int32
+    private static let vmspliceFunction: VmspliceFunction? = dlsym(nil, "vmsplice").map { unsafeBitCast($0, to: VmspliceFunction.self) }
+    private static let spliceFunction: SpliceFunction? = dlsym(nil, "splice").map { unsafeBitCast($0, to: SpliceFunction.self) }
+    private static let pipe2Function: Pipe2Function? = dlsym(nil, "pipe2").map { unsafeBitCast($0, to: Pipe2Function.self) }
+    private static let nonblockFlag: UInt32 = 2  // SPLICE_F_NONBLOCK
+    private static let setPipeSize: Int32 = 1024 + 7  // F_SETPIPE_SZ
+
+    /// Fault injection for tests: the pipe → socket step is refused (what is in the pipe must
+    /// then go on by hand, and the rest by plain sends).
+    nonisolated(unsafe) static var refuseSendForTesting = false
+
+    private let readEnd: Int32
+    private let writeEnd: Int32
+    private let refuseSend: Bool
+    /// Bytes written into the pipe and not yet spliced to the socket.
+    private var inPipe = 0
+    /// The kernel refused a step once: every later reply takes the plain path.
+    private(set) var disabled = false
+
+    init?() {
+        guard Self.vmspliceFunction != nil, Self.spliceFunction != nil, let pipe2 = Self.pipe2Function else { return nil }
+        var p: [Int32] = [-1, -1]
+        // Non-blocking pipe: a full pipe says EAGAIN (then it is flushed to the socket) instead
+        // of waiting for a reader that is this same thread.
+        guard pipe2(&p, Int32(O_CLOEXEC | O_NONBLOCK)) == 0 else { return nil }
+        readEnd = p[0]
+        writeEnd = p[1]
+        _ = fcntl(p[1], Self.setPipeSize, Int32(1 << 20))
+        refuseSend = Self.refuseSendForTesting
+    }
+
+    deinit {
+        Glibc.close(readEnd)
+        Glibc.close(writeEnd)
+    }
+
+    private static func isUnsupported(_ e: Int32) -> Bool { e == EINVAL || e == ENOSYS || e == EOPNOTSUPP }
+
+    /// Send `pieces` in order to the stream socket `socket` (blocking, with its SO_SNDTIMEO).
+    /// Where the kernel refuses splicing, the bytes already in the pipe and the rest are sent
+    /// with `plainSend` and the sender is disabled. Throws the errno of a socket that fails.
+    func send(_ pieces: [Piece], to socket: Int32, plainSend: ([UnsafeRawBufferPointer]) throws -> Void) throws {
+        precondition(inPipe == 0)
+        var i = 0, off = 0
+        do {
+            try sendSpliced(pieces, &i, &off, to: socket)
+        } catch is Unsupported {
+            disabled = true
+            Log.debug("vfio-user", "splice send refused by the kernel: MIG_DATA_READ replies are copied instead")
+            // What is in the pipe goes first, by hand; then the rest of this reply.
+            try drainPipe(plainSend)
+            var rest: [UnsafeRawBufferPointer] = []
+            if i < pieces.count {
+                let b = pieces[i].bytes
+                rest.append(UnsafeRawBufferPointer(rebasing: b[off...]))
+                rest += pieces[(i + 1)...].map(\.bytes)
+            }
+            try plainSend(rest)
+        } catch {
+            // The socket failed: the pipe is emptied so that the next reply (perhaps on
+            // another connection) starts clean.
+            discardPipe()
+            throw error
+        }
+    }
+
+    private func sendSpliced(_ pieces: [Piece], _ i: inout Int, _ off: inout Int, to socket: Int32) throws {
+        if disabled { throw Unsupported() }
+        while i < pieces.count {
+            let b = pieces[i].bytes
+            if off == b.count { i += 1; off = 0; continue }
+            let n: Int
+            switch pieces[i] {
+            case .reference:
+                var v = iovec(iov_base: UnsafeMutableRawPointer(mutating: b.baseAddress! + off), iov_len: b.count - off)
+                n = Self.vmspliceFunction!(writeEnd, &v, 1, Self.nonblockFlag)
+            case .copy:
+                n = Glibc.write(writeEnd, b.baseAddress! + off, b.count - off)
+            }
+            if n > 0 { off += n; inPipe += n; continue }
+            let e = errno
+            if n < 0 && e == EINTR { continue }
+            if n < 0 && e == EAGAIN && inPipe > 0 { try flush(to: socket); continue }
+            if n < 0 && Self.isUnsupported(e) { throw Unsupported() }
+            throw Errno(n < 0 ? e : EIO)
+        }
+        try flush(to: socket)
+    }
+
+    private func discardPipe() {
+        var scratch = [UInt8](repeating: 0, count: 64 * 1024)
+        while inPipe > 0 {
+            let k = scratch.withUnsafeMutableBytes { Glibc.read(readEnd, $0.baseAddress!, Swift.min($0.count, inPipe)) }
+            if k < 0 && errno == EINTR { continue }
+            if k <= 0 { break }
+            inPipe -= k
+        }
+        inPipe = 0
+    }
+
+    private struct Unsupported: Error {}
+
+    /// Splice everything in the pipe to the socket. SIGPIPE (splice does not take
+    /// MSG_NOSIGNAL) is held back and consumed: a closed peer is EPIPE, as for sendmsg.
+    private func flush(to socket: Int32) throws {
+        guard inPipe > 0 else { return }
+        if refuseSend { throw Unsupported() }
+        var block = sigset_t(), old = sigset_t()
+        sigemptyset(&block)
+        sigaddset(&block, SIGPIPE)
+        pthread_sigmask(SIG_BLOCK, &block, &old)
+        defer {
+            var pending = sigset_t()
+            sigpending(&pending)
+            if sigismember(&pending, SIGPIPE) == 1, sigismember(&old, SIGPIPE) == 0 {
+                var zero = timespec()
+                _ = sigtimedwait(&block, nil, &zero)
+            }
+            pthread_sigmask(SIG_SETMASK, &old, nil)
+        }
+        while inPipe > 0 {
+            let k = Self.spliceFunction!(readEnd, nil, socket, nil, inPipe, 0)
+            if k > 0 { inPipe -= k; continue }
+            let e = errno
+            if k < 0 && e == EINTR { continue }
+            if k < 0 && Self.isUnsupported(e) { throw Unsupported() }
+            throw Errno(k < 0 ? e : EPIPE)
+        }
+    }
+
+    /// The pipe's bytes, sent with `plainSend` (the kernel refused the splice).
+    private func drainPipe(_ plainSend: ([UnsafeRawBufferPointer]) throws -> Void) throws {
+        guard inPipe > 0 else { return }
+        let b = UnsafeMutableRawBufferPointer.allocate(byteCount: inPipe, alignment: 16)
+        defer { b.deallocate() }
+        var got = 0
+        while got < b.count {
+            let k = Glibc.read(readEnd, b.baseAddress! + got, b.count - got)
+            if k < 0 && errno == EINTR { continue }
+            guard k > 0 else { throw Errno(k < 0 ? errno : EIO) }
+            got += k
+        }
+        inPipe = 0
+        try plainSend([UnsafeRawBufferPointer(b)])
+    }
+}

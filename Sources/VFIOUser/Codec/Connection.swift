@@ -47,6 +47,10 @@ public final class VFIOUserConnection: @unchecked Sendable {
     /// Continue a predecessor's id sequence.
     public func setNextID(_ id: UInt16) { idLock.withLock { nextID = id &- 1 } }
 
+    /// Run `body` holding the send lock: a sender that writes a whole message itself (the
+    /// spliced MIG_DATA_READ reply).
+    func withSendLock<T>(_ body: () throws -> T) rethrows -> T { try sendLock.withLock(body) }
+
     /// Send header + payload parts + fds in one sendmsg.
     public func send(id: UInt16, command: UInt16, flags: UInt32, errorNumber: UInt32 = 0,
                      payload: [UnsafeRawBufferPointer], fds: [Int32] = []) throws {

@@ -543,10 +543,13 @@ public final class VFIOUserServer: @unchecked Sendable {
         // A stopped device's memory goes to the socket as it is (gathered); otherwise the device
         // builds the data in the buffer.
         let pieces: [UnsafeRawBufferPointer]
-        if let p = try mig.readPieces(scratch: buffer) { pieces = p } else {
+        var gathered = false
+        if let p = try mig.readPieces(scratch: buffer) { pieces = p; gathered = true } else {
             pieces = [UnsafeRawBufferPointer(rebasing: buffer[0..<(try mig.read(into: buffer))])]
         }
         guard h.wantsReply else { return }
+        // Gathered: the device memory in it goes to the socket by reference (MigrationEndpoint).
+        if gathered { return try mig.sendGathered(h, pieces, scratch: UnsafeRawBufferPointer(buffer), on: s.conn) }
         let n = pieces.reduce(0) { $0 + $1.count }
         var w = WireWriter(capacity: 8)
         w.u32(UInt32(8 + n)); w.u32(UInt32(n))
