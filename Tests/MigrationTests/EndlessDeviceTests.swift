@@ -33,8 +33,9 @@ final class EndlessRelay: @unchecked Sendable {
         var off = WireWriter(); off.u64(0)
         let data = [UInt8](repeating: 0, count: DMAEngine.chunkSize)
         var chunk = [UInt8](repeating: 0, count: DMAEngineStateFormat.headerSize) + off.bytes + data
-        let sum = off.bytes.withUnsafeBytes { o in data.withUnsafeBytes { DMAEngineStateFormat.chunkChecksum(offsetBytes: o, data: $0) } }
-        chunk.withUnsafeMutableBytes { DMAEngineStateFormat.writeHeader(.chunk, length: 8 + data.count, checksum: sum, into: $0.baseAddress!) }
+        // Format 3: the header (ours, or the real source's by default) declares no chunk
+        // checksums, so a chunk carries checksum 0.
+        chunk.withUnsafeMutableBytes { DMAEngineStateFormat.writeHeader(.chunk, length: 8 + data.count, checksum: 0, into: $0.baseAddress!) }
         stream = head + chunk
         loopFrom = head.count
         let accepter = OSThread(name: "endless-accept") { [self] in
