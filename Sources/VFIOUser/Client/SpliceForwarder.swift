@@ -59,6 +59,10 @@ struct SpliceForwarder {
     /// Up to `max` bytes from `source` (waiting at most its SO_RCVTIMEO) through the pipe to
     /// `destination` (at most its SO_SNDTIMEO per step). The pipe is empty again on return.
     func move(from source: Int32, to destination: Int32, max: Int) throws -> Outcome {
+        try withSIGPIPEHeld { try moveHeld(from: source, to: destination, max: max) }
+    }
+
+    private func moveHeld(from source: Int32, to destination: Int32, max: Int) throws -> Outcome {
         let splice = Self.spliceFunction!
         var n: Int
         repeat { n = splice(source, nil, writeEnd, nil, min(max, capacity), Self.moveFlag) } while n < 0 && errno == EINTR
@@ -221,19 +225,10 @@ final class SpliceSender {
     private func flush(to socket: Int32) throws {
         guard inPipe > 0 else { return }
         if refuseSend { throw Unsupported() }
-        var block = sigset_t(), old = sigset_t()
-        sigemptyset(&block)
-        sigaddset(&block, SIGPIPE)
-        pthread_sigmask(SIG_BLOCK, &block, &old)
-        defer {
-            var pending = sigset_t()
-            sigpending(&pending)
-            if sigismember(&pending, SIGPIPE) == 1, sigismember(&old, SIGPIPE) == 0 {
-                var zero = timespec()
-                _ = sigtimedwait(&block, nil, &zero)
-            }
-            pthread_sigmask(SIG_SETMASK, &old, nil)
-        }
+        try withSIGPIPEHeld { try flushHeld(to: socket) }
+    }
+
+    private func flushHeld(to socket: Int32) throws {
         while inPipe > 0 {
             let k = Self.spliceFunction!(readEnd, nil, socket, nil, inPipe, 0)
             if k > 0 { inPipe -= k; continue }
@@ -259,4 +254,26 @@ final class SpliceSender {
         inPipe = 0
         try plainSend([UnsafeRawBufferPointer(b)])
     }
+}
+
+/// Runs `body` with SIGPIPE blocked on this thread and a SIGPIPE it raised consumed: splice(2)
+/// to a socket takes no MSG_NOSIGNAL, and a process that does not ignore SIGPIPE (a VMM, a test
+/// runner) would otherwise die when the peer hangs up. A closed peer is then EPIPE, as for
+/// sendmsg with MSG_NOSIGNAL. A SIGPIPE already pending before the call is left pending.
+func withSIGPIPEHeld<T>(_ body: () throws -> T) rethrows -> T {
+    var block = sigset_t(), old = sigset_t(), before = sigset_t()
+    sigemptyset(&block)
+    sigaddset(&block, SIGPIPE)
+    sigpending(&before)
+    pthread_sigmask(SIG_BLOCK, &block, &old)
+    defer {
+        var pending = sigset_t()
+        sigpending(&pending)
+        if sigismember(&pending, SIGPIPE) == 1, sigismember(&before, SIGPIPE) == 0, sigismember(&old, SIGPIPE) == 0 {
+            var zero = timespec()
+            _ = sigtimedwait(&block, nil, &zero)
+        }
+        pthread_sigmask(SIG_SETMASK, &old, nil)
+    }
+    return try body()
 }
