@@ -34,11 +34,16 @@ public final class MigrationEndpoint: @unchecked Sendable {
                 }
                 state = next
             }
+            if !state.isSaving { releaseSender() }
         }
     }
 
     /// DEVICE_RESET: the only way out of ERROR; back to RUNNING.
-    public func reset() { lock.withLock { state = .running } }
+    public func reset() { lock.withLock { state = .running; releaseSender() } }
+
+    /// The splice pipe lives for one saving session: a server that migrated once holds no more
+    /// descriptors afterwards than before (the soak test counts them).
+    private func releaseSender() { senderLock.withLock { sender = nil } }
 
     public func read(max: Int) throws -> [UInt8] {
         try lock.withLock {
