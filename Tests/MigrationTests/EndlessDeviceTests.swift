@@ -13,11 +13,9 @@ import XCTest
 /// dma-engine stream (a header record if asked, then chunk records at offset 0 forever), so a
 /// destination accepts them and only a bound on the source's side can end the stop-copy.
 final class EndlessRelay: @unchecked Sendable {
-    let path: String
-    private let listener: UnixListener
+    var path: String { plumbing.path }
     private let lock = Mutex(), sendLock = Mutex()
-    private var threads: [OSThread] = []
-    private var sockets: [UnixSocket] = []
+    private var plumbing: RelayPlumbing!
     private var endless: Bool
     private var readsAnsweredStorage = 0
     var readsAnswered: Int { lock.withLock { readsAnsweredStorage } }
@@ -25,8 +23,6 @@ final class EndlessRelay: @unchecked Sendable {
     private var pos = 0, loopFrom = 0
 
     init(to serverPath: String, tag: String, memorySize: UInt64, endlessFromStart: Bool = false) throws {
-        path = InProcessServer.temporaryPath(tag)
-        listener = try UnixListener(path: path, backlog: 2)
         endless = endlessFromStart
         var header = WireWriter(); header.u64(memorySize); header.u32(UInt32(DMAEngine.chunkSize)); header.u32(0)
         let head = endlessFromStart ? DMAEngineStateFormat.record(.header, header.bytes) : []
@@ -38,9 +34,7 @@ final class EndlessRelay: @unchecked Sendable {
         chunk.withUnsafeMutableBytes { DMAEngineStateFormat.writeHeader(.chunk, length: 8 + data.count, checksum: 0, into: $0.baseAddress!) }
         stream = head + chunk
         loopFrom = head.count
-        let accepter = OSThread(name: "endless-accept") { [self] in
-            guard let c = try? listener.accept(timeoutMilliseconds: 10_000), let s = try? UnixSocket.connect(path: serverPath) else { return }
-            lock.withLock { sockets += [c, s] }
+        plumbing = try RelayPlumbing(to: serverPath, tag: tag, name: "endless") { [self] c, s in
             let cc = VFIOUserConnection(socket: c, maxReceiveFDs: 8, maxMessageSize: 80 << 20)
             let cs = VFIOUserConnection(socket: s, maxReceiveFDs: 8, maxMessageSize: 80 << 20)
             let toServer = OSThread(name: "endless-c2s") { [self] in
@@ -74,9 +68,8 @@ final class EndlessRelay: @unchecked Sendable {
                 }
                 _ = shutdown(c.fd.rawValue, Int32(SHUT_RDWR))
             }
-            lock.withLock { threads += [toServer, toClient] }
+            return [toServer, toClient]
         }
-        threads.append(accepter)
     }
 
     /// DEVICE_FEATURE SET MIG_DEVICE_STATE to STOP_COPY.
@@ -100,14 +93,7 @@ final class EndlessRelay: @unchecked Sendable {
         return out
     }
 
-    func close() {
-        lock.withLock { for s in sockets { _ = shutdown(s.fd.rawValue, Int32(SHUT_RDWR)) } }
-        threads[0].join()
-        let rest = lock.withLock { threads.dropFirst() }
-        for t in rest { t.join() }
-        lock.withLock { for s in sockets { s.close() }; sockets = [] }
-        listener.close()
-    }
+    func close() { plumbing.close() }
 }
 
 /// Recorded bug (hostile pass): a server whose MIG_DATA_READ replies are always full (never

@@ -10,11 +10,9 @@ import VFIOUser
 /// server never sees it (a hung server), or sees it late (a slow one). Messages and their fds
 /// pass through unchanged otherwise.
 final class HoldingRelay: @unchecked Sendable {
-    let path: String
-    private let listener: UnixListener
+    var path: String { plumbing.path }
     private let lock = Mutex()
-    private var threads: [OSThread] = []
-    private var sockets: [UnixSocket] = []
+    private var plumbing: RelayPlumbing!
     /// Hold the next MIG_DATA_READ: nil = pass it; .infinity = forever; else seconds.
     var holdNextRead: Double? { get { lock.withLock { hold } } set { lock.withLock { hold = newValue } } }
     private var hold: Double?
@@ -22,17 +20,11 @@ final class HoldingRelay: @unchecked Sendable {
     let holding: EventFD
 
     init(to serverPath: String, tag: String) throws {
-        path = InProcessServer.temporaryPath(tag)
-        listener = try UnixListener(path: path, backlog: 2)
         holding = try EventFD(nonBlocking: true)
-        let accepter = OSThread(name: "relay-accept") { [self] in
-            guard let c = try? listener.accept(timeoutMilliseconds: 10_000), let s = try? UnixSocket.connect(path: serverPath) else { return }
-            lock.withLock { sockets += [c, s] }
-            let toServer = OSThread(name: "relay-c2s") { [self] in pump(from: c, to: s, holdReads: true) }
-            let toClient = OSThread(name: "relay-s2c") { [self] in pump(from: s, to: c, holdReads: false) }
-            lock.withLock { threads += [toServer, toClient] }
+        plumbing = try RelayPlumbing(to: serverPath, tag: tag, name: "relay") { [self] c, s in
+            [OSThread(name: "relay-c2s") { [self] in pump(from: c, to: s, holdReads: true) },
+             OSThread(name: "relay-s2c") { [self] in pump(from: s, to: c, holdReads: false) }]
         }
-        threads.append(accepter)
     }
 
     private func pump(from a: UnixSocket, to b: UnixSocket, holdReads: Bool) {
@@ -55,11 +47,35 @@ final class HoldingRelay: @unchecked Sendable {
         _ = shutdown(b.fd.rawValue, Int32(SHUT_RDWR))
     }
 
+    func close() { plumbing.close() }
+}
+
+/// The plumbing every test relay shares: a listener, one client accepted and connected through
+/// to the real server, the threads that pump its messages, and a close that ends them all.
+final class RelayPlumbing: @unchecked Sendable {
+    let path: String
+    private let listener: UnixListener
+    private let lock = Mutex()
+    private var accepter: OSThread!
+    private var pumps: [OSThread] = []
+    private var sockets: [UnixSocket] = []
+
+    /// `start(client, server)` runs once both are connected and returns its pump threads.
+    init(to serverPath: String, tag: String, name: String, start: @escaping @Sendable (UnixSocket, UnixSocket) -> [OSThread]) throws {
+        path = InProcessServer.temporaryPath(tag)
+        listener = try UnixListener(path: path, backlog: 2)
+        accepter = OSThread(name: "\(name)-accept") { [self] in
+            guard let c = try? listener.accept(timeoutMilliseconds: 10_000), let s = try? UnixSocket.connect(path: serverPath) else { return }
+            lock.withLock { sockets += [c, s] }
+            let started = start(c, s)
+            lock.withLock { pumps += started }
+        }
+    }
+
     func close() {
         lock.withLock { for s in sockets { _ = shutdown(s.fd.rawValue, Int32(SHUT_RDWR)) } }
-        threads[0].join()
-        let rest = lock.withLock { threads.dropFirst() }
-        for t in rest { t.join() }
+        accepter.join()
+        for t in lock.withLock({ pumps }) { t.join() }
         lock.withLock { for s in sockets { s.close() }; sockets = [] }
         listener.close()
     }

@@ -10,20 +10,14 @@ import XCTest
 /// A vfio-user relay in front of a real server that swallows the messages `drop` picks once
 /// armed (the server never sees them: a device hung on that command) and passes the rest.
 final class SwallowingRelay: @unchecked Sendable {
-    let path: String
-    private let listener: UnixListener
+    var path: String { plumbing.path }
     private let lock = Mutex()
-    private var threads: [OSThread] = []
-    private var sockets: [UnixSocket] = []
+    private var plumbing: RelayPlumbing!
     private var swallowedStorage = 0
     var swallowed: Int { lock.withLock { swallowedStorage } }
 
     init(to serverPath: String, tag: String, drop: @escaping @Sendable (Message) -> Bool) throws {
-        path = InProcessServer.temporaryPath(tag)
-        listener = try UnixListener(path: path, backlog: 2)
-        let accepter = OSThread(name: "swallow-accept") { [self] in
-            guard let c = try? listener.accept(timeoutMilliseconds: 10_000), let s = try? UnixSocket.connect(path: serverPath) else { return }
-            lock.withLock { sockets += [c, s] }
+        plumbing = try RelayPlumbing(to: serverPath, tag: tag, name: "swallow") { [self] c, s in
             let cc = VFIOUserConnection(socket: c, maxReceiveFDs: 8, maxMessageSize: 80 << 20)
             let cs = VFIOUserConnection(socket: s, maxReceiveFDs: 8, maxMessageSize: 80 << 20)
             func pump(_ a: VFIOUserConnection, _ b: VFIOUserConnection, filter: Bool) {
@@ -35,11 +29,9 @@ final class SwallowingRelay: @unchecked Sendable {
                 }
                 _ = shutdown(b.socket.fd.rawValue, Int32(SHUT_RDWR))
             }
-            let t1 = OSThread(name: "swallow-c2s") { pump(cc, cs, filter: true) }
-            let t2 = OSThread(name: "swallow-s2c") { pump(cs, cc, filter: false) }
-            lock.withLock { threads += [t1, t2] }
+            return [OSThread(name: "swallow-c2s") { pump(cc, cs, filter: true) },
+                    OSThread(name: "swallow-s2c") { pump(cs, cc, filter: false) }]
         }
-        threads.append(accepter)
     }
 
     /// DEVICE_FEATURE SET MIG_DEVICE_STATE to one of `states`.
@@ -52,14 +44,7 @@ final class SwallowingRelay: @unchecked Sendable {
         return states.contains(s)
     }
 
-    func close() {
-        lock.withLock { for s in sockets { _ = shutdown(s.fd.rawValue, Int32(SHUT_RDWR)) } }
-        threads[0].join()
-        let rest = lock.withLock { threads.dropFirst() }
-        for t in rest { t.join() }
-        lock.withLock { for s in sockets { s.close() }; sockets = [] }
-        listener.close()
-    }
+    func close() { plumbing.close() }
 }
 
 /// Recorded bug (hostile pass): after GO the destination brings its devices to RUNNING; one
