@@ -366,12 +366,10 @@ struct KernelDeviceDiagnosis {
     /// The devices of the group that keep it from being viable: bound to a driver other than
     /// a VFIO one (pcieport and pci-stub are allowed by the kernel).
     func blockingDevices() -> [(String, String)] {
-        guard let g = group, let dir = opendir("/sys/kernel/iommu_groups/\(g)/devices") else { return [] }
-        defer { closedir(dir) }
+        guard let g = group, let members = directoryEntryNames("/sys/kernel/iommu_groups/\(g)/devices") else { return [] }
         var out: [(String, String)] = []
-        while let e = readdir(dir) {
-            let n = withUnsafeBytes(of: e.pointee.d_name) { String(cString: $0.bindMemory(to: CChar.self).baseAddress!) }
-            guard !n.hasPrefix("."), n != name else { continue }
+        for n in members {
+            guard n != name else { continue }
             guard let d = PCIDevice.linkName("/sys/kernel/iommu_groups/\(g)/devices/\(n)/driver"),
                   !Self.isVFIODriver(d), d != "pcieport", d != "pci-stub" else { continue }
             out.append((n, d))
@@ -412,14 +410,10 @@ struct KernelDeviceDiagnosis {
 
     /// The VFIO device cdev (/dev/vfio/devices/vfioN) of a device bound to a VFIO driver.
     func cdev() throws -> String {
-        guard let dir = opendir("\(path)/vfio-dev") else {
+        guard let entries = directoryEntryNames("\(path)/vfio-dev") else {
             throw KernelVFIOError.unavailable("\(name) has no VFIO device cdev (\(path)/vfio-dev): this kernel lacks CONFIG_VFIO_DEVICE_CDEV: use the legacy container (iommufd=off)")
         }
-        defer { closedir(dir) }
-        while let e = readdir(dir) {
-            let n = withUnsafeBytes(of: e.pointee.d_name) { String(cString: $0.bindMemory(to: CChar.self).baseAddress!) }
-            if n.hasPrefix("vfio") { return "/dev/vfio/devices/\(n)" }
-        }
+        if let n = entries.first(where: { $0.hasPrefix("vfio") }) { return "/dev/vfio/devices/\(n)" }
         throw KernelVFIOError.unavailable("\(name): \(path)/vfio-dev lists no cdev")
     }
 }

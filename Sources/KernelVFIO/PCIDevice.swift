@@ -10,14 +10,6 @@ public struct PCIDevice: Sendable, CustomStringConvertible {
 
     public init(address: String) { self.address = address }
 
-    static func read(_ path: String) -> String? {
-        guard let f = fopen(path, "r") else { return nil }
-        defer { fclose(f) }
-        var buf = [CChar](repeating: 0, count: 256)
-        guard fgets(&buf, Int32(buf.count), f) != nil else { return nil }
-        return String(cString: buf).trimmingTrailingNewline
-    }
-
     static func write(_ path: String, _ value: String) throws {
         let fd = open(path, O_WRONLY | O_CLOEXEC)
         guard fd >= 0 else { throw KernelVFIOError.unavailable("cannot open \(path): \(Errno.current)") }
@@ -28,16 +20,9 @@ public struct PCIDevice: Sendable, CustomStringConvertible {
 
     /// Every PCI device with this vendor and device id.
     public static func find(vendor: UInt16, device: UInt16) -> [PCIDevice] {
-        guard let dir = opendir("/sys/bus/pci/devices") else { return [] }
-        defer { closedir(dir) }
-        var out: [PCIDevice] = []
-        while let e = readdir(dir) {
-            let name = withUnsafeBytes(of: e.pointee.d_name) { String(cString: $0.bindMemory(to: CChar.self).baseAddress!) }
-            guard !name.hasPrefix(".") else { continue }
-            let d = PCIDevice(address: name)
-            if read("\(d.path)/vendor") == "0x" + hex4(vendor) && read("\(d.path)/device") == "0x" + hex4(device) { out.append(d) }
-        }
-        return out.sorted { $0.address < $1.address }
+        (directoryEntryNames("/sys/bus/pci/devices") ?? []).map(PCIDevice.init(address:)).filter { d in
+            readKernelFileLine("\(d.path)/vendor") == "0x" + hex4(vendor) && readKernelFileLine("\(d.path)/device") == "0x" + hex4(device)
+        }.sorted { $0.address < $1.address }
     }
 
     static func hex4(_ v: UInt16) -> String { let s = String(v, radix: 16); return String(repeating: "0", count: 4 - s.count) + s }
@@ -50,13 +35,7 @@ public struct PCIDevice: Sendable, CustomStringConvertible {
     public var driver: String? { Self.linkName("\(path)/driver") }
     /// The VFIO device cdev (/dev/vfio/devices/vfioN) when bound to vfio-pci with cdev support.
     public var cdev: String? {
-        guard let dir = opendir("\(path)/vfio-dev") else { return nil }
-        defer { closedir(dir) }
-        while let e = readdir(dir) {
-            let name = withUnsafeBytes(of: e.pointee.d_name) { String(cString: $0.bindMemory(to: CChar.self).baseAddress!) }
-            if name.hasPrefix("vfio") { return "/dev/vfio/devices/\(name)" }
-        }
-        return nil
+        directoryEntryNames("\(path)/vfio-dev")?.first { $0.hasPrefix("vfio") }.map { "/dev/vfio/devices/\($0)" }
     }
 
     /// Bind to vfio-pci (unbinding the current driver first); a no-op if already bound.
@@ -67,8 +46,4 @@ public struct PCIDevice: Sendable, CustomStringConvertible {
         try Self.write("/sys/bus/pci/drivers_probe", address)
         guard driver == "vfio-pci" else { throw KernelVFIOError.unavailable("\(address) did not bind to vfio-pci (driver: \(driver ?? "none"))") }
     }
-}
-
-extension String {
-    var trimmingTrailingNewline: String { var s = self; while s.hasSuffix("\n") { s.removeLast() }; return s }
 }

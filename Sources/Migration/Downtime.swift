@@ -214,23 +214,12 @@ struct DowntimeModel {
     /// vcpu1, ...), by thread id; empty where /proc is not readable.
     static func threadSchedStats(prefix: String = "vcpu") -> [Int32: SchedStat] {
         var out: [Int32: SchedStat] = [:]
-        guard let dir = opendir("/proc/self/task") else { return out }
-        defer { closedir(dir) }
-        func read(_ path: String) -> String? {
-            let fd = open(path, O_RDONLY | O_CLOEXEC)
-            guard fd >= 0 else { return nil }
-            defer { close(fd) }
-            var b = [UInt8](repeating: 0, count: 128)
-            let n = b.withUnsafeMutableBytes { Glibc.read(fd, $0.baseAddress, 127) }
-            return n > 0 ? String(decoding: b[0..<n], as: UTF8.self) : nil
-        }
-        while let e = readdir(dir) {
-            let name = withUnsafeBytes(of: e.pointee.d_name) { String(decoding: $0.prefix(while: { $0 != 0 }), as: UTF8.self) }
+        for name in directoryEntryNames("/proc/self/task") ?? [] {
             guard let tid = Int32(name) else { continue }
-            guard let comm = read("/proc/self/task/\(name)/comm"), comm.hasPrefix(prefix),
-                  Int(String(comm.dropFirst(prefix.count).prefix(while: { $0 != "\n" }))) != nil,
-                  let st = read("/proc/self/task/\(name)/schedstat") else { continue }
-            let f = st.split(whereSeparator: { $0 == " " || $0 == "\n" }).compactMap { UInt64($0) }
+            guard let comm = readKernelFileLine("/proc/self/task/\(name)/comm"), comm.hasPrefix(prefix),
+                  Int(comm.dropFirst(prefix.count)) != nil,
+                  let st = readKernelFileLine("/proc/self/task/\(name)/schedstat") else { continue }
+            let f = st.split(separator: " ").compactMap { UInt64($0) }
             guard f.count >= 3 else { continue }
             out[tid] = SchedStat(runNS: f[0], waitNS: f[1], slices: f[2])
         }
