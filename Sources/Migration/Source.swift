@@ -1159,9 +1159,7 @@ public final class MigrationSource: @unchecked Sendable {
         // The destination brings its devices to RUNNING now: a hung one costs it up to its
         // device timeout (per device) before it says ERR and the VM is ours again. Waiting only
         // the peer timeout (5 s against 10 s) left both sides paused, the outcome unknown.
-        let deviceBoundMS = devices.reduce(UInt64(2000)) { sum, d in
-            sum + ((d.attached.device as? VFIOUserClient).map { UInt64(max($0.options.timeoutMilliseconds, 0)) } ?? 0)
-        }
+        let deviceBoundMS = devices.reduce(UInt64(2000)) { $0 + $1.attached.device.callTimeoutMilliseconds }
         do { verdict = try receiveVerdict("waiting for the destination to resume the guest", atLeastMS: deviceBoundMS) } catch {
             throw MigrationError.unconfirmed("the destination was told to take over (GO) but \(error); the source VM stays paused so the guest cannot run twice (check the destination; `cont` here only if it does not run)")
         }

@@ -205,11 +205,15 @@ public protocol VFIODevice: MigrationDeviceHandle {
     var lossWatchFD: Int32? { get }
     /// Handed to a successor VMM by a live update: this process must not touch it any more.
     var isHandedOver: Bool { get }
+    /// The longest one call on the device waits for its other end before it gives up (a
+    /// vfio-user server's reply); 0 where calls have no timeout of their own (kernel ioctls).
+    var callTimeoutMilliseconds: UInt64 { get }
 }
 
 extension VFIODevice {
     public var lossWatchFD: Int32? { nil }
     public var isHandedOver: Bool { false }
+    public var callTimeoutMilliseconds: UInt64 { 0 }
 }
 
 extension VFIODevice {

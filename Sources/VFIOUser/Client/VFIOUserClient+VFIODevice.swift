@@ -6,6 +6,7 @@ import VFIO
 /// kernel's layouts, so this is mostly a translation of names.
 extension VFIOUserClient: VFIODevice {
     public var transportName: String { "vfio-user" }
+    public var callTimeoutMilliseconds: UInt64 { UInt64(max(options.timeoutMilliseconds, 0)) }
 
     /// The server's socket path (the connection's peer address), for messages. A server that
     /// bound under a temporary name and renamed it reports the old name: then only the fd.
