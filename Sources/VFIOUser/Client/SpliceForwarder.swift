@@ -1,6 +1,34 @@
 import Glibc
 import SystemCalls
 
+/// splice(2), vmsplice(2) and pipe2(2): GNU extensions the Glibc module does not import, looked
+/// up once, and what both splice paths share.
+enum SpliceCalls {
+    typealias Splice = @convention(c) (Int32, UnsafeMutablePointer<Int64>?, Int32, UnsafeMutablePointer<Int64>?, Int, UInt32) -> Int
+    typealias Vmsplice = @convention(c) (Int32, UnsafePointer<iovec>?, Int, UInt32) -> Int
+    private typealias Pipe2 = @convention(c) (UnsafeMutablePointer<Int32>?, Int32) -> Int32
+    static let splice: Splice? = dlsym(nil, "splice").map { unsafeBitCast($0, to: Splice.self) }
+    static let vmsplice: Vmsplice? = dlsym(nil, "vmsplice").map { unsafeBitCast($0, to: Vmsplice.self) }
+    private static let pipe2: Pipe2? = dlsym(nil, "pipe2").map { unsafeBitCast($0, to: Pipe2.self) }
+    static let moveFlag: UInt32 = 1  // SPLICE_F_MOVE
+    static let nonblockFlag: UInt32 = 2  // SPLICE_F_NONBLOCK
+    private static let setPipeSize: Int32 = 1024 + 7  // F_SETPIPE_SZ (F_LINUX_SPECIFIC_BASE + 7)
+
+    /// The errors by which the kernel refuses splicing between these files (the caller then
+    /// takes the plain path).
+    static func isUnsupported(_ e: Int32) -> Bool { e == EINVAL || e == ENOSYS || e == EOPNOTSUPP }
+
+    /// A pipe of 1 MiB (the unprivileged maximum by default: a whole message per splice), or
+    /// nil where pipe2 is missing or fails; `capacity` is what the kernel gave.
+    static func pipe(flags: Int32) -> (readEnd: Int32, writeEnd: Int32, capacity: Int)? {
+        guard let pipe2 else { return nil }
+        var p: [Int32] = [-1, -1]
+        guard pipe2(&p, O_CLOEXEC | flags) == 0 else { return nil }
+        let c = fcntl(p[1], setPipeSize, Int32(1 << 20))
+        return (p[0], p[1], c > 0 ? Int(c) : 64 * 1024)
+    }
+}
+
 /// socket → pipe → socket with splice(2), for the device-state relay: an AF_UNIX stream socket
 /// hands its received pages to a pipe (unix_stream_splice_read) and takes pages from one
 /// (MSG_SPLICE_PAGES, Linux 6.5 and later), so a MIG_DATA_READ reply's data goes on as a
@@ -20,14 +48,6 @@ struct SpliceForwarder {
         var taken = 0
     }
 
-    // glibc's splice and pipe2 are GNU extensions the Glibc module does not import: looked up once.
-    private typealias SpliceFunction = @convention(c) (Int32, UnsafeMutablePointer<Int64>?, Int32, UnsafeMutablePointer<Int64>?, Int, UInt32) -> Int
-    private typealias Pipe2Function = @convention(c) (UnsafeMutablePointer<Int32>?, Int32) -> Int32
-    private static let spliceFunction: SpliceFunction? = dlsym(nil, "splice").map { unsafeBitCast($0, to: SpliceFunction.self) }
-    private static let pipe2Function: Pipe2Function? = dlsym(nil, "pipe2").map { unsafeBitCast($0, to: Pipe2Function.self) }
-    private static let moveFlag: UInt32 = 1  // SPLICE_F_MOVE
-    private static let setPipeSize: Int32 = 1024 + 7  // F_SETPIPE_SZ (F_LINUX_SPECIFIC_BASE + 7)
-
     /// Fault injection for tests: the pipe → socket step is refused (the data already in the
     /// pipe must then go on by hand).
     nonisolated(unsafe) static var refuseSendForTesting = false
@@ -38,14 +58,8 @@ struct SpliceForwarder {
     private let refuseSend: Bool
 
     init?() {
-        guard Self.spliceFunction != nil, let pipe2 = Self.pipe2Function else { return nil }
-        var p: [Int32] = [-1, -1]
-        guard pipe2(&p, Int32(O_CLOEXEC)) == 0 else { return nil }
-        readEnd = p[0]
-        writeEnd = p[1]
-        // A 1 MiB pipe (the unprivileged maximum by default) moves a whole message per splice.
-        let c = fcntl(p[1], Self.setPipeSize, Int32(1 << 20))
-        capacity = c > 0 ? Int(c) : 64 * 1024
+        guard SpliceCalls.splice != nil, let p = SpliceCalls.pipe(flags: 0) else { return nil }
+        (readEnd, writeEnd, capacity) = p
         refuseSend = Self.refuseSendForTesting
     }
 
@@ -54,8 +68,6 @@ struct SpliceForwarder {
         Glibc.close(writeEnd)
     }
 
-    private static func isUnsupported(_ e: Int32) -> Bool { e == EINVAL || e == ENOSYS || e == EOPNOTSUPP }
-
     /// Up to `max` bytes from `source` (waiting at most its SO_RCVTIMEO) through the pipe to
     /// `destination` (at most its SO_SNDTIMEO per step). The pipe is empty again on return.
     func move(from source: Int32, to destination: Int32, max: Int) throws -> Outcome {
@@ -63,12 +75,12 @@ struct SpliceForwarder {
     }
 
     private func moveHeld(from source: Int32, to destination: Int32, max: Int) throws -> Outcome {
-        let splice = Self.spliceFunction!
+        let splice = SpliceCalls.splice!
         var n: Int
-        repeat { n = splice(source, nil, writeEnd, nil, min(max, capacity), Self.moveFlag) } while n < 0 && errno == EINTR
+        repeat { n = splice(source, nil, writeEnd, nil, min(max, capacity), SpliceCalls.moveFlag) } while n < 0 && errno == EINTR
         if n < 0 {
             let e = errno
-            if Self.isUnsupported(e) { return .unsupported(moved: 0, stranded: 0) }
+            if SpliceCalls.isUnsupported(e) { return .unsupported(moved: 0, stranded: 0) }
             throw Failure(errno: Errno(e), atSource: true)
         }
         // End of stream in the middle of a message (the caller asked only for bytes it is owed).
@@ -76,11 +88,11 @@ struct SpliceForwarder {
         var out = 0
         while out < n {
             if refuseSend { return .unsupported(moved: out, stranded: n - out) }
-            let k = splice(readEnd, nil, destination, nil, n - out, Self.moveFlag)
+            let k = splice(readEnd, nil, destination, nil, n - out, SpliceCalls.moveFlag)
             if k < 0 {
                 let e = errno
                 if e == EINTR { continue }
-                if Self.isUnsupported(e) { return .unsupported(moved: out, stranded: n - out) }
+                if SpliceCalls.isUnsupported(e) { return .unsupported(moved: out, stranded: n - out) }
                 throw Failure(errno: Errno(e), atSource: false, taken: n)
             }
             if k == 0 { throw Failure(errno: .EPIPE, atSource: false, taken: n) }
@@ -116,15 +128,6 @@ final class SpliceSender {
         var bytes: UnsafeRawBufferPointer { switch self { case let .copy(b), let .reference(b): return b } }
     }
 
-    private typealias VmspliceFunction = @convention(c) (Int32, UnsafePointer<iovec>?, Int, UInt32) -> Int
-    private typealias SpliceFunction = @convention(c) (Int32, UnsafeMutablePointer<Int64>?, Int32, UnsafeMutablePointer<Int64>?, Int, UInt32) -> Int
-    private typealias Pipe2Function = @convention(c) (UnsafeMutablePointer<Int32>?, Int32) -> Int32
-    private static let vmspliceFunction: VmspliceFunction? = dlsym(nil, "vmsplice").map { unsafeBitCast($0, to: VmspliceFunction.self) }
-    private static let spliceFunction: SpliceFunction? = dlsym(nil, "splice").map { unsafeBitCast($0, to: SpliceFunction.self) }
-    private static let pipe2Function: Pipe2Function? = dlsym(nil, "pipe2").map { unsafeBitCast($0, to: Pipe2Function.self) }
-    private static let nonblockFlag: UInt32 = 2  // SPLICE_F_NONBLOCK
-    private static let setPipeSize: Int32 = 1024 + 7  // F_SETPIPE_SZ
-
     /// Fault injection for tests: the pipe → socket step is refused (what is in the pipe must
     /// then go on by hand, and the rest by plain sends).
     nonisolated(unsafe) static var refuseSendForTesting = false
@@ -138,14 +141,10 @@ final class SpliceSender {
     private(set) var disabled = false
 
     init?() {
-        guard Self.vmspliceFunction != nil, Self.spliceFunction != nil, let pipe2 = Self.pipe2Function else { return nil }
-        var p: [Int32] = [-1, -1]
         // Non-blocking pipe: a full pipe says EAGAIN (then it is flushed to the socket) instead
         // of waiting for a reader that is this same thread.
-        guard pipe2(&p, Int32(O_CLOEXEC | O_NONBLOCK)) == 0 else { return nil }
-        readEnd = p[0]
-        writeEnd = p[1]
-        _ = fcntl(p[1], Self.setPipeSize, Int32(1 << 20))
+        guard SpliceCalls.vmsplice != nil, SpliceCalls.splice != nil, let p = SpliceCalls.pipe(flags: O_NONBLOCK) else { return nil }
+        (readEnd, writeEnd, _) = p
         refuseSend = Self.refuseSendForTesting
     }
 
@@ -153,8 +152,6 @@ final class SpliceSender {
         Glibc.close(readEnd)
         Glibc.close(writeEnd)
     }
-
-    private static func isUnsupported(_ e: Int32) -> Bool { e == EINVAL || e == ENOSYS || e == EOPNOTSUPP }
 
     /// Send `pieces` in order to the stream socket `socket` (blocking, with its SO_SNDTIMEO).
     /// Where the kernel refuses splicing, the bytes already in the pipe and the rest are sent
@@ -193,7 +190,7 @@ final class SpliceSender {
             switch pieces[i] {
             case .reference:
                 var v = iovec(iov_base: UnsafeMutableRawPointer(mutating: b.baseAddress! + off), iov_len: b.count - off)
-                n = Self.vmspliceFunction!(writeEnd, &v, 1, Self.nonblockFlag)
+                n = SpliceCalls.vmsplice!(writeEnd, &v, 1, SpliceCalls.nonblockFlag)
             case .copy:
                 n = Glibc.write(writeEnd, b.baseAddress! + off, b.count - off)
             }
@@ -201,7 +198,7 @@ final class SpliceSender {
             let e = errno
             if n < 0 && e == EINTR { continue }
             if n < 0 && e == EAGAIN && inPipe > 0 { try flush(to: socket); continue }
-            if n < 0 && Self.isUnsupported(e) { throw Unsupported() }
+            if n < 0 && SpliceCalls.isUnsupported(e) { throw Unsupported() }
             throw Errno(n < 0 ? e : EIO)
         }
         try flush(to: socket)
@@ -230,11 +227,11 @@ final class SpliceSender {
 
     private func flushHeld(to socket: Int32) throws {
         while inPipe > 0 {
-            let k = Self.spliceFunction!(readEnd, nil, socket, nil, inPipe, 0)
+            let k = SpliceCalls.splice!(readEnd, nil, socket, nil, inPipe, 0)
             if k > 0 { inPipe -= k; continue }
             let e = errno
             if k < 0 && e == EINTR { continue }
-            if k < 0 && Self.isUnsupported(e) { throw Unsupported() }
+            if k < 0 && SpliceCalls.isUnsupported(e) { throw Unsupported() }
             throw Errno(k < 0 ? e : EPIPE)
         }
     }
