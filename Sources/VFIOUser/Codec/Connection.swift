@@ -47,18 +47,22 @@ public final class VFIOUserConnection: @unchecked Sendable {
     /// Continue a predecessor's id sequence.
     public func setNextID(_ id: UInt16) { idLock.withLock { nextID = id &- 1 } }
 
-    /// Run `body` holding the send lock: a sender that writes a whole message itself (the
-    /// spliced MIG_DATA_READ reply).
-    func withSendLock<T>(_ body: () throws -> T) rethrows -> T { try sendLock.withLock(body) }
-
     /// Send header + payload parts + fds in one sendmsg.
     public func send(id: UInt16, command: UInt16, flags: UInt32, errorNumber: UInt32 = 0,
                      payload: [UnsafeRawBufferPointer], fds: [Int32] = []) throws {
+        try send(id: id, command: command, flags: flags, errorNumber: errorNumber, payload: payload) { try socket.send($0, fds: fds) }
+    }
+
+    /// Frame header + payload parts as one message and hand its parts (header first) to
+    /// `write`, under the send lock: a sender that writes the message to the socket itself
+    /// (the spliced MIG_DATA_READ reply).
+    func send(id: UInt16, command: UInt16, flags: UInt32, errorNumber: UInt32 = 0,
+              payload: [UnsafeRawBufferPointer], through write: ([UnsafeRawBufferPointer]) throws -> Void) throws {
         let total = payload.reduce(0) { $0 + $1.count } + MessageHeader.size
         guard total <= UInt32.max else { throw Errno.EMSGSIZE }
         let header = MessageHeader(messageID: id, command: command, messageSize: UInt32(total), flags: flags, errorNumber: errorNumber).bytes
         try sendLock.withLock {
-            try header.withUnsafeBytes { h in try socket.send([h] + payload, fds: fds) }
+            try header.withUnsafeBytes { h in try write([h] + payload) }
         }
     }
 

@@ -74,34 +74,23 @@ public final class MigrationEndpoint: @unchecked Sendable {
         }
     }
 
-    /// The MIG_DATA_READ reply of `pieces` from `readPieces`: the pieces outside `scratch` lie
-    /// in the stopped device's memory, which does not change until the stream is read (STOP_COPY
+    /// A whole MIG_DATA_READ reply framed by the connection (`parts`: its headers, then the
+    /// pieces from `readPieces`), written to `socket`: the pieces outside `scratch` lie in the
+    /// stopped device's memory, which does not change until the stream is read (STOP_COPY
     /// quiesces the device and gates its BARs), so they go to the socket by reference
-    /// (`SpliceSender`: no copy into the socket); the header and scratch are copied, since
+    /// (`SpliceSender`: no copy into the socket); the headers and scratch are copied, since
     /// scratch is reused by the next reply. Where splicing is not available, one sendmsg.
-    public func sendGathered(_ h: MessageHeader, _ pieces: [UnsafeRawBufferPointer], scratch: UnsafeRawBufferPointer,
-                             on conn: VFIOUserConnection) throws {
-        let n = pieces.reduce(0) { $0 + $1.count }
-        var w = WireWriter(capacity: MessageHeader.size + 8)
-        w.append(MessageHeader(messageID: h.messageID, command: h.command, messageSize: UInt32(MessageHeader.size + 8 + n),
-                               flags: MessageHeader.typeReply, errorNumber: 0).bytes)
-        w.u32(UInt32(8 + n)); w.u32(UInt32(n))
-        let head = w.bytes
-        try head.withUnsafeBytes { hp in
-            let all = [hp] + pieces
-            func plain(_ parts: [UnsafeRawBufferPointer]) throws { try conn.socket.send(parts) }
-            try conn.withSendLock {
-                try senderLock.withLock {
-                    if sender == nil { sender = .some(SpliceSender()) }
-                    guard let sp = sender ?? nil, !sp.disabled else { return try plain(all) }
-                    let lo = UInt(bitPattern: scratch.baseAddress), hi = lo + UInt(scratch.count)
-                    try sp.send(all.map { p in
-                        let a = UInt(bitPattern: p.baseAddress)
-                        // Small or scratch pieces are copied (a pipe slot per piece either way).
-                        return (a >= lo && a < hi) || p.count < 4096 || p.baseAddress == hp.baseAddress ? .copy(p) : .reference(p)
-                    }, to: conn.socket.fd.rawValue, plainSend: plain)
-                }
-            }
+    public func sendByReference(_ parts: [UnsafeRawBufferPointer], scratch: UnsafeRawBufferPointer, to socket: UnixSocket) throws {
+        func plain(_ parts: [UnsafeRawBufferPointer]) throws { try socket.send(parts) }
+        try senderLock.withLock {
+            if sender == nil { sender = .some(SpliceSender()) }
+            guard let sp = sender ?? nil, !sp.disabled else { return try plain(parts) }
+            let lo = UInt(bitPattern: scratch.baseAddress), hi = lo + UInt(scratch.count)
+            try sp.send(parts.map { p in
+                let a = UInt(bitPattern: p.baseAddress)
+                // Small (the headers) or scratch pieces are copied (a pipe slot per piece either way).
+                return (a >= lo && a < hi) || p.count < 4096 ? .copy(p) : .reference(p)
+            }, to: socket.fd.rawValue, plainSend: plain)
         }
     }
 

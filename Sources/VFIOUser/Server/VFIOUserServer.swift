@@ -548,14 +548,18 @@ public final class VFIOUserServer: @unchecked Sendable {
             pieces = [UnsafeRawBufferPointer(rebasing: buffer[0..<(try mig.read(into: buffer))])]
         }
         guard h.wantsReply else { return }
-        // Gathered: the device memory in it goes to the socket by reference (MigrationEndpoint).
-        if gathered { return try mig.sendGathered(h, pieces, scratch: UnsafeRawBufferPointer(buffer), on: s.conn) }
         let n = pieces.reduce(0) { $0 + $1.count }
         var w = WireWriter(capacity: 8)
         w.u32(UInt32(8 + n)); w.u32(UInt32(n))
         let head = w.bytes
         try head.withUnsafeBytes { hp in
-            try s.conn.send(id: h.messageID, command: h.command, flags: MessageHeader.typeReply, payload: [hp] + pieces)
+            guard gathered else {
+                return try s.conn.send(id: h.messageID, command: h.command, flags: MessageHeader.typeReply, payload: [hp] + pieces)
+            }
+            // Gathered: the device memory in it goes to the socket by reference.
+            try s.conn.send(id: h.messageID, command: h.command, flags: MessageHeader.typeReply, payload: [hp] + pieces) {
+                try mig.sendByReference($0, scratch: UnsafeRawBufferPointer(buffer), to: s.conn.socket)
+            }
         }
     }
 
