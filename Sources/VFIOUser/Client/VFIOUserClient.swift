@@ -358,7 +358,7 @@ public final class VFIOUserClient: @unchecked Sendable {
             guard (try? Poll.waitReadable(connection.socket.fd, timeoutMilliseconds: 0)) == true else { throw cutError }
             let m: Message
             do { m = try connection.receive() } catch {
-                if let e = error as? Errno, e == .EPIPE || e == .ECONNRESET || e == .EPROTO { throw markBroken(.disconnected) }
+                if Self.isDisconnect(error) { throw markBroken(.disconnected) }
                 throw markBroken(.protocolViolation("reading the server's late reply (after: \(cutError)): \(error)"))
             }
             if m.header.isCommand { serveServerCommand(m, on: connection); continue }
@@ -382,9 +382,16 @@ public final class VFIOUserClient: @unchecked Sendable {
     /// The one mapping of a send or receive failure on the main socket to what callers see.
     /// EAGAIN is SO_SNDTIMEO / SO_RCVTIMEO firing part-way through a message (the server
     /// stopped reading, or stopped sending mid-message): the stream is out of step for good.
+    /// The server went away: its end closed (a clean EOF between messages is ECONNRESET) or
+    /// reset, or the stream ended part-way through a message.
+    static func isDisconnect(_ e: Error) -> Bool {
+        guard let e = e as? Errno else { return false }
+        return e == .EPIPE || e == .ECONNRESET || e == .EPROTO
+    }
+
     func transportError(_ e: Error, _ cmd: VFIOUserCommand) -> Error {
+        if Self.isDisconnect(e) { return VFIOUserClientError.disconnected }
         if let e = e as? Errno {
-            if e == .EPIPE || e == .ECONNRESET || e == .EPROTO { return VFIOUserClientError.disconnected }
             if e == .EAGAIN { return markBroken(.timeout(command: cmd, seconds: timeoutSeconds)) }
         }
         if let f = e as? FramingError { return VFIOUserClientError.protocolViolation("reply to \(cmd): \(f.reason)") }
