@@ -92,12 +92,12 @@ public final class DMAEngine: VFIOUserDeviceModel, @unchecked Sendable {
     var save: SaveSession?
     var load: LoadSession?
 
-    /// Fault injection for tests: flip one byte of the next migration data written.
     /// Whether the state streams this device saves carry a checksum per memory chunk (declared
     /// in the stream's header record; the destination checks what is declared). Off by default,
     /// as QEMU relies on the transport for device state; headers, lengths, offsets, the
     /// registers and the stream's completeness are always checked.
     public var stateChecksums = false
+    /// Fault injection for tests: flip one byte of the next migration data written.
     public var corruptNextWriteForTesting = false
     /// Fault injection for tests: refuse this arc once (the device keeps its state).
     public var refuseArcForTesting: (MigrationState, MigrationState)?
