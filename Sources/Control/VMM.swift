@@ -432,10 +432,15 @@ public final class VirtualMachineManager: QMPHandler, @unchecked Sendable {
             if s == .postmigrate, let r = lock.withLock({ liveUpdateReport }) {
                 throw QMPError("x-vfio-live-verify refused: the VM runs in pid \(r.successorPID) since the live update")
             }
-            var r = vm.verify()
-            if let why = lock.withLock({ lostReason }) { r.violations.insert(why, at: 0) }
-            return r
+            return scanLocked()
         }
+    }
+
+    /// The verifier's scan, with a lost device as the first violation; the caller holds `control`.
+    private func scanLocked() -> VerifierReport {
+        var r = vm.verify()
+        if let why = lock.withLock({ lostReason }) { r.violations.insert(why, at: 0) }
+        return r
     }
 
     // MARK: the periodic integrity check
@@ -468,8 +473,9 @@ public final class VirtualMachineManager: QMPHandler, @unchecked Sendable {
         if stop != nil { periodicThread?.join(); periodicThread = nil }
     }
 
-    /// One periodic check, or nil when it is not the moment: only a VM that runs here, with no
-    /// operation holding it, is scanned. A scan parks every vCPU while it reads the working set
+    /// One periodic check, or nil when it is not the moment: only a VM that is here (not still
+    /// arriving, not gone), with no operation holding it, is scanned, and a device lost is a
+    /// violation as for `verify` (so `vm run` ends on it). A scan parks every vCPU while it reads the working set
     /// (100-300 ms in the TCG lab), which lengthened any migration downtime it overlapped
     /// (1.7 s in a lab run) and perturbed pre-copy; so none runs while a migration (either
     /// direction) or a live update lasts, and a claim waits for a scan in progress (both under
@@ -479,9 +485,9 @@ public final class VirtualMachineManager: QMPHandler, @unchecked Sendable {
     func periodicVerify() -> VerifierReport? {
         control.withLock {
             let (s, op) = lock.withLock { (state, operation) }
-            guard s == .running, op == nil else { return nil }
+            guard op == nil, s != .inmigrate, s != .postmigrate, s != .finishMigrate else { return nil }
             let start = monotonicNanoseconds()
-            let r = vm.verify()
+            let r = scanLocked()
             let end = monotonicNanoseconds()
             lock.withLock {
                 scans.append(start...end)

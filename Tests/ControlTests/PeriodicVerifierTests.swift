@@ -73,4 +73,18 @@ extension RunStateTests {
                        "no source scan from the migration's start to its end (\(Double(ended - started) / 1e6) ms) or after")
         XCTAssertNil(d.vmm.verificationFailure, "\(String(describing: d.vmm.verificationFailure))")
     }
+
+    /// `vm run` ended on a lost device before the check moved to the VMM's thread (the report
+    /// names it as a violation, as `x-vfio-live-verify` does); the periodic check keeps that: a
+    /// VM stopped in internal-error is still checked, and the report says why it cannot run.
+    func testTheCheckReportsALostDeviceAsAViolationSoThatVMRunEnds() throws {
+        try vmm.startPeriodicVerification(every: 0.02) { _ in }
+        XCTAssertTrue(waitFor(5) { vmm.verifierScans.count >= 3 }, "the check runs while the VM runs")
+        XCTAssertNil(vmm.verificationFailure)
+        server.stop()
+        XCTAssertTrue(waitFor(5) { vmm.runState == .internalError }, "state \(vmm.runState)")
+        XCTAssertTrue(waitFor(5) { vmm.verificationFailure != nil }, "a lost device fails the periodic check")
+        let why = vmm.verificationFailure?.violations.first ?? ""
+        XCTAssertTrue(why.contains("device 0 lost"), why)
+    }
 }
