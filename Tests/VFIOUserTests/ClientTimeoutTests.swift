@@ -48,14 +48,19 @@ final class SilentServer: @unchecked Sendable {
     }
 }
 
+/// Client options for the timeout tests: a reply timeout of `ms`, a cancel descriptor, and
+/// whether the client offers the twin socket.
+func timeoutOptions(_ ms: Int32, cancel: Int32? = nil, twinSocket: Bool = true) -> VFIOUserClient.Options {
+    var o = VFIOUserClient.Options()
+    o.timeoutMilliseconds = ms
+    o.cancel = cancel
+    o.offerTwinSocket = twinSocket
+    return o
+}
+
 /// Every wait of VFIOUserClient on its server is bounded, and can be cancelled.
 final class ClientTimeoutTests: XCTestCase {
-    func options(_ ms: Int32, cancel: Int32? = nil) -> VFIOUserClient.Options {
-        var o = VFIOUserClient.Options()
-        o.timeoutMilliseconds = ms
-        o.cancel = cancel
-        return o
-    }
+    func options(_ ms: Int32, cancel: Int32? = nil) -> VFIOUserClient.Options { timeoutOptions(ms, cancel: cancel) }
 
     func testVERSIONToAServerThatAcceptsButNeverAnswersTimesOut() throws {
         let server = try SilentServer(tag: "silent")

@@ -6,40 +6,6 @@ import SystemCalls
 import VFIO
 @testable import VFIOUser
 
-/// A "destination server" on a real socket that answers VERSION and then never reads again
-/// (a SIGSTOPped or wedged server): the relay's sends to it fill the socket and time out.
-final class NonReadingServer: @unchecked Sendable {
-    let path: String
-    private let listener: UnixListener
-    private let stop: EventFD
-    private var thread: Thread?
-    private let lock = NSLock()
-    private var sock: UnixSocket?
-
-    init(tag: String) throws {
-        path = temporarySocketPath(tag)
-        listener = try UnixListener(path: path, backlog: 2)
-        stop = try EventFD(nonBlocking: true)
-        let t = Thread { [self] in
-            guard let s = try? listener.accept(cancel: stop.fd) else { return }
-            lock.withLock { sock = s }
-            let c = VFIOUserConnection(socket: s)
-            guard let v = try? c.receive() else { return }
-            try? c.sendReply(to: v.header, payload: VersionPayload(capabilities: Capabilities()).encode())
-            _ = try? Poll.waitReadable(stop.fd, timeoutMilliseconds: 60_000)
-        }
-        thread = t
-        t.start()
-    }
-
-    func close() {
-        try? stop.signal()
-        while thread?.isFinished == false { usleep(1000) }
-        lock.withLock { sock?.close(); sock = nil }
-        listener.close()
-    }
-}
-
 /// Hostile peers of the device-state relay (hostile pass, round 2).
 final class HostileDeviceStateTests: XCTestCase {
     func options(timeoutMS: Int32, splice: Bool = true) -> VFIOUserClient.Options {
@@ -65,7 +31,9 @@ final class HostileDeviceStateTests: XCTestCase {
             let block = (0..<(1 << 20)).map { UInt8(truncatingIfNeeded: $0 &* 11) }
             while off < 16 << 20 { try ca.regionWrite(2, offset: off, block); off += 1 << 20 }
             try ca.setMigrationState(.stopCopy)
-            let dst = try NonReadingServer(tag: "nr-dst")
+            // Answers VERSION, then never reads again (a SIGSTOPped or wedged server): the
+            // relay's sends to it fill the socket and time out.
+            let dst = try SilentServer(tag: "nr-dst", answerVersion: true)
             defer { dst.close() }
             let cb = try VFIOUserClient(path: dst.path, options: options(timeoutMS: 400))
             defer { cb.close() }

@@ -71,13 +71,8 @@ final class LateServer: @unchecked Sendable {
 /// once while the late reply is still owed (a hung server is not waited for again and again),
 /// and once it came it is dropped and the next call gets its own reply.
 final class LateReplyTests: XCTestCase {
-    func options(_ ms: Int32, cancel: Int32? = nil) -> VFIOUserClient.Options {
-        var o = VFIOUserClient.Options()
-        o.timeoutMilliseconds = ms
-        o.cancel = cancel
-        o.offerTwinSocket = false
-        return o
-    }
+    /// The scripted server answers on its main socket only.
+    func options(_ ms: Int32, cancel: Int32? = nil) -> VFIOUserClient.Options { timeoutOptions(ms, cancel: cancel, twinSocket: false) }
 
     func waitUntil(_ what: String, within s: Double = 5, _ cond: () -> Bool) {
         let end = monotonicNanoseconds() + UInt64(s * 1e9)
