@@ -59,15 +59,18 @@ extension VirtualMachineManager {
         guard blockers.isEmpty else { throw QMPError("live update blocked: \(blockers.joined(separator: "; "))") }
         let spawns = mode == .exec || path == nil
         let argv = successorCommand(command, extra: mode == .transfer && path == nil ? ["--incoming", "cpr:unix:\(spawnPath)"] : [])
+        let peerMS = withLock { parameters.peerTimeoutMS }
         if spawns {
-            do { try CPRProbe.check(binary: argv[0]) } catch { throw QMPError("\(error); the VM runs on here") }
+            // An operator who raised the peer timeout for a slow machine (the TCG lab: a debug
+            // binary took more than the default 15 s to start) gives the probe as long.
+            let bound = Int32(clamping: max(UInt64(CPRProbe.defaultTimeoutMilliseconds), peerMS))
+            do { try CPRProbe.check(binary: argv[0], timeoutMilliseconds: bound) } catch { throw QMPError("\(error); the VM runs on here") }
         }
         if let q = qmp {
             src.extraEntries = [CPRState.Entry(name: CPRNames.qmpListener, id: 0, fd: q.listenerFD)]
             src.extraRecords = [(CPRNames.qmpPath, Array(q.path.utf8))]
         }
         if let hook = liveUpdateFaultForTesting { src.beforeStep = hook }
-        let peerMS = withLock { parameters.peerTimeoutMS }
         let peer: Int32 = peerMS == 0 ? -1 : Int32(clamping: peerMS)
         src.timeoutMilliseconds = peer
         let s = MigrationStats()

@@ -22,7 +22,11 @@ public enum CPRProbe {
     /// answer. The probe is killed and reaped if it takes longer than the bound: 15 s, because
     /// a debug binary started on a loaded machine (the lab's TCG guest, with two VMMs running)
     /// took more than 5 s to answer, and a refused update costs the operator more than a wait.
-    public static func check(binary: String, timeoutMilliseconds: Int32 = 15_000) throws {
+    public static let defaultTimeoutMilliseconds: Int32 = 15_000
+
+    /// `timeoutMilliseconds` is the bound (at least the default, when the VMM's peer timeout
+    /// is longer: see VirtualMachineManager.startLiveUpdate).
+    public static func check(binary: String, timeoutMilliseconds: Int32 = defaultTimeoutMilliseconds) throws {
         guard access(binary, X_OK) == 0 else { throw CPRError.blocked("\(binary) is not executable (\(Errno.current))") }
         var p: [Int32] = [-1, -1]
         guard pipe(&p) == 0 else { throw CPRError.blocked("probing \(binary): pipe: \(Errno.current)") }

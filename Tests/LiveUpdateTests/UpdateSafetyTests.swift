@@ -32,6 +32,25 @@ final class UpdateSafetyTests: VMMProcessTestCase {
         XCTAssertEqual(try assertHealthy("after a hanging probe"), pid0)
     }
 
+    /// The probe waited at most 15 s whatever the operator had set, and a debug build starting
+    /// in the TCG lab guest once took longer: a raised x-vfio-live-peer-timeout now bounds the
+    /// probe too. A binary that answers after 16 s is heard (here with a wrong answer, so that
+    /// nothing is handed over), where the old bound killed it unheard.
+    func testARaisedPeerTimeoutGivesTheProbeAsLong() throws {
+        try startVM()
+        let pid0 = try assertHealthy("before")
+        let slow = "/tmp/vfio-live-upd-\(tag)-slow.sh"
+        _ = FileManager.default.createFile(atPath: slow, contents: Data("#!/bin/sh\nsleep 16\necho 'vfio-live cpr-probe: not this version'\n".utf8))
+        chmod(slow, 0o755)
+        defer { unlink(slow) }
+        let q = try QMP(qmpPath)
+        _ = try q.execute("migrate-set-parameters", #"{"x-vfio-live-peer-timeout":30000}"#)
+        XCTAssertThrowsError(try q.execute("x-vfio-live-update", #"{"mode":"cpr-exec","binary":"\#(slow)"}"#)) { e in
+            XCTAssertTrue("\(e)".contains("cannot take this VM over: it answered 'vfio-live cpr-probe: not this version'"), "\(e)")
+        }
+        XCTAssertEqual(try assertHealthy("after a slow probe"), pid0, "the same VMM runs the VM")
+    }
+
     /// Killing the old VMM within ~14 ms of spawning its successor left the successor waiting
     /// on its CPR socket forever. It now sees its parent gone and exits with a clear error,
     /// removing its socket.
