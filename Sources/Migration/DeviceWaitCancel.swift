@@ -5,9 +5,10 @@ import VFIOUser
 /// wait on a vfio-user device server, which is otherwise bounded only by the client's device
 /// timeout (10 s). While the migration runs, each client watches this migration's eventfd
 /// instead of its own cancel descriptor. After a cancel, a device wait still running a grace
-/// period later gives up: a healthy server answers within milliseconds, and a client whose
-/// wait was cut refuses every later call (its stream may be out of step), so only a device
-/// that hangs is given up on. The rollback then cannot reach it: the device is lost.
+/// period later gives up: a healthy server answers within milliseconds, so only a device that
+/// hangs is given up on. A client whose wait was cut owes that reply: each later call first
+/// drops late replies, and fails at once while one is still owed, so a rollback reaches a
+/// device that answered in the meantime and reports one that still hangs as lost.
 final class DeviceWaitCancel: @unchecked Sendable {
     static let graceMilliseconds: Int32 = 1000
 

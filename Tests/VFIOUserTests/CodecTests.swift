@@ -130,5 +130,6 @@ final class CodecTests: XCTestCase {
         fails(VFIOUserCommand.dmaRead.rawValue, DMAAccess(address: 0, count: 0).encode(), .EINVAL)
         var mr = WireWriter(); mr.u32(8); mr.u32(4096)
         fails(VFIOUserCommand.migDataRead.rawValue, mr.bytes, .EINVAL)  // argsz too small for size
+        fails(VFIOUserCommand.migDataWrite.rawValue, MigDataPayload(argsz: 8, size: 4, data: [1, 2, 3, 4]).encode(), .EINVAL)  // argsz too small for size
     }
 }

@@ -165,6 +165,9 @@ public enum VFIOUserRequest: Equatable {
                     throw fail(.EINVAL, "MIG_DATA_WRITE size \(m.size) exceeds max_data_xfer_size \(limits.maxDataXferSize)")
                 }
                 guard m.data.count == Int(m.size) else { throw fail(.EINVAL, "MIG_DATA_WRITE size \(m.size) but \(m.data.count) data bytes") }
+                // argsz covers the struct the client holds, as for MIG_DATA_READ: the fast path
+                // refuses the same message, so both paths give it the same answer.
+                guard UInt64(m.argsz) >= 8 + UInt64(m.size) else { throw fail(.EINVAL, "MIG_DATA_WRITE argsz \(m.argsz) < 8 + size \(m.size)") }
                 return .migDataWrite(m)
             case .dmaRead, .dmaWrite:
                 throw fail(.EINVAL, "\(cmd) is a server-to-client command")
