@@ -39,6 +39,11 @@ final class BenchScaleTests: XCTestCase {
         let r = try jsonLines(["bench", "migration", "--memory", "128M", "--no-qemu", "--sizes", tooLarge ? "128M,256M,16G" : "128M,256M", "--json"])
         XCTAssertEqual(r.status, 0, "\(r.raw)")
         func figure(_ name: String) -> [String: Any]? { r.objects.first { $0["figure"] as? String == name } }
+        // The one-stream figure beside both references: cache-hot buffers and RAM-sized ones.
+        let hot = try XCTUnwrap(figure("RAM transfer (idle VM, full RAM)")?["reference_value"] as? Double, "\(r.raw)")
+        let cold = try XCTUnwrap(figure("RAM transfer vs RAM-sized raw TCP")?["reference_value"] as? Double, "\(r.raw)")
+        XCTAssertGreaterThan(hot, 0)
+        XCTAssertGreaterThan(cold, 0)
         for at in ["128.0 MiB", "256.0 MiB"] {
             XCTAssertNotNil(figure("RAM transfer to a VMM process, end to end, \(at)")?["value"] as? Double, "\(r.raw)")
             let bulk = try XCTUnwrap(figure("RAM transfer to a VMM process, bulk pass, \(at)"), "\(r.raw)")
