@@ -34,7 +34,7 @@ extension CPRNames {
 
 extension VFIOUserClient: CPRDeviceTransport {
     public static var cprTransport: String { "vfio-user" }
-    public func cprBlocker() -> String? { nil }
+    public func cprBlocker() -> String? { handoverBlocker() }
 
     /// The socket, the twin socket and the handover record (VERSION reply, DMA mappings by fd
     /// offset, next message id): the server sees no change at all.
@@ -43,7 +43,9 @@ extension VFIOUserClient: CPRDeviceTransport {
         if let t = twinSocketFD { s.save(CPRNames.twinSocket(i), t) }
         s.saveRecord(CPRNames.device(i), handoverState().encode())
     }
-    public func cprFreeze() throws { releaseForHandover() }
+    public func cprFreeze() throws {
+        do { try releaseForHandoverInStep() } catch { throw CPRError.blocked("\(deviceName): \(error)") }
+    }
     public func cprThaw() { reclaimAfterHandover() }
 }
 

@@ -101,6 +101,35 @@ final class LateReplyTests: XCTestCase {
         XCTAssertEqual(try c.deviceInfo().regionCount, 3, "and the connection stays in step")
     }
 
+    /// Live update: the handover record carries no owed replies, so a connection that owes one
+    /// is not handed over (the successor would take the late reply for its own); refused, it
+    /// stays this process's and works on; once the reply came it is handed over as usual.
+    func testAConnectionOwingALateReplyIsNotHandedOverUntilTheReplyCame() throws {
+        let server = try LateServer(tag: "latehandover", delays: [1: 0.8])
+        defer { server.close() }
+        let c = try VFIOUserClient(path: server.path, options: options(300))
+        defer { c.close() }
+        XCTAssertNil(c.handoverBlocker(), "a connection in step can be handed over")
+        XCTAssertThrowsError(try c.deviceInfo())
+        let why = try XCTUnwrap(c.handoverBlocker())
+        XCTAssertTrue(why.contains("owes the reply to 1 request"), why)
+        XCTAssertThrowsError(try c.releaseForHandoverInStep()) {
+            guard case .handoverRefused? = $0 as? VFIOUserClientError else { return XCTFail("\($0)") }
+        }
+        XCTAssertFalse(c.isHandedOver)
+        // The live update's rollback thaws every device it froze: a refused one is left as it is.
+        c.reclaimAfterHandover()
+        waitUntil("the server answered the first request late") { server.answered >= 1 }
+        usleep(50_000)
+        XCTAssertNil(c.handoverBlocker(), "the late reply came and was dropped")
+        XCTAssertEqual(try c.deviceInfo().regionCount, 2)
+        try c.releaseForHandoverInStep()
+        XCTAssertTrue(c.isHandedOver)
+        XCTAssertThrowsError(try c.deviceInfo()) { XCTAssertEqual($0 as? VFIOUserClientError, .handedOver) }
+        c.reclaimAfterHandover()
+        XCTAssertEqual(try c.deviceInfo().regionCount, 3, "taken back, in step")
+    }
+
     func testALateReplyAfterACancelIsDroppedOnceTheCancelIsWithdrawn() throws {
         let server = try LateServer(tag: "latecancel", delays: [1: 0.6])
         defer { server.close() }

@@ -12,6 +12,8 @@ public enum VFIOUserClientError: Error, CustomStringConvertible, Equatable {
     case disconnected
     /// The connection was handed over to another VMM process (live update).
     case handedOver
+    /// The connection cannot be handed over now, for this reason.
+    case handoverRefused(String)
     /// The server sent nothing for `seconds` while we waited for its reply to `command` (or it
     /// did not drain what we sent). Given up between messages, later calls fail with it until
     /// the server's late reply came (then it is dropped and the connection works again); given
@@ -26,6 +28,7 @@ public enum VFIOUserClientError: Error, CustomStringConvertible, Equatable {
         case let .protocolViolation(s): return "protocol violation: \(s)"
         case .disconnected: return "server closed the connection"
         case .handedOver: return "the device connection was handed over to another VMM process (live update)"
+        case let .handoverRefused(why): return "the device connection cannot be handed over: \(why)"
         case let .timeout(c, s): return "the server did not answer \(c) within \(formatSeconds(s)) s"
         case let .cancelled(c): return "cancelled while waiting for the server to answer \(c)"
         }
@@ -814,8 +817,38 @@ public final class VFIOUserClient: @unchecked Sendable {
         twinThread = nil
     }
 
-    /// Take the connection back after a failed handover (the successor never used it).
+    /// `releaseForHandover`, refused while the server still owes the reply to a request whose
+    /// wait was given up (the late replies that have come are dropped first): the handover
+    /// record has no place for it, so the successor would take that reply for the answer to its
+    /// own first request. Refused, the connection stays this process's, untouched.
+    public func releaseForHandoverInStep() throws {
+        let owed: String? = callLock.withLock {
+            if let why = owedReplyBlocker() { return why }
+            handedOver = true
+            return nil
+        }
+        if let owed { throw VFIOUserClientError.handoverRefused(owed) }
+        try? twinCancel.signal()
+        twinThread?.join()
+        twinThread = nil
+    }
+
+    /// Why the connection cannot be handed over now, or nil (see `releaseForHandoverInStep`).
+    public func handoverBlocker() -> String? { callLock.withLock { owedReplyBlocker() } }
+
+    /// callLock held.
+    private func owedReplyBlocker() -> String? {
+        guard !handedOver, cutWait != nil else { return nil }
+        _ = try? settleOwedReplies()
+        guard let cut = cutWait, !owedReplies.isEmpty else { return nil }
+        return "its server still owes the reply to \(owedReplies.count) request\(owedReplies.count == 1 ? "" : "s") whose wait was given up (\(cut)); a successor would take it for the answer to its own first request"
+    }
+
+    /// Take the connection back after a failed handover (the successor never used it). Does
+    /// nothing if the connection was not handed over (a refused `releaseForHandoverInStep`).
     public func reclaimAfterHandover() {
+        let was = callLock.withLock { handedOver }
+        guard was else { return }
         _ = try? twinCancel.consume()
         callLock.withLock { handedOver = false }
         if twin != nil { startTwinReader() }
