@@ -44,9 +44,7 @@ final class UpdateCommandTests: VMMProcessTestCase {
     func testExecOfABinaryThatCannotStartIsRefusedBeforeThePause() throws {
         try startVM()
         let pid0 = try assertHealthy("before")
-        let bogus = "/tmp/vfio-live-upd-\(tag)-not-elf"
-        _ = FileManager.default.createFile(atPath: bogus, contents: Data("not an executable".utf8))
-        chmod(bogus, 0o755)
+        let bogus = executable("not-elf", "not an executable")
         defer { unlink(bogus) }
         let (s, o) = try run(["update", "--qmp", qmpPath, "--mode", "exec", "--binary", bogus])
         XCTAssertNotEqual(s, 0, o)

@@ -20,9 +20,7 @@ final class UpdateSafetyTests: VMMProcessTestCase {
             XCTAssertEqual(try assertHealthy("after --binary /bin/false (\(mode))"), pid0, "the same VMM runs the VM")
         }
         // A binary that hangs on the probe is killed within the bound, and refused too.
-        let hang = "/tmp/vfio-live-upd-\(tag)-hang.sh"
-        _ = FileManager.default.createFile(atPath: hang, contents: Data("#!/bin/sh\nexec sleep 60\n".utf8))
-        chmod(hang, 0o755)
+        let hang = executable("hang.sh", "#!/bin/sh\nexec sleep 60\n")
         defer { unlink(hang) }
         let q = try QMP(qmpPath)
         XCTAssertThrowsError(try q.execute("x-vfio-live-update", #"{"mode":"cpr-exec","binary":"\#(hang)"}"#)) { e in
@@ -39,9 +37,7 @@ final class UpdateSafetyTests: VMMProcessTestCase {
     func testARaisedPeerTimeoutGivesTheProbeAsLong() throws {
         try startVM()
         let pid0 = try assertHealthy("before")
-        let slow = "/tmp/vfio-live-upd-\(tag)-slow.sh"
-        _ = FileManager.default.createFile(atPath: slow, contents: Data("#!/bin/sh\nsleep 16\necho 'vfio-live cpr-probe: not this version'\n".utf8))
-        chmod(slow, 0o755)
+        let slow = executable("slow.sh", "#!/bin/sh\nsleep 16\necho 'vfio-live cpr-probe: not this version'\n")
         defer { unlink(slow) }
         let q = try QMP(qmpPath)
         _ = try q.execute("migrate-set-parameters", #"{"x-vfio-live-peer-timeout":30000}"#)

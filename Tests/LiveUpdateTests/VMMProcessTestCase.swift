@@ -58,6 +58,15 @@ class VMMProcessTestCase: XCTestCase {
         while access(path, F_OK) != 0 && monotonicNanoseconds() < deadline { usleep(10_000) }
     }
 
+    /// An executable file `/tmp/vfio-live-upd-<tag>-<name>` holding `contents` (a stand-in
+    /// for the new VMM binary); the caller unlinks it.
+    func executable(_ name: String, _ contents: String) -> String {
+        let path = "/tmp/vfio-live-upd-\(tag)-\(name)"
+        _ = FileManager.default.createFile(atPath: path, contents: Data(contents.utf8))
+        chmod(path, 0o755)
+        return path
+    }
+
     /// A device server and a running VM with a QMP socket.
     func startVM(deviceOptions: String = "", env: [String: String] = [:]) throws {
         _ = try start(["device", "serve", "--socket", devicePath, "--state-size", "1M", "--quiet"], log: "/tmp/vfio-live-upd-\(tag)-dev.log")
