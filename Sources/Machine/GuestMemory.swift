@@ -84,6 +84,20 @@ public final class GuestMemory: @unchecked Sendable {
         return out
     }
 
+    /// Whether the 4 KiB page at `p` holds only zero bytes (most data pages differ within
+    /// their first bytes, so a data page costs one cache line).
+    public static func isZeroPage(_ p: UnsafeRawPointer) -> Bool {
+        var acc: UInt64 = 0
+        var i = 0
+        while i < 4096 {
+            acc |= p.load(fromByteOffset: i, as: UInt64.self) | p.load(fromByteOffset: i + 8, as: UInt64.self)
+                | p.load(fromByteOffset: i + 16, as: UInt64.self) | p.load(fromByteOffset: i + 24, as: UInt64.self)
+            if acc != 0 { return false }
+            i += 32
+        }
+        return true
+    }
+
     @inline(__always) public func load64(_ gpa: UInt64) -> UInt64 { base.load(fromByteOffset: Int(gpa), as: UInt64.self) }
     @inline(__always) public func store64(_ gpa: UInt64, _ v: UInt64) { base.storeBytes(of: v, toByteOffset: Int(gpa), as: UInt64.self) }
 

@@ -152,9 +152,16 @@ public final class MigrationDestination: MigrationSink, @unchecked Sendable {
         return UnsafeMutableRawBufferPointer(start: vm.memory.base + Int(gpa), count: Int(pages) * 4096)
     }
 
+    /// A run of zero pages: only the pages that are not zero already are cleared, as QEMU's
+    /// ram_handle_zero does. An incoming VM's RAM is populated and zero, so most zero runs cost
+    /// a read of each page instead of a write (clearing them all was about 8% of a multifd
+    /// channel receiver's time).
     public func ramZero(gpa: UInt64, pages: UInt32) throws {
         pagesReceived += UInt64(pages)
-        memset(vm.memory.base + Int(gpa), 0, Int(pages) * 4096)
+        let base = vm.memory.base + Int(gpa)
+        for k in 0..<Int(pages) where !GuestMemory.isZeroPage(base + k * 4096) {
+            memset(base + k * 4096, 0, 4096)
+        }
     }
 
     public func deviceSetup(device: UInt32) throws {}

@@ -474,18 +474,6 @@ public final class MigrationSource: @unchecked Sendable {
         Log.debug("migration", "auto-converge: vCPUs throttled to \(throttle)%")
     }
 
-    private static func isZero(_ p: UnsafeRawPointer) -> Bool {
-        var acc: UInt64 = 0
-        var i = 0
-        while i < 4096 {
-            acc |= p.load(fromByteOffset: i, as: UInt64.self) | p.load(fromByteOffset: i + 8, as: UInt64.self)
-                | p.load(fromByteOffset: i + 16, as: UInt64.self) | p.load(fromByteOffset: i + 24, as: UInt64.self)
-            if acc != 0 { return false }
-            i += 32
-        }
-        return true
-    }
-
     /// Runs of pages collected for one RAM section.
     struct RAMBatch {
         var gpa: [UInt64] = [], count: [UInt32] = [], zero: [Bool] = []
@@ -702,7 +690,7 @@ public final class MigrationSource: @unchecked Sendable {
                 while e < extents.count && extents[e].upperBound <= addr { e += 1 }
                 inHole = e == extents.count || !extents[e].contains(addr)
             }
-            batch.add(page: p, zero: inHole || Self.isZero(base + Int(addr)))
+            batch.add(page: p, zero: inHole || GuestMemory.isZeroPage(base + Int(addr)))
             sent += 1
             // The staging buffer holds 4 MiB plus one run.
             if batch.gpa.count >= 400 || batch.dataBytes >= sectionDataLimit {
