@@ -244,11 +244,14 @@ struct DeviceStateBench: ParsableCommand {
         // figure and the reference are medians of three runs taken in turn, as in `bench
         // migration` (a best-of-three reference beside a single figure favoured the reference).
         var last: DeviceTransferReport?
-        let (rate, unix) = try MigrationBench.interleavedMedians({
-            let (r, rate) = try Self.transfer(size: size, proto: proto, checksums: false, chunk: Int(chunkBytes))
-            last = r
-            return rate
-        }, { try rawUnixThroughput(total: Int(min(size, 256 << 20)), rounds: 1) })
+        let medians = try MigrationBench.interleavedMedians([
+            { try rawUnixThroughput(total: Int(min(size, 256 << 20)), rounds: 1) },
+            {
+                let (r, rate) = try Self.transfer(size: size, proto: proto, checksums: false, chunk: Int(chunkBytes))
+                last = r
+                return rate
+            }])
+        let (unix, rate) = (medians[0], medians[1])
         guard let r = last else { throw ValidationError("no transfer ran") }
         let (rc, rateChecked) = try Self.transfer(size: size, proto: proto, checksums: true, chunk: Int(chunkBytes))
         let mc = try memcpyBandwidth(size: Int(min(size, 256 << 20)))

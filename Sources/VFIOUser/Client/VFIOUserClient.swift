@@ -204,8 +204,7 @@ public final class VFIOUserClient: @unchecked Sendable {
         let shared = callLock.withLock { handedOver }
         // Stop the twin reader before its socket goes: a poll on a closed descriptor never
         // reports it readable, so the reader would wait forever.
-        try? twinCancel.signal()
-        twinThread?.join()
+        stopTwinReader()
         if shared {
             twin?.socket.close()
             connection.socket.close()
@@ -213,7 +212,6 @@ public final class VFIOUserClient: @unchecked Sendable {
             twin?.close()
             connection.close()
         }
-        twinThread = nil
         twin = nil
     }
 
@@ -251,6 +249,14 @@ public final class VFIOUserClient: @unchecked Sendable {
             twinSocketActive = true
             startTwinReader()
         }
+    }
+
+    /// Signal `twinCancel` and wait for the twin reader to end (it leaves `twinCancel`
+    /// signalled; `reclaimAfterHandover` consumes it before starting a new reader).
+    private func stopTwinReader() {
+        try? twinCancel.signal()
+        twinThread?.join()
+        twinThread = nil
     }
 
     /// Serve server→client commands arriving on the twin socket until it closes or
@@ -812,9 +818,7 @@ public final class VFIOUserClient: @unchecked Sendable {
     /// server, which sees no change. Undone by `reclaimAfterHandover()`.
     public func releaseForHandover() {
         callLock.withLock { handedOver = true }
-        try? twinCancel.signal()
-        twinThread?.join()
-        twinThread = nil
+        stopTwinReader()
     }
 
     /// `releaseForHandover`, refused while the server still owes the reply to a request whose
@@ -828,9 +832,7 @@ public final class VFIOUserClient: @unchecked Sendable {
             return nil
         }
         if let owed { throw VFIOUserClientError.handoverRefused(owed) }
-        try? twinCancel.signal()
-        twinThread?.join()
-        twinThread = nil
+        stopTwinReader()
     }
 
     /// Why the connection cannot be handed over now, or nil (see `releaseForHandoverInStep`).
@@ -847,10 +849,12 @@ public final class VFIOUserClient: @unchecked Sendable {
     /// Take the connection back after a failed handover (the successor never used it). Does
     /// nothing if the connection was not handed over (a refused `releaseForHandoverInStep`).
     public func reclaimAfterHandover() {
-        let was = callLock.withLock { handedOver }
+        let was: Bool = callLock.withLock {
+            defer { handedOver = false }
+            return handedOver
+        }
         guard was else { return }
         _ = try? twinCancel.consume()
-        callLock.withLock { handedOver = false }
         if twin != nil { startTwinReader() }
     }
 
