@@ -19,7 +19,7 @@ final class DeviceWatch: @unchecked Sendable {
         let stop = try EventFD(nonBlocking: true)
         stopEvent = stop
         let stopFD = stop.fd.rawValue
-        thread = OSThread(name: "device-watch") {
+        thread = try OSThread(name: "device-watch") {
             var watched = fds
             while !watched.isEmpty {
                 var ps = watched.map { pollfd(fd: $0.fd, events: Int16(DeviceWatch.pollRDHUP), revents: 0) }

@@ -92,20 +92,26 @@ public final class QMPServer: @unchecked Sendable {
         listener.relinquish()
     }
 
-    public func start() {
-        acceptThread = OSThread(name: "qmp-accept") { [self] in
+    public func start() throws {
+        acceptThread = try OSThread(name: "qmp-accept") { [self] in
             while true {
                 guard let s = try? listener.accept(cancel: stopEvent.fd) else { return }
                 let c = Client(s)
                 // Threads of clients that have gone are joined here, so that a VMM polled by
                 // short connections for weeks does not keep one dead thread's stack per poll.
-                let finished: [OSThread] = lock.withLock {
+                let started: Result<[OSThread], Error> = lock.withLock {
+                    do { c.thread = try OSThread(name: "qmp-client") { [self] in serve(c) } } catch { return .failure(error) }
                     clients.append(c)
-                    c.thread = OSThread(name: "qmp-client") { [self] in serve(c) }
                     defer { ended.removeAll() }
-                    return ended
+                    return .success(ended)
                 }
-                for t in finished { t.join() }
+                switch started {
+                case let .success(finished): for t in finished { t.join() }
+                case let .failure(error):
+                    // This client is turned away; the VMM and its other clients go on.
+                    Log.warning("qmp", "a client is turned away: \(error)")
+                    c.socket.close()
+                }
             }
         }
     }
@@ -191,7 +197,17 @@ public final class QMPServer: @unchecked Sendable {
     }
 
     private func serve(_ c: Client) {
-        let writerThread = OSThread(name: "qmp-writer") { [self] in writer(c) }
+        let writerThread: OSThread
+        do { writerThread = try OSThread(name: "qmp-writer") { [self] in writer(c) } } catch {
+            Log.warning("qmp", "a client is turned away: \(error)")
+            c.socket.close()
+            lock.withLock {
+                clients.removeAll { $0 === c }
+                if let t = c.thread { ended.append(t) }
+                c.thread = nil
+            }
+            return
+        }
         enqueue(c, JSONValue.object([("QMP", .object([
             ("version", .object([("qemu", .object([("micro", .number(0)), ("minor", .number(2)), ("major", .number(9))])),
                                  ("package", .string("vfio-live"))])),

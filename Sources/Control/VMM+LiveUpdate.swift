@@ -78,8 +78,7 @@ extension VirtualMachineManager {
         withLock { liveUpdateReport = nil }
         replaceStats(s)
         s.set(.setup)
-        handedToThread = true
-        let thread = OSThread(name: "live-update") { [self] in
+        let update: () -> Void = { [self] in
             var child: pid_t?
             do {
                 switch mode {
@@ -121,7 +120,12 @@ extension VirtualMachineManager {
                 release(.liveUpdate)
             }
         }
-        _ = thread
+        do { _ = try OSThread(name: "live-update", update) } catch {
+            // Nothing was handed over: the VM runs on here.
+            s.set(.failed, error: "\(error)")
+            throw QMPError("cannot start the live update: \(error)")
+        }
+        handedToThread = true
     }
 
     /// Where a successor this VMM starts listens for it.

@@ -140,8 +140,8 @@ public final class VirtualMachineManager: QMPHandler, @unchecked Sendable {
     }
 
     /// Start running (a fresh VM).
-    public func boot() {
-        vm.start()
+    public func boot() throws {
+        try vm.start()
         control.withLock {
             vm.resume()
             lock.withLock { state = .running; hasGuest = true }
@@ -232,7 +232,7 @@ public final class VirtualMachineManager: QMPHandler, @unchecked Sendable {
         lock.withLock { outgoing = src; stats = newStats; resumeState = before }
         migrationThread?.join()
         handedToThread = true
-        migrationThread = OSThread(name: "migration") { [self] in
+        let migration: () -> Void = { [self] in
             do {
                 try src.run()
                 control.withLock { lock.withLock { state = .postmigrate; outgoing = nil } }
@@ -266,6 +266,14 @@ public final class VirtualMachineManager: QMPHandler, @unchecked Sendable {
                 if back == .running { qmp?.emit("RESUME") }
                 if stopped { announceLost(lost) }
             }
+        }
+        do { migrationThread = try OSThread(name: "migration", migration) } catch {
+            // Nothing was sent: the destination sees a connection that closes empty.
+            handedToThread = false
+            lock.withLock { outgoing = nil }
+            sock.fd.close()
+            newStats.set(.failed, error: "\(error)")
+            throw QMPError("cannot start the migration: \(error)")
         }
     }
 
@@ -305,11 +313,14 @@ public final class VirtualMachineManager: QMPHandler, @unchecked Sendable {
             accept = { try l.accept() }; close = { l.close() }; shown = "unix:\(path)"
             acceptChannel = { ms in try l.accept(timeoutMilliseconds: ms) }
         }
-        vm.start()
+        do { try vm.start() } catch {
+            close()
+            throw QMPError("cannot start the VM's vCPU threads: \(error)")
+        }
         set(.inmigrate)
         Log.info("vmm", "waiting for an incoming migration on \(shown)")
         handedToThread = true
-        migrationThread = OSThread(name: "incoming") { [self] in
+        let incoming: () -> Void = { [self] in
             defer { close() }
             do {
                 var d: MigrationDestination
@@ -352,6 +363,11 @@ public final class VirtualMachineManager: QMPHandler, @unchecked Sendable {
                 release(.incoming)
                 onExit?(1)
             }
+        }
+        do { migrationThread = try OSThread(name: "incoming", incoming) } catch {
+            handedToThread = false
+            close()
+            throw QMPError("cannot wait for an incoming migration: \(error)")
         }
     }
 
@@ -457,7 +473,7 @@ public final class VirtualMachineManager: QMPHandler, @unchecked Sendable {
         let ms = Int32(min(max(seconds * 1000, 1), Double(Int32.max)))
         let old = lock.withLock { () -> EventFD? in defer { periodicStop = stop }; return periodicStop }
         try? old?.signal()
-        periodicThread = OSThread(name: "verifier") { [weak self] in
+        periodicThread = try OSThread(name: "verifier") { [weak self] in
             while (try? Poll.waitReadable(stop.fd, timeoutMilliseconds: ms)) == false {
                 guard let self else { break }
                 if let r = self.periodicVerify() { report(r) }

@@ -17,7 +17,7 @@ public final class InProcessServer: @unchecked Sendable {
         device = try DMAEngine(stateSize: stateSize)
         server = try VFIOUserServer(device: device, name: name, options: options)
         listener = try UnixListener(path: path)
-        thread = OSThread(name: "vfu-server") { [server, listener] in server.serve(listener: listener) }
+        thread = try OSThread(name: "vfu-server") { [server, listener] in server.serve(listener: listener) }
     }
 
     public func stop() {

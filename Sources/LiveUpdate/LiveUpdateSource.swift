@@ -167,7 +167,11 @@ public final class LiveUpdateSource {
         for p in participants.reversed() { p.cprThaw() }
         for t in frozenDevices.reversed() { t.cprThaw() }
         frozenDevices = []
-        vm.startInterruptCounting()
+        do { try vm.startInterruptCounting() } catch {
+            // The guest runs on; its devices' interrupts wait, uncounted, in the eventfds'
+            // counters (and an automasked INTx stays masked), which the verifier reports.
+            Log.error("live-update", "the devices' interrupts are not read: \(error)")
+        }
         if getenv(DMAInFlightProbe.variable) != nil { DMAInFlightProbe.awaitCompletion(vm) }
         vm.resume()
     }

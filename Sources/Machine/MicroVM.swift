@@ -332,20 +332,27 @@ public final class MicroVM: @unchecked Sendable {
 
     /// Start the vCPU threads (paused until `resume()`), and the interrupt counter (a live
     /// update's successor starts counting only once the predecessor has stopped).
-    public func start(countingInterrupts: Bool = true) {
-        for i in 0..<vcpuCount {
-            threads.append(OSThread(name: "vcpu\(i)") { [self] in vcpuLoop(i) })
+    /// Throws when a thread cannot be had; the vCPU threads started are stopped again.
+    public func start(countingInterrupts: Bool = true) throws {
+        guard threads.isEmpty else { return }  // started already (a retried migrate-incoming)
+        do {
+            for i in 0..<vcpuCount {
+                threads.append(try OSThread(name: "vcpu\(i)") { [self] in vcpuLoop(i) })
+            }
+            if countingInterrupts { try startInterruptCounting() }
+        } catch {
+            stop()
+            throw error
         }
-        if countingInterrupts { startInterruptCounting() }
         _ = waitParked()
     }
 
     /// Count MSIs from the devices' eventfds (a thread polling them).
-    public func startInterruptCounting() {
+    public func startInterruptCounting() throws {
         guard irqThread == nil else { return }
         _ = try? irqStop.consume()
         let watch = devices.map { $0.msi.fd.rawValue } + [irqStop.fd.rawValue]
-        irqThread = OSThread(name: "irq") { [self] in
+        irqThread = try OSThread(name: "irq") { [self] in
             while true {
                 guard let which = try? Poll.waitAnyReadable(watch, timeoutMilliseconds: -1) else { return }
                 if which == watch.count - 1 { return }
@@ -536,36 +543,6 @@ public final class MicroVM: @unchecked Sendable {
     }
 
     // MARK: throttle (auto-converge)
-
-    private var throttlePercent: UInt64 = 0
-    private var throttleThread: OSThread?
-    private let throttleLock = Mutex()
-
-    /// Keep the vCPUs paused for `percent` of every 20 ms (0 stops throttling).
-    public func setThrottle(percent: UInt64) {
-        let p = min(percent, 99)
-        let start = throttleLock.withLock { () -> Bool in
-            let wasOff = throttlePercent == 0
-            throttlePercent = p
-            return wasOff && p > 0
-        }
-        if start {
-            throttleThread = OSThread(name: "throttle") { [self] in
-                while true {
-                    let pct = throttleLock.withLock { throttlePercent }
-                    if pct == 0 { return }
-                    usleep(UInt32(20_000 * (100 - pct) / 100))
-                    pause()
-                    usleep(UInt32(20_000 * pct / 100))
-                    resume()
-                    if throttleLock.withLock({ throttlePercent }) == 0 { return }
-                }
-            }
-        } else if p == 0 {
-            throttleThread?.join()
-            throttleThread = nil
-        }
-    }
 
     // MARK: observation
 

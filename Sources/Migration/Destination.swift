@@ -214,7 +214,7 @@ public final class MigrationDestination: MigrationSink, @unchecked Sendable {
         let rcv = MultifdReceiver(sockets: socks, timeoutMS: peerTimeoutMS) { _ = Glibc.shutdown(main.fd.rawValue, Int32(SHUT_RD)) }
         receiver = rcv
         let flags = decoder?.flags ?? 0, ram = vm.memory.size, devs = UInt32(migrations.count), timeout = peerTimeoutMS
-        rcv.start { [unowned self] i in
+        try rcv.start { [unowned self] i in
             MigrationStreamDecoder(channel: ChannelSource(rcv.sockets[i], timeoutMS: timeout), sink: MultifdChannelSink(self, rcv, i),
                                    ramSize: ram, devices: devs, flags: flags)
         }

@@ -21,7 +21,7 @@ final class DeviceWaitCancel: @unchecked Sendable {
         requested = try EventFD(nonBlocking: true)
         done = try EventFD(nonBlocking: true)
         let (event, requested, done) = (event, requested, done)
-        thread = OSThread(name: "mig-dev-cancel") {
+        thread = try OSThread(name: "mig-dev-cancel") {
             guard (try? Poll.waitAnyReadable([requested.fd.rawValue, done.fd.rawValue], timeoutMilliseconds: -1)) == 0 else { return }
             if (try? Poll.waitReadable(done.fd, timeoutMilliseconds: Self.graceMilliseconds)) != true {
                 Log.warning("migration", "cancel: a device has not answered for \(Self.graceMilliseconds) ms; giving up the wait on it")

@@ -132,9 +132,10 @@ final class MultifdSender: @unchecked Sendable {
         busy = Array(repeating: false, count: sockets.count)
     }
 
-    func start(perform: @escaping (Int, Job) throws -> Void) {
+    /// Throws when a worker's thread cannot be had; `stop()` ends the ones started.
+    func start(perform: @escaping (Int, Job) throws -> Void) throws {
         for i in sockets.indices {
-            threads.append(OSThread(name: "multifd-\(i)") { [self] in
+            threads.append(try OSThread(name: "multifd-\(i)") { [self] in
                 while true {
                     let job: Job? = cond.mutex.withLock {
                         while queues[i].isEmpty && !stopping { cond.wait() }
@@ -218,10 +219,11 @@ final class MultifdReceiver: @unchecked Sendable {
 
     var error: Error? { cond.mutex.withLock { failure } }
 
-    func start(decoder: @escaping (Int) -> MigrationStreamDecoder) {
+    /// Throws when a reader's thread cannot be had; `stop()` ends the ones started.
+    func start(decoder: @escaping (Int) -> MigrationStreamDecoder) throws {
         for i in sockets.indices {
             let d = decoder(i)
-            threads.append(OSThread(name: "multifd-in-\(i)") { [self] in
+            threads.append(try OSThread(name: "multifd-in-\(i)") { [self] in
                 do { try d.runChannel() } catch { fail(MultifdError.channel(i, "\(error)")) }
                 cond.mutex.withLock { finished[i] = true; cond.broadcast() }
             })

@@ -469,7 +469,14 @@ public final class MigrationSource: @unchecked Sendable {
         highDirtyCount = 0
         guard throttle < parameters.throttleMax else { return }
         throttle = throttle == 0 ? min(parameters.throttleInitial, parameters.throttleMax) : min(throttle + parameters.throttleIncrement, parameters.throttleMax)
-        throttler.set(percent: throttle)
+        do { try throttler.set(percent: throttle) } catch {
+            // Auto-converge is a help, not a need: the migration goes on (and may be forced or
+            // fail to converge, as without the capability).
+            Log.warning("migration", "auto-converge: \(error); the vCPUs run unthrottled")
+            throttle = 0
+            stats.update { stats.throttlePercent = 0 }
+            return
+        }
         stats.update { stats.throttlePercent = throttle }
         Log.debug("migration", "auto-converge: vCPUs throttled to \(throttle)%")
     }
@@ -582,7 +589,10 @@ public final class MigrationSource: @unchecked Sendable {
         channelSectionIDs = (0..<n).map { _ in MultifdReceiver.ManagedCounter() }
         let sender = MultifdSender(sockets: socks)
         control.withLock { multifd = sender }
-        sender.start { [unowned self] ch, job in try self.perform(ch, job, on: socks[ch]) }
+        do { try sender.start { [unowned self] ch, job in try self.perform(ch, job, on: socks[ch]) } } catch {
+            // Before the first stream byte: the destination sees the connection close.
+            throw MigrationError.channel("starting the multifd channels' threads: \(error)")
+        }
     }
     private var multifdNonce: UInt64 = 0
 
@@ -871,14 +881,22 @@ public final class MigrationSource: @unchecked Sendable {
                 socketOpen = false
             }
         }
-        let waits = try? DeviceWaitCancel(clients: devices.compactMap { $0.attached.vfioUserClient })
-        control.withLock { deviceWaits = waits; if cancelFlag { waits?.cancel() } }
-        defer { waits?.release() }
+        // Without its watcher a cancel could not give up a wait on a hanging device: no
+        // migration then (nothing has been touched yet).
+        let waits: DeviceWaitCancel
+        do { waits = try DeviceWaitCancel(clients: devices.compactMap { $0.attached.vfioUserClient }) } catch {
+            let e = MigrationError.blocked("cannot watch the devices' waits for a cancel: \(error)")
+            stats.update { stats.totalTimeMS = Double(monotonicNanoseconds() - stats.startNS) / 1e6 }
+            stats.set(.failed, error: "\(e)")
+            throw e
+        }
+        control.withLock { deviceWaits = waits; if cancelFlag { waits.cancel() } }
+        defer { waits.release() }
         do {
             try migrate()
         } catch let error as MigrationError where error.isUnconfirmed {
             stopChannels()
-            waits?.release()
+            waits.release()
             // GO went out: the destination may run the guest, so nothing is rolled back.
             finishUnconfirmed()
             stats.update { stats.totalTimeMS = Double(monotonicNanoseconds() - stats.startNS) / 1e6; stats.sourceOutcome = "the source VM stays paused (the destination may run it)" }
@@ -889,7 +907,7 @@ public final class MigrationSource: @unchecked Sendable {
             let error = isCancelled ? MigrationError.cancelled : error
             // The workers first: none may still read a device that goes back to RUNNING.
             stopChannels()
-            waits?.release()  // the rollback waits on the devices with their own cancel again
+            waits.release()  // the rollback waits on the devices with their own cancel again
             let stopped = rollback()
             let cancelled = (error as? MigrationError).map { if case .cancelled = $0 { return true }; return false } ?? false
             var outcome = stopped ? "the VM stays paused at the source, as it was stopped" : "the VM runs on at the source"
@@ -1083,7 +1101,7 @@ public final class MigrationSource: @unchecked Sendable {
             Log.info("migration", "switch-over requested (the VM was stopped): stop-and-copy starts now")
         }
         stats.set(.device)
-        throttler.set(percent: 0)  // first: the throttle thread must not resume after our pause
+        throttler.stop()  // first: the throttle thread must not resume after our pause
         let caughtUpAtStop = destinationAnswersProbes && probeAnswered == probeNumber
         // Each phase of the downtime is timed from one boundary to the next, so that the
         // breakdown sums to the downtime.
@@ -1290,7 +1308,7 @@ public final class MigrationSource: @unchecked Sendable {
     @discardableResult
     private func rollback() -> Bool {
         let stopped = control.withLock { () -> Bool in finished = true; return switchoverFlag }
-        throttler.set(percent: 0)
+        throttler.stop()
         // Back in QEMU's order for a VM start (every P2P device to RUNNING_P2P, then each to
         // RUNNING), or STOP for a VM that stays stopped. A device that cannot get there is
         // reset, as QEMU's vfio_migration_set_state does when the recover state fails too.

@@ -16,21 +16,29 @@ final class VCPUThrottle: @unchecked Sendable {
 
     init(vm: MicroVM) { self.vm = vm }
 
-    /// 0 stops throttling (and returns once the vCPUs hold no throttle pause); 1...99 sets it.
-    func set(percent p: UInt64) {
+    /// 1...99 sets the throttle; 0 is `stop()`. Throws when the throttle's thread cannot be
+    /// had (the vCPUs then run unthrottled).
+    func set(percent p: UInt64) throws {
         let p = min(p, 99)
+        guard p > 0 else { stop(); return }
         let start = cond.mutex.withLock { () -> Bool in
             let wasOff = percent == 0
             percent = p
             cond.broadcast()
-            return wasOff && p > 0
+            return wasOff
         }
-        if start {
-            thread = OSThread(name: "throttle") { [self] in loop() }
-        } else if p == 0 {
-            thread?.join()
-            thread = nil
+        guard start else { return }
+        do { thread = try OSThread(name: "throttle") { [self] in loop() } } catch {
+            cond.mutex.withLock { percent = 0 }
+            throw error
         }
+    }
+
+    /// Stop throttling; returns once the vCPUs hold no throttle pause.
+    func stop() {
+        cond.mutex.withLock { percent = 0; cond.broadcast() }
+        thread?.join()
+        thread = nil
     }
 
     private func loop() {

@@ -75,7 +75,7 @@ func percentiles(_ ns: [UInt64]) -> (p50: Double, p99: Double) {
 /// Raw AF_UNIX round trip of a 64-byte message to an echo thread.
 func rawSocketRoundTrip(iterations: Int) throws -> [UInt64] {
     let (a, b) = try UnixSocket.pair()
-    let echo = OSThread(name: "bench-echo") {
+    let echo = try OSThread(name: "bench-echo") {
         var buf = [UInt8](repeating: 0, count: 64)
         while true {
             guard (try? buf.withUnsafeMutableBytes({ try b.receiveExactly(into: $0, maxFDs: 0) })) != nil else { return }
@@ -120,7 +120,7 @@ func rawUnixThroughput(total: Int, chunk: Int = 1 << 20, rounds: Int = 3) throws
     for _ in 0..<rounds {
         let (a, b) = try UnixSocket.pair()
         a.setSendBuffer(); b.setSendBuffer()
-        let receiver = OSThread(name: "bench-unix-rx") {
+        let receiver = try OSThread(name: "bench-unix-rx") {
             let buf = UnsafeMutableRawBufferPointer.allocate(byteCount: chunk, alignment: 64)
             defer { buf.deallocate() }
             memset(buf.baseAddress!, 0, chunk)

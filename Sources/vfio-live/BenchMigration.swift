@@ -50,7 +50,7 @@ struct MigrationBench: ParsableCommand {
         // `into` is populated with the memfd's zero pages already.
         if ramSized { fillRandom(from.base, bytes: span) } else { memset(from.base, 0x5a, span) }
         let l = try TCPListener(host: "127.0.0.1", port: 0)
-        let sender = OSThread(name: "raw-tcp") {
+        let sender = try OSThread(name: "raw-tcp") {
             guard let s = try? TCPSocket.connect(host: "127.0.0.1", port: l.port) else { return }
             var at = 0
             while at < bytes {
@@ -77,7 +77,7 @@ struct MigrationBench: ParsableCommand {
     /// multifd with as many channels.
     static func rawTCP(bytes: Int, streams: Int) throws -> Double {
         let t0 = monotonicNanoseconds()
-        let threads = (0..<streams).map { _ in OSThread(name: "raw-tcp-n") { _ = try? rawTCP(bytes: bytes / streams) } }
+        let threads = try (0..<streams).map { _ in try OSThread(name: "raw-tcp-n") { _ = try? rawTCP(bytes: bytes / streams) } }
         for t in threads { t.join() }
         return Double(bytes / streams * streams) / (Double(monotonicNanoseconds() - t0) / 1e9)
     }
@@ -93,10 +93,10 @@ struct MigrationBench: ParsableCommand {
             let start = Int(GuestLayout.workingSetBase + workload.workingSet)
             fillRandom(src.memory.base + start, bytes: Int(memory) - start)
         }
-        src.start(); dst.start()
+        try src.start(); try dst.start()
         if run { src.resume(); usleep(200_000) }
         let l = try TCPListener(host: "127.0.0.1", port: 0, backlog: 16)
-        let dthread = OSThread(name: "bench-dst") {
+        let dthread = try OSThread(name: "bench-dst") {
             if let s = try? l.accept(), let d = try? MigrationDestination(vm: dst, from: s) {
                 d.acceptChannel = { ms in try l.accept(timeoutMilliseconds: ms) }
                 try? d.run()

@@ -131,7 +131,7 @@ enum ScaleBench {
         defer { src.stop() }
         let start = Int(GuestLayout.workingSetBase + w.workingSet)
         fillRandom(src.memory.base + start, bytes: Int(size) - start)
-        src.start()
+        try src.start()
 
         // A free port for the destination (released just before it binds it).
         let probe = try TCPListener(host: "127.0.0.1", port: 0)
@@ -159,7 +159,7 @@ enum ScaleBench {
         dt.before = memory(pid)?.beyondGuestRAM ?? 0
         let m = try MigrationSource(vm: src, to: sock!, parameters: MigrationParameters(), policies: [])
         let done = Atomic(false)
-        let sampler = OSThread(name: "bench-rss") {
+        let sampler = try OSThread(name: "bench-rss") {
             while !done.load() {
                 // A racy read of a counter only the migration thread writes: a sample's timing.
                 let pastTenth = m.stats.ramBytes >= size / 10

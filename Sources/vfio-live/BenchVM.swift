@@ -24,7 +24,7 @@ struct VMBench: ParsableCommand {
         w.batch = 512
         let vm = try MicroVM(memorySize: mem, vcpus: 1, workload: w, forceSoftware: softwareVCPUs)
         defer { vm.stop() }
-        vm.start()
+        try vm.start()
         func rate(seconds: Double) -> Double {
             let p0 = vm.pagesWritten, t0 = monotonicNanoseconds()
             vm.resume(); usleep(UInt32(seconds * 1e6)); vm.pause()

@@ -71,7 +71,7 @@ struct DemoCommand: ParsableCommand {
 
         print("3. workload: DMA jobs in both directions with checksums, for \(seconds) s")
         let work = DemoWorkload(client: a, irq: msiA, ram: mem, ramSize: ramBytes, iova: iova, dataWindow: state - DMAEngine.journalSize)
-        work.start()
+        try work.start()
         usleep(UInt32(seconds * 1e6))
 
         print("4. live migration of the device: pre-copy while jobs run, then stop-copy")
@@ -194,10 +194,10 @@ final class DemoWorkload: @unchecked Sendable {
 
     private func next() -> UInt64 { rng ^= rng << 13; rng ^= rng >> 7; rng ^= rng << 17; return rng }
 
-    func start() {
+    func start() throws {
         try? client.write32(0, DMAEngine.Reg.liveness, 0xc0ffee)
         try? client.write32(0, DMAEngine.Reg.factorial, 12)
-        thread = OSThread(name: "demo-workload") { [self] in
+        thread = try OSThread(name: "demo-workload") { [self] in
             while !lock.withLock({ stopRequested }) {
                 do { try runOne(wait: true) } catch { lock.withLock { failures.append("\(error)") }; return }
             }

@@ -244,7 +244,7 @@ extension VMCommand {
             // by --device-timeout, but that can be long). Healthy devices finish well before.
             let giveUp = try EventFD(nonBlocking: true), finished = try EventFD(nonBlocking: true)
             for d in vm.devices { d.vfioUserClient?.setCancel(giveUp.fd.rawValue) }
-            let watchdog = OSThread(name: "stop-watchdog") {
+            let watchdog = try OSThread(name: "stop-watchdog") {
                 guard (try? Poll.waitAnyReadable([stop.fd.rawValue, finished.fd.rawValue], timeoutMilliseconds: -1)) == 0 else { return }
                 if (try? Poll.waitReadable(finished.fd, timeoutMilliseconds: 1000)) != true {
                     fputs("vm: a device does not answer: giving up on it to stop now\n", stderr)
@@ -268,7 +268,7 @@ extension VMCommand {
                         vmm.qmp = try QMPServer(path: q, handler: vmm)
                     }
                 } catch { throw Failure("cannot create the QMP socket \(q): \(error)") }
-                vmm.qmp?.start()
+                try vmm.qmp?.start()
                 // As QEMU: a migrated-away VM stays in postmigrate, answering QMP, until quit.
                 vmm.exitAfterMigration = false
             }
@@ -282,7 +282,7 @@ extension VMCommand {
             if let uri = incoming, update == nil {
                 do { try vmm.startIncoming(uri: uri) } catch let e as QMPError { throw Failure(e.desc) }
             } else if update == nil {
-                vmm.boot()
+                try vmm.boot()
             }
             // The VMM checks the guest on its own thread, and not while a migration or a live
             // update holds the VM (a scan parks every vCPU); it resumes after one that failed.

@@ -40,7 +40,7 @@ final class CancelHungDeviceVMMTests: QMPVMTestCase {
         let p = InProcessServer.temporaryPath("chdv-mig")
         let l = try UnixListener(path: p)
         sinkListener = l
-        sink = OSThread(name: "sink") {
+        sink = try OSThread(name: "sink") {
             guard let s = try? l.accept(timeoutMilliseconds: 10_000) else { return }
             var b = [UInt8](repeating: 0, count: 1 << 16)
             while recv(s.fd.rawValue, &b, b.count, 0) > 0 {}
@@ -72,7 +72,7 @@ final class CancelHungDeviceVMMTests: QMPVMTestCase {
         // its run state must not say running over the lost device.
         let watching = Condition()
         var stopWatching = false, states: Set<String> = []
-        let watcher = OSThread(name: "watch") { [vmm] in
+        let watcher = try OSThread(name: "watch") { [vmm] in
             while !watching.mutex.withLock({ stopWatching }) {
                 let op = vmm!.currentOperation
                 let s = vmm!.runState.rawValue

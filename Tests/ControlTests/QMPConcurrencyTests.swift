@@ -57,7 +57,7 @@ final class QMPConcurrencyTests: QMPVMTestCase {
         let other = try Peer(path)
         // The flooder pipelines commands whose replies (~300 B each) it never reads: far more
         // than its socket buffer and its output queue hold.
-        let flood = OSThread(name: "flood") {
+        let flood = try OSThread(name: "flood") {
             let burst = String(repeating: #"{"execute":"query-migrate-parameters"}"#, count: 1000)
             for _ in 0..<40 { if (try? flooder.send(burst)) == nil { return } }
         }

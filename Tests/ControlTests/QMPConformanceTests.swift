@@ -229,8 +229,8 @@ final class QMPConformanceTests: XCTestCase {
             // Both servers get the case at once, each on its own connection.
             var answers: [[[String]]] = [[], []]
             let lock = Mutex()
-            let threads = [qemuSock, oursSock].enumerated().map { i, path in
-                OSThread(name: "qmpconf") {
+            let threads = try [qemuSock, oursSock].enumerated().map { i, path in
+                try OSThread(name: "qmpconf") {
                     var got: [[String]] = []
                     do {
                         let r = try Raw(path)

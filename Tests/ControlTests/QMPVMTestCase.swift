@@ -32,8 +32,8 @@ class QMPVMTestCase: XCTestCase {
         path = InProcessServer.temporaryPath(Self.socketPrefix)
         qmp = try QMPServer(path: path, handler: vmm)
         vmm.qmp = qmp
-        qmp.start()
-        vmm.boot()
+        try qmp.start()
+        try vmm.boot()
     }
 
     /// The VM's device connection (a class can put something between it and the server).

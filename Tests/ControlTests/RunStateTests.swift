@@ -83,7 +83,7 @@ final class RunStateTests: QMPVMTestCase {
         let l = try UnixListener(path: path)
         var conn: UnixSocket?
         let m = Mutex()
-        let t = OSThread(name: "silent") { if let s = try? l.accept(timeoutMilliseconds: 10_000) { m.withLock { conn = s } } }
+        let t = try OSThread(name: "silent") { if let s = try? l.accept(timeoutMilliseconds: 10_000) { m.withLock { conn = s } } }
         others.append { t.join(); m.withLock { conn?.close() }; l.close() }
         return ("unix:\(path)", { m.withLock { conn } })
     }
@@ -96,7 +96,7 @@ final class RunStateTests: QMPVMTestCase {
         let done = Condition()
         var finished = 0
         for t in 0..<4 {
-            _ = OSThread(name: "qmp-\(t)") { [self] in
+            _ = try OSThread(name: "qmp-\(t)") { [self] in
                 for i in 0..<40 { _ = try? q((i + t) % 3 == 0 ? "cont" : "stop") }
                 done.mutex.withLock { finished += 1; done.broadcast() }
             }
@@ -124,7 +124,7 @@ final class RunStateTests: QMPVMTestCase {
         let go = Condition()
         var results: [String?] = []
         for d in [d1, d2] {
-            _ = OSThread(name: "migrate") { [self] in
+            _ = try OSThread(name: "migrate") { [self] in
                 let r = refusal("migrate", [("uri", .string(d.uri))])
                 go.mutex.withLock { results.append(r); go.broadcast() }
             }
@@ -178,7 +178,7 @@ final class RunStateTests: QMPVMTestCase {
         let path = InProcessServer.temporaryPath("rs-cpr")
         let l = try UnixListener(path: path)
         var held: (UnixSocket, CPRState)?
-        let successor = OSThread(name: "hung-successor") {
+        let successor = try OSThread(name: "hung-successor") {
             guard let s = try? l.accept(timeoutMilliseconds: 10_000), let st = try? CPRState.receive(from: s) else { return }
             try? CPRMessage.send(s, .ready)
             held = (s, st)  // then never answers

@@ -35,7 +35,7 @@ final class KernelLiveUpdateTests: XCTestCase {
         }
     }
 
-    override func tearDown() {
+    override func tearDownWithError() throws {
         // hasSucceeded is false until the run stops (after tearDown): count the failures.
         if (testRun?.totalFailureCount ?? 0) > 0 {
             for l in logs { print("---- \(l)\n" + ((try? String(contentsOfFile: l, encoding: .utf8)) ?? "")) }
@@ -51,14 +51,14 @@ final class KernelLiveUpdateTests: XCTestCase {
             }
         }
         // Only now: removing an mdev that a process still holds waits until it lets go.
-        for m in mdevs { Self.removeMdev(m) }
+        for m in mdevs { try Self.removeMdev(m) }
     }
 
     /// Write "1" to the mdev's remove file, bounded (a holder left behind must not hang the lab).
-    static func removeMdev(_ path: String) {
+    static func removeMdev(_ path: String) throws {
         let done = Condition()
         var finished = false
-        let t = OSThread(name: "mdev-remove") {
+        let t = try OSThread(name: "mdev-remove") {
             let r = open("\(path)/remove", O_WRONLY | O_CLOEXEC)
             if r >= 0 { _ = write(r, "1", 1); close(r) }
             done.mutex.withLock { finished = true; done.broadcast() }

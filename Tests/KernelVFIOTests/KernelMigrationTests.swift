@@ -47,7 +47,7 @@ final class KernelMigrationTests: XCTestCase {
         }
     }
 
-    override func tearDown() {
+    override func tearDownWithError() throws {
         // Every device fd closes before its mdev goes: removing an mdev still open waits for it.
         for d in opened {
             d.device.fd.close()
@@ -55,7 +55,7 @@ final class KernelMigrationTests: XCTestCase {
             if case let .container(c) = d.dmaSpace { c.fd.close() }
         }
         opened = []
-        for u in created { removeMtty(u) }
+        for u in created { try removeMtty(u) }
         created = []
         Log.level = .info
     }
@@ -79,11 +79,11 @@ final class KernelMigrationTests: XCTestCase {
     }
 
     /// Remove, bounded: a removal that waits (a device fd still open) must not hang the lab.
-    private func removeMtty(_ uuid: String) {
+    private func removeMtty(_ uuid: String) throws {
         let path = "/sys/bus/mdev/devices/\(uuid)/remove"
         let done = Condition()
         var finished = false
-        let t = OSThread(name: "mdev-remove") { [self] in
+        let t = try OSThread(name: "mdev-remove") { [self] in
             try? writeSysfs(path, "1")
             done.mutex.withLock { finished = true; done.broadcast() }
         }
@@ -140,8 +140,8 @@ final class KernelMigrationTests: XCTestCase {
             }
         }
         for d in dstDevices { XCTAssertEqual(try d.regionLoad(0, 7, as: UInt8.self), 0, "a fresh mtty's scratch register is 0") }
-        src.start(); src.resume()
-        dst.start()
+        try src.start(); src.resume()
+        try dst.start()
         let deadline = monotonicNanoseconds() + 20_000_000_000
         while src.pagesWritten < 200 && monotonicNanoseconds() < deadline { usleep(20_000) }
         XCTAssertGreaterThanOrEqual(src.pagesWritten, 200, "the guest writes pages before the migration")
@@ -156,7 +156,7 @@ final class KernelMigrationTests: XCTestCase {
         let done = Condition()
         var destination: MigrationDestination?
         var destError: Error?, finished = false
-        let t = OSThread(name: "destination") {
+        let t = try OSThread(name: "destination") {
             var err: Error?
             do {
                 let s: StreamSocket? = try tcp.map { try $0.accept(timeoutMilliseconds: 30_000) } ?? unix?.accept(timeoutMilliseconds: 30_000)

@@ -50,7 +50,7 @@ extension KernelVFIOTests {
         if dmaEngine { XCTAssertLessThanOrEqual(dmaLength, UInt64(a.eduBufferSize ?? 0)) } else {
             XCTAssertEqual(dmaLength, 4088, "edu's transfers stay below its buffer's last byte")
         }
-        vm.start(); vm.resume()
+        try vm.start(); vm.resume()
         let deadline = monotonicNanoseconds() + 60_000_000_000
         while vm.dmaRoundsOK < 3 && monotonicNanoseconds() < deadline && vm.failure == nil { usleep(20_000) }
         vm.pause()

@@ -25,7 +25,7 @@ final class HandoverTests: XCTestCase {
         w.dirtyRate = 50_000
         w.dmaEvery = 2
         vm = try MicroVM(memorySize: 64 << 20, vcpus: 2, workload: w, devices: [client])
-        vm.start()
+        try vm.start()
         vm.resume()
         usleep(100_000)
     }
@@ -36,11 +36,11 @@ final class HandoverTests: XCTestCase {
     }
 
     /// Run the new VMM's side on a thread; returns a function that waits for its result.
-    func startTarget(_ sock: UnixSocket, fault: String? = nil) -> () -> (LiveUpdateTarget?, Error?) {
+    func startTarget(_ sock: UnixSocket, fault: String? = nil) throws -> () -> (LiveUpdateTarget?, Error?) {
         var result: (LiveUpdateTarget?, Error?) = (nil, nil)
         var done = false
         let cond = Condition()
-        _ = OSThread(name: "new-vmm") {
+        _ = try OSThread(name: "new-vmm") {
             var r: (LiveUpdateTarget?, Error?) = (nil, nil)
             do {
                 let t = try LiveUpdateTarget.accept(on: sock)
@@ -63,7 +63,7 @@ final class HandoverTests: XCTestCase {
     /// SET_IRQS or RESET reach the server), interrupts still counted, integrity verified.
     func testTransferKeepsTheDeviceAndTheGuestRunning() throws {
         let (old, new) = try UnixSocket.pair()
-        let wait = startTarget(new)
+        let wait = try startTarget(new)
         let before = (server.server.versionsNegotiated, server.server.dmaMapsReceived, server.server.setIRQsReceived,
                       server.server.resetsReceived, server.server.connectionsServed)
         let src = LiveUpdateSource(vm: vm)
@@ -97,7 +97,7 @@ final class HandoverTests: XCTestCase {
     func testDMAInFlightCompletesAcrossTheHandoff() throws {
         try client.write64(0, DMAEngine.Reg.dmaStepDelay, 60_000)  // 60 ms before each step
         let (old, new) = try UnixSocket.pair()
-        let wait = startTarget(new)
+        let wait = try startTarget(new)
         let src = LiveUpdateSource(vm: vm)
         var inFlightAtPause = false, completedAtPause: UInt64 = 0, roundsAtPause: UInt64 = 0
         src.beforeStep = { [self] step in
@@ -138,7 +138,7 @@ final class HandoverTests: XCTestCase {
         ]
         for (what, oldFault, newFault) in steps {
             let (old, new) = try UnixSocket.pair()
-            let wait = startTarget(new, fault: newFault)
+            let wait = try startTarget(new, fault: newFault)
             let src = LiveUpdateSource(vm: vm)
             src.beforeStep = { step in if step == oldFault { throw CPRError.channel("injected failure at \(step)") } }
             XCTAssertThrowsError(try src.transfer(over: old), what)
@@ -165,7 +165,7 @@ final class HandoverTests: XCTestCase {
         var target: LiveUpdateTarget?
         let done = Condition()
         var finished = false
-        _ = OSThread(name: "new-vmm") {
+        _ = try OSThread(name: "new-vmm") {
             do {
                 let t = try LiveUpdateTarget.accept(on: new)
                 t.goTimeoutMilliseconds = 200

@@ -83,7 +83,7 @@ final class ForeignDeviceTests: XCTestCase {
         XCTAssertEqual(d.configStateRanges.last, 0x82..<0x84, "a migration carries the MSI-X control, not bytes at 0x40")
         XCTAssertTrue(d.device.deviceName.hasPrefix("socket fd") || d.device.deviceName == s.path, d.device.deviceName)
 
-        vm.start(); vm.resume()
+        try vm.start(); vm.resume()
         // Trapped BAR0 through the guest's route: scratch registers and the doorbell.
         try vm.mmioWrite(d.bar0 + 4, bytes(0xdead_beef))
         XCTAssertEqual(u32(try vm.mmioRead(d.bar0 + 4, count: 4)), 0xdead_beef)
@@ -108,7 +108,7 @@ final class ForeignDeviceTests: XCTestCase {
         let d = vm.devices[0]
         XCTAssertEqual(d.pci?.interrupt, .intx(automasked: true))
         XCTAssertEqual(d.pci?.capabilities, [PCICapability(id: 0x10, offset: 0x48)])
-        vm.startInterruptCounting()
+        try vm.startInterruptCounting()
         for n in 1...3 {
             try vm.mmioWrite(d.bar0 + 0x0c, bytes(1))
             waitFor("INTx \(n) counted") { vm.interruptsCounted[0] >= UInt64(n) }
@@ -126,7 +126,7 @@ final class ForeignDeviceTests: XCTestCase {
         let d = vm.devices[0]
         XCTAssertEqual(d.pci?.interrupt, .intx(automasked: true))
         XCTAssertEqual(try c.regionRead(7, offset: 0x83, count: 1)[0] & 0x80, 0, "MSI-X was not enabled")
-        vm.startInterruptCounting()
+        try vm.startInterruptCounting()
         try vm.mmioWrite(d.bar0 + 0x0c, bytes(1))
         waitFor("INTx counted") { vm.interruptsCounted[0] >= 1 }
     }
@@ -149,7 +149,7 @@ final class ForeignDeviceTests: XCTestCase {
         guard case .none = a.interrupt else { return XCTFail("interrupt \(a.interrupt)") }
         XCTAssertFalse(a.dmaMapped)
         XCTAssertTrue(a.dmaRefusal?.contains("DMA_MAP") == true, a.dmaRefusal ?? "")
-        vm.start(); vm.resume()
+        try vm.start(); vm.resume()
         try vm.mmioWrite(vm.devices[0].bar0 + 8, bytes(7))
         XCTAssertEqual(u32(try vm.mmioRead(vm.devices[0].bar0 + 8, count: 4)), 7)
         usleep(100_000)
@@ -184,7 +184,7 @@ final class ForeignDeviceTests: XCTestCase {
         try c.regionWrite(2, offset: 0x100, [1, 2, 3, 4])
         XCTAssertEqual(try vm.mmioRead(gpa + 0x100, count: 4), [1, 2, 3, 4])
         XCTAssertThrowsError(try vm.mmioWrite(gpa + 0x100, [9]), "BAR4 is read-only: the store is trapped and refused")
-        vm.start(); vm.resume()
+        try vm.start(); vm.resume()
         waitFor("DMA rounds") { vm.dmaRoundsOK >= 2 }
         vm.pause()
         XCTAssertTrue(vm.verify().ok)

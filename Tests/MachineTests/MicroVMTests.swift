@@ -32,7 +32,7 @@ final class MicroVMTests: XCTestCase {
     func checkWorkloadRunsAndVerifies(software: Bool) throws {
         let vm = try makeVM(software: software, vcpus: 2)
         defer { vm.stop() }
-        vm.start()
+        try vm.start()
         runFor(vm, seconds: 0.3)
         XCTAssertNil(vm.failure)
         XCTAssertGreaterThan(vm.pagesWritten, 2048, "the workload made progress (\(vm.executionMode))")
@@ -55,7 +55,7 @@ final class MicroVMTests: XCTestCase {
     func checkDirtyLogHasNoFalseNegatives(software: Bool) throws {
         let vm = try makeVM(software: software, workingSet: 16 << 20, rate: 20_000)
         defer { vm.stop() }
-        vm.start()
+        try vm.start()
         try vm.setDirtyLogging(true)
         runFor(vm, seconds: 0.05)
         _ = try vm.harvestDirtyPages()
@@ -90,7 +90,7 @@ final class MicroVMTests: XCTestCase {
         defer { client.close() }
         let vm = try makeVM(software: software, devices: [client], dmaEvery: 2)
         defer { vm.stop() }
-        vm.start()
+        try vm.start()
         runFor(vm, seconds: 0.4)
         XCTAssertNil(vm.failure)
         let r = vm.verify()
@@ -112,7 +112,7 @@ final class MicroVMTests: XCTestCase {
     func checkSaveRestore(software: Bool) throws {
         let vm = try makeVM(software: software)
         defer { vm.stop() }
-        vm.start()
+        try vm.start()
         vm.resume()
         usleep(100_000)
         let latency = vm.pause()
@@ -140,7 +140,7 @@ final class MicroVMTests: XCTestCase {
     func testPausesAreCounted() throws {
         let vm = try makeVM(software: true)
         defer { vm.stop() }
-        vm.start()
+        try vm.start()
         vm.resume()
         vm.pause()                      // e.g. a migration's stop-copy
         XCTAssertTrue(vm.verify().ok)   // pauses and resumes on its own

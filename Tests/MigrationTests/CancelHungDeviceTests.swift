@@ -33,9 +33,9 @@ final class CancelHungDeviceTests: XCTestCase {
     }
 
     /// A destination that reads and discards everything (the hang is the device's, not its).
-    func startSink() {
+    func startSink() throws {
         let l = listener!
-        peer = OSThread(name: "sink") {
+        peer = try OSThread(name: "sink") {
             guard let s = try? l.accept(timeoutMilliseconds: 10_000) else { return }
             var b = [UInt8](repeating: 0, count: 1 << 16)
             while recv(s.fd.rawValue, &b, b.count, 0) > 0 {}
@@ -48,15 +48,15 @@ final class CancelHungDeviceTests: XCTestCase {
     /// Run the migration; when the relay holds a MIG_DATA_READ, cancel. Returns how long
     /// cancel took to end `run()`, and its error.
     func cancelWhileARead(isHeldFor seconds: Double) throws -> (MigrationSource, Double, Error?) {
-        vm.start(); vm.resume()
+        try vm.start(); vm.resume()
         usleep(200_000)
-        startSink()
+        try startSink()
         var p = MigrationParameters(); p.peerTimeoutMS = 60_000
         let m = try MigrationSource(vm: vm, to: TCPSocket.connect(host: "127.0.0.1", port: listener.port), parameters: p, policies: [.auto])
         relay.holdNextRead = seconds
         var err: Error?
         let done = try EventFD(nonBlocking: true)
-        let t = OSThread(name: "mig") { do { try m.run() } catch { err = error }; try? done.signal() }
+        let t = try OSThread(name: "mig") { do { try m.run() } catch { err = error }; try? done.signal() }
         defer { t.join() }
         guard try Poll.waitReadable(relay.holding.fd, timeoutMilliseconds: 20_000) else {
             m.cancel(); XCTFail("no MIG_DATA_READ was sent"); return (m, 0, nil)

@@ -11,8 +11,8 @@ import XCTest
 /// migration's costs, and switch-over waits for the prediction to fit downtime-limit.
 extension LiveMigrationTests {
     func testDowntimeBreakdownSumsToTheMeasuredDowntimeAndThePredictionIsBounded() throws {
-        startSource()
-        let wait = startDestination()
+        try startSource()
+        let wait = try startDestination()
         var p = MigrationParameters()
         p.downtimeLimitMS = 2000
         let m = try connectSource(p)
@@ -37,14 +37,14 @@ extension LiveMigrationTests {
     }
 
     func testSwitchoverWaitsWhileThePredictionExceedsTheLimitAndGoesWhenItIsRaised() throws {
-        startSource()
-        let wait = startDestination()
+        try startSource()
+        let wait = try startDestination()
         var p = MigrationParameters()
         p.downtimeLimitMS = 0       // no stop fits: the prediction is never 0
         p.maxIterations = 100_000   // and nothing forces the switch-over
         let m = try connectSource(p)
         var failure: Error?
-        let t = OSThread(name: "source") { do { try m.run() } catch let e { failure = e } }
+        let t = try OSThread(name: "source") { do { try m.run() } catch let e { failure = e } }
         let deadline = monotonicNanoseconds() + 30_000_000_000
         while m.stats.iterations < 4 && monotonicNanoseconds() < deadline && m.stats.status != .failed { usleep(10_000) }
         XCTAssertGreaterThanOrEqual(m.stats.iterations, 4, "pre-copy iterates")
@@ -103,10 +103,10 @@ extension LiveMigrationTests {
     /// the device state and vCPUs, and the destination answers it; the phases still sum to
     /// the downtime with the RAM still being applied moved out of the handshake.
     func testAProbeFollowsTheStopCopysRAMAndThePhasesStillSumToTheDowntime() throws {
-        startSource()
+        try startSource()
         let answered = Mutex()
         var probes: [UInt64] = []
-        let wait = startDestination { d in d.beforeProbeAnswerForTesting = { n in answered.withLock { probes.append(n) } } }
+        let wait = try startDestination { d in d.beforeProbeAnswerForTesting = { n in answered.withLock { probes.append(n) } } }
         var p = MigrationParameters()
         p.downtimeLimitMS = 2000
         let m = try connectSource(p)

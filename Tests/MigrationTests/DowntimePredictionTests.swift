@@ -99,7 +99,7 @@ final class DowntimeModelTests: XCTestCase {
     /// predicted from the vCPU threads' own scheduling in this migration (/proc schedstat):
     /// per thread, half its mean wait for the share of time it waited, a whole one for the
     /// share it slept (the kick wakes it).
-    func testThePauseCountsTheVCPUThreadsRunQueueWaits() {
+    func testThePauseCountsTheVCPUThreadsRunQueueWaits() throws {
         typealias S = DowntimeModel.SchedStat
         var m = DowntimeModel()
         let a: [Int32: S] = [10: S(runNS: 0, waitNS: 0, slices: 0), 11: S(runNS: 0, waitNS: 5_000_000, slices: 4)]
@@ -118,10 +118,10 @@ final class DowntimeModelTests: XCTestCase {
 
     /// The vCPU threads are found by name (vcpuN) in /proc/self/task: a thread of that name
     /// is listed with its schedstat, a thread whose name only starts alike is not.
-    func testTheVCPUThreadsSchedulingIsReadFromProc() {
+    func testTheVCPUThreadsSchedulingIsReadFromProc() throws {
         let quit = Flag()
-        let named = OSThread(name: "vcpu97") { while !quit.value { usleep(1000) } }
-        let other = OSThread(name: "vcpu9x") { while !quit.value { usleep(1000) } }
+        let named = try OSThread(name: "vcpu97") { while !quit.value { usleep(1000) } }
+        let other = try OSThread(name: "vcpu9x") { while !quit.value { usleep(1000) } }
         defer { quit.set(); named.join(); other.join() }
         var found: [Int32: DowntimeModel.SchedStat] = [:]
         let deadline = monotonicNanoseconds() + 5_000_000_000  // the threads name themselves as they start
@@ -235,9 +235,9 @@ extension LiveMigrationTests {
     /// after it. The switch-over round trip is timed with idle probes, and query-migrate's
     /// inputs carry all of it.
     func testTheStopWaitsForTheDestinationToCatchUpAndThenAPassToItIsTimedEndToEnd() throws {
-        startSource()
+        try startSource()
         var backlogSeen: UInt64 = 0
-        let wait = startDestination { d in d.beforeProbeAnswerForTesting = { n in if n == 2 { usleep(500_000) } } }
+        let wait = try startDestination { d in d.beforeProbeAnswerForTesting = { n in if n == 2 { usleep(500_000) } } }
         var p = MigrationParameters()
         p.downtimeLimitMS = 2000
         let m = try connectSource(p)
@@ -263,8 +263,8 @@ extension LiveMigrationTests {
     /// A destination further behind than the wait's bound (2 s) is not switched to: one more
     /// pass, and the stop comes once it has caught up.
     func testSwitchoverWaitsWhileTheDestinationIsBehind() throws {
-        startSource()
-        let wait = startDestination { d in d.beforeProbeAnswerForTesting = { n in if n == 2 { usleep(2_500_000) } } }
+        try startSource()
+        let wait = try startDestination { d in d.beforeProbeAnswerForTesting = { n in if n == 2 { usleep(2_500_000) } } }
         var p = MigrationParameters()
         p.downtimeLimitMS = 2000
         let m = try connectSource(p)
@@ -278,8 +278,8 @@ extension LiveMigrationTests {
     /// An older destination answers no probe: the source switches over as before, knowing
     /// only that it does not know the backlog.
     func testAnOlderDestinationWithoutProbesStillMigrates() throws {
-        startSource()
-        let wait = startDestination { d in d.answersProbes = false }
+        try startSource()
+        let wait = try startDestination { d in d.answersProbes = false }
         let m = try connectSource()
         try m.run()
         XCTAssertNil(wait())

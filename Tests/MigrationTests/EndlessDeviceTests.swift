@@ -37,7 +37,7 @@ final class EndlessRelay: @unchecked Sendable {
         plumbing = try RelayPlumbing(to: serverPath, tag: tag, name: "endless") { [self] c, s in
             let cc = VFIOUserConnection(socket: c, maxReceiveFDs: 8, maxMessageSize: 80 << 20)
             let cs = VFIOUserConnection(socket: s, maxReceiveFDs: 8, maxMessageSize: 80 << 20)
-            let toServer = OSThread(name: "endless-c2s") { [self] in
+            let toServer = try OSThread(name: "endless-c2s") { [self] in
                 while let m = try? cc.receive() {
                     if lock.withLock({ endless }), m.header.isCommand, m.header.command == VFIOUserCommand.migDataRead.rawValue {
                         m.closeFDs()
@@ -58,7 +58,7 @@ final class EndlessRelay: @unchecked Sendable {
                 }
                 _ = shutdown(s.fd.rawValue, Int32(SHUT_RDWR))
             }
-            let toClient = OSThread(name: "endless-s2c") { [self] in
+            let toClient = try OSThread(name: "endless-s2c") { [self] in
                 while let m = try? cs.receive() {
                     sendLock.withLock {
                         try? cc.send(id: m.header.messageID, command: m.header.command, flags: m.header.flags, errorNumber: m.header.errorNumber,
@@ -107,7 +107,7 @@ final class EndlessDeviceTests: XCTestCase {
         let done = try EventFD(nonBlocking: true)
         let result = Mutex()
         nonisolated(unsafe) var err: Error?
-        let t = OSThread(name: "bounded") { let e = body(); result.withLock { err = e }; try? done.signal() }
+        let t = try OSThread(name: "bounded") { let e = body(); result.withLock { err = e }; try? done.signal() }
         defer { t.join() }
         guard try Poll.waitReadable(done.fd, timeoutMilliseconds: seconds * 1000) else {
             XCTFail("did not end within \(seconds) s: the stop-copy never ends")
@@ -166,14 +166,14 @@ final class EndlessDeviceTests: XCTestCase {
         defer { vm.stop() }
         let listener = try TCPListener(host: "127.0.0.1", port: 0, backlog: 4)
         defer { listener.close() }
-        let sink = OSThread(name: "sink") {
+        let sink = try OSThread(name: "sink") {
             guard let s = try? listener.accept(timeoutMilliseconds: 10_000) else { return }
             var b = [UInt8](repeating: 0, count: 1 << 16)
             while recv(s.fd.rawValue, &b, b.count, 0) > 0 {}
             s.fd.close()
         }
         defer { sink.join() }
-        vm.start(); vm.resume()
+        try vm.start(); vm.resume()
         usleep(200_000)
         var p = MigrationParameters(); p.peerTimeoutMS = 30_000; p.maxIterations = 1
         let m = try MigrationSource(vm: vm, to: TCPSocket.connect(host: "127.0.0.1", port: listener.port), parameters: p, policies: [.auto])

@@ -66,8 +66,8 @@ final class ForeignDeviceMigrationTests: XCTestCase {
         let src = try makeVM("src", ["--irq", "msi"])
         let dst = try makeVM("dst", ["--irq", "msi"])
         XCTAssertEqual(src.devices[0].pci?.interrupt, .msi(capability: 0x60))
-        src.start(); src.resume()
-        dst.start()
+        try src.start(); src.resume()
+        try dst.start()
         let bar = src.devices[0].bar0
         try src.mmioWrite(bar + 4, bytes(0x5eed_1234))
         try src.mmioWrite(bar + 8, bytes(0x0bad_f00d))
@@ -77,7 +77,7 @@ final class ForeignDeviceMigrationTests: XCTestCase {
         let listener = try TCPListener(host: "127.0.0.1", port: 0)
         defer { listener.close() }
         var destError: Error?
-        let t = OSThread(name: "destination") {
+        let t = try OSThread(name: "destination") {
             do {
                 guard let sock = try listener.accept(timeoutMilliseconds: 20_000) else { throw MigrationError.channel("no connection") }
                 let d = try MigrationDestination(vm: dst, from: sock)
@@ -108,7 +108,7 @@ final class ForeignDeviceMigrationTests: XCTestCase {
     /// QEMU's reason, from hw/vfio/migration.c: "VFIO device doesn't support migration".
     func testForeignDeviceWithoutMigrationBlocksWithQEMUsReason() throws {
         let src = try makeVM("nomig", ["--irq", "msix", "--migration", "off"])
-        src.start(); src.resume()
+        try src.start(); src.resume()
         let listener = try TCPListener(host: "127.0.0.1", port: 0)
         defer { listener.close() }
         XCTAssertThrowsError(try MigrationSource(vm: src, to: TCPSocket.connect(host: "127.0.0.1", port: listener.port),

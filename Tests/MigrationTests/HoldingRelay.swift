@@ -22,8 +22,8 @@ final class HoldingRelay: @unchecked Sendable {
     init(to serverPath: String, tag: String) throws {
         holding = try EventFD(nonBlocking: true)
         plumbing = try RelayPlumbing(to: serverPath, tag: tag, name: "relay") { [self] c, s in
-            [OSThread(name: "relay-c2s") { [self] in pump(from: c, to: s, holdReads: true) },
-             OSThread(name: "relay-s2c") { [self] in pump(from: s, to: c, holdReads: false) }]
+            [try OSThread(name: "relay-c2s") { [self] in pump(from: c, to: s, holdReads: true) },
+             try OSThread(name: "relay-s2c") { [self] in pump(from: s, to: c, holdReads: false) }]
         }
     }
 
@@ -61,13 +61,14 @@ final class RelayPlumbing: @unchecked Sendable {
     private var sockets: [UnixSocket] = []
 
     /// `start(client, server)` runs once both are connected and returns its pump threads.
-    init(to serverPath: String, tag: String, name: String, start: @escaping @Sendable (UnixSocket, UnixSocket) -> [OSThread]) throws {
+    init(to serverPath: String, tag: String, name: String, start: @escaping @Sendable (UnixSocket, UnixSocket) throws -> [OSThread]) throws {
         path = InProcessServer.temporaryPath(tag)
         listener = try UnixListener(path: path, backlog: 2)
-        accepter = OSThread(name: "\(name)-accept") { [self] in
+        accepter = try OSThread(name: "\(name)-accept") { [self] in
             guard let c = try? listener.accept(timeoutMilliseconds: 10_000), let s = try? UnixSocket.connect(path: serverPath) else { return }
             lock.withLock { sockets += [c, s] }
-            let started = start(c, s)
+            // A pump that cannot start leaves the relay without it: the test then fails on its own terms.
+            guard let started = try? start(c, s) else { return }
             lock.withLock { pumps += started }
         }
     }

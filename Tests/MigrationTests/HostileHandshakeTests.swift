@@ -13,10 +13,10 @@ import XCTest
 extension LiveMigrationTests {
     /// A destination that reads the whole stream, says READY with `ready`, reads GO, then
     /// sends `afterGo`, and waits (bounded) for the source to hang up.
-    func startLyingDestination(ready: String, afterGo: [(Verdict.Kind, String)]) -> () -> Error? {
+    func startLyingDestination(ready: String, afterGo: [(Verdict.Kind, String)]) throws -> () -> Error? {
         let l = listener!
         var failure: Error?
-        let t = OSThread(name: "lying-dst") {
+        let t = try OSThread(name: "lying-dst") {
             do {
                 guard let s = try l.accept(timeoutMilliseconds: 20_000) else { throw MigrationError.channel("no connection") }
                 MigrationSource.setPeerTimeout(s, ms: 10_000)
@@ -42,10 +42,10 @@ extension LiveMigrationTests {
     }
 
     func testHostileHandshakeTimesNearAndPast2To64AreClampedOrIgnored() throws {
-        startSource()
+        try startSource()
         // 2^64-1 is a number (clamped to the wait); 2^64 is none. Before, both were read as
         // their first 19 digits, and the destination counted as having reported.
-        let wait = startLyingDestination(ready: #"{"x-load-ns":18446744073709551615}"#,
+        let wait = try startLyingDestination(ready: #"{"x-load-ns":18446744073709551615}"#,
                                          afterGo: [(.ack, #"{"pages":1,"x-resume-ns":18446744073709551616}"#)])
         let m = try connectSource()
         try m.run()
@@ -58,8 +58,8 @@ extension LiveMigrationTests {
         for (ready, ack) in [(#"{"x-load-ns":-5}"#, #"{"x-resume-ns":1.5e9}"#), ("", "not json at all"),
                              (#"{"x-load-ns":"12"}"#, #"{"x-resume-ns":12e3,"x-resume-ns":7}"#)] {
             tearDown(); try setUpWithError()  // a fresh pair of VMs for each lie
-            startSource()
-            let wait = startLyingDestination(ready: ready, afterGo: [(.ack, ack)])
+            try startSource()
+            let wait = try startLyingDestination(ready: ready, afterGo: [(.ack, ack)])
             let m = try connectSource()
             try m.run()
             XCTAssertNil(wait())
@@ -68,8 +68,8 @@ extension LiveMigrationTests {
     }
 
     func testHostileHandshakeTimesSentTwiceTakeTheFirst() throws {
-        startSource()
-        let wait = startLyingDestination(ready: #"{"x-load-ns":1000,"x-load-ns":99999999999}"#, afterGo: [(.ack, #"{"x-resume-ns":2000}"#)])
+        try startSource()
+        let wait = try startLyingDestination(ready: #"{"x-load-ns":1000,"x-load-ns":99999999999}"#, afterGo: [(.ack, #"{"x-resume-ns":2000}"#)])
         let m = try connectSource()
         try m.run()
         XCTAssertNil(wait())
@@ -81,8 +81,8 @@ extension LiveMigrationTests {
     /// READY again after GO: neither ACK nor ERR, so the destination may be running the guest.
     /// Before, anything but ACK was taken as ERR: the source rolled back and resumed its copy.
     func testHostileSecondREADYAfterGOLeavesTheSourcePaused() throws {
-        startSource()
-        let wait = startLyingDestination(ready: "", afterGo: [(.ready, "")])
+        try startSource()
+        let wait = try startLyingDestination(ready: "", afterGo: [(.ready, "")])
         let m = try connectSource()
         XCTAssertThrowsError(try m.run()) { e in
             guard case .unconfirmed(let why)? = e as? MigrationError else { return XCTFail("\(e)") }

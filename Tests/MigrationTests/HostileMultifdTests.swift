@@ -57,9 +57,9 @@ extension LiveMigrationTests {
     /// Run a hand-made source against a destination with a 1 s peer timeout: its error, how long
     /// it took, and whether the device left RESUMING and no descriptor stayed open.
     func againstRawSource(_ body: () throws -> [StreamSocket]) throws -> (String, Double) {
-        dst.vm.start()
+        try dst.vm.start()
         let fds = Self.openFDs()
-        let wait = startMultifdDestination { $0.peerTimeoutMS = 1000 }
+        let wait = try startMultifdDestination { $0.peerTimeoutMS = 1000 }
         let t0 = monotonicNanoseconds()
         let socks = try body()
         let e = wait()
@@ -191,8 +191,8 @@ extension LiveMigrationTests {
     /// before the channels. Before, the destination read hellos one after the other, and the
     /// silent stray used up its whole peer timeout (5 s): "2 of 2 channels did not connect".
     func testHostileSilentStraysBeforeTheChannelsDoNotFailAMigration() throws {
-        startSource()
-        let wait = startMultifdDestination()
+        try startSource()
+        let wait = try startMultifdDestination()
         let m = try connectSource(Self.multifdParameters(2))
         let port = listener.port
         var strays: [TCPSocket] = []

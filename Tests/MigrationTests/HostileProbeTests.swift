@@ -19,17 +19,17 @@ extension LiveMigrationTests {
     /// A destination that decodes the whole stream while another thread floods PRG (from the
     /// start, once the stream ended, or after READY once GO came), and never says READY (or
     /// ACK). Returns a way to stop it and wait for it.
-    func startFloodingDestination(from: FloodFrom) -> () -> Void {
+    func startFloodingDestination(from: FloodFrom) throws -> () -> Void {
         let l = listener!
         let quit = Flag(), flooding = Flag()
         var socket: StreamSocket?
         let lock = Mutex()
-        let reader = OSThread(name: "flood-dst") {
+        let reader = try OSThread(name: "flood-dst") {
             guard let s = try? l.accept(timeoutMilliseconds: 20_000) else { return }
             lock.withLock { socket = s }
             MigrationSource.setPeerTimeout(s, ms: 10_000)
             if from == .start { flooding.set() }
-            let flooder = OSThread(name: "flooder") {
+            guard let flooder = try? OSThread(name: "flooder", {
                 var i = 0
                 while !quit.value {
                     if !flooding.value { usleep(1000); continue }
@@ -37,7 +37,7 @@ extension LiveMigrationTests {
                     i += 1
                     if (try? Verdict.send(s, .progress, text)) == nil { break }
                 }
-            }
+            }) else { return }
             _ = try? MigrationStreamDecoder(source: ChannelSource(s, timeoutMS: 10_000), sink: DiscardingSink()).run()
             if from == .go {
                 try? Verdict.send(s, .ready, "")
@@ -67,13 +67,13 @@ extension LiveMigrationTests {
         // the destination to catch up. After END only: the wait for READY read PRG for ever.
         for from in [FloodFrom.start, .end] {
             tearDown(); try setUpWithError()
-            startSource()
-            let stop = startFloodingDestination(from: from)
+            try startSource()
+            let stop = try startFloodingDestination(from: from)
             defer { stop() }
             var p = params(peerTimeoutMS: 1500)
             p.maxIterations = 2
             let m = try connectSource(p)
-            let (err, _) = runAsync(m)()
+            let (err, _) = try runAsync(m)()
             XCTAssertTrue("\(String(describing: err))".contains("destination sent only progress messages for 1500 ms"), "from \(from): \(String(describing: err))")
             stop()
             try assertSourceRunsOn(m, status: .failed, reasonContains: "only progress messages")
@@ -83,13 +83,13 @@ extension LiveMigrationTests {
     /// After GO a flood of PRG is no ACK: within the peer timeout the outcome is unconfirmed
     /// and the source VM stays paused (the destination may run the guest).
     func testAFloodOfPRGAfterGOLeavesTheOutcomeUnconfirmedWithinThePeerTimeout() throws {
-        startSource()
-        let stop = startFloodingDestination(from: .go)
+        try startSource()
+        let stop = try startFloodingDestination(from: .go)
         defer { stop() }
         var p = params(peerTimeoutMS: 1500)
         p.maxIterations = 2
         let m = try connectSource(p)
-        let (err, _) = runAsync(m)()
+        let (err, _) = try runAsync(m)()
         guard case .unconfirmed? = err as? MigrationError else { return XCTFail("\(String(describing: err))") }
         XCTAssertTrue("\(err!)".contains("only progress messages"), "\(err!)")
         XCTAssertTrue(src.vm.isPaused, "never two running copies")
@@ -99,14 +99,14 @@ extension LiveMigrationTests {
     /// destination's own messages: the migration completes, the lies are ignored (a probe
     /// answered by a number it was never sent, or by none, is not an answer).
     func testLyingProbeAnswersAroundARealDestinationAreIgnoredAndTheMigrationCompletes() throws {
-        startSource()
+        try startSource()
         let front = try TCPListener(host: "127.0.0.1", port: 0, backlog: 4)
         defer { front.close() }
         let destPort = listener.port
         let injected = Flag()
-        let proxy = OSThread(name: "prg-proxy") {
+        let proxy = try OSThread(name: "prg-proxy") {
             guard let a = try? front.accept(timeoutMilliseconds: 20_000), let b = try? TCPSocket.connect(host: "127.0.0.1", port: destPort) else { return }
-            let up = OSThread(name: "prg-up") {
+            guard let up = try? OSThread(name: "prg-up", {
                 var buf = [UInt8](repeating: 0, count: 1 << 16)
                 while true {
                     let n = recv(a.fd.rawValue, &buf, buf.count, 0)
@@ -114,7 +114,7 @@ extension LiveMigrationTests {
                     if (try? buf[0..<n].withUnsafeBytes { try b.send([$0]) }) == nil { break }
                 }
                 _ = shutdown(b.fd.rawValue, Int32(SHUT_WR))
-            }
+            }) else { return }
             var i = 0
             while let v = try? Verdict.read(b) {
                 for _ in 0..<3 {
@@ -128,7 +128,7 @@ extension LiveMigrationTests {
             a.fd.close(); b.fd.close()
         }
         defer { proxy.join() }
-        let waitDestination = startDestination()
+        let waitDestination = try startDestination()
         var p = params(peerTimeoutMS: 10_000)
         p.maxIterations = 3
         let m = try MigrationSource(vm: src.vm, to: TCPSocket.connect(host: "127.0.0.1", port: front.port), parameters: p, policies: [.auto])

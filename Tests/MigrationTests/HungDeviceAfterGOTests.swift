@@ -29,8 +29,8 @@ final class SwallowingRelay: @unchecked Sendable {
                 }
                 _ = shutdown(b.socket.fd.rawValue, Int32(SHUT_RDWR))
             }
-            return [OSThread(name: "swallow-c2s") { pump(cc, cs, filter: true) },
-                    OSThread(name: "swallow-s2c") { pump(cs, cc, filter: false) }]
+            return [try OSThread(name: "swallow-c2s") { pump(cc, cs, filter: true) },
+                    try OSThread(name: "swallow-s2c") { pump(cs, cc, filter: false) }]
         }
     }
 
@@ -76,10 +76,10 @@ final class HungDeviceAfterGOTests: XCTestCase {
         defer { dstVM.stop() }
         let listener = try TCPListener(host: "127.0.0.1", port: 0, backlog: 4)
         defer { listener.close() }
-        srcVM.start(); srcVM.resume(); dstVM.start()
+        try srcVM.start(); srcVM.resume(); try dstVM.start()
         usleep(200_000)
         var dstError: Error?
-        let dst = OSThread(name: "hag-dst") {
+        let dst = try OSThread(name: "hag-dst") {
             do {
                 guard let s = try listener.accept(timeoutMilliseconds: 20_000) else { throw MigrationError.channel("no connection") }
                 let d = try MigrationDestination(vm: dstVM, from: s)

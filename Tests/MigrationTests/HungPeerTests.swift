@@ -25,9 +25,9 @@ final class StallingReader: @unchecked Sendable {
     private var bytes: UInt64 = 0
     var bytesRead: UInt64 { m.withLock { bytes } }
 
-    init(_ listener: TCPListener, stallAtOnce: Bool = false) {
+    init(_ listener: TCPListener, stallAtOnce: Bool = false) throws {
         if stallAtOnce { stall.set() }
-        thread = OSThread(name: "stalling-reader") { [self] in
+        thread = try OSThread(name: "stalling-reader") { [self] in
             guard let s = try? listener.accept(timeoutMilliseconds: 20_000) else { return }
             // A fixed receive buffer (no autotuning to 32 MiB): what a stalled peer buffers is small.
             var size: Int32 = 256 << 10
@@ -51,10 +51,10 @@ final class StallingReader: @unchecked Sendable {
 extension LiveMigrationTests {
     /// run() on its own thread; the returned closure waits for it (bounded) and gives the error
     /// and the time run() returned.
-    func runAsync(_ m: MigrationSource) -> () -> (Error?, UInt64) {
+    func runAsync(_ m: MigrationSource) throws -> () -> (Error?, UInt64) {
         var result: Error?, endNS: UInt64 = 0, done = false
         let cond = Condition()
-        let t = OSThread(name: "source") {
+        let t = try OSThread(name: "source") {
             var err: Error?
             do { try m.run() } catch { err = error }
             let now = monotonicNanoseconds()
@@ -106,11 +106,11 @@ extension LiveMigrationTests {
     // MARK: cancel in every phase
 
     func testCancelWhileSendIsBlockedInPreCopyOnAListenerThatNeverReads() throws {
-        startSource()
-        let reader = StallingReader(listener, stallAtOnce: true)
+        try startSource()
+        let reader = try StallingReader(listener, stallAtOnce: true)
         defer { reader.close() }
         let m = try connectSource(params())
-        let wait = runAsync(m)
+        let wait = try runAsync(m)
         waitUntilBlocked(m, in: .active)
         let err = cancelAndMeasure(m, wait, phase: "pre-copy (send blocked)")
         XCTAssertTrue(m.stats.summary.contains("cancelled") && m.stats.summary.contains("runs on at the source"), m.stats.summary)
@@ -119,15 +119,15 @@ extension LiveMigrationTests {
     }
 
     func testCancelWhileSendIsBlockedInStopAndCopy() throws {
-        startSource()
-        let reader = StallingReader(listener)
+        try startSource()
+        let reader = try StallingReader(listener)
         defer { reader.close() }
         var p = params()
         p.maxIterations = 1  // switch over after the first pass: the working set is dirty again
         let m = try connectSource(p)
         // The destination "hangs" (stops reading) the moment stop-and-copy begins.
         m.beforeSection = { _, _ in if m.stats.status == .device { reader.stall.set() } }
-        let wait = runAsync(m)
+        let wait = try runAsync(m)
         waitUntilBlocked(m, in: .device)
         XCTAssertTrue(src.vm.isPaused, "blocked inside the downtime")
         let err = cancelAndMeasure(m, wait, phase: "stop-and-copy (send blocked)")
@@ -136,8 +136,8 @@ extension LiveMigrationTests {
     }
 
     func testCancelWhileDeviceStateGoesOut() throws {
-        startSource()
-        let wait = startDestination()
+        try startSource()
+        let wait = try startDestination()
         let m = try connectSource(params())
         var cancelledAt: UInt64 = 0
         // Cancel from inside the stop-copy DEVICE send (device data read, section about to go).
@@ -152,8 +152,8 @@ extension LiveMigrationTests {
     }
 
     func testCancelDuringSetupBeforeAnyRAM() throws {
-        startSource()
-        let wait = startDestination()
+        try startSource()
+        let wait = try startDestination()
         let m = try connectSource(params())
         m.beforeSection = { t, _ in if t == .config { m.cancel() } }
         XCTAssertThrowsError(try m.run())
@@ -162,15 +162,15 @@ extension LiveMigrationTests {
     }
 
     func testCancelWhileWaitingForTheDestinationsReadyNeverRunsTheGuestTwice() throws {
-        startSource()
+        try startSource()
         let loaded = Flag(), release = Flag()
         // The destination hangs after loading, before it says READY.
-        let wait = startDestination { d in
+        let wait = try startDestination { d in
             d.peerTimeoutMS = 60_000
             d.afterDevicesLoaded = { loaded.set(); while !release.value { usleep(5_000) } }
         }
         let m = try connectSource(params())
-        let run = runAsync(m)
+        let run = try runAsync(m)
         while !loaded.value { usleep(5_000) }
         usleep(100_000)
         XCTAssertEqual(m.stats.status, .device)
@@ -184,8 +184,8 @@ extension LiveMigrationTests {
     }
 
     func testCancelIsRefusedOnceMigrationCompleted() throws {
-        startSource()
-        let wait = startDestination()
+        try startSource()
+        let wait = try startDestination()
         let m = try connectSource()
         try m.run()
         XCTAssertNil(wait())
@@ -197,13 +197,13 @@ extension LiveMigrationTests {
     /// QEMU keeps a paused VM paused: cancel resumes only the migration's own pause, and each
     /// device goes back to the STOP it was in.
     func testCancelOfAPausedVMLeavesItPausedWithDevicesInStop() throws {
-        startSource()
+        try startSource()
         src.vm.pause()
         try src.client.setMigrationState(.stop)
-        let reader = StallingReader(listener, stallAtOnce: true)
+        let reader = try StallingReader(listener, stallAtOnce: true)
         defer { reader.close() }
         let m = try connectSource(params())
-        let wait = runAsync(m)
+        let wait = try runAsync(m)
         waitUntilBlocked(m, in: .active)
         _ = cancelAndMeasure(m, wait, phase: "pre-copy of a paused VM")
         XCTAssertEqual(m.stats.status, .cancelled)
@@ -223,9 +223,9 @@ extension LiveMigrationTests {
     // MARK: QMP stop = switch-over (QEMU's rule)
 
     func testStopDuringPreCopyStartsStopAndCopyNowAsInQEMU() throws {
-        startSource()
+        try startSource()
         var destRan: Bool?
-        let wait = startDestination { d in d.beforeResume = { destRan = d.sourceWasRunning } }
+        let wait = try startDestination { d in d.beforeResume = { destRan = d.sourceWasRunning } }
         var p = MigrationParameters()
         p.maxBandwidth = 20 << 20  // the first pass alone would take seconds
         let m = try connectSource(p)
@@ -258,8 +258,8 @@ extension LiveMigrationTests {
 
     /// A stop, then a failure: the guest stays stopped (QEMU restarts only a VM that ran).
     func testStopThenFailureLeavesTheGuestStoppedWithDevicesInStop() throws {
-        startSource()
-        let wait = startDestination()
+        try startSource()
+        let wait = try startDestination()
         let m = try connectSource()
         var requested = false
         m.beforeSection = { [self] t, _ in
@@ -284,8 +284,8 @@ extension LiveMigrationTests {
     // MARK: peer timeout
 
     func testDestinationThatNeverReadsTimesOutInPreCopy() throws {
-        startSource()
-        let reader = StallingReader(listener, stallAtOnce: true)
+        try startSource()
+        let reader = try StallingReader(listener, stallAtOnce: true)
         defer { reader.close() }
         let m = try connectSource(params(peerTimeoutMS: 500))
         let t0 = monotonicNanoseconds()
@@ -295,8 +295,8 @@ extension LiveMigrationTests {
     }
 
     func testDestinationHangingInStopAndCopyTimesOutAndTheSourceResumes() throws {
-        startSource()
-        let reader = StallingReader(listener)
+        try startSource()
+        let reader = try StallingReader(listener)
         defer { reader.close() }
         var p = params(peerTimeoutMS: 500)
         p.maxIterations = 1
@@ -307,9 +307,9 @@ extension LiveMigrationTests {
     }
 
     func testDestinationNotAnsweringAtSwitchOverTimesOut() throws {
-        startSource()
+        try startSource()
         let release = Flag()
-        let wait = startDestination { d in d.afterDevicesLoaded = { while !release.value { usleep(5_000) } } }
+        let wait = try startDestination { d in d.afterDevicesLoaded = { while !release.value { usleep(5_000) } } }
         let m = try connectSource(params(peerTimeoutMS: 500))
         XCTAssertThrowsError(try m.run()) { XCTAssertTrue("\($0)".contains("did not answer for 500 ms during the switch-over handshake"), "\($0)") }
         release.set()
@@ -321,10 +321,10 @@ extension LiveMigrationTests {
     /// The destination side: a source that goes silent mid-stream is a clear failure within the
     /// bound, and the destination's device is reset out of RESUMING.
     func testSourceGoingSilentMidStreamFailsTheDestinationWithinTheBound() throws {
-        dst.vm.start()
+        try dst.vm.start()
         var destError: Error?
         let d = Flag()
-        let t = OSThread { [self] in
+        let t = try OSThread { [self] in
             do {
                 guard let s = try listener.accept(timeoutMilliseconds: 20_000) else { return }
                 let dest = try MigrationDestination(vm: dst.vm, from: s)
@@ -349,11 +349,11 @@ extension LiveMigrationTests {
     // MARK: a refused source does not disturb the destination (issue 13)
 
     func testRefusedSourceLeavesTheDestinationWaitingAndANextAttemptSucceeds() throws {
-        startSource()
+        try startSource()
         XCTAssertThrowsError(try MigrationSource.checkBlockers(vm: src.vm, parameters: MigrationParameters(), policies: [.off]))
         XCTAssertNoThrow(try MigrationSource.checkBlockers(vm: src.vm, parameters: MigrationParameters(), policies: [.auto]))
         var first: Error?, started = true
-        let t = OSThread { [self] in
+        let t = try OSThread { [self] in
             do {
                 guard let s = try listener.accept(timeoutMilliseconds: 20_000) else { return }
                 let d = try MigrationDestination(vm: dst.vm, from: s)
@@ -370,7 +370,7 @@ extension LiveMigrationTests {
         XCTAssertFalse(started)
         XCTAssertEqual(try dst.client.migrationState(), .running, "the destination's device untouched")
         // The destination waits again, and the next attempt migrates.
-        let wait = startDestination()
+        let wait = try startDestination()
         try connectSource().run()
         XCTAssertNil(wait())
         XCTAssertTrue(dst.vm.verify().ok)
@@ -381,12 +381,12 @@ extension LiveMigrationTests {
 /// state travels in END (stream version 2) and the destination exposes it.
 extension LiveMigrationTests {
     func testPausedSourceStaysPausedOnTheDestinationAsInQEMU() throws {
-        startSource()
+        try startSource()
         // What the VMM's `stop` does: pause the vCPUs, devices to STOP.
         src.vm.pause()
         try src.client.setMigrationState(.stop)
         var dest: MigrationDestination?
-        let wait = startDestination { d in dest = d }
+        let wait = try startDestination { d in dest = d }
         let m = try connectSource()
         try m.run()
         XCTAssertNil(wait())
@@ -408,9 +408,9 @@ extension LiveMigrationTests {
     }
 
     func testRunningSourceResumesOnTheDestinationAndAutostartOffKeepsItPaused() throws {
-        startSource()
+        try startSource()
         var dest: MigrationDestination?
-        let wait = startDestination { d in dest = d; d.autostart = false }
+        let wait = try startDestination { d in dest = d; d.autostart = false }
         try connectSource().run()
         XCTAssertNil(wait())
         XCTAssertEqual(dest?.sourceWasRunning, true, "the source ran at switch-over")
@@ -452,8 +452,8 @@ extension LiveMigrationTests {
 /// as its check, so a second concurrent migration is refused before it touches anything.
 extension LiveMigrationTests {
     func testASecondConcurrentMigrationOfTheSameVMIsRefused() throws {
-        startSource()
-        let wait = startDestination()
+        try startSource()
+        let wait = try startDestination()
         let first = try connectSource()
         XCTAssertTrue(MigrationSource.inProgress(src.vm))
         XCTAssertThrowsError(try MigrationSource(vm: src.vm, to: UnixSocket.pair().0, parameters: MigrationParameters(), policies: [.auto])) {
@@ -461,8 +461,8 @@ extension LiveMigrationTests {
         }
         // Many at once: exactly none gets through while the first holds the VM.
         let won = Flag()
-        let threads = (0..<4).map { _ in
-            OSThread { [self] in
+        let threads = try (0..<4).map { _ in
+            try OSThread { [self] in
                 if let s = try? UnixSocket.pair().0,
                    (try? MigrationSource(vm: src.vm, to: s, parameters: MigrationParameters(), policies: [.auto])) != nil { won.set() }
             }
@@ -481,8 +481,8 @@ extension LiveMigrationTests {
     /// fails the destination (which never runs the guest and says ERR), and the source, on
     /// reading that ERR instead of READY... takes the VM back.
     func testSourceSilentBeforeGOFailsTheDestinationAndTheSourceKeepsTheVM() throws {
-        startSource()
-        let wait = startDestination { d in d.peerTimeoutMS = 300 }
+        try startSource()
+        let wait = try startDestination { d in d.peerTimeoutMS = 300 }
         let m = try connectSource(params())
         m.afterSectionForTesting = { t, _ in if t == .end { usleep(1_000_000) } }
         XCTAssertThrowsError(try m.run())
@@ -496,13 +496,13 @@ extension LiveMigrationTests {
     /// After a failed incoming migration (here a corrupt section mid-stream) the same
     /// destination VM can take a new attempt: the next stream rewrites every page and state.
     func testDestinationTakesANewAttemptAfterAFailedOne() throws {
-        startSource()
-        var wait = startDestination()
+        try startSource()
+        var wait = try startDestination()
         let bad = try connectSource(Self.checkedPayload)
         bad.beforeSection = { t, id in if t == .ram && id == 6 { bad.corruptNextSectionForTesting = true } }
         XCTAssertThrowsError(try bad.run())
         XCTAssertNotNil(wait())
-        wait = startDestination()
+        wait = try startDestination()
         let good = try connectSource()
         try good.run()
         XCTAssertNil(wait())
@@ -516,11 +516,11 @@ extension LiveMigrationTests {
     /// After GO the destination owns the VM: if it then goes silent, the source must not
     /// resume (two running copies); it stays paused and says so. Cancel is refused then.
     func testDestinationSilentAfterGOLeavesTheSourcePausedNeverTwoCopies() throws {
-        startSource()
+        try startSource()
         let inResume = Flag(), release = Flag()
         var source: MigrationSource?
         var cancelAfterGO: Bool?
-        let wait = startDestination { d in
+        let wait = try startDestination { d in
             d.beforeResume = {
                 cancelAfterGO = source?.cancel()
                 inResume.set()

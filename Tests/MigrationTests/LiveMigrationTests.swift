@@ -44,17 +44,17 @@ final class LiveMigrationTests: XCTestCase {
     }
 
     /// Start the destination on its own thread; returns a way to wait for its result.
-    func startDestination(_ configure: ((MigrationDestination) -> Void)? = nil) -> () -> Error? {
+    func startDestination(_ configure: ((MigrationDestination) throws -> Void)? = nil) throws -> () -> Error? {
         var result: Error?
         var done = false
         let cond = Condition()
-        let t = OSThread(name: "destination") { [self] in
+        let t = try OSThread(name: "destination") { [self] in
             var err: Error? = nil
             do {
                 guard let s = try listener.accept(timeoutMilliseconds: 20_000) else { throw MigrationError.channel("no connection") }
                 let d = try MigrationDestination(vm: dst.vm, from: s)
                 d.verifyBeforeResume = true
-                configure?(d)
+                try configure?(d)
                 try d.run()
             } catch { err = error }
             cond.mutex.withLock { result = err; done = true; cond.broadcast() }
@@ -71,11 +71,11 @@ final class LiveMigrationTests: XCTestCase {
     }
 
     func testRunningVMMigratesWithItsDeviceAndNothingIsLost() throws {
-        src.vm.start(); src.vm.resume()
-        dst.vm.start()
+        try src.vm.start(); src.vm.resume()
+        try dst.vm.start()
         usleep(300_000)
         var destDigest: UInt64 = 0
-        let wait = startDestination { [self] d in d.afterDevicesLoaded = { destDigest = self.dst.server.device.stateDigest() } }
+        let wait = try startDestination { [self] d in d.afterDevicesLoaded = { destDigest = self.dst.server.device.stateDigest() } }
         let m = try connectSource()
         let beforePages = src.vm.pagesWritten, beforeDMA = src.vm.dmaRoundsOK
         XCTAssertGreaterThan(beforeDMA, 0, "the guest was DMAing before the migration")
@@ -120,15 +120,15 @@ extension LiveMigrationTests {
         XCTAssertTrue(r.ok, r.description, file: file, line: line)
     }
 
-    func startSource() {
-        src.vm.start(); src.vm.resume()
-        dst.vm.start()
+    func startSource() throws {
+        try src.vm.start(); src.vm.resume()
+        try dst.vm.start()
         usleep(200_000)
     }
 
     func testCancelDuringPreCopy() throws {
-        startSource()
-        let wait = startDestination()
+        try startSource()
+        let wait = try startDestination()
         let m = try connectSource()
         m.beforeSection = { t, _ in if t == .ram { m.cancel() } }
         XCTAssertThrowsError(try m.run())
@@ -137,8 +137,8 @@ extension LiveMigrationTests {
     }
 
     func testCorruptStreamIsRejectedByTheDestination() throws {
-        startSource()
-        let wait = startDestination()
+        try startSource()
+        let wait = try startDestination()
         let m = try connectSource(Self.checkedPayload)
         m.beforeSection = { t, id in if t == .ram && id == 6 { m.corruptNextSectionForTesting = true } }
         XCTAssertThrowsError(try m.run())
@@ -148,9 +148,9 @@ extension LiveMigrationTests {
     }
 
     func testDestinationDyingMidStream() throws {
-        startSource()
+        try startSource()
         // The "destination" reads a little and dies.
-        let t = OSThread { [self] in
+        let t = try OSThread { [self] in
             if let s = try? listener.accept(timeoutMilliseconds: 20_000) {
                 var b = [UInt8](repeating: 0, count: 64 << 10)
                 _ = try? b.withUnsafeMutableBytes { try s.receiveExactly(into: $0, maxFDs: 0) }
@@ -164,8 +164,8 @@ extension LiveMigrationTests {
     }
 
     func testConnectionCutAtStopAndCopy() throws {
-        startSource()
-        let wait = startDestination()
+        try startSource()
+        let wait = try startDestination()
         let sock = try TCPSocket.connect(host: "127.0.0.1", port: listener.port)
         let m = try MigrationSource(vm: src.vm, to: sock, parameters: MigrationParameters(), policies: [.auto])
         // Cut the wire when the vCPU state goes out: the VM is paused, the device in STOP_COPY.
@@ -176,8 +176,8 @@ extension LiveMigrationTests {
     }
 
     func testDeviceRefusingStopCopyFailsCleanly() throws {
-        startSource()
-        let wait = startDestination()
+        try startSource()
+        let wait = try startDestination()
         src.server.device.refuseArcForTesting = (.preCopy, .stopCopy)
         let m = try connectSource()
         XCTAssertThrowsError(try m.run())
@@ -186,10 +186,10 @@ extension LiveMigrationTests {
     }
 
     func testDestinationDeviceRefusingToLoadFailsCleanly() throws {
-        startSource()
+        try startSource()
         src.server.device.stateChecksums = true  // declared in the stream: the corrupt chunk is seen
         dst.server.device.corruptNextWriteForTesting = true
-        let wait = startDestination()
+        let wait = try startDestination()
         let m = try connectSource()
         XCTAssertThrowsError(try m.run())
         try assertSourceRunsOn(m, status: .failed, reasonContains: "device 0")
@@ -198,7 +198,7 @@ extension LiveMigrationTests {
     }
 
     func testBlockersAreCheckedBeforeAnythingIsTouched() throws {
-        startSource()
+        try startSource()
         let sock = try TCPSocket.connect(host: "127.0.0.1", port: listener.port)
         XCTAssertThrowsError(try MigrationSource(vm: src.vm, to: sock, parameters: MigrationParameters(), policies: [.off])) {
             XCTAssertTrue("\($0)".contains("enable-migration=off"), "\($0)")
@@ -214,9 +214,9 @@ extension LiveMigrationTests {
         let otherClient = try VFIOUserClient(path: otherServer.path)
         let other = try MicroVM(memorySize: 128 << 20, vcpus: 2, workload: w, devices: [otherClient])
         defer { other.stop(); otherClient.close(); otherServer.stop() }
-        startSource()
+        try startSource()
         var destError: Error?
-        let t = OSThread { [self] in
+        let t = try OSThread { [self] in
             do { if let s = try listener.accept(timeoutMilliseconds: 20_000) { try MigrationDestination(vm: other, from: s).run() } } catch { destError = error }
         }
         let m = try connectSource()

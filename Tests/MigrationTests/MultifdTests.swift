@@ -15,11 +15,11 @@ extension LiveMigrationTests {
     }
 
     /// The destination takes its channels from the same listener as the main connection.
-    func startMultifdDestination(_ configure: ((MigrationDestination) -> Void)? = nil) -> () -> Error? {
-        startDestination { [self] d in
+    func startMultifdDestination(_ configure: ((MigrationDestination) throws -> Void)? = nil) throws -> () -> Error? {
+        try startDestination { [self] d in
             let l = listener!
             d.acceptChannel = { ms in try l.accept(timeoutMilliseconds: ms) }
-            configure?(d)
+            try configure?(d)
         }
     }
 
@@ -31,9 +31,9 @@ extension LiveMigrationTests {
     }
 
     func testMultifdTwoChannelsMigratesARunningVMWithItsDevice() throws {
-        startSource()
+        try startSource()
         var destDigest: UInt64 = 0
-        let wait = startMultifdDestination { [self] d in d.afterDevicesLoaded = { destDigest = self.dst.server.device.stateDigest() } }
+        let wait = try startMultifdDestination { [self] d in d.afterDevicesLoaded = { destDigest = self.dst.server.device.stateDigest() } }
         let m = try connectMultifdSource(Self.multifdParameters(2))
         var onChannels: [MigrationStream.SectionType: Int] = [:]
         let seen = Mutex()
@@ -50,8 +50,8 @@ extension LiveMigrationTests {
     }
 
     func testMultifdThreeChannelsWithPayloadChecksum() throws {
-        startSource()
-        let wait = startMultifdDestination()
+        try startSource()
+        let wait = try startMultifdDestination()
         let m = try connectMultifdSource(Self.multifdParameters(3, checksum: true))
         try m.run()
         XCTAssertNil(wait())
@@ -63,8 +63,8 @@ extension LiveMigrationTests {
     /// Channel setup failure (1): the destination takes no extra channels. It refuses with the
     /// reason, and the source rolls back.
     func testMultifdRefusedByADestinationWithoutChannels() throws {
-        startSource()
-        let wait = startDestination()  // no acceptChannel
+        try startSource()
+        let wait = try startDestination()  // no acceptChannel
         let m = try connectMultifdSource(Self.multifdParameters(2))
         XCTAssertThrowsError(try m.run())
         try assertSourceRunsOn(m, status: .failed, reasonContains: "takes none")
@@ -75,8 +75,8 @@ extension LiveMigrationTests {
     /// Channel setup failure (2): the second channel cannot be opened. Nothing went out on the
     /// main channel, so the destination sees a connection that closed empty.
     func testMultifdChannelThatCannotConnect() throws {
-        startSource()
-        let wait = startMultifdDestination()
+        try startSource()
+        let wait = try startMultifdDestination()
         let m = try connectSource(Self.multifdParameters(2))
         var opened = 0
         let port = listener.port
@@ -93,8 +93,8 @@ extension LiveMigrationTests {
 
     /// A channel is cut mid-stream: both sides fail, the destination stays paused.
     func testMultifdChannelCutMidStream() throws {
-        startSource()
-        let wait = startMultifdDestination()
+        try startSource()
+        let wait = try startMultifdDestination()
         let m = try connectSource(Self.multifdParameters(2))
         let port = listener.port
         var channels: [StreamSocket] = []
@@ -118,9 +118,9 @@ extension LiveMigrationTests {
     /// The destination dies with its channels open: it reads a little on each connection, then
     /// everything closes at once.
     func testMultifdDestinationDyingWithChannelsOpen() throws {
-        startSource()
+        try startSource()
         let l = listener!
-        let t = OSThread { [self] in
+        let t = try OSThread { [self] in
             var conns: [TCPSocket] = []
             for _ in 0..<3 { if let s = try? l.accept(timeoutMilliseconds: 20_000) { conns.append(s) } }
             for s in conns {
@@ -139,12 +139,12 @@ extension LiveMigrationTests {
 
     /// Over UNIX sockets: the channels connect to the same path.
     func testMultifdOverUNIXSockets() throws {
-        startSource()
+        try startSource()
         let path = InProcessServer.temporaryPath("mfd-unix")
         let ul = try UnixListener(path: path, backlog: 16)
         defer { ul.close(); unlink(path) }
         var result: Error?
-        let t = OSThread { [self] in
+        let t = try OSThread { [self] in
             do {
                 guard let s = try ul.accept(timeoutMilliseconds: 20_000) else { throw MigrationError.channel("no connection") }
                 let d = try MigrationDestination(vm: dst.vm, from: s)

@@ -154,8 +154,8 @@ final class P2PSwitchoverTests: XCTestCase {
         src = try MicroVM(memorySize: 16 << 20, workload: w, devices: srcDevices)
         dst = try MicroVM(memorySize: 16 << 20, workload: w, devices: dstDevices)
         listener = try TCPListener(host: "127.0.0.1", port: 0)
-        src.start(); src.resume()
-        dst.start()
+        try src.start(); src.resume()
+        try dst.start()
         usleep(100_000)
     }
 
@@ -166,7 +166,7 @@ final class P2PSwitchoverTests: XCTestCase {
 
     func migrate() throws -> (MigrationSource, () -> (MigrationDestination?, Error?)) {
         var result: (MigrationDestination?, Error?) = (nil, nil)
-        let t = OSThread(name: "destination") { [self] in
+        let t = try OSThread(name: "destination") { [self] in
             do {
                 guard let s = try listener.accept(timeoutMilliseconds: 20_000) else { throw MigrationError.channel("no connection") }
                 let d = try MigrationDestination(vm: dst, from: s)

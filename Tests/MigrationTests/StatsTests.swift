@@ -15,8 +15,8 @@ extension LiveMigrationTests {
     /// iteration counted once, so a 4096-page working set written at 100 K pages/s over 2 s
     /// iterations read as 2 K pages/s. Sampled every few ms it reads the guest's rate.
     func testDirtyRateIsTheGuestsRateAndAForcedSwitchoverIsFlagged() throws {
-        startSource()
-        let wait = startDestination()
+        try startSource()
+        let wait = try startDestination()
         var p = MigrationParameters()
         p.maxBandwidth = 8 << 20   // 16 MiB of working set: about 2 s per iteration
         p.maxIterations = 3
@@ -50,8 +50,8 @@ extension LiveMigrationTests {
     /// steps until the remainder fits the downtime limit; the migration converges (no forced
     /// switch-over) well before x-max-iterations.
     func testAutoConvergeThrottlesUntilAMigrationAtLowBandwidthConverges() throws {
-        startSource()
-        let wait = startDestination()
+        try startSource()
+        let wait = try startDestination()
         var p = MigrationParameters()
         p.maxBandwidth = 16 << 20
         p.autoConverge = true
@@ -72,10 +72,10 @@ extension LiveMigrationTests {
     }
 
     func testCompletionIsReportedOnlyAfterTheDestinationsAcknowledgement() throws {
-        startSource()
+        try startSource()
         var source: MigrationSource?
         var statusWhileLoading: MigrationStats.Status?, statusBeforeResume: MigrationStats.Status?
-        let wait = startDestination { d in
+        let wait = try startDestination { d in
             d.afterDevicesLoaded = { statusWhileLoading = source?.stats.status }
             d.beforeResume = { statusBeforeResume = source?.stats.status }
         }
@@ -96,8 +96,8 @@ extension LiveMigrationTests {
     /// The destination's READY can be readable right after END went out; the check for an
     /// early ERR after each section must not take it for a close.
     func testAFastReadyAfterEndIsNotMistakenForAnError() throws {
-        startSource()
-        let wait = startDestination()
+        try startSource()
+        let wait = try startDestination()
         let m = try connectSource()
         m.afterSectionForTesting = { t, _ in if t == .end { usleep(200_000) } }
         try m.run()

@@ -44,7 +44,7 @@ extension LiveMigrationTests {
 
     func testSIGSTOPpedDestinationInStopAndCopyTimesOutAndTheSourceResumes() throws {
         guard FileManager.default.isExecutableFile(atPath: "/usr/bin/python3") else { throw XCTSkip("needs /usr/bin/python3 for the reader process") }
-        startSource()
+        try startSource()
         let reader = try spawnReader()
         defer { kill(reader.pid, SIGKILL); _ = ChildProcess.wait(reader.pid) }
         var p = params(peerTimeoutMS: 1000)
@@ -62,7 +62,7 @@ extension LiveMigrationTests {
 
     func testCancelWithASIGSTOPpedDestinationInStopAndCopy() throws {
         guard FileManager.default.isExecutableFile(atPath: "/usr/bin/python3") else { throw XCTSkip("needs /usr/bin/python3 for the reader process") }
-        startSource()
+        try startSource()
         let reader = try spawnReader()
         defer { kill(reader.pid, SIGKILL); _ = ChildProcess.wait(reader.pid) }
         var p = params()
@@ -70,7 +70,7 @@ extension LiveMigrationTests {
         let m = try sourceTo(port: reader.port, p)
         var stopped = false
         m.beforeSection = { _, _ in if m.stats.status == .device && !stopped { stopped = true; kill(reader.pid, SIGSTOP) } }
-        let wait = runAsync(m)
+        let wait = try runAsync(m)
         waitUntilBlocked(m, in: .device)
         _ = cancelAndMeasure(m, wait, phase: "stop-and-copy, destination process SIGSTOPped")
         try assertSourceRunsOn(m, status: .cancelled, reasonContains: "cancelled")

@@ -15,8 +15,8 @@ extension LiveMigrationTests {
     /// verifies on the destination (pages written while they were sent went again).
     func testRunningVMMigratesWithoutPayloadChecksum() throws {
         XCTAssertFalse(MigrationParameters().payloadChecksum, "off by default, as QEMU")
-        startSource()
-        let wait = startDestination()
+        try startSource()
+        let wait = try startDestination()
         let m = try connectSource()
         try m.run()
         XCTAssertNil(wait())
@@ -28,8 +28,8 @@ extension LiveMigrationTests {
     }
 
     func testRunningVMMigratesWithPayloadChecksum() throws {
-        startSource()
-        let wait = startDestination()
+        try startSource()
+        let wait = try startDestination()
         let m = try connectSource(Self.checkedPayload)
         try m.run()
         XCTAssertNil(wait())
@@ -41,8 +41,8 @@ extension LiveMigrationTests {
     /// Without payload checksums the run table is still covered: a corrupt RAM section is
     /// refused, the destination says which, and the source runs on.
     func testCorruptRunTableIsRefusedWithoutPayloadChecksum() throws {
-        startSource()
-        let wait = startDestination()
+        try startSource()
+        let wait = try startDestination()
         let m = try connectSource()
         m.beforeSection = { t, id in if t == .ram && id == 6 { m.corruptNextSectionForTesting = true } }
         XCTAssertThrowsError(try m.run())
@@ -56,8 +56,8 @@ extension LiveMigrationTests {
     /// data is ZeroCopyStreamTests.testAStreamCutInsidePageDataIsTruncated): both sides fail,
     /// the destination stays paused, and the source runs on.
     func testConnectionCutInPreCopyWithoutPayloadChecksum() throws {
-        startSource()
-        let wait = startDestination()
+        try startSource()
+        let wait = try startDestination()
         let sock = try TCPSocket.connect(host: "127.0.0.1", port: listener.port)
         let m = try MigrationSource(vm: src.vm, to: sock, parameters: MigrationParameters(), policies: [.auto])
         var ramSections = 0
@@ -110,7 +110,7 @@ final class ZeroCopyStreamTests: XCTestCase {
     static func decode(_ bytes: [UInt8], limit: Int? = nil, sink: NullMigrationSink) throws {
         let (a, b) = try UnixSocket.pair()
         let n = min(limit ?? bytes.count, bytes.count)
-        let writer = OSThread(name: "writer") {
+        let writer = try OSThread(name: "writer") {
             _ = try? bytes.withUnsafeBytes { try a.send([UnsafeRawBufferPointer(rebasing: $0[0..<n])]) }
             a.close()
         }

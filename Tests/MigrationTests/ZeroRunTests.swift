@@ -8,7 +8,7 @@ import XCTest
 /// ram_handle_zero does); whatever the destination's RAM held, it ends equal to the source's.
 extension LiveMigrationTests {
     func testZeroPagesClearWhateverTheDestinationHeldThere() throws {
-        src.vm.start(); dst.vm.start()
+        try src.vm.start(); try dst.vm.start()
         // The top 4 MiB of guest RAM: nothing of the guest's lives there, so the source's is zero.
         let size = Int(src.vm.memory.size), top = size - (4 << 20)
         func zeroPages(_ m: GuestMemory) -> Int {
@@ -22,7 +22,7 @@ extension LiveMigrationTests {
             dst.vm.memory.base.storeBytes(of: UInt8(k % 255 + 1), toByteOffset: at + [0, 2048, 4095][k % 3], as: UInt8.self)
         }
         XCTAssertEqual(zeroPages(dst.vm.memory), 384)
-        let wait = startDestination()
+        let wait = try startDestination()
         try connectSource().run()
         XCTAssertNil(wait())
         XCTAssertEqual(zeroPages(dst.vm.memory), 1024, "every page the source had zero is zero at the destination")

@@ -80,7 +80,7 @@ final class BadInputTests: XCTestCase {
         let size = 3 << 20
         var msg = MessageHeader(messageID: 6, command: 10, messageSize: UInt32(16 + size), flags: 0).bytes
         msg += [UInt8](repeating: 0xaa, count: size)
-        let sender = OSThread { try? p.sock.send(msg) }
+        let sender = try OSThread { try? p.sock.send(msg) }
         let r = try p.conn.receive()
         sender.join()
         assertError(r, .E2BIG)

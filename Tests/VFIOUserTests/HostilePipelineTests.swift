@@ -19,7 +19,7 @@ final class HostileServer: @unchecked Sendable {
     init(tag: String, handle: @escaping (Message, VFIOUserConnection) throws -> Void) throws {
         path = temporarySocketPath(tag)
         listener = try UnixListener(path: path, backlog: 2)
-        thread = OSThread(name: "scripted") { [self] in
+        thread = try OSThread(name: "scripted") { [self] in
             guard let s = try? listener.accept(timeoutMilliseconds: 10_000) else { return }
             lock.withLock { socket = s }
             let c = VFIOUserConnection(socket: s, maxReceiveFDs: 8, maxMessageSize: 80 << 20)

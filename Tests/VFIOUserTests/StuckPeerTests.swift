@@ -147,7 +147,7 @@ final class StuckPeerTests: XCTestCase {
             usleep(100_000)
             let stopped = EventFD.make()
             let t0 = monotonicNanoseconds()
-            let th = OSThread(name: "stopper") { s.stop(); try? stopped.signal() }
+            let th = try OSThread(name: "stopper") { s.stop(); try? stopped.signal() }
             XCTAssertGreaterThan(try stopped.wait(timeoutMilliseconds: 5000), 0, "stop() returned within 5 s (twin \(twin))")
             th.join()
             XCTAssertLessThan(monotonicNanoseconds() - t0, 5_000_000_000)

@@ -125,7 +125,7 @@ public final class DMAEngine: VFIOUserDeviceModel, @unchecked Sendable {
                                 bars: [.init(index: 0, size: UInt32(Self.bar0Size)),
                                        .init(index: 2, size: UInt32(truncatingIfNeeded: min(stateSize, 1 << 31))),
                                        .init(index: 4, size: UInt32(truncatingIfNeeded: min(stateSize, 1 << 31)), prefetchable: true)])
-        worker = OSThread(name: "dma-engine") { [weak self] in self?.workerLoop() }
+        worker = try OSThread(name: "dma-engine") { [weak self] in self?.workerLoop() }
     }
 
     deinit { shutdown() }

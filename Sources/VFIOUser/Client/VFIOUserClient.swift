@@ -247,7 +247,7 @@ public final class VFIOUserClient: @unchecked Sendable {
             let c = VFIOUserConnection(socket: ts, maxReceiveFDs: 0, maxMessageSize: Int(options.maxDataXferSize) + 4096)
             twin = c
             twinSocketActive = true
-            startTwinReader()
+            try startTwinReader()
         }
     }
 
@@ -261,10 +261,10 @@ public final class VFIOUserClient: @unchecked Sendable {
 
     /// Serve server→client commands arriving on the twin socket until it closes or
     /// `twinCancel` is signalled.
-    private func startTwinReader() {
+    private func startTwinReader() throws {
         guard let c = twin else { return }
         let cancel = twinCancel
-        twinThread = OSThread(name: "vfu-twin") { [weak self, c, cancel] in
+        twinThread = try OSThread(name: "vfu-twin") { [weak self, c, cancel] in
             while true {
                 // The cancel descriptor first: poll reports the first readable one, and a server
                 // that keeps sending must not keep the reader from stopping.
@@ -855,7 +855,12 @@ public final class VFIOUserClient: @unchecked Sendable {
         }
         guard was else { return }
         _ = try? twinCancel.consume()
-        if twin != nil { startTwinReader() }
+        guard twin != nil else { return }
+        do { try startTwinReader() } catch {
+            // The connection works on; only the server's DMA requests on the twin socket go
+            // unanswered (the server's own timeout fails that DMA).
+            Log.error("vfio-user", "taking the connection back after a refused handover: \(error); server-to-client DMA on the twin socket is not served")
+        }
     }
 
     public var isHandedOver: Bool { callLock.withLock { handedOver } }
@@ -891,7 +896,7 @@ public final class VFIOUserClient: @unchecked Sendable {
             try t.setTimeouts(milliseconds: options.timeoutMilliseconds)
             self.twin = VFIOUserConnection(socket: t, maxReceiveFDs: 0, maxMessageSize: Int(options.maxDataXferSize) + 4096)
             twinSocketActive = true
-            startTwinReader()
+            try startTwinReader()
         }
     }
 }

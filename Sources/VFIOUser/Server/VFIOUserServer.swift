@@ -177,13 +177,21 @@ public final class VFIOUserServer: @unchecked Sendable {
         // stop() (a signal handler writing the eventfd) must also end a read or write blocked
         // mid-message on the client: this watcher shuts the socket down and fails in-flight DMA.
         let watcherDone = try? EventFD()
-        let watcher = watcherDone.map { wd in
-            OSThread(name: "vfu-stop-watch") { [cancel] in
-                if let w = try? Poll.waitAnyReadable([cancel.fd.rawValue, wd.fd.rawValue], timeoutMilliseconds: -1), w == 0 {
-                    session.outbound?.abort()
-                    socket.shutdown()
+        let watcher: OSThread?
+        do {
+            watcher = try watcherDone.map { wd in
+                try OSThread(name: "vfu-stop-watch") { [cancel] in
+                    if let w = try? Poll.waitAnyReadable([cancel.fd.rawValue, wd.fd.rawValue], timeoutMilliseconds: -1), w == 0 {
+                        session.outbound?.abort()
+                        socket.shutdown()
+                    }
                 }
             }
+        } catch {
+            // Without the watcher a stop could not end a blocked read: refuse the client.
+            Log.error(name, "cannot serve a client: \(error)")
+            conn.close()
+            return
         }
         Log.info(name, "client connected")
         defer {
@@ -207,9 +215,16 @@ public final class VFIOUserServer: @unchecked Sendable {
             while helper == nil, !queue.isEmpty, !session.closeAfterReply {
                 let m = queue.removeFirst()
                 if Self.mayWaitOnDevice(m.header) {
-                    helper = OSThread(name: "vfu-command") { [self] in
+                    do {
+                        helper = try OSThread(name: "vfu-command") { [self] in
+                            handle(m, session)
+                            try? done.signal()
+                        }
+                    } catch {
+                        // No thread to spare: the command runs here; it is answered all the same,
+                        // only the connection does not read on while it runs.
+                        Log.warning(name, "\(error); running the command on the connection's thread")
                         handle(m, session)
-                        try? done.signal()
                     }
                 } else {
                     handle(m, session)
