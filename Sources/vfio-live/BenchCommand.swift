@@ -64,6 +64,27 @@ struct BenchOutput {
 
     /// JSON has no NaN or infinity: those are null.
     static func number(_ d: Double) -> JSONValue { d.isFinite ? .number(d) : .null }
+
+    /// The share of CPU time the hypervisor took from this machine since `start` (steal in
+    /// /proc/stat): on a shared host every figure swings with it, and a reader should know.
+    func stolenTime(since start: CPUTicks?) {
+        guard let a = start, let b = CPUTicks.now(), b.total > a.total, b.steal >= a.steal else { return }
+        let pct = 100 * Double(b.steal - a.steal) / Double(b.total - a.total)
+        say("CPU time stolen by the hypervisor during this bench: \(formatFixed(pct, 1))% (the figures swing with it on a shared host)")
+        figure("CPU time stolen by the hypervisor during this bench", pct, "%")
+    }
+}
+
+/// The machine's CPU time in clock ticks, from /proc/stat's first line.
+struct CPUTicks {
+    var steal: UInt64, total: UInt64
+    static func now() -> CPUTicks? {
+        guard let line = readKernelFileLine("/proc/stat"), line.hasPrefix("cpu ") else { return nil }
+        // user nice system idle iowait irq softirq steal (guest time is inside user and nice)
+        let f = line.split(separator: " ").dropFirst().compactMap { UInt64($0) }
+        guard f.count >= 8 else { return nil }
+        return CPUTicks(steal: f[7], total: f.prefix(8).reduce(0, &+))
+    }
 }
 
 /// Median and 99th percentile of a sample, in microseconds.
@@ -161,6 +182,7 @@ struct VFIOUserBench: ParsableCommand {
 
     func run() throws {
         global.apply()
+        let ticks = CPUTicks.now()
         if !global.verbose { Log.level = .warning }
         let size = try parseSize(dmaSize)
         let raw = percentiles(try rawSocketRoundTrip(iterations: iterations))
@@ -204,6 +226,8 @@ struct VFIOUserBench: ParsableCommand {
         let mc = try memcpyBandwidth(size: Int(size))
 
         let out = BenchOutput("vfio-user", output)
+
+        defer { out.stolenTime(since: ticks) }
         out.say("vfio-live bench vfio-user (same-run references; \(iterations) round trips, \(formatBytes(size)) DMA jobs)")
         out.say("figure                              value             reference                        ratio   target")
         out.say("region-read round trip p50          \(pad(formatFixed(region.p50, 1) + " µs", 17)) raw UNIX socket p50 \(pad(formatFixed(raw.p50, 1) + " µs", 12)) \(pad(ratioText(region.p50 / raw.p50), 7)) ≤ 2×")
@@ -234,6 +258,7 @@ struct DeviceStateBench: ParsableCommand {
 
     func run() throws {
         global.apply()
+        let ticks = CPUTicks.now()
         if !global.verbose { Log.level = .warning }
         let size = try parseSize(stateSize)
         let chunkBytes = try parseSize(chunk)
@@ -256,6 +281,7 @@ struct DeviceStateBench: ParsableCommand {
         let (rc, rateChecked) = try Self.transfer(size: size, proto: proto, checksums: true, chunk: Int(chunkBytes))
         let mc = try memcpyBandwidth(size: Int(min(size, 256 << 20)))
         let out = BenchOutput("device-state", output)
+        defer { out.stolenTime(since: ticks) }
         out.say("vfio-live bench device-state (migration \(proto), \(formatBytes(r.totalBytes)) moved server → client → server in \(formatBytes(chunkBytes)) messages, stop-copy to destination RUNNING)")
         out.say("figure                              value             reference                        ratio   target")
         out.say("device-state transfer               \(pad(gbps(rate), 17)) raw AF_UNIX stream \(pad(gbps(unix), 12)) \(pad(ratioText(rate / unix), 7)) ≥ 0.5×")

@@ -126,10 +126,12 @@ struct MigrationBench: ParsableCommand {
 
     func run() throws {
         global.apply()
+        let ticks = CPUTicks.now()
         if !global.verbose { Log.level = .error }
         let mem = try parseSize(memory)
         var w = WorkloadConfig(); w.workingSet = try parseSize(workingSet); w.dmaEvery = 0
         let out = BenchOutput("migration", output)
+        defer { out.stolenTime(since: ticks) }
         if downtimeOnly {
             out.say("vfio-live bench migration (\(KVMSystem.unavailableReason == nil ? "KVM" : "software vCPUs"), \(formatBytes(mem)) guest RAM, loopback TCP)")
             try downtimeTable(mem: mem, workload: w, out: out)

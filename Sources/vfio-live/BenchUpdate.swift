@@ -43,8 +43,10 @@ struct UpdateBench: ParsableCommand {
         if let t0 = since { print("exec-baseline-ns \(monotonicNanoseconds() - t0)"); return }
         if let size = execBaseline { try Self.holdAndExec(size: try parseSize(size)) }
         global.apply()
+        let ticks = CPUTicks.now()
         let list = try sizes.split(separator: ",").map { try parseSize(String($0)) }
         let out = BenchOutput("update", output)
+        defer { out.stolenTime(since: ticks) }
         let peer: Result<QEMUPeer, QEMUPeerError> = noQemu ? .failure(.unavailable("left out (--no-qemu)")) : QEMUPeer.find()
         out.say("live update blackout, median of \(self.repeat) (ms); reference: exec of a process holding the same populated mapping")
         if case let .success(p) = peer { out.say("peer: \(p.version), in the same run (ratio: QEMU / vfio-live)") }

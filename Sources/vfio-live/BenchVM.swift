@@ -17,6 +17,7 @@ struct VMBench: ParsableCommand {
 
     func run() throws {
         global.apply()
+        let ticks = CPUTicks.now()
         let mem = try parseSize(memory)
         var w = WorkloadConfig()
         w.workingSet = min(mem - (2 << 20), 256 << 20)
@@ -58,6 +59,7 @@ struct VMBench: ParsableCommand {
         let gib = Double(mem) / Double(1 << 30)
         let idleMedian = Double(idle.sorted()[idle.count / 2])
         let out = BenchOutput("vm", output)
+        defer { out.stolenTime(since: ticks) }
         let harvestBusy = Double(busy) / 1000 / gib
         out.say("vfio-live bench vm (\(vm.executionMode), \(formatBytes(mem)) guest RAM, 1 vCPU)")
         out.say("guest page writes, dirty logging off    \(formatFixed(untracked / 1e6, 2)) M pages/s")

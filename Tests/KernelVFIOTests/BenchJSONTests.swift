@@ -75,7 +75,14 @@ final class BenchJSONTests: XCTestCase {
         XCTAssertEqual(vu.status, 0)
         let v = objects(vu.lines)
         checkShape(v, bench: "vfio-user")
-        XCTAssertEqual(v.count, 4, "p50, p99 and DMA both ways: \(vu.lines)")
+        XCTAssertEqual(v.count, 5, "p50, p99, DMA both ways, and the CPU time stolen: \(vu.lines)")
+        for (name, o) in [("device-state", d), ("vfio-user", v)] {
+            // Last: how much of the run the hypervisor took (the figures swing with it).
+            XCTAssertEqual(o.last?["figure"] as? String, "CPU time stolen by the hypervisor during this bench", name)
+            XCTAssertEqual(o.last?["unit"] as? String, "%", name)
+            let pct = o.last?["value"] as? Double ?? -1
+            XCTAssertTrue(pct >= 0 && pct <= 100, "\(name): \(pct)")
+        }
     }
 
     /// Without QEMU 11.1 the peer's figures are there, skipped, with the reason; the rest still runs.
