@@ -51,6 +51,7 @@ public final class QMPServer: @unchecked Sendable {
         var head = 0
         var queuedBytes = 0
         var closing = false, dead = false, writerDone = false
+        var listed = false  // in `clients`, with its thread: serving may begin
         var thread: OSThread?  // guarded by the server's lock
         init(_ s: UnixSocket) { socket = s }
     }
@@ -99,19 +100,29 @@ public final class QMPServer: @unchecked Sendable {
                 let c = Client(s)
                 // Threads of clients that have gone are joined here, so that a VMM polled by
                 // short connections for weeks does not keep one dead thread's stack per poll.
-                let started: Result<[OSThread], Error> = lock.withLock {
-                    do { c.thread = try OSThread(name: "qmp-client") { [self] in serve(c) } } catch { return .failure(error) }
-                    clients.append(c)
-                    defer { ended.removeAll() }
-                    return .success(ended)
-                }
-                switch started {
-                case let .success(finished): for t in finished { t.join() }
-                case let .failure(error):
+                // The thread is made outside the lock (a shortage can take OSThread 2 s, and
+                // events wait on the lock); it serves once the client is listed, so that its
+                // end always finds its own thread to hand over for joining.
+                let t: OSThread
+                do {
+                    t = try OSThread(name: "qmp-client") { [self] in
+                        c.cond.mutex.withLock { while !c.listed { c.cond.wait() } }
+                        serve(c)
+                    }
+                } catch {
                     // This client is turned away; the VMM and its other clients go on.
                     Log.warning("qmp", "a client is turned away: \(error)")
                     c.socket.close()
+                    continue
                 }
+                let finished: [OSThread] = lock.withLock {
+                    clients.append(c)
+                    c.thread = t
+                    defer { ended.removeAll() }
+                    return ended
+                }
+                c.cond.mutex.withLock { c.listed = true; c.cond.broadcast() }
+                for t in finished { t.join() }
             }
         }
     }

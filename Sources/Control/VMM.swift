@@ -171,7 +171,10 @@ public final class VirtualMachineManager: QMPHandler, @unchecked Sendable {
     func watchDevices() {
         let fds = vm.devices.enumerated().compactMap { i, d in d.device.lossWatchFD.map { (device: i, fd: $0) } }
         guard deviceWatch == nil, !fds.isEmpty else { return }
-        deviceWatch = try? DeviceWatch(fds: fds) { [weak self] i, why in self?.deviceLost(i, why) }
+        do { deviceWatch = try DeviceWatch(fds: fds) { [weak self] i, why in self?.deviceLost(i, why) } } catch {
+            // The VM runs on; a device server that dies is then found by the next call to it.
+            Log.error("vmm", "device servers are not watched for loss: \(error)")
+        }
     }
 
     /// A device server died under the VM. QEMU's choice for an unrecoverable device error
@@ -315,7 +318,7 @@ public final class VirtualMachineManager: QMPHandler, @unchecked Sendable {
         }
         do { try vm.start() } catch {
             close()
-            throw QMPError("cannot start the VM's vCPU threads: \(error)")
+            throw QMPError("cannot start the VM: \(error)")
         }
         set(.inmigrate)
         Log.info("vmm", "waiting for an incoming migration on \(shown)")

@@ -169,7 +169,7 @@ public final class LiveUpdateSource {
         frozenDevices = []
         do { try vm.startInterruptCounting() } catch {
             // The guest runs on; its devices' interrupts wait, uncounted, in the eventfds'
-            // counters (and an automasked INTx stays masked), which the verifier reports.
+            // counters (and an automasked INTx stays masked): only this line says so.
             Log.error("live-update", "the devices' interrupts are not read: \(error)")
         }
         if getenv(DMAInFlightProbe.variable) != nil { DMAInFlightProbe.awaitCompletion(vm) }

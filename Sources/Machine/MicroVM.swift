@@ -341,10 +341,20 @@ public final class MicroVM: @unchecked Sendable {
             }
             if countingInterrupts { try startInterruptCounting() }
         } catch {
-            stop()
+            unwindStart()
             throw error
         }
         _ = waitParked()
+    }
+
+    /// Undo a start that failed part-way: the threads started are stopped and joined, and the
+    /// VM is as before `start` (paused, not stopping), so a later `start` can succeed.
+    private func unwindStart() {
+        stop()
+        control.mutex.withLock {
+            stopRequested = false
+            parked = 0
+        }
     }
 
     /// Count MSIs from the devices' eventfds (a thread polling them).

@@ -454,8 +454,9 @@ public final class MigrationSource: @unchecked Sendable {
     /// rate, so a step comes every second whatever an iteration lasts: at a low max-bandwidth
     /// one iteration takes seconds, and a small working set rewritten within it counted once
     /// per iteration, so reaching 99 % took minutes.
+    private var throttleUnavailable = false
     private func considerThrottle(_ now: UInt64) {
-        guard parameters.autoConverge else { return }
+        guard parameters.autoConverge, !throttleUnavailable else { return }
         if stats.iterations == 0 || throttleWindowNS == 0 {
             // QEMU does not throttle during the bulk pass either.
             throttleWindowNS = now; throttleWindowSent = sentSinceStart; throttleWindowDirtied = 0
@@ -471,9 +472,11 @@ public final class MigrationSource: @unchecked Sendable {
         throttle = throttle == 0 ? min(parameters.throttleInitial, parameters.throttleMax) : min(throttle + parameters.throttleIncrement, parameters.throttleMax)
         do { try throttler.set(percent: throttle) } catch {
             // Auto-converge is a help, not a need: the migration goes on (and may be forced or
-            // fail to converge, as without the capability).
-            Log.warning("migration", "auto-converge: \(error); the vCPUs run unthrottled")
+            // fail to converge, as without the capability). Not tried again in this migration:
+            // each try can hold this thread for OSThread's 2 s of retries.
+            Log.warning("migration", "auto-converge: \(error); the vCPUs run unthrottled for the rest of this migration")
             throttle = 0
+            throttleUnavailable = true
             stats.update { stats.throttlePercent = 0 }
             return
         }

@@ -3,7 +3,7 @@ import SystemCalls
 
 /// Auto-converge's vCPU throttle, timed as QEMU's cpu_throttle: the vCPUs run for a fixed
 /// 10 ms slice, then stay paused for slice × p / (100 − p) (990 ms at 99 %), so they run
-/// (100 − p) % of the time. A fixed short period (MicroVM.setThrottle's 20 ms) lets the pause
+/// (100 − p) % of the time. A fixed short period (an earlier throttle's 20 ms) let the pause
 /// latency dominate at high percentages: 99 % ran the guest 2-3 % of the time, too much to
 /// converge at a low max-bandwidth. Stopping is immediate: the paused wait is a condition
 /// wait, and the last pause is released before `stop()` returns.

@@ -244,14 +244,23 @@ extension VMCommand {
             // by --device-timeout, but that can be long). Healthy devices finish well before.
             let giveUp = try EventFD(nonBlocking: true), finished = try EventFD(nonBlocking: true)
             for d in vm.devices { d.vfioUserClient?.setCancel(giveUp.fd.rawValue) }
-            let watchdog = try OSThread(name: "stop-watchdog") {
-                guard (try? Poll.waitAnyReadable([stop.fd.rawValue, finished.fd.rawValue], timeoutMilliseconds: -1)) == 0 else { return }
-                if (try? Poll.waitReadable(finished.fd, timeoutMilliseconds: 1000)) != true {
-                    fputs("vm: a device does not answer: giving up on it to stop now\n", stderr)
-                    try? giveUp.signal()
+            // From here on a missing thread costs what it was for, never the VM (a live update's
+            // successor already runs the guest; a fresh VM is about to): each is optional or
+            // said, not thrown.
+            let watchdog: OSThread?
+            do {
+                watchdog = try OSThread(name: "stop-watchdog") {
+                    guard (try? Poll.waitAnyReadable([stop.fd.rawValue, finished.fd.rawValue], timeoutMilliseconds: -1)) == 0 else { return }
+                    if (try? Poll.waitReadable(finished.fd, timeoutMilliseconds: 1000)) != true {
+                        fputs("vm: a device does not answer: giving up on it to stop now\n", stderr)
+                        try? giveUp.signal()
+                    }
                 }
+            } catch {
+                watchdog = nil
+                Log.warning("vm", "\(error): a stop waits on a device that does not answer for up to its --device-timeout")
             }
-            defer { try? finished.signal(); watchdog.join() }
+            defer { try? finished.signal(); watchdog?.join() }
             vmm.commandLine = CommandLine.arguments
             for (i, d) in device.enumerated() where !d.liveUpdate { vmm.liveUpdateOptOut[i] = "cpr=off on its --device option" }
             var exitCode: Int32 = 0
@@ -267,8 +276,12 @@ extension VMCommand {
                         update?.state.find(CPRNames.qmpListener)?.close()
                         vmm.qmp = try QMPServer(path: q, handler: vmm)
                     }
-                } catch { throw Failure("cannot create the QMP socket \(q): \(error)") }
-                try vmm.qmp?.start()
+                    try vmm.qmp?.start()
+                } catch where update != nil {
+                    // The guest runs here already: it must not go with this process.
+                    Log.error("vm", "QMP is not served on \(q): \(error); the VM runs on (SIGTERM stops it)")
+                    vmm.qmp = nil
+                } catch { throw Failure("cannot serve QMP on \(q): \(error)") }
                 // As QEMU: a migrated-away VM stays in postmigrate, answering QMP, until quit.
                 vmm.exitAfterMigration = false
             }
@@ -287,10 +300,12 @@ extension VMCommand {
             // The VMM checks the guest on its own thread, and not while a migration or a live
             // update holds the VM (a scan parks every vCPU); it resumes after one that failed.
             let quiet = global.quiet
-            try vmm.startPeriodicVerification(every: verifyEvery) { r in
-                if !quiet || !r.ok { print("  verify: \(r)"); fflush(stdout) }
-                if !r.ok { try? stop.signal() }
-            }
+            do {
+                try vmm.startPeriodicVerification(every: verifyEvery) { r in
+                    if !quiet || !r.ok { print("  verify: \(r)"); fflush(stdout) }
+                    if !r.ok { try? stop.signal() }
+                }
+            } catch { Log.warning("vm", "the guest is not checked every \(self.verifyEvery) s: \(error)") }
             defer { vmm.stopPeriodicVerification() }
             let start = monotonicNanoseconds()
             var lastPages: UInt64 = 0, lastT = start

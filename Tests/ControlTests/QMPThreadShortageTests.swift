@@ -10,6 +10,7 @@ import XCTest
 extension RunStateTests {
     func testAQMPClientWhoseThreadCannotStartIsTurnedAwayAndTheNextIsServed() throws {
         OSThread.refuseForTesting = { $0 == "qmp-client" }
+        defer { OSThread.refuseForTesting = nil }
         let turnedAway = try UnixSocket.connect(path: path)
         defer { turnedAway.close() }
         var byte: UInt8 = 0

@@ -870,6 +870,10 @@ public final class VFIOUserClient: @unchecked Sendable {
     /// mapped again at a new address); mappings served by messages need one too.
     public init(adopting socket: UnixSocket, twin: UnixSocket?, state: HandoverState, options: Options = Options(),
                 local: (HandoverState.Mapping) throws -> UnsafeMutableRawPointer) throws {
+        // Until adopted, the sockets count as the predecessor's: an adoption that fails (a bad
+        // record, a mapping, no thread for the twin reader) runs deinit, whose close must only
+        // close our descriptors, never shut the connection down under the VMM that keeps the VM.
+        handedOver = true
         self.options = options
         cancelStorage = options.cancel
         twinCancel = try EventFD(nonBlocking: true)
@@ -898,6 +902,7 @@ public final class VFIOUserClient: @unchecked Sendable {
             twinSocketActive = true
             try startTwinReader()
         }
+        callLock.withLock { handedOver = false }  // adopted
     }
 }
 

@@ -221,10 +221,11 @@ public final class VFIOUserServer: @unchecked Sendable {
                             try? done.signal()
                         }
                     } catch {
-                        // No thread to spare: the command runs here; it is answered all the same,
-                        // only the connection does not read on while it runs.
-                        Log.warning(name, "\(error); running the command on the connection's thread")
-                        handle(m, session)
+                        // Not run here instead: it could wait on a DMA reply that only this
+                        // thread can hand over (10 s, then the device job fails). Refused with
+                        // the cause; the client may retry.
+                        refuse(session, m.header, .EAGAIN, "\(error); nothing runs it beside the socket reader")
+                        m.closeFDs()
                     }
                 } else {
                     handle(m, session)
