@@ -29,15 +29,22 @@ final class MicroVMTests: XCTestCase {
         vm.pause()
     }
 
+    /// Run a started VM for 0.3 s: no failure, the workload's progress, every page verified.
+    @discardableResult
+    func assertRunsAndVerifies(_ vm: MicroVM, _ what: String = "", file: StaticString = #filePath, line: UInt = #line) -> VerifierReport {
+        runFor(vm, seconds: 0.3)
+        XCTAssertNil(vm.failure, file: file, line: line)
+        XCTAssertGreaterThan(vm.pagesWritten, 2048, "the workload made progress \(what)(\(vm.executionMode))", file: file, line: line)
+        let r = vm.verify()
+        XCTAssertTrue(r.ok, r.description, file: file, line: line)
+        return r
+    }
+
     func checkWorkloadRunsAndVerifies(software: Bool) throws {
         let vm = try makeVM(software: software, vcpus: 2)
         defer { vm.stop() }
         try vm.start()
-        runFor(vm, seconds: 0.3)
-        XCTAssertNil(vm.failure)
-        XCTAssertGreaterThan(vm.pagesWritten, 2048, "the workload made progress (\(vm.executionMode))")
-        let r = vm.verify()
-        XCTAssertTrue(r.ok, r.description)
+        let r = assertRunsAndVerifies(vm)
         XCTAssertEqual(r.pagesChecked, 2048)
         // Corrupt one page: the verifier names it precisely.
         let victim = GuestLayout.workingSetBase + 5 * 4096 + 2048
