@@ -10,8 +10,20 @@ cd "$(dirname "$0")/.."
 seconds="${1:-30}"
 flags=(-c release --package-path Fuzz --scratch-path Fuzz/.build
        -Xswiftc -sanitize=fuzzer,address -Xcc -fsanitize=fuzzer-no-link,address)
-swift build "${flags[@]}" --product VFIOUserFuzz >/dev/null
-swift build "${flags[@]}" --product ServerFuzz >/dev/null
+# Quiet when it builds; the whole log when it does not (swift build reports errors on stdout).
+build() {
+    local log
+    log="$(mktemp)"
+    if ! swift build "${flags[@]}" --product "$1" >"$log" 2>&1; then
+        echo "fuzz: building $1 failed:" >&2
+        grep -E "error:|warning:" "$log" >&2 || cat "$log" >&2
+        rm -f "$log"
+        return 1
+    fi
+    rm -f "$log"
+}
+build VFIOUserFuzz
+build ServerFuzz
 bindir="$(swift build "${flags[@]}" --show-bin-path)"
 bin="$bindir/VFIOUserFuzz"
 corpus="$(mktemp -d)"

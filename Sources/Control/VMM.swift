@@ -505,6 +505,13 @@ public final class VirtualMachineManager: QMPHandler, @unchecked Sendable {
         control.withLock {
             let (s, op) = lock.withLock { (state, operation) }
             guard op == nil, s != .inmigrate, s != .postmigrate, s != .finishMigrate else { return nil }
+            if !vm.readsInterrupts && !vm.devices.isEmpty {
+                // A live update's commit or thaw could not start the interrupt reader (no
+                // thread then): the VM is this VMM's and no one else reads its eventfds now.
+                do { try vm.startInterruptCounting(); Log.info("vmm", "the devices' interrupts are read again") } catch {
+                    Log.warning("vmm", "the devices' interrupts are still not read: \(error)")
+                }
+            }
             let start = monotonicNanoseconds()
             let r = scanLocked()
             let end = monotonicNanoseconds()

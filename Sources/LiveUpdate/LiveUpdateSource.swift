@@ -169,7 +169,8 @@ public final class LiveUpdateSource {
         frozenDevices = []
         do { try vm.startInterruptCounting() } catch {
             // The guest runs on; its devices' interrupts wait, uncounted, in the eventfds'
-            // counters (and an automasked INTx stays masked): only this line says so.
+            // counters (and an automasked INTx stays masked) until the VMM's periodic check
+            // starts the reader again.
             Log.error("live-update", "the devices' interrupts are not read: \(error)")
         }
         if getenv(DMAInFlightProbe.variable) != nil { DMAInFlightProbe.awaitCompletion(vm) }

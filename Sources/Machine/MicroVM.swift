@@ -357,6 +357,9 @@ public final class MicroVM: @unchecked Sendable {
         }
     }
 
+    /// Whether this process reads the devices' interrupt eventfds now.
+    public var readsInterrupts: Bool { irqThread != nil }
+
     /// Count MSIs from the devices' eventfds (a thread polling them).
     public func startInterruptCounting() throws {
         guard irqThread == nil else { return }

@@ -60,4 +60,20 @@ extension RunStateTests {
         XCTAssertTrue(waitFor(30) { ["completed", "failed"].contains(migrationStatus()) }, migrationStatus())
         XCTAssertEqual(migrationStatus(), "completed")
     }
+
+    /// A thaw or commit that could not start the interrupt reader leaves the eventfds unread;
+    /// the VMM's periodic check starts the reader again, and the device's MSIs are counted.
+    func testThePeriodicCheckStartsAnInterruptReaderThatCouldNotStart() throws {
+        vm.stopInterruptCounting()
+        XCTAssertFalse(vm.readsInterrupts)
+        OSThread.refuseForTesting = { $0 == "irq" }
+        defer { OSThread.refuseForTesting = nil }
+        try vmm.startPeriodicVerification(every: 0.02) { _ in }
+        XCTAssertTrue(waitFor(5) { vmm.verifierScans.count >= 2 }, "the check runs")
+        XCTAssertFalse(vm.readsInterrupts, "still refused")
+        OSThread.refuseForTesting = nil
+        XCTAssertTrue(waitFor(5) { vm.readsInterrupts }, "the next check started the reader")
+        let n = vm.interruptsCounted[0]
+        XCTAssertTrue(waitFor(5) { vm.interruptsCounted[0] > n }, "the device's MSIs are counted again")
+    }
 }

@@ -197,7 +197,7 @@ func runSequence(_ data: ArraySlice<UInt8>) {
         let server = try! VFIOUserServer(device: engine, name: "fuzz", options: o)
         let (ours, theirs) = try! UnixSocket.pair()
         let done = try! EventFD()
-        let thread = OSThread(name: "fuzz-server") { server.serve(connection: theirs); try? done.signal() }
+        let thread = try! OSThread(name: "fuzz-server") { server.serve(connection: theirs); try? done.signal() }
         let c = Client(ours, backing: backing)
         var input = Input(bytes: data)
         drive(c, &input, backing)
