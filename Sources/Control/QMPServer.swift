@@ -212,11 +212,7 @@ public final class QMPServer: @unchecked Sendable {
         do { writerThread = try OSThread(name: "qmp-writer") { [self] in writer(c) } } catch {
             Log.warning("qmp", "a client is turned away: \(error)")
             c.socket.close()
-            lock.withLock {
-                clients.removeAll { $0 === c }
-                if let t = c.thread { ended.append(t) }
-                c.thread = nil
-            }
+            forget(c)
             return
         }
         enqueue(c, JSONValue.object([("QMP", .object([
@@ -257,6 +253,11 @@ public final class QMPServer: @unchecked Sendable {
         c.socket.shutdown()
         writerThread.join()
         c.socket.close()
+        forget(c)
+    }
+
+    /// A client that has gone: off the list, its thread handed over for joining.
+    private func forget(_ c: Client) {
         lock.withLock {
             clients.removeAll { $0 === c }
             if let t = c.thread { ended.append(t) }

@@ -167,12 +167,7 @@ public final class LiveUpdateSource {
         for p in participants.reversed() { p.cprThaw() }
         for t in frozenDevices.reversed() { t.cprThaw() }
         frozenDevices = []
-        do { try vm.startInterruptCounting() } catch {
-            // The guest runs on; its devices' interrupts wait, uncounted, in the eventfds'
-            // counters (and an automasked INTx stays masked) until the VMM's periodic check
-            // starts the reader again.
-            Log.error("live-update", "the devices' interrupts are not read: \(error)")
-        }
+        vm.readInterruptsAfterHandover()
         if getenv(DMAInFlightProbe.variable) != nil { DMAInFlightProbe.awaitCompletion(vm) }
         vm.resume()
     }
@@ -311,5 +306,17 @@ public enum DMAInFlightProbe {
         let ms = Double(monotonicNanoseconds() - t0) / 1e6
         print("cpr-probe: edu DMA job \(busy ? "still running when this VMM took the device over; it completed \(formatFixed(ms, 1)) ms later" : "had completed before this VMM took the device over")")
         fflush(stdout)
+    }
+}
+
+extension MicroVM {
+    /// The interrupt reader again, in whichever VMM keeps the VM (the successor at its commit,
+    /// the old VMM at a thaw). Without a thread the guest runs on; its devices' interrupts wait,
+    /// uncounted, in the eventfds' counters (and an automasked INTx stays masked) until the
+    /// VMM's periodic check starts the reader again.
+    func readInterruptsAfterHandover() {
+        do { try startInterruptCounting() } catch {
+            Log.error("live-update", "the devices' interrupts are not read: \(error)")
+        }
     }
 }

@@ -211,12 +211,7 @@ public final class LiveUpdateTarget: MigrationSink {
 
     private func run() {
         for (d, n) in zip(vm.devices, interrupts ?? []) { d.continueCount(from: n) }
-        do { try vm.startInterruptCounting() } catch {
-            // The guest runs on; its devices' interrupts wait, uncounted, in the eventfds'
-            // counters (and an automasked INTx stays masked) until the VMM's periodic check
-            // starts the reader again.
-            Log.error("live-update", "the devices' interrupts are not read: \(error)")
-        }
+        vm.readInterruptsAfterHandover()
         if getenv(DMAInFlightProbe.variable) != nil { DMAInFlightProbe.awaitCompletion(vm) }
         vm.resume()
         let now = monotonicNanoseconds()

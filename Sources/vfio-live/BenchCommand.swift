@@ -226,7 +226,6 @@ struct VFIOUserBench: ParsableCommand {
         let mc = try memcpyBandwidth(size: Int(size))
 
         let out = BenchOutput("vfio-user", output)
-
         defer { out.stolenTime(since: ticks) }
         out.say("vfio-live bench vfio-user (same-run references; \(iterations) round trips, \(formatBytes(size)) DMA jobs)")
         out.say("figure                              value             reference                        ratio   target")
