@@ -51,6 +51,8 @@ public final class QMPServer: @unchecked Sendable {
         var head = 0
         var queuedBytes = 0
         var closing = false, dead = false, writerDone = false
+        /// Commands whose handler runs now: their replies are not queued yet.
+        var executing = 0
         var listed = false  // in `clients`, with its thread: serving may begin
         var thread: OSThread?  // guarded by the server's lock
         init(_ s: UnixSocket) { socket = s }
@@ -160,12 +162,14 @@ public final class QMPServer: @unchecked Sendable {
 
     /// Wait, at most `timeoutSeconds`, until every client's queued output has been written. A
     /// cpr-exec replaces this process: a reply still queued (to the command that started it)
-    /// would be lost, and its client would take the update for refused.
+    /// would be lost, and its client would take the update for refused. That reply may not even
+    /// be queued yet (the command's handler starts the update's thread, then returns): a command
+    /// still executing counts as output to come.
     public func flushOutput(timeoutSeconds: Double) {
         let deadline = monotonicNanoseconds() + UInt64(max(timeoutSeconds, 0) * 1e9)
         for c in lock.withLock({ clients }) {
             c.cond.mutex.withLock {
-                while c.queuedBytes > 0 && !c.dead && !c.writerDone {
+                while (c.queuedBytes > 0 || c.executing > 0) && !c.dead && !c.writerDone {
                     let now = monotonicNanoseconds()
                     guard now < deadline else { return }
                     _ = c.cond.wait(timeoutSeconds: Double(deadline - now) / 1e9)
@@ -316,6 +320,9 @@ public final class QMPServer: @unchecked Sendable {
             return ok(.object([]))
         }
         guard let h = handler else { return reply(c, QMPError("the VM is shutting down"), id: id) }
+        c.cond.mutex.withLock { c.executing += 1 }
+        // After the reply is queued, so that flushOutput sees one or the other.
+        defer { c.cond.mutex.withLock { c.executing -= 1; c.cond.broadcast() } }
         do {
             ok(try h.execute(cmd, exactArguments: arguments))
         } catch let e as QMPError {

@@ -110,9 +110,6 @@ final class QMPClient {
     }
 }
 
-extension JSONValue {
-    var stringValue: String? { if case let .string(s) = self { return s }; return nil }
-}
 
 /// True if `pid` exists and is not a zombie (an exited process its parent has not reaped).
 func processIsAlive(_ pid: Int32) -> Bool {

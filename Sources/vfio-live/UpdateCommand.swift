@@ -79,14 +79,22 @@ struct UpdateCommand: ParsableCommand {
         var args: [(String, JSONValue)] = [("mode", .string(mode == .transfer ? "cpr-transfer" : "cpr-exec"))]
         if let b = binary { args.append(("binary", .string(b))) }
         if let t = to { args.append(("to", .string(t))) }
-        do { _ = try c.execute("x-vfio-live-update", args) } catch let e as QMPClientError {
+        // A VMM that took the VM over in an earlier update still reports that one.
+        let earlier = (try? c.execute("query-migrate"))?["x-vfio-live-cpr"]
+        do {
+            _ = try c.execute("x-vfio-live-update", args)
+            print("live update (\(mode.rawValue)) started; the old VMM is pid \(pid0)")
+        } catch let e as QMPClientError where e.isConnectionLost {
+            // The command may have been taken and the reply lost with the connection (exec
+            // replaces the process behind it): what happened is learnt, not assumed.
+            print("live update (\(mode.rawValue)): no reply to the command (\(e)); following what the VMM behind \(qmp) does")
+        } catch let e as QMPClientError {
             print("live update refused: \(e)")
             print(Self.oldVMMState(qmp: qmp, client: c, pid: pid0))
             throw ExitCode(1)
         }
-        print("live update (\(mode.rawValue)) started; the old VMM is pid \(pid0)")
         fflush(stdout)
-        switch Self.watch(qmp: qmp, client: c, oldPID: pid0, exec: mode == .exec, boundSeconds: bound, progress: true) {
+        switch Self.watch(qmp: qmp, client: c, oldPID: pid0, exec: mode == .exec, earlierReport: earlier, boundSeconds: bound, progress: true) {
         case let .completed(q):
             report(q["x-vfio-live-cpr"] ?? .null)
         case let .failed(why):
@@ -133,8 +141,10 @@ struct UpdateCommand: ParsableCommand {
 
     /// Follow the live update started through `c` until it has an outcome, for at most
     /// `boundSeconds`. Reconnects when exec replaced the VMM behind the socket; watches the old
-    /// VMM's process while QMP does not answer, so that its death is said as such.
-    static func watch(qmp: String, client c: QMPClient, oldPID: Int32, exec: Bool, boundSeconds: Double, progress: Bool) -> Outcome {
+    /// VMM's process while QMP does not answer, so that its death is said as such. A report equal
+    /// to `earlierReport` (taken before the update was asked for) is an earlier update's.
+    static func watch(qmp: String, client c: QMPClient, oldPID: Int32, exec: Bool, earlierReport: JSONValue?,
+                      boundSeconds: Double, progress: Bool) -> Outcome {
         var client: QMPClient? = c
         var lastStatus: String?
         let start = monotonicNanoseconds()
@@ -150,8 +160,8 @@ struct UpdateCommand: ParsableCommand {
                 lastStatus = q["status"]?.stringValue
                 switch lastStatus {
                 case "failed"?, "cancelled"?: return .failed(q["error-desc"]?.stringValue ?? "no reason given (status \(lastStatus!))")
-                // The report is cleared when an update starts: one here is this update's.
-                case "completed"? where q["x-vfio-live-cpr"] != nil: return .completed(q)
+                // The report is cleared when an update starts: a new one is this update's.
+                case "completed"? where q["x-vfio-live-cpr"] != nil && q["x-vfio-live-cpr"] != earlierReport: return .completed(q)
                 default: break
                 }
             } else {

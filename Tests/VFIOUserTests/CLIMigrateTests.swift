@@ -41,9 +41,6 @@ final class TestQMP {
 
 struct CLITestError: Error, CustomStringConvertible { var description: String }
 
-extension JSONValue {
-    var stringValue: String? { if case let .string(s) = self { return s }; return nil }
-}
 
 /// Device servers and VMs started as processes, stopped at the end.
 final class VMRig {

@@ -30,6 +30,7 @@ public indirect enum JSONValue: Equatable, CustomStringConvertible {
         return nil
     }
     public var boolValue: Bool? { if case let .bool(b) = self { return b }; return nil }
+    public var stringValue: String? { if case let .string(s) = self { return s }; return nil }
 
     public var description: String {
         switch self {
