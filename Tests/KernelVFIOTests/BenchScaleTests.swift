@@ -44,6 +44,11 @@ final class BenchScaleTests: XCTestCase {
         let cold = try XCTUnwrap(figure("RAM transfer vs RAM-sized raw TCP")?["reference_value"] as? Double, "\(r.raw)")
         XCTAssertGreaterThan(hot, 0)
         XCTAssertGreaterThan(cold, 0)
+        // Multifd likewise, beside two streams of each kind.
+        let hot2 = try XCTUnwrap(figure("RAM transfer, multifd 2 channels")?["reference_value"] as? Double, "\(r.raw)")
+        let cold2 = try XCTUnwrap(figure("RAM transfer, multifd 2 channels, vs RAM-sized raw TCP")?["reference_value"] as? Double, "\(r.raw)")
+        XCTAssertGreaterThan(hot2, 0)
+        XCTAssertGreaterThan(cold2, 0)
         for at in ["128.0 MiB", "256.0 MiB"] {
             XCTAssertNotNil(figure("RAM transfer to a VMM process, end to end, \(at)")?["value"] as? Double, "\(r.raw)")
             let bulk = try XCTUnwrap(figure("RAM transfer to a VMM process, bulk pass, \(at)"), "\(r.raw)")
