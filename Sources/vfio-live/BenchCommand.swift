@@ -9,11 +9,11 @@ struct BenchCommand: ParsableCommand {
     static let configuration = CommandConfiguration(
         commandName: "bench",
         abstract: "Measure vfio-live beside the physical references measured in the same run.",
-        discussion: """
+        discussion: HelpText.reflow("""
             Every figure is printed next to its reference (raw UNIX-socket round trip, memcpy
             bandwidth) measured in the same run, as a ratio: the machines vary ±20–50% with load,
             so only same-run ratios mean anything.
-            """,
+            """),
         subcommands: [VFIOUserBench.self, DeviceStateBench.self, VMBench.self, MigrationBench.self, UpdateBench.self])
 }
 

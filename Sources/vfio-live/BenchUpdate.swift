@@ -8,7 +8,7 @@ struct UpdateBench: ParsableCommand {
     static let configuration = CommandConfiguration(
         commandName: "update",
         abstract: "Live-update blackout at several guest RAM sizes, cpr-exec beside a plain exec holding the same mappings.",
-        discussion: """
+        discussion: HelpText.reflow("""
             For each size a device server and a VM (guest RAM preallocated, the workload and its
             device DMA running) are started as processes; the VM is then live-updated by
             cpr-transfer and by cpr-exec, --repeat times each, and the median blackout (vCPUs
@@ -25,7 +25,7 @@ struct UpdateBench: ParsableCommand {
 
             Example:
               vfio-live bench update --sizes 256M,1G --repeat 3 --json
-            """)
+            """))
     @Option(help: "Guest RAM sizes.")
     var sizes = "256M,1G,4G"
     @Option(help: "Updates per mode and size.")

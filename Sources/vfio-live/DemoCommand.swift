@@ -10,7 +10,7 @@ struct DemoCommand: ParsableCommand {
     static let configuration = CommandConfiguration(
         commandName: "demo",
         abstract: "Run the end-to-end demonstration and verify it.",
-        discussion: """
+        discussion: HelpText.reflow("""
             From nothing: starts two dma-engine device servers and two VMMs as separate processes,
             runs the guest workload (page writes with per-page invariants, DMA round trips through
             the device) on KVM in the first VM, live-migrates the running VM with its device over
@@ -22,7 +22,7 @@ struct DemoCommand: ParsableCommand {
             --device-only runs the device-level demonstration instead: a device's state moves
             between two servers with a DMA job interrupted mid-flight that completes on the
             destination.
-            """)
+            """))
     @Option(help: "dma-engine device memory (the device state that migrates).")
     var stateSize = "32M"
     @Option(help: "Guest RAM shared with the devices.")

@@ -31,14 +31,14 @@ extension DeviceCommand {
     struct Serve: ParsableCommand {
         static let configuration = CommandConfiguration(
             abstract: "Serve a device over vfio-user until SIGINT or SIGTERM.",
-            discussion: """
+            discussion: HelpText.reflow("""
                 The socket is created 0600 and removed on exit. One client at a time; when a client
                 disconnects its DMA mappings and interrupt eventfds are dropped but the device state
                 is kept, so a client can reconnect (as the vfio-user spec asks).
 
                 Example:
                   vfio-live device serve --device dma-engine --socket /tmp/dma.sock --state-size 64M
-                """)
+                """))
 
         @Option(help: "Device model to serve (only 'dma-engine' today).")
         var device = "dma-engine"
@@ -88,7 +88,7 @@ extension DeviceCommand {
     struct Info: ParsableCommand {
         static let configuration = CommandConfiguration(
             abstract: "Describe a VFIO device: a vfio-user server, or a kernel vfio-pci or mdev device.",
-            discussion: """
+            discussion: HelpText.reflow("""
                 Prints every region (index, size, flags, mmap areas, type), every IRQ index,
                 and the device's migration support (v2 feature flags, DMA logging, a v1
                 migration region). For a vfio-user server also the negotiated version and
@@ -105,7 +105,7 @@ extension DeviceCommand {
                   vfio-live device info --socket /tmp/dma.sock --json
                   vfio-live device info --device vfio-pci,host=0000:00:04.0
                   vfio-live device info --device vfio-pci,sysfsdev=/sys/bus/mdev/devices/UUID,iommufd=on
-                """)
+                """))
         @Option(help: "Path of a vfio-user server's UNIX socket.")
         var socket: String?
         @Option(help: ArgumentHelp("The device as `vm run --device` takes it: vfio-user,socket=PATH | vfio-pci,host=DDDD:BB:DD.F | vfio-pci,sysfsdev=PATH [,iommufd=on].",

@@ -8,7 +8,7 @@ extension DeviceCommand {
     struct Migrate: ParsableCommand {
         static let configuration = CommandConfiguration(
             abstract: "Move a running device's state from one vfio-user server to another.",
-            discussion: """
+            discussion: HelpText.reflow("""
                 The destination goes RUNNING→STOP→RESUMING; with --precopy the source enters
                 PRE_COPY and its data is copied in rounds while it keeps running; then the source
                 goes to STOP_COPY, the rest is copied, the destination loads it (RESUMING→STOP,
@@ -20,7 +20,7 @@ extension DeviceCommand {
 
                 Example:
                   vfio-live device migrate --from /tmp/a.sock --to /tmp/b.sock --precopy
-                """)
+                """))
         @Option(help: "Socket of the server whose device state is moved.")
         var from: String
         @Option(help: "Socket of the server that receives it (same device model and size).")

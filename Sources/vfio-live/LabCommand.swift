@@ -19,14 +19,14 @@ struct LabCommand: ParsableCommand {
         static let configuration = CommandConfiguration(
             commandName: "take-over",
             abstract: "Receive a CPR state holding guest RAM and a kernel VFIO edu device, adopt it without reconfiguring, and DMA into guest RAM.",
-            discussion: """
+            discussion: HelpText.reflow("""
                 Listens on --cpr, receives the descriptors, maps the guest RAM memfd at a new
                 address, and then: legacy container, VFIO_DMA_MAP_FLAG_VADDR with the new
                 addresses (no SET_CONTAINER, SET_IOMMU or reset); iommufd, IOMMU_IOAS_CHANGE_PROCESS
                 (no BIND, ATTACH or map). Then it has the edu device copy its buffer into guest
                 RAM at --iova and answers DONE with the checksum of what landed.
                 VFIO_LIVE_CPR_FAULT=after-state makes it die after receiving the state.
-                """)
+                """))
         @Option(help: "The cpr socket to listen on.")
         var cpr: String
         @Option(help: "legacy or iommufd.")

@@ -129,7 +129,7 @@ struct MigrateCommand: ParsableCommand {
     static let configuration = CommandConfiguration(
         commandName: "migrate",
         abstract: "Live-migrate a running VM (through its QMP socket) to a VM waiting with --incoming.",
-        discussion: """
+        discussion: HelpText.reflow("""
             Sets the parameters, starts the migration, shows a live progress line (transferred and
             remaining, dirty rate, iteration, expected downtime) and ends with a report of what
             query-migrate said. Exits 0 only if it says `completed` (the destination has the VM).
@@ -141,7 +141,7 @@ struct MigrateCommand: ParsableCommand {
             Example:
               vfio-live vm run --memory 256M --device vfio-user,socket=/tmp/b.sock --incoming tcp:127.0.0.1:4444 --qmp /tmp/b.qmp &
               vfio-live migrate --qmp /tmp/a.qmp --to tcp:127.0.0.1:4444 --downtime-limit 300 --max-bandwidth 1G
-            """)
+            """))
     @Option(help: "The source VM's QMP socket.")
     var qmp: String
     @Option(help: "Destination: tcp:HOST:PORT or unix:PATH.")

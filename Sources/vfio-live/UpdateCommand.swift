@@ -7,7 +7,7 @@ struct UpdateCommand: ParsableCommand {
     static let configuration = CommandConfiguration(
         commandName: "update",
         abstract: "Live-update the VMM process of a running VM: a new VMM binary takes it over, devices kept live.",
-        discussion: """
+        discussion: HelpText.reflow("""
             Guest RAM (a memfd), the devices, their interrupt eventfds and the QMP socket are
             passed to the new VMM as descriptors: a vfio-user device's connection; a kernel
             device's fd with its legacy container and group, or its iommufd. No page is copied,
@@ -40,7 +40,7 @@ struct UpdateCommand: ParsableCommand {
               vfio-live update --qmp /tmp/vm.qmp --mode exec --binary ./new-build/vfio-live
               vfio-live vm run --memory 1G --device vfio-pci,host=0000:00:04.0,iommufd=on --qmp /tmp/vm.qmp &
               vfio-live update --qmp /tmp/vm.qmp --mode transfer
-            """)
+            """))
     enum Mode: String, ExpressibleByArgument { case transfer, exec }
 
     @Option(help: "The running VM's QMP socket.")

@@ -9,7 +9,7 @@ struct VFIOLive: ParsableCommand {
     static let configuration = CommandConfiguration(
         commandName: "vfio-live",
         abstract: "Live migration and live update of VMs whose devices are assigned through VFIO.",
-        discussion: """
+        discussion: HelpText.reflow("""
             vfio-live speaks vfio-user on both ends: it serves devices (the part the kernel and a
             vendor driver play for an assigned device) and drives them as a VMM does.
 
@@ -20,7 +20,7 @@ struct VFIOLive: ParsableCommand {
               vfio-live device migrate --from A --to B --precopy
                                                      move a device's state between two servers
               vfio-live bench vfio-user              measure against raw socket and memcpy
-            """,
+            """),
         subcommands: [DeviceCommand.self, VMCommand.self, MigrateCommand.self, UpdateCommand.self, BenchCommand.self, DemoCommand.self, LabCommand.self])
 
     /// A VMM about to exec or spawn this binary for a live update asks it first (--cpr-probe).

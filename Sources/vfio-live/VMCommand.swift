@@ -132,7 +132,7 @@ extension VMCommand {
     struct Run: ParsableCommand {
         static let configuration = CommandConfiguration(
             abstract: "Run a micro-VM until SIGINT/SIGTERM (or --duration), verifying the guest's memory.",
-            discussion: """
+            discussion: HelpText.reflow("""
                 Guest RAM is a memfd mapped shared, registered with KVM and DMA-mapped into
                 every device. The guest workload (Sources/CVFIOLive/guest/workload.S) runs at
                 CPL3 on each vCPU, writes pages that each carry a sequence number and
@@ -185,7 +185,7 @@ extension VMCommand {
                   echo $u > /sys/class/mdev_bus/mtty/mdev_supported_types/mtty-2/create
                   vfio-live vm run --memory 64M \\
                       --device vfio-pci,sysfsdev=/sys/bus/mdev/devices/$u
-                """)
+                """))
         @Option(parsing: .unconditional, help: "Guest RAM (a multiple of 2 MiB, from 4M up to 16G).")
         var memory = "256M"
         @Option(parsing: .unconditional, help: "vCPUs (1–8); the working set is split between them.")
