@@ -680,6 +680,8 @@ public final class MigrationSource: @unchecked Sendable {
     /// `stoppedAt` is then the first page not looked at (the rest of the bitmap still has to go).
     /// Every page has gone once (the first pre-copy pass ended without a switch-over request).
     private var bulkPassDone = false
+    /// Pages ahead whose first cache line is prefetched for the zero-page test.
+    static let prefetchDistance: UInt64 = 8
     @discardableResult
     private func sendPages(_ bitmap: [UInt64]) throws -> (sent: UInt64, stoppedAt: UInt64?) {
         let base = vm.memory.base
@@ -702,6 +704,11 @@ public final class MigrationSource: @unchecked Sendable {
             if let extents {
                 while e < extents.count && extents[e].upperBound <= addr { e += 1 }
                 inHole = e == extents.count || !extents[e].contains(addr)
+            }
+            if !inHole {
+                // A dirty page a few ahead gets its first line on the way.
+                let ahead = p + Self.prefetchDistance
+                if ahead < pages, bitmap[Int(ahead / 64)] & (1 << (ahead % 64)) != 0 { GuestMemory.prefetchPage(base + Int(ahead * 4096)) }
             }
             batch.add(page: p, zero: inHole || GuestMemory.isZeroPage(base + Int(addr)))
             sent += 1

@@ -34,6 +34,9 @@
 /* The largest fd count one message may carry (SCM_MAX_FD in the kernel is 253). */
 #define VL_MAX_FDS_PER_MESSAGE 253
 
+/* A read prefetch of the cache line at `p` (no fault if it is not mapped). */
+static inline void vl_prefetch(const void *p) { __builtin_prefetch(p, 0, 3); }
+
 int vl_ioctl_ptr(int fd, unsigned long request, void *arg);
 int vl_ioctl_val(int fd, unsigned long request, unsigned long value);
 int vl_errno(void);
