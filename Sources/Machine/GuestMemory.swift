@@ -84,13 +84,13 @@ public final class GuestMemory: @unchecked Sendable {
         return out
     }
 
-    /// Whether the 4 KiB page at `p` holds only zero bytes (most data pages differ within
-    /// their first bytes, so a data page costs one cache line).
     /// Start loading the first cache line of the page at `p`. The zero-page test of a page with
     /// data reads one line and stops, so testing RAM page by page waits a memory latency per
     /// page (the hardware prefetcher does not cross pages): asking for pages ahead overlaps them.
     @inline(__always) public static func prefetchPage(_ p: UnsafeRawPointer) { vl_prefetch(p) }
 
+    /// Whether the 4 KiB page at `p` holds only zero bytes (most data pages differ within
+    /// their first bytes, so a data page costs one cache line).
     public static func isZeroPage(_ p: UnsafeRawPointer) -> Bool {
         var acc: UInt64 = 0
         var i = 0

@@ -28,6 +28,9 @@ public enum Log {
     public static func error(_ c: String, _ m: @autoclosure () -> String) { write(.error, c, m()) }
 }
 
+/// 10 → "10", 0.5 → "0.5": seconds as an operator typed them.
+public func formatSeconds(_ s: Double) -> String { s == s.rounded() ? String(Int(s)) : String(s) }
+
 /// `d` with exactly `places` decimals, for reports (no Foundation).
 public func formatFixed(_ d: Double, _ places: Int) -> String {
     if places == 0 { return String(Int(d.rounded())) }

@@ -43,6 +43,9 @@ struct MigrationBench: ParsableCommand {
     /// mappings (as guest RAM is), populated beforehand: every byte crosses main memory twice,
     /// as a migration's must, which is the physical limit of moving RAM.
     static func rawTCP(bytes: Int, ramSized: Bool = false, gate: StartGate? = nil) throws -> Double {
+        // A stream that fails before the start still arrives, so that the others are not held.
+        var arrived = false
+        defer { if !arrived { gate?.arrive() } }
         let chunk = 4 << 20
         let span = ramSized ? bytes : chunk
         let from = try MappedRegion(fd: MemFD.create(name: "raw-tcp-from", size: UInt64(span)), length: span, populate: true)
@@ -51,6 +54,7 @@ struct MigrationBench: ParsableCommand {
         if ramSized { fillRandom(from.base, bytes: span) } else { memset(from.base, 0x5a, span) }
         let l = try TCPListener(host: "127.0.0.1", port: 0)
         // Streams in parallel start together, once each has its buffers.
+        arrived = true
         gate?.arriveAndWait()
         let sender = try OSThread(name: "raw-tcp") {
             guard let s = try? TCPSocket.connect(host: "127.0.0.1", port: l.port) else { return }
@@ -62,7 +66,7 @@ struct MigrationBench: ParsableCommand {
             }
             s.fd.close()
         }
-        guard let r = try l.accept() else { throw ValidationError("no connection") }
+        guard let r = try l.accept(timeoutMilliseconds: 10_000) else { sender.join(); l.close(); throw ValidationError("the raw TCP sender did not connect") }
         let t = monotonicNanoseconds()
         var got = 0
         while got < bytes {
@@ -84,31 +88,43 @@ struct MigrationBench: ParsableCommand {
         // random data takes longer than sending them) to the last stream's last byte (freeing
         // the buffers afterwards is not part of moving them).
         let gate = StartGate(parties: streams + 1)
-        let threads = try (0..<streams).map { _ in
-            try OSThread(name: "raw-tcp-n") { _ = try? rawTCP(bytes: bytes / streams, ramSized: ramSized, gate: gate) }
+        var threads: [OSThread] = []
+        do {
+            for _ in 0..<streams {
+                threads.append(try OSThread(name: "raw-tcp-n") { _ = try? rawTCP(bytes: bytes / streams, ramSized: ramSized, gate: gate) })
+            }
+        } catch {
+            for _ in threads.count..<streams + 1 { gate.arrive() }
+            for t in threads { t.join() }
+            throw error
         }
         gate.arriveAndWait()
-        let t0 = monotonicNanoseconds()
         for t in threads { t.join() }
         guard gate.finishes == streams else { throw ValidationError("a raw TCP stream failed") }
-        return Double(bytes / streams * streams) / (Double(gate.lastFinish - t0) / 1e9)
+        return Double(bytes / streams * streams) / (Double(gate.lastFinish - gate.openedAt) / 1e9)
     }
 
-    /// Lets `parties` threads go on together once all have arrived, and keeps when the last
-    /// of them finished.
+    /// Lets `parties` threads go on together once all have arrived, and keeps when it opened
+    /// (under its lock, by the last to arrive: a stream may finish before the main thread runs
+    /// again) and when the last of them finished.
     final class StartGate: @unchecked Sendable {
         private let cond = Condition()
         private var waiting: Int
-        private(set) var lastFinish: UInt64 = 0, finishes = 0
+        private(set) var openedAt: UInt64 = 0, lastFinish: UInt64 = 0, finishes = 0
         init(parties: Int) { waiting = parties }
         func arriveAndWait() {
             cond.mutex.withLock {
-                waiting -= 1
-                if waiting <= 0 { cond.broadcast() }
+                arriveLocked()
                 while waiting > 0 { cond.wait() }
             }
         }
-        func finished(at t: UInt64) { cond.mutex.withLock { lastFinish = max(lastFinish, t); finishes += 1 } }
+        /// Arrive without waiting (a party that will not start).
+        func arrive() { cond.mutex.withLock { arriveLocked() } }
+        private func arriveLocked() {
+            waiting -= 1
+            if waiting == 0 { openedAt = monotonicNanoseconds(); cond.broadcast() }
+        }
+        func finished(at t: UInt64) { cond.mutex.withLock { lastFinish = max(lastFinish, t, openedAt + 1); finishes += 1 } }
     }
 
     /// Migrate a VM to a destination in this process over loopback TCP.

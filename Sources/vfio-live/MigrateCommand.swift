@@ -88,12 +88,28 @@ final class QMPClient {
         while true {
             let m = try readMessage(waitingFor: cmd)
             if m["event"] != nil { onEvent?(m); continue }
-            if let e = m["error"] {
-                let cls: String = { if case let .string(c)? = e["class"] { return c }; return "GenericError" }()
-                if case let .string(d)? = e["desc"] { throw QMPClientError.refused(command: cmd, errorClass: cls, desc: d) }
-                throw QMPClientError.refused(command: cmd, errorClass: cls, desc: "\(e)")
-            }
-            return m["return"] ?? .null
+            return try Self.answer(m, to: cmd)
+        }
+    }
+
+    private static func answer(_ m: JSONValue, to cmd: String) throws -> JSONValue {
+        if let e = m["error"] {
+            let cls: String = { if case let .string(c)? = e["class"] { return c }; return "GenericError" }()
+            if case let .string(d)? = e["desc"] { throw QMPClientError.refused(command: cmd, errorClass: cls, desc: d) }
+            throw QMPClientError.refused(command: cmd, errorClass: cls, desc: "\(e)")
+        }
+        return m["return"] ?? .null
+    }
+
+    /// After `execute(cmd)` timed out: its reply, should it come within `seconds` more (each
+    /// read still bounded by this client's timeout). Events are dropped.
+    func lateReply(to cmd: String, seconds: Double) throws -> JSONValue {
+        let deadline = monotonicNanoseconds() + UInt64(max(seconds, 0) * 1e9)
+        while true {
+            let m: JSONValue
+            do { m = try readMessage(waitingFor: cmd) } catch QMPClientError.timeout where monotonicNanoseconds() < deadline { continue }
+            if m["event"] != nil { continue }
+            return try Self.answer(m, to: cmd)
         }
     }
 

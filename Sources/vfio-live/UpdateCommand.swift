@@ -79,22 +79,36 @@ struct UpdateCommand: ParsableCommand {
         var args: [(String, JSONValue)] = [("mode", .string(mode == .transfer ? "cpr-transfer" : "cpr-exec"))]
         if let b = binary { args.append(("binary", .string(b))) }
         if let t = to { args.append(("to", .string(t))) }
-        // A VMM that took the VM over in an earlier update still reports that one.
-        let earlier = (try? c.execute("query-migrate"))?["x-vfio-live-cpr"]
+        // What query-migrate says before: an earlier migration's or update's outcome (a VMM that
+        // took the VM over in an update still reports that one), not this update's.
+        let earlier = try? c.execute("query-migrate")
+        var following: QMPClient? = c
         do {
-            _ = try c.execute("x-vfio-live-update", args)
+            do {
+                _ = try c.execute("x-vfio-live-update", args)
+            } catch let QMPClientError.timeout(_, _, seconds) {
+                // The VMM checks the new binary before it answers: the reply may come later.
+                print("live update (\(mode.rawValue)): no reply within \(formatSeconds(seconds)) s; waiting up to \(formatSeconds(bound)) s more for it")
+                fflush(stdout)
+                _ = try c.lateReply(to: "x-vfio-live-update", seconds: bound)
+            }
             print("live update (\(mode.rawValue)) started; the old VMM is pid \(pid0)")
         } catch let e as QMPClientError where e.isConnectionLost {
             // The command may have been taken and the reply lost with the connection (exec
-            // replaces the process behind it): what happened is learnt, not assumed.
+            // replaces the process behind it): what happened is learnt, on a new connection,
+            // not assumed.
             print("live update (\(mode.rawValue)): no reply to the command (\(e)); following what the VMM behind \(qmp) does")
+            following = nil
         } catch let e as QMPClientError {
             print("live update refused: \(e)")
             print(Self.oldVMMState(qmp: qmp, client: c, pid: pid0))
             throw ExitCode(1)
         }
         fflush(stdout)
-        switch Self.watch(qmp: qmp, client: c, oldPID: pid0, exec: mode == .exec, earlierReport: earlier, boundSeconds: bound, progress: true) {
+        // With the reply in hand every answer is this update's (the VMM resets query-migrate
+        // before it replies); without it, an answer like the one before may be an earlier one's.
+        switch Self.watch(qmp: qmp, client: following, oldPID: pid0, exec: mode == .exec, earlier: following == nil ? earlier : nil,
+                          boundSeconds: bound, progress: true) {
         case let .completed(q):
             report(q["x-vfio-live-cpr"] ?? .null)
         case let .failed(why):
@@ -141,11 +155,13 @@ struct UpdateCommand: ParsableCommand {
 
     /// Follow the live update started through `c` until it has an outcome, for at most
     /// `boundSeconds`. Reconnects when exec replaced the VMM behind the socket; watches the old
-    /// VMM's process while QMP does not answer, so that its death is said as such. A report equal
-    /// to `earlierReport` (taken before the update was asked for) is an earlier update's.
-    static func watch(qmp: String, client c: QMPClient, oldPID: Int32, exec: Bool, earlierReport: JSONValue?,
+    /// VMM's process while QMP does not answer, so that its death is said as such. Answers that
+    /// say what `earlier` (query-migrate before the update was asked for) said are an earlier
+    /// migration's or update's outcome, until the status changes once.
+    static func watch(qmp: String, client c: QMPClient?, oldPID: Int32, exec: Bool, earlier: JSONValue?,
                       boundSeconds: Double, progress: Bool) -> Outcome {
         var client: QMPClient? = c
+        var changed = earlier == nil
         var lastStatus: String?
         let start = monotonicNanoseconds()
         let deadline = start + UInt64(boundSeconds * 1e9)
@@ -158,11 +174,16 @@ struct UpdateCommand: ParsableCommand {
             if let cl = client, let q = try? cl.execute("query-migrate") {
                 silentSince = nil
                 lastStatus = q["status"]?.stringValue
-                switch lastStatus {
-                case "failed"?, "cancelled"?: return .failed(q["error-desc"]?.stringValue ?? "no reason given (status \(lastStatus!))")
-                // The report is cleared when an update starts: a new one is this update's.
-                case "completed"? where q["x-vfio-live-cpr"] != nil && q["x-vfio-live-cpr"] != earlierReport: return .completed(q)
-                default: break
+                if !changed, let e = earlier, ["status", "error-desc", "x-vfio-live-cpr"].allSatisfy({ q[$0] == e[$0] }) {
+                    // Not this update's outcome (yet).
+                } else {
+                    changed = true
+                    switch lastStatus {
+                    case "failed"?, "cancelled"?: return .failed(q["error-desc"]?.stringValue ?? "no reason given (status \(lastStatus!))")
+                    // The report is cleared when an update starts: a new one is this update's.
+                    case "completed"? where q["x-vfio-live-cpr"] != nil: return .completed(q)
+                    default: break
+                    }
                 }
             } else {
                 client = nil

@@ -80,8 +80,6 @@ func parseSeconds(_ s: String, option: String, max: Double = 3600) throws -> Dou
     return v
 }
 
-func formatSeconds(_ s: Double) -> String { s == s.rounded() ? String(Int(s)) : String(s) }
-
 /// A UNIX socket path must fit sun_path (108 bytes including the NUL): a longer one could be
 /// neither bound nor connected to, so it is refused before anything starts.
 func checkSocketPath(_ path: String, option: String) throws {

@@ -11,9 +11,9 @@ import XCTest
 /// QMPFlushOutputTests).
 final class UpdateLostReplyTests: VMMProcessTestCase {
     /// Serves `qmpPath`: the first connection answers until x-vfio-live-update, then closes
-    /// without a reply; later connections answer query-migrate with the earlier report
-    /// `staleAnswers` times, then with the new one.
-    func scriptedVMM(staleAnswers: Int) throws -> OSThread {
+    /// without a reply (or, with `lateReplyMS`, replies that late and goes on); query-migrate
+    /// after the update gives the earlier report `staleAnswers` times, then the new one.
+    func scriptedVMM(staleAnswers: Int, lateReplyMS: UInt32? = nil) throws -> OSThread {
         let listener = try UnixListener(path: qmpPath, backlog: 4)
         let earlier = #"{"pid":111,"blackout-ns":5000000,"handed-over":[],"stream-bytes":1}"#
         let new = #"{"pid":\#(getpid()),"blackout-ns":1000000,"handed-over":["guest-ram"],"stream-bytes":2}"#
@@ -21,7 +21,7 @@ final class UpdateLostReplyTests: VMMProcessTestCase {
         return try OSThread(name: "scripted-vmm") {
             defer { listener.close() }
             var first = true
-            while let s = try? listener.accept(timeoutMilliseconds: 10_000) {
+            while let s = try? listener.accept(timeoutMilliseconds: 30_000) {
                 defer { s.close() }
                 try? s.send(Array(#"{"QMP":{"version":{},"capabilities":[]}}"#.utf8) + [10])
                 var buf: [UInt8] = []
@@ -42,7 +42,12 @@ final class UpdateLostReplyTests: VMMProcessTestCase {
                         let report = first || stale > 0 ? earlier : new
                         if !first { stale -= 1 }
                         ret = #"{"status":"completed","x-vfio-live-cpr":\#(report)}"#
-                    case "x-vfio-live-update"?: first = false; break serving
+                    case "x-vfio-live-update"?:
+                        first = false
+                        guard let late = lateReplyMS else { break serving }
+                        usleep(late * 1000)
+                        ret = "{}"
+                        stale = 0
                     default: ret = "{}"
                     }
                     try? s.send(Array(#"{"return":\#(ret),"id":\#(id)}"#.utf8) + [10])
@@ -59,7 +64,20 @@ final class UpdateLostReplyTests: VMMProcessTestCase {
         XCTAssertEqual(s, 0, o)
         XCTAssertTrue(o.contains("no reply to the command"), o)
         XCTAssertTrue(o.contains("live update completed"), o)
-        XCTAssertTrue(o.contains("pid \(getpid())"), "the new report, not the earlier one (pid 111): \(o)")
+        XCTAssertTrue(o.contains("new VMM:       pid \(getpid())"), "the new report: \(o)")
+        XCTAssertFalse(o.contains("pid 111"), "not the earlier one: \(o)")
         XCTAssertFalse(o.contains("refused"), o)
+    }
+
+    /// The VMM checks the new binary before it answers, which may outlast --qmp-timeout: the
+    /// late reply is awaited on the same connection, not taken for a lost VM.
+    func testALateReplyIsAwaited() throws {
+        let t = try scriptedVMM(staleAnswers: 0, lateReplyMS: 1500)
+        let (s, o) = try run(["update", "--qmp", qmpPath, "--mode", "transfer", "--qmp-timeout", "0.5", "--timeout", "20"])
+        t.join()
+        XCTAssertEqual(s, 0, o)
+        XCTAssertTrue(o.contains("no reply within 0.5 s"), o)
+        XCTAssertTrue(o.contains("live update completed"), o)
+        XCTAssertTrue(o.contains("new VMM:       pid \(getpid())"), o)
     }
 }

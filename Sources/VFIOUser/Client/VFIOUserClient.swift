@@ -906,7 +906,3 @@ public final class VFIOUserClient: @unchecked Sendable {
     }
 }
 
-/// 10 → "10", 0.5 → "0.5": seconds as an operator typed them.
-func formatSeconds(_ s: Double) -> String {
-    s == s.rounded() ? String(Int(s)) : String(s)
-}
