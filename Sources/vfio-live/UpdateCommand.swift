@@ -53,7 +53,7 @@ struct UpdateCommand: ParsableCommand {
     var to: String?
     @Option(parsing: .unconditional, help: "Seconds to wait for the outcome (progress is shown every 3 s); then the command fails, saying what it found.")
     var timeout = "60"
-    @Option(parsing: .unconditional, help: "Seconds the VM's QMP socket may take to answer any command.")
+    @Option(parsing: .unconditional, help: "Seconds the VM's QMP socket may take to answer any command; a later reply to the update request itself (the VMM first checks the new binary) is still waited for, within --timeout.")
     var qmpTimeout = "10"
     @OptionGroup var global: GlobalOptions
 
