@@ -33,6 +33,8 @@ final class QMPClient {
     let path: String
     let timeoutMilliseconds: Int32
     private var buffer: [UInt8] = []
+    /// How much of `buffer` holds no end of line.
+    private var scanned = 0
     private var nextID = 0
 
     init(path: String, timeoutMilliseconds: Int32 = 10_000) throws {
@@ -47,13 +49,24 @@ final class QMPClient {
 
     deinit { socket.close() }
 
-    func readMessage(waitingFor what: String) throws -> JSONValue {
-        let deadline = monotonicNanoseconds() + UInt64(timeoutMilliseconds) * 1_000_000
+    /// The largest message taken from the VM (a query-migrate answer is a few KiB): a peer that
+    /// sends without end of line is cut off, not buffered until memory runs out.
+    static let maxMessageBytes = 16 << 20
+
+    /// One message, by `deadline` (default: this client's timeout from now).
+    func readMessage(waitingFor what: String, deadline given: UInt64? = nil) throws -> JSONValue {
+        let deadline = given ?? monotonicNanoseconds() + UInt64(timeoutMilliseconds) * 1_000_000
         while true {
-            if let nl = buffer.firstIndex(of: 10) {
+            // Only bytes not looked at yet are searched: a long line costs one pass, not one per read.
+            if let nl = buffer[scanned...].firstIndex(of: 10) {
                 let line = Array(buffer[..<nl]); buffer.removeFirst(nl + 1)
+                scanned = 0
                 if line.isEmpty { continue }
                 do { return try JSONValue.parse(line[...]) } catch { throw QMPClientError.malformed(path: path, "\(error)") }
+            }
+            scanned = buffer.count
+            guard buffer.count <= Self.maxMessageBytes else {
+                throw QMPClientError.malformed(path: path, "a message longer than \(Self.maxMessageBytes) bytes")
             }
             let now = monotonicNanoseconds()
             guard now < deadline,
@@ -85,8 +98,10 @@ final class QMPClient {
         var text = JSONValue.object([("execute", .string(cmd)), ("id", .number(Double(nextID)))]).description
         if let a = argumentsText { text = String(text.dropLast()) + #","arguments":"# + a + "}" }
         do { try socket.send(Array(text.utf8)) } catch { throw QMPClientError.closed(path: path) }
+        // One bound for the reply, however many events come first.
+        let deadline = monotonicNanoseconds() + UInt64(timeoutMilliseconds) * 1_000_000
         while true {
-            let m = try readMessage(waitingFor: cmd)
+            let m = try readMessage(waitingFor: cmd, deadline: deadline)
             if m["event"] != nil { onEvent?(m); continue }
             return try Self.answer(m, to: cmd)
         }
@@ -101,13 +116,15 @@ final class QMPClient {
         return m["return"] ?? .null
     }
 
-    /// After `execute(cmd)` timed out: its reply, should it come within `seconds` more (each
-    /// read still bounded by this client's timeout). Events are dropped.
+    /// After `execute(cmd)` timed out: its reply, should it come within `seconds` more. Events
+    /// are dropped.
     func lateReply(to cmd: String, seconds: Double) throws -> JSONValue {
         let deadline = monotonicNanoseconds() + UInt64(max(seconds, 0) * 1e9)
         while true {
             let m: JSONValue
-            do { m = try readMessage(waitingFor: cmd) } catch QMPClientError.timeout where monotonicNanoseconds() < deadline { continue }
+            do { m = try readMessage(waitingFor: cmd, deadline: deadline) } catch QMPClientError.timeout {
+                throw QMPClientError.timeout(path: path, command: cmd, seconds: seconds + Double(timeoutMilliseconds) / 1000)
+            }
             if m["event"] != nil { continue }
             return try Self.answer(m, to: cmd)
         }

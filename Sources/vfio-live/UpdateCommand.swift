@@ -75,7 +75,16 @@ struct UpdateCommand: ParsableCommand {
         let c: QMPClient
         let qmpMS = Int32(try parseSeconds(qmpTimeout, option: "--qmp-timeout") * 1000)
         do { c = try QMPClient(path: qmp, timeoutMilliseconds: qmpMS) } catch { throw Failure("\(error)") }
-        guard let pid0 = c.vmmPID() else { throw Failure("the VMM behind \(qmp) does not answer x-vfio-live-pid: it is not a vfio-live VMM") }
+        let pid0: Int32
+        do {
+            guard let p = try c.execute("x-vfio-live-pid")["pid"]?.uint64, p > 0, p <= UInt64(Int32.max) else {
+                throw Failure("the VMM behind \(qmp) answers x-vfio-live-pid without a process id")
+            }
+            pid0 = Int32(p)
+        } catch let e as QMPClientError {
+            if case .refused = e { throw Failure("the VMM behind \(qmp) does not know x-vfio-live-pid: it is not a vfio-live VMM") }
+            throw Failure("\(e)")
+        }
         var args: [(String, JSONValue)] = [("mode", .string(mode == .transfer ? "cpr-transfer" : "cpr-exec"))]
         if let b = binary { args.append(("binary", .string(b))) }
         if let t = to { args.append(("to", .string(t))) }
