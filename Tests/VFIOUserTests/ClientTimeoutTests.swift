@@ -245,3 +245,66 @@ final class ClientTimeoutTests: XCTestCase {
         while !t.isFinished { usleep(1000) }
     }
 }
+
+/// A server that answers VERSION, then answers nothing else and sends commands of its own
+/// without end (one nobody knows, which the client refuses, every 2 ms), reading off what the
+/// client sends back.
+final class BusyServer: @unchecked Sendable {
+    let path: String
+    private let listener: UnixListener
+    private var thread: OSThread?
+    private let stop: EventFD
+
+    init(tag: String) throws {
+        path = temporarySocketPath(tag)
+        listener = try UnixListener(path: path, backlog: 2)
+        stop = try EventFD(nonBlocking: true)
+        thread = try OSThread(name: "busy-server") { [self] in
+            guard let s = try? listener.accept(cancel: stop.fd) else { return }
+            defer { s.close() }
+            let c = VFIOUserConnection(socket: s)
+            guard let v = try? c.receive() else { return }
+            try? c.sendReply(to: v.header, payload: VersionPayload(capabilities: Capabilities()).encode())
+            guard (try? c.receive()) != nil else { return }
+            let drain = try? OSThread(name: "busy-drain") {
+                var chunk = [UInt8](repeating: 0, count: 65536)
+                while (try? chunk.withUnsafeMutableBytes { try s.fd.read(into: $0) }) ?? 0 > 0 {}
+            }
+            var id: UInt16 = 1000
+            let end = monotonicNanoseconds() + 20_000_000_000
+            while monotonicNanoseconds() < end, (try? stop.consume()) ?? 1 == 0 {
+                id &+= 1
+                guard (try? c.send(id: id, command: 0x7ff0, flags: MessageHeader.typeCommand, payload: [UInt8]())) != nil else { break }
+                usleep(2000)
+            }
+            _ = Glibc.shutdown(s.fd.rawValue, Int32(SHUT_RDWR))
+            drain?.join()
+        }
+    }
+
+    func close() {
+        try? stop.signal()
+        thread?.join()
+        listener.close()
+    }
+}
+
+final class BusyServerTests: XCTestCase {
+    /// Each command the server sends restarts the wait on its silence (it shows the server
+    /// works), but not past six times that bound: the call fails with its own reason, instead of
+    /// holding the client (and its lock) for as long as the server keeps talking.
+    func testAServerThatOnlySendsItsOwnCommandsDoesNotHoldACallForEver() throws {
+        let server = try BusyServer(tag: "busy")
+        defer { server.close() }
+        let c = try VFIOUserClient(path: server.path, options: timeoutOptions(200))
+        defer { c.close() }
+        XCTAssertThrowsError(try c.deviceInfo()) {
+            XCTAssertEqual($0 as? VFIOUserClientError, .busy(command: .deviceGetInfo, seconds: 1.2))
+            XCTAssertEqual("\($0)", "the server kept sending its own commands for 1.2 s without answering DEVICE_GET_INFO")
+        }
+        // The reply is still owed, and the next call neither waits nor spins on the flood.
+        XCTAssertThrowsError(try c.reset()) {
+            XCTAssertEqual($0 as? VFIOUserClientError, .busy(command: .deviceGetInfo, seconds: 1.2))
+        }
+    }
+}

@@ -225,19 +225,19 @@ extension VFIOUserClient {
         do { try connection.socket.send([data]) } catch { throw transportError(error, .migDataWrite) }
     }
 
-    /// The header of the next reply on the main socket, within the timeout (restarted by each
-    /// server command served meanwhile) and the cancel descriptor. Its payload is not read yet.
+    /// The header of the next reply on the main socket, within the reply's bounds (see
+    /// ReplyBound) and the cancel descriptor. Its payload is not read yet.
     private func awaitReplyHeader(_ cmd: VFIOUserCommand) throws -> (MessageHeader, ReceivedFDs) {
-        var deadline = replyDeadline()
+        var bound = replyBound()
         while true {
-            try awaitReadable(cmd, deadline: deadline)
+            try awaitReadable(cmd, bound)
             let (h, got): (MessageHeader, ReceivedFDs)
             do { (h, got) = try connection.receiveHeader() } catch { throw transportError(error, cmd) }
             if h.isCommand {
                 let m: Message
                 do { m = try connection.receiveBody(h, got) } catch { throw transportError(error, cmd) }
                 serveServerCommand(m, on: connection)
-                deadline = replyDeadline()
+                bound.served()
                 continue
             }
             return (h, got)

@@ -21,6 +21,9 @@ public enum VFIOUserClientError: Error, CustomStringConvertible, Equatable {
     case timeout(command: VFIOUserCommand, seconds: Double)
     /// The wait for `command` was given up because the cancel descriptor became readable.
     case cancelled(command: VFIOUserCommand)
+    /// The server kept sending its own commands (DMA requests, or ones we refused) for
+    /// `seconds` without answering `command`. Given up as `timeout` is.
+    case busy(command: VFIOUserCommand, seconds: Double)
 
     public var description: String {
         switch self {
@@ -31,6 +34,7 @@ public enum VFIOUserClientError: Error, CustomStringConvertible, Equatable {
         case let .handoverRefused(why): return "the device connection cannot be handed over: \(why)"
         case let .timeout(c, s): return "the server did not answer \(c) within \(formatSeconds(s)) s"
         case let .cancelled(c): return "cancelled while waiting for the server to answer \(c)"
+        case let .busy(c, s): return "the server kept sending its own commands for \(formatSeconds(s)) s without answering \(c)"
         }
     }
     public var errno: Errno? { if case let .remote(_, e) = self { return e }; return nil }
@@ -295,11 +299,9 @@ public final class VFIOUserClient: @unchecked Sendable {
             do {
                 try connection.send(id: id, command: cmd.rawValue, flags: MessageHeader.typeCommand, payload: payload, fds: fds)
             } catch { throw transportError(error, cmd) }
-            // The bound is on the server's silence: each command it sends us meanwhile (DMA
-            // served on the main socket) shows it is working and restarts it.
-            var deadline = replyDeadline()
+            var bound = replyBound()
             while true {
-                do { try awaitReadable(cmd, deadline: deadline) } catch {
+                do { try awaitReadable(cmd, bound) } catch {
                     if cutWait != nil { owedReplies.append(id) }
                     throw error
                 }
@@ -307,7 +309,7 @@ public final class VFIOUserClient: @unchecked Sendable {
                 do { m = try connection.receive() } catch { throw transportError(error, cmd) }
                 if m.header.isCommand {
                     serveServerCommand(m, on: connection)
-                    deadline = replyDeadline()
+                    bound.served()
                     continue
                 }
                 guard m.header.messageID == id, m.header.command == cmd.rawValue else {
@@ -332,16 +334,48 @@ public final class VFIOUserClient: @unchecked Sendable {
     /// When the server's silence turns into a timeout, counted from now.
     func replyDeadline() -> UInt64 { monotonicNanoseconds() + UInt64(options.timeoutMilliseconds) * 1_000_000 }
 
+    /// However busy a server keeps us serving its own commands, one reply is waited for at most
+    /// this many times the silence bound (QEMU's proxy bounds each reply's wait outright).
+    static let busyReplyFactor: UInt64 = 6
+
+    /// The bounds on the wait for one reply: the server's silence, restarted by each command it
+    /// sends us meanwhile (a DMA request shows it is working), and an overall bound that a
+    /// server sending commands without end cannot push back (it held the call, and its lock,
+    /// for ever).
+    struct ReplyBound {
+        private let silenceNS: UInt64
+        let overall: UInt64
+        private(set) var deadline: UInt64
+        init(timeoutMilliseconds ms: Int32) {
+            silenceNS = UInt64(max(ms, 0)) * 1_000_000
+            let now = monotonicNanoseconds()
+            deadline = now + silenceNS
+            overall = now + silenceNS * VFIOUserClient.busyReplyFactor
+        }
+        mutating func served() { deadline = min(monotonicNanoseconds() + silenceNS, overall) }
+        /// The error for a wait that reached `deadline`.
+        func expired(_ cmd: VFIOUserCommand) -> VFIOUserClientError {
+            deadline == overall ? .busy(command: cmd, seconds: Double(silenceNS * VFIOUserClient.busyReplyFactor) / 1e9)
+                                : .timeout(command: cmd, seconds: Double(silenceNS) / 1e9)
+        }
+    }
+
+    func replyBound() -> ReplyBound { ReplyBound(timeoutMilliseconds: options.timeoutMilliseconds) }
+
+    func awaitReadable(_ cmd: VFIOUserCommand, _ bound: ReplyBound) throws {
+        try awaitReadable(cmd, deadline: bound.deadline, expired: bound.expired(cmd))
+    }
+
     /// Wait until the main socket is readable, in slices of at most 250 ms so that the cancel
     /// descriptor is honoured, up to `deadline`. A give-up sets `cutWait`: the caller adds the
     /// ids it is owed to `owedReplies` (between messages the stream is still in step; a caller
     /// waiting part-way through a message marks the connection broken instead).
-    func awaitReadable(_ cmd: VFIOUserCommand, deadline: UInt64) throws {
+    func awaitReadable(_ cmd: VFIOUserCommand, deadline: UInt64, expired: VFIOUserClientError? = nil) throws {
         while true {
             var watch = [connection.socket.fd.rawValue]
             if let c = cancelFD { watch.append(c) }
             let now = monotonicNanoseconds()
-            guard now < deadline else { throw cut(.timeout(command: cmd, seconds: timeoutSeconds)) }
+            guard now < deadline else { throw cut(expired ?? .timeout(command: cmd, seconds: timeoutSeconds)) }
             let ms = Int32(min((deadline - now) / 1_000_000 + 1, 250))
             switch try Poll.waitAnyReadable(watch, timeoutMilliseconds: ms) {
             case nil: continue
@@ -356,6 +390,9 @@ public final class VFIOUserClient: @unchecked Sendable {
         return e
     }
 
+    /// Messages read at most, before one request, to settle owed replies.
+    static let settleBudget = 256
+
     /// Before a new request: read off the late replies to requests whose wait was given up,
     /// without waiting for any (a server that still owes one fails the call at once with the
     /// give-up's error). Server commands among them are served; a reply nobody asked for is
@@ -363,8 +400,12 @@ public final class VFIOUserClient: @unchecked Sendable {
     /// SO_RCVTIMEO; a failure there leaves the stream out of step (broken).
     func settleOwedReplies() throws {
         guard let cutError = cutWait else { return }
+        // A budget, as for any wait: a server that sends its own commands or stray replies
+        // without end leaves the replies owed, and the call fails with the give-up's error.
+        var budget = Self.settleBudget
         while !owedReplies.isEmpty {
-            guard (try? Poll.waitReadable(connection.socket.fd, timeoutMilliseconds: 0)) == true else { throw cutError }
+            budget -= 1
+            guard budget >= 0, (try? Poll.waitReadable(connection.socket.fd, timeoutMilliseconds: 0)) == true else { throw cutError }
             let m: Message
             do { m = try connection.receive() } catch {
                 if Self.isDisconnect(error) { throw markBroken(.disconnected) }
