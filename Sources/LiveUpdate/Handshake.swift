@@ -26,11 +26,15 @@ public enum CPRMessage: String, CaseIterable {
 
     /// The next message, waiting at most `timeoutMilliseconds` (-1: forever).
     public static func receive(_ s: StreamSocket, timeoutMilliseconds: Int32) throws -> (CPRMessage, String) {
+        // One bound for the whole message (each recvmsg also has the socket's own timeout).
+        let deadline = timeoutMilliseconds < 0 ? UInt64.max : monotonicNanoseconds() + UInt64(timeoutMilliseconds) * 1_000_000
         guard try Poll.waitReadable(s.fd, timeoutMilliseconds: timeoutMilliseconds) else {
             throw CPRError.channel("no answer within \(timeoutMilliseconds) ms")
         }
         var head = [UInt8](repeating: 0, count: 12)
-        do { _ = try head.withUnsafeMutableBytes { try s.receiveExactly(into: $0, maxFDs: 0) } } catch {
+        do { _ = try head.withUnsafeMutableBytes { try s.receiveExactly(into: $0, maxFDs: 0, deadline: deadline) } } catch let e as Errno where e == .EAGAIN {
+            throw CPRError.channel("no whole message within \(timeoutMilliseconds) ms")
+        } catch {
             throw CPRError.channel("the peer closed the CPR socket")
         }
         guard let m = CPRMessage(rawValue: String(decoding: head[0..<8], as: UTF8.self)) else {
@@ -40,7 +44,9 @@ public enum CPRMessage: String, CaseIterable {
         guard n <= 64 * 1024 else { throw CPRError.malformed("CPR message of \(n) bytes") }
         var body = [UInt8](repeating: 0, count: n)
         if n > 0 {
-            do { _ = try body.withUnsafeMutableBytes { try s.receiveExactly(into: $0, maxFDs: 0) } } catch {
+            do { _ = try body.withUnsafeMutableBytes { try s.receiveExactly(into: $0, maxFDs: 0, deadline: deadline) } } catch let e as Errno where e == .EAGAIN {
+                throw CPRError.channel("no whole message within \(timeoutMilliseconds) ms")
+            } catch {
                 throw CPRError.channel("the peer closed the CPR socket mid-message")
             }
         }

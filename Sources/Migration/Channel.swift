@@ -88,11 +88,12 @@ enum Verdict {
         try? send(s, ok ? .ack : .error, text)
     }
 
-    /// Read one message; throws `ReadError`, or Errno.EAGAIN when the socket's timeout expired.
-    static func read(_ s: StreamSocket) throws -> Message {
+    /// Read one message; throws `ReadError`, or Errno.EAGAIN when the socket's timeout expired
+    /// or, part-way through the message, `deadline` passed.
+    static func read(_ s: StreamSocket, deadline: UInt64 = .max) throws -> Message {
         var head = [UInt8](repeating: 0, count: 12)
         func fill(_ b: inout [UInt8]) throws {
-            do { try b.withUnsafeMutableBytes { _ = try s.receiveExactly(into: $0, maxFDs: 0) } } catch let e as Errno where e == .ECONNRESET || e == .EPROTO {
+            do { try b.withUnsafeMutableBytes { _ = try s.receiveExactly(into: $0, maxFDs: 0, deadline: deadline) } } catch let e as Errno where e == .ECONNRESET || e == .EPROTO {
                 throw ReadError.closed
             }
         }

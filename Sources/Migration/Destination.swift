@@ -86,7 +86,9 @@ public final class MigrationDestination: MigrationSink, @unchecked Sendable {
                 // The load time rides in READY's text (empty from older builds; see DestinationTimes).
                 try Verdict.send(socket, .ready, DestinationTimes.readyText(loadNS: monotonicNanoseconds() - endReceivedAt))
                 let go: Verdict.Message
-                do { go = try Verdict.read(socket) } catch let e as Errno where e == .EAGAIN {
+                // One bound for the whole message, not one per byte that trickles in.
+                let goDeadline = peerTimeoutMS == 0 ? UInt64.max : monotonicNanoseconds() &+ min(peerTimeoutMS, 1 << 40) * 1_000_000
+                do { go = try Verdict.read(socket, deadline: goDeadline) } catch let e as Errno where e == .EAGAIN {
                     throw MigrationError.peerTimeout("the source did not say GO within \(peerTimeoutMS) ms; the guest does not run here")
                 } catch {
                     throw MigrationError.channel("the source did not say GO (\(error)): it cancelled or failed; the guest does not run here")

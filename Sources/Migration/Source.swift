@@ -1283,7 +1283,7 @@ public final class MigrationSource: @unchecked Sendable {
                 if (try? Poll.waitReadable(socket.fd, timeoutMilliseconds: Int32(clamping: min((deadline - now) / 1_000_000 + 1, 250)))) == true { break }
             }
             let v: Verdict.Message
-            do { v = try Verdict.read(socket) } catch { throw channelError(error, what, receiving: true) }
+            do { v = try Verdict.read(socket, deadline: deadline) } catch { throw channelError(error, what, receiving: true) }
             guard v.kind == .progress else { return v }
             // A probe's late answer (one that came after the wait for it gave up).
             noteProgress(v.text)

@@ -52,13 +52,16 @@ extension StreamSocket {
     }
 
     /// Read exactly `buffer.count` bytes, collecting fds from the first recvmsg (at most `maxFDs`).
-    /// Throws ECONNRESET on EOF before the first byte, EPROTO on EOF part-way.
-    public func receiveExactly(into buffer: UnsafeMutableRawBufferPointer, maxFDs: Int) throws -> ReceivedFDs {
+    /// Throws ECONNRESET on EOF before the first byte, EPROTO on EOF part-way. Each recvmsg is
+    /// bounded by the socket's SO_RCVTIMEO (EAGAIN); past `deadline` no further one starts
+    /// (EAGAIN too), so that a peer trickling a byte per timeout cannot stretch one message.
+    public func receiveExactly(into buffer: UnsafeMutableRawBufferPointer, maxFDs: Int, deadline: UInt64 = .max) throws -> ReceivedFDs {
         var fds: [FileDescriptor] = []
         var truncated = false
         var got = 0
         var rawFDs = [Int32](repeating: -1, count: max(maxFDs, 1))
         while got < buffer.count {
+            if got > 0 && deadline != .max && monotonicNanoseconds() >= deadline { throw Errno.EAGAIN }
             var nfds: Int32 = 0
             var trunc: Int32 = 0
             let allowed = got == 0 ? Int32(maxFDs) : 0

@@ -109,3 +109,34 @@ extension LiveMigrationTests {
         XCTAssertNil(v(String(repeating: "x", count: 100_000) + #""x-load-ns":3"#), "only the first 64 KiB of the peer's text is read")
     }
 }
+
+/// A destination that trickles its READY a byte at a time, each byte inside the peer timeout:
+/// every read used to wait anew, so the source (its guest paused for the switch-over) waited as
+/// long as the destination cared to take. One bound now holds for the whole message.
+extension LiveMigrationTests {
+    func testAReadyTrickledAByteAtATimeTimesOutAndTheSourceRunsOn() throws {
+        try startSource()
+        let l = listener!
+        let t = try OSThread(name: "trickling-dst") {
+            guard let s = try? l.accept(timeoutMilliseconds: 20_000) else { return }
+            defer { s.fd.close() }
+            MigrationSource.setPeerTimeout(s, ms: 10_000)
+            guard (try? MigrationStreamDecoder(source: ChannelSource(s, timeoutMS: 10_000), sink: DiscardingSink()).run()) != nil else { return }
+            var w = BEWriter()
+            w.append(Array(Verdict.Kind.ready.rawValue.utf8))
+            let text = Array(String(repeating: " ", count: 200).utf8)
+            w.u32(UInt32(text.count)); w.append(text)
+            for b in w.bytes {
+                guard (try? s.send([b])) != nil else { return }
+                usleep(150_000)
+            }
+        }
+        var p = MigrationParameters(); p.peerTimeoutMS = 500
+        let m = try connectSource(p)
+        XCTAssertThrowsError(try m.run()) { e in
+            guard case MigrationError.peerTimeout = e else { return XCTFail("\(e)") }
+        }
+        try assertSourceRunsOn(m, status: .failed, reasonContains: "did not answer for 500 ms")
+        t.join()
+    }
+}
