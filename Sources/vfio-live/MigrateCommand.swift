@@ -103,6 +103,8 @@ final class QMPClient {
         while true {
             let m = try readMessage(waitingFor: cmd, deadline: deadline)
             if m["event"] != nil { onEvent?(m); continue }
+            // A late reply to an earlier command that timed out is not this one's.
+            if let id = m["id"]?.uint64, id != UInt64(nextID) { continue }
             return try Self.answer(m, to: cmd)
         }
     }
@@ -126,6 +128,7 @@ final class QMPClient {
                 throw QMPClientError.timeout(path: path, command: cmd, seconds: seconds + Double(timeoutMilliseconds) / 1000)
             }
             if m["event"] != nil { continue }
+            if let id = m["id"]?.uint64, id != UInt64(nextID) { continue }
             return try Self.answer(m, to: cmd)
         }
     }

@@ -308,3 +308,41 @@ final class BusyServerTests: XCTestCase {
         }
     }
 }
+
+extension BusyServerTests {
+    /// A server that trickles its reply a byte at a time, each byte inside the client's silence
+    /// bound: every read used to wait anew, so one reply could take as long as the server liked.
+    /// The message as a whole is bound like the reply's wait (six times the silence bound).
+    func testAReplyTrickledAByteAtATimeIsCutOffAtTheReplyBound() throws {
+        let path = temporarySocketPath("trickle")
+        let listener = try UnixListener(path: path, backlog: 2)
+        defer { listener.close() }
+        let t = try OSThread(name: "trickling-server") {
+            guard let s = try? listener.accept(timeoutMilliseconds: 20_000) else { return }
+            defer { s.close() }
+            let c = VFIOUserConnection(socket: s)
+            guard let v = try? c.receive() else { return }
+            try? c.sendReply(to: v.header, payload: VersionPayload(capabilities: Capabilities()).encode())
+            guard let m = try? c.receive() else { return }
+            // A reply to it with a 200-byte payload, framed as the codec frames one, sent a byte
+            // every 100 ms (the client's silence bound is 200 ms).
+            var w = WireWriter()
+            let h = MessageHeader(messageID: m.header.messageID, command: m.header.command,
+                                  messageSize: UInt32(MessageHeader.size + 200), flags: MessageHeader.typeReply, errorNumber: 0)
+            h.encode(into: &w)
+            let bytes = w.bytes + [UInt8](repeating: 0, count: 200)
+            for b in bytes {
+                guard (try? s.send([b])) != nil else { return }
+                usleep(100_000)
+            }
+        }
+        defer { t.join() }
+        let c = try VFIOUserClient(path: path, options: timeoutOptions(200))
+        defer { c.close() }
+        // Without the bound the trickle ends after 21.6 s with a reply (200 zero bytes) that
+        // does not decode: a timeout here is the message's bound acting.
+        XCTAssertThrowsError(try c.deviceInfo()) {
+            XCTAssertEqual($0 as? VFIOUserClientError, .timeout(command: .deviceGetInfo, seconds: 0.2), "\($0)")
+        }
+    }
+}

@@ -232,10 +232,10 @@ extension VFIOUserClient {
         while true {
             try awaitReadable(cmd, bound)
             let (h, got): (MessageHeader, ReceivedFDs)
-            do { (h, got) = try connection.receiveHeader() } catch { throw transportError(error, cmd) }
+            do { (h, got) = try connection.receiveHeader(deadline: bound.overall) } catch { throw transportError(error, cmd) }
             if h.isCommand {
                 let m: Message
-                do { m = try connection.receiveBody(h, got) } catch { throw transportError(error, cmd) }
+                do { m = try connection.receiveBody(h, got, deadline: bound.overall) } catch { throw transportError(error, cmd) }
                 serveServerCommand(m, on: connection)
                 bound.served()
                 continue

@@ -306,7 +306,7 @@ public final class VFIOUserClient: @unchecked Sendable {
                     throw error
                 }
                 let m: Message
-                do { m = try connection.receive() } catch { throw transportError(error, cmd) }
+                do { m = try connection.receive(deadline: bound.overall) } catch { throw transportError(error, cmd) }
                 if m.header.isCommand {
                     serveServerCommand(m, on: connection)
                     bound.served()

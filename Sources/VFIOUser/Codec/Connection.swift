@@ -84,17 +84,18 @@ public final class VFIOUserConnection: @unchecked Sendable {
     /// Receive one message. Throws `FramingError` (stream still in sync) for a message that is
     /// too large, too small or carries too many fds; throws `Errno` when the stream is broken
     /// (ECONNRESET on a clean EOF between messages).
-    public func receive() throws -> Message {
-        let (header, got) = try receiveHeader()
-        return try receiveBody(header, got)
+    public func receive(deadline: UInt64 = .max) throws -> Message {
+        let (header, got) = try receiveHeader(deadline: deadline)
+        return try receiveBody(header, got, deadline: deadline)
     }
 
     /// The first half of `receive()`: the 16-byte header and the fds that came with it. The
     /// caller either reads the payload itself (the migration-data hot path receives it straight
-    /// into its buffer) or passes both to `receiveBody`.
-    public func receiveHeader() throws -> (MessageHeader, ReceivedFDs) {
+    /// into its buffer) or passes both to `receiveBody`. Past `deadline` no further read of the
+    /// message starts (EAGAIN, as the socket's own timeout): a peer trickling it cannot stretch it.
+    public func receiveHeader(deadline: UInt64 = .max) throws -> (MessageHeader, ReceivedFDs) {
         var hdr = [UInt8](repeating: 0, count: MessageHeader.size)
-        let got = try hdr.withUnsafeMutableBytes { try socket.receiveExactly(into: $0, maxFDs: maxReceiveFDs) }
+        let got = try hdr.withUnsafeMutableBytes { try socket.receiveExactly(into: $0, maxFDs: maxReceiveFDs, deadline: deadline) }
         var r = WireReader(hdr, context: "header")
         do { return (try MessageHeader(decoding: &r), got) } catch {
             for f in got.fds { f.close() }
@@ -103,7 +104,7 @@ public final class VFIOUserConnection: @unchecked Sendable {
     }
 
     /// The second half of `receive()`: the payload of a message whose header was just read.
-    public func receiveBody(_ header: MessageHeader, _ got: ReceivedFDs) throws -> Message {
+    public func receiveBody(_ header: MessageHeader, _ got: ReceivedFDs, deadline: UInt64 = .max) throws -> Message {
         var fds = got.fds
         func refuse(_ errno: Errno, _ why: String) -> FramingError {
             for f in fds { f.close() }
@@ -115,7 +116,7 @@ public final class VFIOUserConnection: @unchecked Sendable {
         }
         let payloadSize = Int(header.messageSize) - MessageHeader.size
         if payloadSize > maxMessageSize - MessageHeader.size {
-            try drain(payloadSize)
+            try drain(payloadSize, deadline: deadline)
             throw refuse(.E2BIG, "message size \(header.messageSize) exceeds the limit of \(maxMessageSize) bytes")
         }
         // Not zero-filled first: recv overwrites every byte, or the stream is broken and the
@@ -124,7 +125,7 @@ public final class VFIOUserConnection: @unchecked Sendable {
         do {
             payload = try [UInt8](unsafeUninitializedCapacity: payloadSize) { buf, count in
                 if payloadSize > 0 {
-                    let more = try socket.receiveExactly(into: UnsafeMutableRawBufferPointer(buf), maxFDs: 0)
+                    let more = try socket.receiveExactly(into: UnsafeMutableRawBufferPointer(buf), maxFDs: 0, deadline: deadline)
                     for f in more.fds { f.close() }
                 }
                 count = payloadSize
@@ -140,12 +141,12 @@ public final class VFIOUserConnection: @unchecked Sendable {
     }
 
     /// Read and discard `count` payload bytes so the next header is found where it should be.
-    public func drain(_ count: Int) throws {
+    public func drain(_ count: Int, deadline: UInt64 = .max) throws {
         var left = count
         var scratch = [UInt8](repeating: 0, count: min(count, 64 * 1024))
         while left > 0 {
             let n = min(left, scratch.count)
-            let got = try scratch.withUnsafeMutableBytes { try socket.receiveExactly(into: UnsafeMutableRawBufferPointer(rebasing: $0[0..<n]), maxFDs: 0) }
+            let got = try scratch.withUnsafeMutableBytes { try socket.receiveExactly(into: UnsafeMutableRawBufferPointer(rebasing: $0[0..<n]), maxFDs: 0, deadline: deadline) }
             for f in got.fds { f.close() }
             left -= n
         }
