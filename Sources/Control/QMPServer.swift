@@ -89,13 +89,44 @@ public final class QMPServer: @unchecked Sendable {
     /// Stop accepting because a successor now owns the listening socket: the path stays, and
     /// clients already connected are served until this process exits.
     public func relinquishListener() {
-        try? stopEvent.signal()
-        acceptThread?.join()
-        acceptThread = nil
-        listener.relinquish()
+        acceptControl.withLock {
+            stopAcceptingLocked()
+            acceptEnded = true
+            listener.relinquish()
+        }
     }
 
-    public func start() throws {
+    /// Stop accepting for a moment: a live update is about to commit, after which its successor
+    /// accepts on the same listening socket. Were both accepting, a client connecting then could
+    /// land in this VMM as it leaves (postmigrate) right after another found the successor.
+    /// Clients that connect meanwhile wait in the backlog; none is refused.
+    public func pauseAccepting() { acceptControl.withLock { stopAcceptingLocked() } }
+
+    /// Accept again after `pauseAccepting` (the live update failed: the VM stays here).
+    public func resumeAccepting() {
+        acceptControl.withLock {
+            guard !acceptEnded else { return }
+            do { try startAcceptingLocked() } catch { Log.warning("qmp", "cannot accept QMP clients again: \(error)") }
+        }
+    }
+
+    /// Guards the accept thread's start and stop (never held by it).
+    private let acceptControl = Mutex()
+    /// Relinquished or stopped: accepting never resumes.
+    private var acceptEnded = false
+
+    private func stopAcceptingLocked() {
+        guard let t = acceptThread else { return }
+        try? stopEvent.signal()
+        t.join()
+        acceptThread = nil
+        _ = try? stopEvent.consume()
+    }
+
+    public func start() throws { try acceptControl.withLock { try startAcceptingLocked() } }
+
+    private func startAcceptingLocked() throws {
+        guard acceptThread == nil else { return }
         acceptThread = try OSThread(name: "qmp-accept") { [self] in
             while true {
                 guard let s = try? listener.accept(cancel: stopEvent.fd) else { return }
@@ -130,8 +161,7 @@ public final class QMPServer: @unchecked Sendable {
     }
 
     public func stop() {
-        try? stopEvent.signal()
-        acceptThread?.join()
+        acceptControl.withLock { stopAcceptingLocked(); acceptEnded = true }
         lock.withLock { for c in clients { c.socket.shutdown() } }
         listener.close()
     }

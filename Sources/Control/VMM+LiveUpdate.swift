@@ -69,6 +69,10 @@ extension VirtualMachineManager {
         if let q = qmp {
             src.extraEntries = [CPRState.Entry(name: CPRNames.qmpListener, id: 0, fd: q.listenerFD)]
             src.extraRecords = [(CPRNames.qmpPath, Array(q.path.utf8))]
+            // The successor accepts on the listener from GO on: this VMM stops just before, so
+            // that a new client never lands here as the VM leaves (and again if it stays).
+            src.willCommit = { [weak q] in q?.pauseAccepting() }
+            src.tookBack = { [weak q] in q?.resumeAccepting() }
         }
         if let hook = liveUpdateFaultForTesting { src.beforeStep = hook }
         let peer: Int32 = peerMS == 0 ? -1 : Int32(clamping: peerMS)

@@ -61,6 +61,11 @@ public final class LiveUpdateSource {
     public var timeoutMilliseconds: Int32 = 30_000
     /// Fault injection for tests: called at each named step; throwing fails the update there.
     public var beforeStep: ((String) throws -> Void)?
+    /// Right before GO (the commit): the VMM stops accepting QMP clients, which the successor
+    /// accepts from then on (cpr-transfer).
+    public var willCommit: (() -> Void)?
+    /// The VM was taken back after the pause (any failure from then on): undo `willCommit`.
+    public var tookBack: (() -> Void)?
 
     public init(vm: MicroVM) { self.vm = vm }
 
@@ -164,6 +169,7 @@ public final class LiveUpdateSource {
     private func thaw() {
         guard frozen else { return }
         frozen = false
+        defer { tookBack?() }
         for p in participants.reversed() { p.cprThaw() }
         for t in frozenDevices.reversed() { t.cprThaw() }
         frozenDevices = []
@@ -193,6 +199,7 @@ public final class LiveUpdateSource {
             do { try socket.send(stream) } catch { throw CPRError.channel("sending the main stream: \(error)") }
             _ = try CPRMessage.expect(.loaded, from: socket, timeoutMilliseconds: timeoutMilliseconds)
             try beforeStep?("commit")
+            willCommit?()
             do { try CPRMessage.send(socket, .go) } catch { throw CPRError.channel("the new VMM went away before the commit: \(error)") }
         } catch {
             // Tell the new VMM (if it is still there) and close our end: without GO it aborts.

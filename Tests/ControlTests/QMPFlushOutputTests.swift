@@ -41,4 +41,22 @@ final class QMPFlushOutputTests: XCTestCase {
         XCTAssertEqual(r["id"], .number(7))
         XCTAssertTrue(peer.drainsToEOF(within: 5), "the server then cuts the client off")
     }
+
+    /// A live update's commit: the old VMM stops accepting before GO (its successor accepts from
+    /// then on). A client connecting meanwhile waits in the backlog, greeted by whoever accepts
+    /// next (here this server again, as after a failed update); no one is refused.
+    func testAPausedServerLeavesNewClientsInTheBacklogUntilItResumes() throws {
+        signal(SIGPIPE, SIG_IGN)
+        let path = "/tmp/vfio-live-qmppause-\(getpid())-\(UInt32.random(in: 0...UInt32.max)).qmp"
+        let handler = ExecLike()
+        let server = try QMPServer(path: path, handler: handler)
+        try server.start()
+        defer { server.stop() }
+        server.pauseAccepting()
+        let s = try UnixSocket.connect(path: path)
+        defer { s.close() }
+        XCTAssertEqual(try Poll.waitReadable(s.fd, timeoutMilliseconds: 300), false, "no greeting while paused")
+        server.resumeAccepting()
+        XCTAssertEqual(try Poll.waitReadable(s.fd, timeoutMilliseconds: 5000), true, "greeted once accepting again")
+    }
 }
